@@ -1,0 +1,1 @@
+//! Baselines that the criterion benchmarks in `benches/` measure the engine against.
