@@ -1,1 +1,28 @@
-fn main() {}
+//! The `flashsale` binary: `serve`, `migrate` and `admin create`.
+
+use clap::Parser;
+use shell_api::config::{AdminCommand, Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => shell_api::server::serve(args).await,
+        Command::Migrate(args) => {
+            let pool = shell_api::db::connect(&args).await?;
+            let applied = shell_api::db::migrate(&pool).await?;
+            println!("applied migrations: {applied:?}");
+            Ok(())
+        }
+        Command::Admin {
+            command: AdminCommand::Create(args),
+        } => shell_api::members::admin_create(args).await,
+    }
+}

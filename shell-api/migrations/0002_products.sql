@@ -1,0 +1,1 @@
+-- products: filled in by its own change.

@@ -1,0 +1,1 @@
+-- drops: filled in by its own change.

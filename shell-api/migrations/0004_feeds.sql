@@ -1,0 +1,1 @@
+-- feeds: filled in by its own change.

@@ -1,0 +1,98 @@
+//! The `flashsale` command line: one typed config per subcommand, every setting also readable from the
+//! environment (documented in `.env.example`), passed explicitly to what needs it.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flashsale",
+    version,
+    about = "High-concurrency preorder / flash-sale engine"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply migrations, then serve the HTTP API until SIGTERM or Ctrl-C.
+    Serve(ServeArgs),
+    /// Apply pending SQL migrations and exit.
+    Migrate(DbArgs),
+    /// Administrative tasks.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create an admin member, or promote an existing member with this email to admin.
+    Create(AdminCreateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AdminCreateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Email of the admin.
+    #[arg(long)]
+    pub email: String,
+    /// Password (at least 8 characters); for an existing member it is left unchanged.
+    #[arg(long)]
+    pub password: String,
+    /// Display name for a newly created admin.
+    #[arg(long, default_value = "Admin")]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL; the database is created if missing.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/flashsale"
+    )]
+    pub database_url: String,
+    /// Maximum connections in the Postgres pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+    /// How long a request waits for a pooled connection before answering 503.
+    #[arg(long, env = "DB_POOL_WAIT_MS", default_value_t = 2000)]
+    pub db_pool_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Redis URL. Unset: the embedded gate (one instance, the in-memory core is the stock authority).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
+    pub bind_addr: SocketAddr,
+    /// Secret for signing access tokens (HS256). Required unless --dev.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Development mode: without JWT_SECRET, sign with a random per-process secret.
+    #[arg(long)]
+    pub dev: bool,
+    /// Lifetime of access tokens.
+    #[arg(long, env = "ACCESS_TOKEN_SECONDS", default_value_t = 900)]
+    pub access_token_seconds: u64,
+    /// Lifetime of refresh tokens.
+    #[arg(long, env = "REFRESH_TOKEN_SECONDS", default_value_t = 1_209_600)]
+    pub refresh_token_seconds: u64,
+    /// Largest accepted request body; larger bodies get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+    /// How long graceful shutdown waits for in-flight requests and the writer's last flush.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+}

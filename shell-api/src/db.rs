@@ -1,0 +1,139 @@
+//! Postgres: the pool, creating the database when it is missing, and the versioned migrations.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::config::DbArgs;
+
+/// Migrations in the order they apply. A version, once released, never changes; fixes are new versions.
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "members", include_str!("../migrations/0001_members.sql")),
+    (
+        2,
+        "products",
+        include_str!("../migrations/0002_products.sql"),
+    ),
+    (3, "drops", include_str!("../migrations/0003_drops.sql")),
+    (4, "feeds", include_str!("../migrations/0004_feeds.sql")),
+];
+
+/// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.
+const MIGRATION_LOCK_KEY: i64 = 0x666c_6173_6873_616c;
+
+/// Creates the database if missing, then builds the pool.
+pub async fn connect(args: &DbArgs) -> anyhow::Result<Pool> {
+    let config = tokio_postgres::Config::from_str(&args.database_url)
+        .context("DATABASE_URL is not a valid Postgres URL")?;
+    ensure_database(&config).await?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let wait = Duration::from_millis(args.db_pool_wait_ms);
+    let pool = Pool::builder(manager)
+        .max_size(args.db_pool_size.max(1))
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(wait))
+        .recycle_timeout(Some(wait))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .context("building the Postgres pool")?;
+    // Fail at start, not on the first request, when the server is unreachable.
+    drop(pool.get().await.context("connecting to Postgres")?);
+    Ok(pool)
+}
+
+/// Connects to the server's `postgres` database and creates the target database when it does not exist.
+async fn ensure_database(config: &tokio_postgres::Config) -> anyhow::Result<()> {
+    let Some(name) = config.get_dbname().map(str::to_owned) else {
+        return Ok(());
+    };
+    if config.connect(NoTls).await.is_ok() {
+        return Ok(());
+    }
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin
+        .connect(NoTls)
+        .await
+        .context("connecting to Postgres to create the database")?;
+    let driver = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await
+        {
+            Ok(()) => tracing::info!(database = %name, "created database"),
+            // Another instance created it at the same moment.
+            Err(err)
+                if err.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(err) => return Err(err).context("creating the database"),
+        }
+    }
+    drop(client);
+    driver.abort();
+    Ok(())
+}
+
+/// Applies pending migrations, each in its own transaction, under an advisory lock. Returns the versions applied.
+pub async fn migrate(pool: &Pool) -> anyhow::Result<Vec<i32>> {
+    let mut client = pool.get().await.context("connecting to Postgres")?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .context("creating schema_migrations")?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    let result = apply_pending(&mut client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    result
+}
+
+async fn apply_pending(client: &mut deadpool_postgres::Client) -> anyhow::Result<Vec<i32>> {
+    let applied: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut done = Vec::new();
+    for &(version, name, sql) in MIGRATIONS {
+        if applied.contains(&version) {
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("migration {version} ({name})"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&version, &name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "applied migration");
+        done.push(version);
+    }
+    Ok(done)
+}

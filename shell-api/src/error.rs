@@ -1,0 +1,260 @@
+//! The one place where failures become HTTP statuses and JSON error bodies.
+//!
+//! Handlers return `Result<_, ApiError>`. Client mistakes carry a status and a snake_case code; internal
+//! failures are logged here with their detail and answered with a generic 500, so nothing internal leaks.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error answer: status, machine code, human message, and optional per-field reasons.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: Cow<'static, str>,
+    message: Cow<'static, str>,
+    fields: Option<BTreeMap<String, String>>,
+    retry_after_seconds: Option<u32>,
+    source: Option<anyhow::Error>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            code: code.into(),
+            message: message.into(),
+            fields: None,
+            retry_after_seconds: None,
+            source: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn unauthorized(
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    pub fn forbidden() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "you may not do this to this resource",
+        )
+    }
+
+    pub fn not_found(code: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, "not found")
+    }
+
+    pub fn conflict(
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 422 with one reason per offending field.
+    pub fn validation(fields: BTreeMap<String, String>) -> Self {
+        let mut err = Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "validation failed",
+        );
+        err.fields = Some(fields);
+        err
+    }
+
+    /// 422 for a single field.
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::validation(BTreeMap::from([(field.to_owned(), reason.into())]))
+    }
+
+    /// 429: the caller should come back after `retry_after_seconds`.
+    pub fn too_many_requests(retry_after_seconds: u32) -> Self {
+        let mut err = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            "too many requests in flight, retry shortly",
+        );
+        err.retry_after_seconds = Some(retry_after_seconds);
+        err
+    }
+
+    /// 503: a dependency or the service itself cannot take this now.
+    pub fn unavailable(code: impl Into<Cow<'static, str>>, retry_after_seconds: u32) -> Self {
+        let mut err = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            "temporarily unavailable, retry shortly",
+        );
+        err.retry_after_seconds = Some(retry_after_seconds);
+        err
+    }
+
+    /// 500. The detail is logged, never sent.
+    pub fn internal(source: impl Into<anyhow::Error>) -> Self {
+        let mut err = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal server error",
+        );
+        err.source = Some(source.into());
+        err
+    }
+
+    pub fn with_message(mut self, message: impl Into<Cow<'static, str>>) -> Self {
+        self.message = message.into();
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Some(source) = &self.source {
+            tracing::error!(error = ?source, "internal error");
+        }
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(fields) = self.fields {
+            error["fields"] = json!(fields);
+        }
+        let mut response = (self.status, axum::Json(json!({ "error": error }))).into_response();
+        if let Some(seconds) = self.retry_after_seconds {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// An exhausted pool or a refused connection: the database is the problem, not the request.
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        tracing::warn!(error = %err, "database pool unavailable");
+        Self::unavailable("database_unavailable", 1)
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        if err.is_closed() || err.as_db_error().is_none() && err.code().is_none() {
+            // Connection-level failures (server gone, socket closed) are a dependency outage.
+            tracing::warn!(error = %err, "database connection failed");
+            return Self::unavailable("database_unavailable", 1);
+        }
+        Self::internal(err)
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(err: anyhow::Error) -> Self {
+        Self::internal(err)
+    }
+}
+
+/// Maps a unique/foreign-key/check violation to a client error by the constraint's name, so the database stays
+/// the single judge of uniqueness (no check-then-insert races).
+pub trait OnConstraint<T> {
+    fn on_constraint(
+        self,
+        name: &str,
+        map: impl FnOnce() -> ApiError,
+    ) -> Result<T, OnConstraintError>;
+}
+
+/// Either the mapped client error or the original database error, to be mapped further or converted.
+#[derive(Debug)]
+pub enum OnConstraintError {
+    Mapped(ApiError),
+    Db(tokio_postgres::Error),
+}
+
+impl From<OnConstraintError> for ApiError {
+    fn from(err: OnConstraintError) -> Self {
+        match err {
+            OnConstraintError::Mapped(api) => api,
+            OnConstraintError::Db(db) => db.into(),
+        }
+    }
+}
+
+impl<T> OnConstraint<T> for Result<T, tokio_postgres::Error> {
+    fn on_constraint(
+        self,
+        name: &str,
+        map: impl FnOnce() -> ApiError,
+    ) -> Result<T, OnConstraintError> {
+        self.map_err(|err| {
+            let matches = err
+                .as_db_error()
+                .and_then(|db| db.constraint())
+                .is_some_and(|constraint| constraint == name);
+            if matches {
+                OnConstraintError::Mapped(map())
+            } else {
+                OnConstraintError::Db(err)
+            }
+        })
+    }
+}
+
+impl<T> OnConstraint<T> for Result<T, OnConstraintError> {
+    fn on_constraint(
+        self,
+        name: &str,
+        map: impl FnOnce() -> ApiError,
+    ) -> Result<T, OnConstraintError> {
+        match self {
+            Err(OnConstraintError::Db(err)) => Err(err).on_constraint(name, map),
+            other => other,
+        }
+    }
+}
+
+/// Collects per-field reasons, then fails once with all of them.
+#[derive(Debug, Default)]
+pub struct Fields(BTreeMap<String, String>);
+
+impl Fields {
+    pub fn check(&mut self, ok: bool, field: &str, reason: &str) -> &mut Self {
+        if !ok && !self.0.contains_key(field) {
+            self.0.insert(field.to_owned(), reason.to_owned());
+        }
+        self
+    }
+
+    pub fn add(&mut self, field: &str, reason: impl Into<String>) -> &mut Self {
+        self.0.entry(field.to_owned()).or_insert(reason.into());
+        self
+    }
+
+    pub fn finish(&mut self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::validation(std::mem::take(&mut self.0)))
+        }
+    }
+}

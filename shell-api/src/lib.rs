@@ -1,0 +1,115 @@
+//! The flashsale HTTP service: auth, members, products, feeds and thin handlers over the engine.
+//!
+//! Only this crate knows HTTP and JSON. `app(state)` builds the whole service, so tests call it in-process as
+//! well as over a real socket (`server::serve`).
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod drops;
+pub mod error;
+pub mod extract;
+pub mod feeds;
+pub mod members;
+pub mod pagination;
+pub mod products;
+pub mod server;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use deadpool_postgres::Pool;
+use serde_json::json;
+
+use crate::auth::{MemberCache, TokenKeys};
+use crate::error::ApiError;
+
+/// Settings the handlers need, resolved from the command line once at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub jwt_secret: Vec<u8>,
+    pub access_token_seconds: u64,
+    pub refresh_token_seconds: u64,
+    pub max_body_bytes: usize,
+}
+
+impl Settings {
+    /// Settings for tests and tools: a fixed secret, the documented defaults.
+    pub fn for_tests() -> Self {
+        Self {
+            jwt_secret: b"flashsale-test-secret".to_vec(),
+            access_token_seconds: 900,
+            refresh_token_seconds: 1_209_600,
+            max_body_bytes: 1_048_576,
+        }
+    }
+}
+
+/// Everything a handler can reach. Cheap to clone: every field is shared.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Pool,
+    pub settings: Arc<Settings>,
+    pub tokens: Arc<TokenKeys>,
+    pub members: Arc<MemberCache>,
+}
+
+impl AppState {
+    pub fn new(db: Pool, settings: Settings) -> Self {
+        let tokens = TokenKeys::new(&settings.jwt_secret, settings.access_token_seconds);
+        Self {
+            db,
+            settings: Arc::new(settings),
+            tokens: Arc::new(tokens),
+            members: Arc::new(MemberCache::default()),
+        }
+    }
+}
+
+/// The whole HTTP service.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .merge(members::router())
+        .merge(products::router())
+        .merge(drops::router())
+        .merge(feeds::router());
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .nest("/api/v1", api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when Postgres answers a query.
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let client = state.db.get().await?;
+    client
+        .query_one("SELECT 1", &[])
+        .await
+        .map_err(|_| ApiError::unavailable("database_unavailable", 1))?;
+    Ok(Json(json!({ "status": "ready" })))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found").with_message("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

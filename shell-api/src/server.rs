@@ -1,0 +1,96 @@
+//! Running the service on a socket: bind, announce, serve, and shut down gracefully on SIGTERM or Ctrl-C.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::RngCore;
+use tokio::net::TcpListener;
+
+use crate::config::ServeArgs;
+use crate::{app, db, AppState, Settings};
+
+/// Resolves settings, migrates, binds and serves until a shutdown signal; then drains within the grace period.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let jwt_secret = match (&args.jwt_secret, args.dev) {
+        (Some(secret), _) if !secret.is_empty() => secret.as_bytes().to_vec(),
+        (_, true) => {
+            tracing::warn!("--dev without JWT_SECRET: signing with a random secret; tokens die with the process");
+            let mut secret = vec![0u8; 32];
+            rand::thread_rng().fill_bytes(&mut secret);
+            secret
+        }
+        _ => anyhow::bail!("JWT_SECRET is required (or pass --dev for a throwaway secret)"),
+    };
+    let settings = Settings {
+        jwt_secret,
+        access_token_seconds: args.access_token_seconds,
+        refresh_token_seconds: args.refresh_token_seconds,
+        max_body_bytes: args.max_body_bytes,
+    };
+
+    let pool = db::connect(&args.db).await?;
+    let applied = db::migrate(&pool).await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "migrations applied");
+    }
+    let state = AppState::new(pool, settings);
+
+    let listener = TcpListener::bind(args.bind_addr)
+        .await
+        .with_context(|| format!("binding {}", args.bind_addr))?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    std::io::stdout().flush().ok();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut server = tokio::spawn(async move {
+        let mut stop_rx = stop_rx;
+        axum::serve(listener, app(state))
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+
+    tokio::select! {
+        result = &mut server => return result.context("server task")?.context("serving"),
+        () = shutdown_signal() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_millis(args.shutdown_grace_ms);
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => result.context("server task")?.context("serving")?,
+        Err(_) => {
+            tracing::warn!("grace period over; dropping remaining connections");
+            server.abort();
+        }
+    }
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,271 @@
+//! Test support shared by the integration tests: a private database per test, the app in-process, a real
+//! server on port 0, and members with tokens.
+//!
+//! Every test gets its own database `fs_test_<uuid>` on the server named by `DATABASE_URL` (default: local
+//! Postgres), so tests run in parallel without seeing each other. The database is dropped when the test ends;
+//! `scripts/test.sh` sweeps any left behind by a crashed run.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use shell_api::auth::Role;
+use shell_api::config::DbArgs;
+use shell_api::{app, db, AppState, Settings};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_postgres::NoTls;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery";
+pub const JWT_SECRET: &str = "flashsale-test-secret";
+
+fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `url` with its database name replaced by `name` (keeps user, host, port and query parameters).
+pub fn with_database(url: &str, name: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (head, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let authority_end = head[scheme_end..]
+        .find('/')
+        .map_or(head.len(), |i| scheme_end + i);
+    format!("{}/{}{}", &head[..authority_end], name, query)
+}
+
+/// A freshly created, migrated database owned by one test.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+    pub pool: deadpool_postgres::Pool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = format!("fs_test_{}", Uuid::new_v4().simple());
+        let url = with_database(&server_url(), &name);
+        let args = DbArgs {
+            database_url: url.clone(),
+            db_pool_size: 8,
+            db_pool_wait_ms: 5000,
+        };
+        let pool = db::connect(&args).await.expect("test database");
+        db::migrate(&pool).await.expect("migrations");
+        Self { url, name, pool }
+    }
+
+    pub async fn client(&self) -> deadpool_postgres::Object {
+        self.pool.get().await.expect("test db connection")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        self.pool.close();
+        let admin = with_database(&self.url, "postgres");
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, so the cleanup gets a runtime of its own on a plain thread.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            rt.block_on(async move {
+                let config = tokio_postgres::Config::from_str(&admin).expect("admin url");
+                if let Ok((client, conn)) = config.connect(NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// A member created directly in the database, with a valid access token.
+#[derive(Debug, Clone)]
+pub struct TestMember {
+    pub id: Uuid,
+    pub email: String,
+    pub token: String,
+}
+
+/// The response of an in-process or real request, body parsed as JSON (Null when empty or not JSON).
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl TestResponse {
+    /// The `error.code` of an error body.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+static PASSWORD_HASH: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
+async fn password_hash() -> String {
+    PASSWORD_HASH
+        .get_or_init(|| async {
+            shell_api::auth::hash_password(PASSWORD.to_owned())
+                .await
+                .expect("hash")
+        })
+        .await
+        .clone()
+}
+
+/// The app in-process, over its own database.
+pub struct TestApp {
+    pub db: TestDb,
+    pub state: AppState,
+    pub router: Router,
+}
+
+impl TestApp {
+    pub async fn new() -> Self {
+        let db = TestDb::new().await;
+        let state = AppState::new(db.pool.clone(), Settings::for_tests());
+        let router = app(state.clone());
+        Self { db, state, router }
+    }
+
+    /// Sends one request through the router. `body` is sent as JSON when given.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> TestResponse {
+        let mut builder = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(path);
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => builder
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+            None => builder.body(Body::empty()).unwrap(),
+        };
+        self.send(request).await
+    }
+
+    /// Sends a raw request (for malformed bodies, odd headers).
+    pub async fn send(&self, request: Request<Body>) -> TestResponse {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        TestResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Inserts a member with `role` and returns it with a fresh access token.
+    pub async fn member(&self, role: Role) -> TestMember {
+        let id = Uuid::now_v7();
+        let email = format!("{}@example.test", id.simple());
+        let hash = password_hash().await;
+        self.db
+            .client()
+            .await
+            .execute(
+                "INSERT INTO members (id, email, password_hash, name, role) VALUES ($1, $2, $3, $4, $5)",
+                &[&id, &email, &hash, &"Test Member", &role.as_str()],
+            )
+            .await
+            .expect("insert member");
+        let token = self.state.tokens.issue(id, role, 0).expect("token");
+        TestMember { id, email, token }
+    }
+}
+
+/// The real `flashsale` binary serving on a free port, killed when dropped.
+pub struct TestServer {
+    pub child: tokio::process::Child,
+    pub base_url: String,
+}
+
+impl TestServer {
+    /// Starts `flashsale serve` against `database_url` with extra environment `env`; waits for its
+    /// `listening on` line.
+    pub async fn start(database_url: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"));
+        command
+            .arg("serve")
+            .env_remove("REDIS_URL")
+            .env("DATABASE_URL", database_url)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("JWT_SECRET", JWT_SECRET)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn flashsale");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base_url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return addr.trim().to_owned();
+                }
+            }
+            panic!("flashsale exited before listening");
+        })
+        .await
+        .expect("server did not start within 60 s");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, base_url }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
+    /// SIGKILL: no graceful shutdown, no drain. Waits until the process is gone.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+
+    /// SIGTERM, then waits (up to `timeout`) for a clean exit; returns whether it exited successfully.
+    pub async fn terminate(mut self, timeout: Duration) -> bool {
+        let pid = self.child.id().expect("pid");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => false,
+        }
+    }
+}
