@@ -188,6 +188,9 @@ wait_gone() { # PID SECONDS
 
 # ---------------------------------------------------------------- installing
 
+# Whether install_servers can work here: apt-get, and root or password-less sudo.
+can_install() { have apt-get && { is_root || { have sudo && sudo -n true 2>/dev/null; }; }; }
+
 # install_servers pg|redis...: one apt-get update, then one apt-get install of what is missing.
 install_servers() {
   local sudo=() aptlog="$STATE/apt.log" pkgs=() what
@@ -201,10 +204,11 @@ install_servers() {
   fi
   # The log file, not our stderr: package scripts may start daemons that would hold a caller's pipe open.
   log "apt-get update (log: $aptlog)"
+  # One unreachable third-party repository fails `update` but need not stop the install: warn and go on.
   detached ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive \
     apt-get -o DPkg::Lock::Timeout=300 update >"$aptlog" 2>&1 || {
-    tail -n 20 "$aptlog" >&2
-    die "apt-get update failed"
+    tail -n 5 "$aptlog" >&2
+    log "warning: apt-get update failed; trying the install anyway"
   }
   for what in "$@"; do
     case $what in
@@ -244,7 +248,7 @@ find_pg_bin() {
   for d in ${INITDB_DIR:+"$INITDB_DIR"} /usr/lib/postgresql/*/bin /usr/pgsql-*/bin \
     /opt/homebrew/opt/postgresql@*/bin /usr/local/opt/postgresql@*/bin; do
     if [ ! -x "$d/initdb" ] || [ ! -x "$d/pg_ctl" ]; then continue; fi
-    m=$(pg_major_of "$d")
+    m=$(pg_major_of "$d" || true)
     [ -n "$m" ] || continue
     if [ -n "$want" ]; then
       if [ "$m" = "$want" ]; then
@@ -551,8 +555,8 @@ cmd_up() {
         : # pg_start looks for the version that made the data directory
       elif ! find_pg_bin; then
         install+=(pg)
-      elif [ "$PG_MAJOR" -lt 15 ] && have apt-get; then
-        install+=(pg)
+      elif [ "$PG_MAJOR" -lt 15 ] && can_install; then
+        install+=(pg) # else make do with the older one (warned below)
       fi
     fi
     if [ "$need_redis" -eq 1 ]; then
