@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real PostgreSQL and Redis, which scripts/services.sh makes reachable.
+#
+#   scripts/test.sh [ARGS...]   ARGS go to `cargo nextest run` (or `cargo test` where nextest is missing),
+#                               e.g. scripts/test.sh -p engine   or   scripts/test.sh -E 'test(reserve)'
+#
+# Exits with the test runner's exit code.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+cd "$ROOT"
+
+say() { printf 'test.sh: %s\n' "$*" >&2; }
+
+services=$("$ROOT/scripts/services.sh") || {
+  say "scripts/services.sh failed; no Postgres/Redis to test against"
+  exit 1
+}
+eval "$services"
+export DATABASE_URL REDIS_URL
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+# Tests create one database each, named fs_test_*, and drop it when they finish; a test that panics or a run
+# that is killed leaves its database behind. Drop those left from earlier runs. Only databases older than
+# TEST_DB_MIN_AGE_SECONDS and with nobody connected go (a plain DROP also refuses one in use), so another
+# run against the same server is left alone. Best effort: never fails the run.
+cleanup_test_databases() {
+  local psql='' admin_url out dropped min_age=${TEST_DB_MIN_AGE_SECONDS:-300} p
+  for p in "$(command -v psql 2>/dev/null || true)" /usr/lib/postgresql/*/bin/psql; do
+    if [ -x "$p" ]; then psql=$p; fi
+    if [ -n "$psql" ]; then break; fi
+  done
+  case $min_age in '' | *[!0-9]*) min_age=300 ;; esac
+  if [ -z "$psql" ]; then
+    say "no psql; leftover fs_test_* databases not cleaned"
+    return 0
+  fi
+  # Same server and credentials, database `postgres` (the app's own may not exist yet).
+  admin_url=$(printf '%s' "$DATABASE_URL" | sed -E 's#^([a-zA-Z][a-zA-Z0-9+.-]*://[^/?]*)(/[^?]*)?#\1/postgres#')
+  # PG_VERSION is written once when a database is created: its mtime is the database's age.
+  out=$(PGCONNECT_TIMEOUT=5 "$psql" -X -w -d "$admin_url" -v min_age="$min_age" 2>&1 <<'SQL'
+SELECT format('DROP DATABASE IF EXISTS %I', d.datname)
+FROM pg_database d
+WHERE d.datname LIKE 'fs\_test\_%'
+  AND (pg_stat_file('base/' || d.oid || '/PG_VERSION', true)).modification
+      < now() - make_interval(secs => :min_age)
+  AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datid = d.oid)
+\gexec
+SQL
+  ) || true
+  dropped=$(printf '%s\n' "$out" | grep -c '^DROP DATABASE' || true)
+  if printf '%s\n' "$out" | grep -q 'ERROR\|FATAL\|error:'; then
+    say "cleanup of old fs_test_* databases was partial: $(printf '%s\n' "$out" | grep -m1 'ERROR\|FATAL\|error:')"
+  fi
+  say "dropped $dropped leftover fs_test_* database(s)"
+}
+
+# The whole workspace, unless the caller picked packages (`--workspace` would override `-p`).
+scope=(--workspace)
+for arg in "$@"; do
+  case $arg in -p | -p* | --package | --package=*) scope=() ;; esac
+done
+
+if cargo nextest --version >/dev/null 2>&1; then
+  runner=(cargo nextest run ${scope[@]+"${scope[@]}"} --all-targets)
+  # A filter that matches nothing (or a crate without tests yet) is not a failure.
+  export NEXTEST_NO_TESTS="${NEXTEST_NO_TESTS:-warn}"
+else
+  runner=(cargo test ${scope[@]+"${scope[@]}"} --all-targets)
+fi
+
+mask() { printf '%s' "$1" | sed -E 's#://([^:@/]*):[^@/]*@#://\1:***@#'; }
+say "DATABASE_URL=$(mask "$DATABASE_URL")"
+say "REDIS_URL=$(mask "$REDIS_URL")"
+say "$(cargo --version), target dir ${CARGO_TARGET_DIR:-$ROOT/target}"
+cleanup_test_databases || true
+say "running: ${runner[*]} $*"
+
+exec "${runner[@]}" "$@"
