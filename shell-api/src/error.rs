@@ -250,6 +250,20 @@ impl Fields {
         self
     }
 
+    /// The value of one field's check, or `None` after recording why it failed. Check every field before
+    /// combining the values, so one answer names all the bad fields.
+    pub fn take<T>(&mut self, field: &str, checked: Result<T, &'static str>) -> Option<T> {
+        checked.map_err(|reason| self.add(field, reason)).ok()
+    }
+
+    /// Fails with every recorded reason, or returns `value`, built from the checked fields with `?`.
+    pub fn into_result<T>(mut self, value: Option<T>) -> Result<T, ApiError> {
+        self.finish()?;
+        value.ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!("every field passed but no value was built"))
+        })
+    }
+
     pub fn finish(&mut self) -> Result<(), ApiError> {
         if self.0.is_empty() {
             Ok(())

@@ -14,6 +14,7 @@ pub mod members;
 pub mod pagination;
 pub mod products;
 pub mod server;
+pub mod sessions;
 
 use std::sync::Arc;
 

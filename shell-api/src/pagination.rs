@@ -3,8 +3,8 @@
 //! A cursor encodes the sort key of the last item served, so inserts while paging neither repeat nor skip rows
 //! (unlike OFFSET). The encoding is hex of a small JSON array: opaque to clients, trivially versionable.
 
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::ApiError;
 
@@ -14,6 +14,7 @@ pub const LIMIT_MAX: i64 = 100;
 /// The `limit` and `cursor` query parameters; flatten into an endpoint's own query struct.
 #[derive(Debug, Default, Deserialize)]
 pub struct PageQuery {
+    #[serde(default, deserialize_with = "limit_from_text")]
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
@@ -31,6 +32,27 @@ impl PageQuery {
     /// The decoded position after which this page starts, if any.
     pub fn after<K: DeserializeOwned>(&self) -> Result<Option<K>, ApiError> {
         self.cursor.as_deref().map(decode_cursor).transpose()
+    }
+}
+
+/// A query string carries every value as text, and under `#[serde(flatten)]` (how endpoints embed `PageQuery`)
+/// serde buffers it without telling the query parser that an integer is wanted, so a plain `Option<i64>` fails
+/// on `limit=7`. Parse the text here; accept a real number too.
+fn limit_from_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Limit {
+        Number(i64),
+        Text(String),
+    }
+    match Option::<Limit>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Limit::Number(n)) => Ok(Some(n)),
+        Some(Limit::Text(text)) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| D::Error::custom("limit must be a whole number")),
     }
 }
 
