@@ -12,7 +12,8 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::core::{
-    Counts, DropBook, DropParams, HoldView, ReserveRejection, RestoredHold, TransitionError,
+    Counts, DropBook, DropParams, HoldView, ReserveRejection, RestoreError, RestoredHold,
+    TransitionError,
 };
 use crate::types::DropSpec;
 
@@ -34,8 +35,10 @@ pub type GateResult<T> = Result<T, GateUnavailable>;
 
 #[async_trait]
 pub trait Gate: Send + Sync + 'static {
-    /// Makes a drop known to this gate with its restored state. Loading a drop twice keeps the first.
-    async fn load(&self, drop: &DropSpec, restore: Restore) -> GateResult<()>;
+    /// Makes a drop known to this gate with its restored state. Loading a drop twice keeps the first. A restored
+    /// state that does not add up (more committed than stock) is refused rather than sold from.
+    async fn load(&self, drop: &DropSpec, restore: Restore)
+        -> GateResult<Result<(), RestoreError>>;
     /// Whether this gate already knows the drop (no I/O).
     fn knows(&self, drop: Uuid) -> bool;
     /// The local sold-out flag: an answer from memory, no I/O, so a sold-out drop rejects for free.
@@ -125,17 +128,26 @@ impl EmbeddedGate {
 
 #[async_trait]
 impl Gate for EmbeddedGate {
-    async fn load(&self, drop: &DropSpec, restore: Restore) -> GateResult<()> {
+    async fn load(
+        &self,
+        drop: &DropSpec,
+        restore: Restore,
+    ) -> GateResult<Result<(), RestoreError>> {
+        if self.books.contains_key(&drop.id) {
+            return Ok(Ok(()));
+        }
         let params = DropParams {
             stock: drop.stock,
             per_member_limit: drop.per_member_limit,
             hold_ms: i64::from(drop.hold_seconds) * 1000,
             shards: self.shards,
         };
-        self.books
-            .entry(drop.id)
-            .or_insert_with(|| Arc::new(DropBook::restore(params, restore.paid, restore.held)));
-        Ok(())
+        let book = match DropBook::restore(params, restore.paid, restore.held) {
+            Ok(book) => book,
+            Err(err) => return Ok(Err(err)),
+        };
+        self.books.entry(drop.id).or_insert_with(|| Arc::new(book));
+        Ok(Ok(()))
     }
 
     fn knows(&self, drop: Uuid) -> bool {

@@ -22,7 +22,9 @@ pub struct ChargeRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
-    Approved { charge_id: String },
+    Approved {
+        charge_id: String,
+    },
     Declined,
     /// The gateway could not decide now; nothing was charged. The caller may retry.
     Unavailable,
@@ -109,7 +111,9 @@ impl PaymentGateway for SimulatedGateway {
             token if !token.starts_with("tok_") => return ChargeOutcome::Declined,
             _ => {}
         }
-        if self.config.failure_rate > 0.0 && rand::thread_rng().gen_bool(self.config.failure_rate.min(1.0)) {
+        if self.config.failure_rate > 0.0
+            && rand::thread_rng().gen_bool(self.config.failure_rate.min(1.0))
+        {
             return ChargeOutcome::Unavailable;
         }
         let record = self

@@ -86,6 +86,8 @@ pub enum EngineError {
     PaymentUnavailable,
     #[error("the purchase could not be stored")]
     StorageUnavailable(#[source] WriteError),
+    #[error("stored state of a drop does not add up: {0}")]
+    Restore(#[from] crate::core::RestoreError),
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
@@ -112,7 +114,9 @@ impl From<TransitionError> for EngineError {
             TransitionError::Expired => EngineError::HoldExpired,
             TransitionError::AlreadyReleased(reason) => EngineError::AlreadyReleased(reason),
             TransitionError::AlreadyPaid => EngineError::AlreadyPaid,
-            TransitionError::PaymentInFlight | TransitionError::NotPaying => EngineError::PaymentInFlight,
+            TransitionError::PaymentInFlight | TransitionError::NotPaying => {
+                EngineError::PaymentInFlight
+            }
         }
     }
 }
@@ -192,7 +196,11 @@ impl Engine {
             stats: EngineStats::default(),
         });
         engine.load_all().await?;
-        let reaper = tokio::spawn(reaper(Arc::downgrade(&engine), config.reaper_interval, stop_rx));
+        let reaper = tokio::spawn(reaper(
+            Arc::downgrade(&engine),
+            config.reaper_interval,
+            stop_rx,
+        ));
         *engine.reaper_task.lock() = Some(reaper);
         Ok(engine)
     }
@@ -210,11 +218,15 @@ impl Engine {
         Ok(())
     }
 
-    async fn install(&self, spec: DropSpec, restore: Restore) -> Result<Arc<DropSpec>, EngineError> {
+    async fn install(
+        &self,
+        spec: DropSpec,
+        restore: Restore,
+    ) -> Result<Arc<DropSpec>, EngineError> {
         for hold in &restore.held {
             self.hold_drop.insert(hold.id, spec.id);
         }
-        self.gate.load(&spec, restore).await?;
+        self.gate.load(&spec, restore).await??;
         let spec = Arc::new(spec);
         Ok(Arc::clone(
             self.drops.entry(spec.id).or_insert(spec).value(),
@@ -316,7 +328,12 @@ impl Engine {
     }
 
     /// Places a hold of `quantity` units of the drop for `member`.
-    pub async fn reserve(&self, drop: Uuid, member: Uuid, quantity: u32) -> Result<Reservation, EngineError> {
+    pub async fn reserve(
+        &self,
+        drop: Uuid,
+        member: Uuid,
+        quantity: u32,
+    ) -> Result<Reservation, EngineError> {
         let Ok(_permit) = self.reserve_permits.try_acquire() else {
             bump(&self.stats.rejected_overloaded);
             return Err(EngineError::Overloaded);
@@ -338,7 +355,11 @@ impl Engine {
             return Err(EngineError::SoldOut);
         }
         let hold_id = Uuid::now_v7();
-        let hold = match self.gate.reserve(drop, hold_id, member, quantity, now_ms).await? {
+        let hold = match self
+            .gate
+            .reserve(drop, hold_id, member, quantity, now_ms)
+            .await?
+        {
             Ok(hold) => hold,
             Err(rejection) => {
                 match rejection {
@@ -403,7 +424,12 @@ impl Engine {
 
     /// Pays for a hold: `paying`, charge, durable purchase, `paid`. Paying a paid hold again answers the same
     /// purchase.
-    pub async fn pay(&self, reservation: Uuid, member: Uuid, payment_token: &str) -> Result<Purchase, EngineError> {
+    pub async fn pay(
+        &self,
+        reservation: Uuid,
+        member: Uuid,
+        payment_token: &str,
+    ) -> Result<Purchase, EngineError> {
         let Ok(_permit) = self.pay_permits.try_acquire() else {
             bump(&self.stats.rejected_overloaded);
             return Err(EngineError::Overloaded);
@@ -411,7 +437,11 @@ impl Engine {
         let drop = self.locate(reservation).await?;
         let spec = self.spec(drop).await?;
         let now_ms = self.clock.now_ms();
-        let hold = match self.gate.begin_payment(drop, reservation, member, now_ms).await? {
+        let hold = match self
+            .gate
+            .begin_payment(drop, reservation, member, now_ms)
+            .await?
+        {
             Ok(hold) => hold,
             Err(TransitionError::AlreadyPaid) => {
                 let purchase = self.receipt(reservation).await?;
@@ -423,7 +453,8 @@ impl Engine {
             Err(TransitionError::Expired) => {
                 // begin_payment released it as expired; record that like the reaper would.
                 bump(&self.stats.released_expired);
-                self.queue_release(reservation, ReleaseReason::Expired, now_ms).await;
+                self.queue_release(reservation, ReleaseReason::Expired, now_ms)
+                    .await;
                 return Err(EngineError::HoldExpired);
             }
             Err(err) => return Err(err.into()),
@@ -441,8 +472,12 @@ impl Engine {
             ChargeOutcome::Declined => {
                 bump(&self.stats.payments_declined);
                 self.gate.decline_payment(drop, reservation).await??;
-                self.queue_release(reservation, ReleaseReason::PaymentDeclined, self.clock.now_ms())
-                    .await;
+                self.queue_release(
+                    reservation,
+                    ReleaseReason::PaymentDeclined,
+                    self.clock.now_ms(),
+                )
+                .await;
                 return Err(EngineError::PaymentDeclined);
             }
             ChargeOutcome::Unavailable => {
@@ -462,7 +497,11 @@ impl Engine {
             currency: spec.currency.clone(),
             paid_at: self.now(),
         };
-        if let Err(err) = self.writer.purchase(purchase.clone(), hold_row(drop, &hold)).await {
+        if let Err(err) = self
+            .writer
+            .purchase(purchase.clone(), hold_row(drop, &hold))
+            .await
+        {
             // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
             tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
             self.gateway.refund(reservation).await;
@@ -488,7 +527,11 @@ impl Engine {
     }
 
     async fn queue_release(&self, hold: Uuid, reason: ReleaseReason, at_ms: i64) {
-        if let Err(err) = self.writer.hold_released(hold, reason, to_datetime(at_ms)).await {
+        if let Err(err) = self
+            .writer
+            .hold_released(hold, reason, to_datetime(at_ms))
+            .await
+        {
             tracing::warn!(error = %err, %hold, "release row not queued");
         }
     }
@@ -500,7 +543,8 @@ impl Engine {
         let count = self.gate.reap(now_ms, &mut released).await?;
         for (_, hold) in &released {
             bump(&self.stats.released_expired);
-            self.queue_release(hold.id, ReleaseReason::Expired, now_ms).await;
+            self.queue_release(hold.id, ReleaseReason::Expired, now_ms)
+                .await;
         }
         Ok(count)
     }
@@ -546,7 +590,11 @@ fn hold_row(drop: Uuid, hold: &HoldView) -> HoldRow {
 
 /// Releases expired holds every `interval` until told to stop. Holds only a weak reference, so a dropped
 /// engine stops its reaper too.
-async fn reaper(engine: std::sync::Weak<Engine>, interval: Duration, mut stop: watch::Receiver<bool>) {
+async fn reaper(
+    engine: std::sync::Weak<Engine>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -554,7 +602,9 @@ async fn reaper(engine: std::sync::Weak<Engine>, interval: Duration, mut stop: w
             _ = ticker.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        let Some(engine) = engine.upgrade() else { return };
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
         match engine.reap().await {
             Ok(0) => {}
             Ok(count) => tracing::debug!(count, "reaper released expired holds"),

@@ -11,7 +11,8 @@ use crate::core::{HoldState, RestoredHold};
 use crate::gate::Restore;
 use crate::types::{parse_reason, DropSpec, DropStatus, Purchase, Reservation};
 
-const DROP_COLUMNS: &str = "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
+const DROP_COLUMNS: &str =
+    "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
                             price, currency, created_at";
 
 fn to_u32(value: i32) -> u32 {
@@ -53,7 +54,10 @@ fn purchase_from_row(row: &Row) -> Purchase {
     }
 }
 
-pub async fn insert_drop(client: &impl GenericClient, drop: &DropSpec) -> Result<(), tokio_postgres::Error> {
+pub async fn insert_drop(
+    client: &impl GenericClient,
+    drop: &DropSpec,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             &format!(
@@ -77,14 +81,22 @@ pub async fn insert_drop(client: &impl GenericClient, drop: &DropSpec) -> Result
     Ok(())
 }
 
-pub async fn load_drop(client: &impl GenericClient, id: Uuid) -> Result<Option<DropSpec>, tokio_postgres::Error> {
+pub async fn load_drop(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<DropSpec>, tokio_postgres::Error> {
     let row = client
-        .query_opt(&format!("SELECT {DROP_COLUMNS} FROM drops WHERE id = $1"), &[&id])
+        .query_opt(
+            &format!("SELECT {DROP_COLUMNS} FROM drops WHERE id = $1"),
+            &[&id],
+        )
         .await?;
     Ok(row.as_ref().map(drop_from_row))
 }
 
-pub async fn load_all_drops(client: &impl GenericClient) -> Result<Vec<DropSpec>, tokio_postgres::Error> {
+pub async fn load_all_drops(
+    client: &impl GenericClient,
+) -> Result<Vec<DropSpec>, tokio_postgres::Error> {
     let rows = client
         .query(&format!("SELECT {DROP_COLUMNS} FROM drops"), &[])
         .await?;
@@ -179,7 +191,10 @@ pub async fn purchase_by_reservation(
     reservation: Uuid,
 ) -> Result<Option<Purchase>, tokio_postgres::Error> {
     let row = client
-        .query_opt("SELECT * FROM purchases WHERE reservation_id = $1", &[&reservation])
+        .query_opt(
+            "SELECT * FROM purchases WHERE reservation_id = $1",
+            &[&reservation],
+        )
         .await?;
     Ok(row.as_ref().map(purchase_from_row))
 }

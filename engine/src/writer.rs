@@ -201,7 +201,12 @@ impl Batch {
     }
 }
 
-async fn run(pool: Pool, config: WriterConfig, mut rx: mpsc::Receiver<WriteOp>, stats: Arc<WriterStats>) {
+async fn run(
+    pool: Pool,
+    config: WriterConfig,
+    mut rx: mpsc::Receiver<WriteOp>,
+    stats: Arc<WriterStats>,
+) {
     let rows_max = config.batch_rows_max.max(1);
     loop {
         let Some(first) = rx.recv().await else {
@@ -262,8 +267,15 @@ async fn write_with_retries(
                 stats
                     .purchases
                     .fetch_add(batch.purchases.len() as u64, Ordering::Relaxed);
-                stats.flush_micros_total.fetch_add(micros, Ordering::Relaxed);
-                tracing::debug!(rows = batch.rows(), purchases = batch.purchases.len(), micros, "writer batch committed");
+                stats
+                    .flush_micros_total
+                    .fetch_add(micros, Ordering::Relaxed);
+                tracing::debug!(
+                    rows = batch.rows(),
+                    purchases = batch.purchases.len(),
+                    micros,
+                    "writer batch committed"
+                );
                 return Ok(());
             }
             Err(err) if attempt < config.attempts_max => {
