@@ -303,19 +303,33 @@ impl Engine {
         self.info(&spec).await
     }
 
-    /// Drops newest first; `after` is the last id served. `status` filters; pages may come back shorter than
-    /// `limit` when the filter depends on stock, but the cursor still moves forward.
+    /// Drops newest first; `after` is the last id served. Returns the page and the id to continue after, if
+    /// more drops exist. `status` filters; when the filter depends on stock (open, sold_out) a page may hold
+    /// fewer than `limit` drops, but the cursor still moves forward.
     pub async fn list_drops(
         &self,
         after: Option<Uuid>,
         limit: i64,
         status: Option<DropStatus>,
     ) -> Result<(Vec<DropInfo>, Option<Uuid>), EngineError> {
-        let specs = {
+        let mut specs = {
             let client = self.db.get().await?;
-            store::list_drops(&**client, after, limit, status, self.now()).await?
+            store::list_drops(
+                &**client,
+                after,
+                limit.saturating_add(1),
+                status,
+                self.now(),
+            )
+            .await?
         };
-        let last = specs.last().map(|spec| spec.id);
+        let window = usize::try_from(limit).unwrap_or(usize::MAX);
+        let next = if specs.len() > window {
+            specs.truncate(window);
+            specs.last().map(|spec| spec.id)
+        } else {
+            None
+        };
         let mut infos = Vec::with_capacity(specs.len());
         for spec in specs {
             let spec = self.spec(spec.id).await?;
@@ -324,7 +338,7 @@ impl Engine {
                 infos.push(info);
             }
         }
-        Ok((infos, last))
+        Ok((infos, next))
     }
 
     /// Places a hold of `quantity` units of the drop for `member`.
