@@ -43,6 +43,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await
     .context("starting the drop engine")?;
     let state = AppState::new(pool, settings, Arc::clone(&engine));
+    // Learn credential changes from before this start, then keep polling for other instances' changes.
+    state
+        .members
+        .poll_changes(&state.db, state.settings.access_token_seconds)
+        .await
+        .map_err(|err| anyhow::anyhow!("reading credential changes: {}", err.code()))?;
+    tokio::spawn(crate::auth::poll_changes_forever(state.clone()));
 
     let listener = TcpListener::bind(args.bind_addr)
         .await

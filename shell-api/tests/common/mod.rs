@@ -387,3 +387,35 @@ impl TestApp {
         self.send(request).await
     }
 }
+
+/// Inserts a member straight into `db` and signs a token with the test secret, for tests that talk to a real
+/// server (which signs with `JWT_SECRET`).
+pub async fn seed_member(db: &TestDb, role: Role) -> TestMember {
+    let id = Uuid::now_v7();
+    let email = format!("{}@example.test", id.simple());
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO members (id, email, password_hash, name, role) VALUES ($1, $2, 'not-a-hash', 'Load Member', $3)",
+            &[&id, &email, &role.as_str()],
+        )
+        .await
+        .expect("insert member");
+    let keys = shell_api::auth::TokenKeys::new(JWT_SECRET.as_bytes(), 3600);
+    let token = keys.issue(id, role, 0).expect("token");
+    TestMember { id, email, token }
+}
+
+/// Inserts a product owned by `seller` into `db`.
+pub async fn seed_product(db: &TestDb, seller: &TestMember, price: i64) -> Uuid {
+    let id = Uuid::now_v7();
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO products (id, seller_id, name, price, currency, kind) VALUES ($1, $2, 'Drop item', $3, 'KRW', 'preorder')",
+            &[&id, &seller.id, &price],
+        )
+        .await
+        .expect("insert product");
+    id
+}
