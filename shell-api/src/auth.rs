@@ -1,17 +1,19 @@
 //! Authentication core: roles, access tokens (HS256 JWT) and the `AuthMember` extractor.
 //!
-//! Access tokens carry the member's `token_version`; logout-all and password changes bump it in Postgres, which
-//! kills every earlier token. Checking that on every request must not cost a query on the hot path, so a small
-//! per-member cache (`MemberCache`) holds the current version and role for `MEMBER_CACHE_TTL`, and this instance
-//! evicts an entry the moment it changes it. Other instances see a change within the TTL.
+//! Checking a token costs no I/O: the signature and expiry are checked in memory, and the claims (member, role,
+//! `token_version`) are trusted unless the member's credentials changed recently. Logout-all and password
+//! changes bump `members.token_version`, role changes update `members.role`, and a trigger stamps
+//! `auth_changed_at`. `MemberCache` holds only members changed within one access-token lifetime (older tokens
+//! have expired anyway): this instance marks a member it changes at once (`evict`, then one lookup), and
+//! `poll_changes` learns of changes made by other instances within `AUTH_POLL_INTERVAL`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -20,10 +22,12 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::AppState;
 
-/// How long a cached version/role may be served before it is read again from Postgres.
-const MEMBER_CACHE_TTL: Duration = Duration::from_secs(5);
-/// Bound on cached members; past it the cache is cleared (entries are cheap to refetch).
-const MEMBER_CACHE_ENTRIES_MAX: usize = 200_000;
+/// How often an instance reads credential changes made elsewhere.
+pub const AUTH_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Changes are re-read with this overlap, so a transaction that committed late is not missed.
+const AUTH_POLL_OVERLAP: Duration = Duration::from_secs(5);
+/// Bound on remembered changes; past it the oldest half is dropped after a full reload.
+const CHANGED_ENTRIES_MAX: usize = 1_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -117,56 +121,133 @@ impl TokenKeys {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct CachedMember {
-    version: i32,
-    role: Role,
-    fetched_at: Instant,
+enum Known {
+    /// The member's current version and role, as last read.
+    Current {
+        version: i32,
+        role: Role,
+        changed_at: DateTime<Utc>,
+    },
+    /// Changed by this instance just now; read it again before trusting any token.
+    Stale,
 }
 
-/// Current token_version and role per member; see the module comment.
+/// Members whose credentials changed within one access-token lifetime; see the module comment.
 #[derive(Debug, Default)]
 pub struct MemberCache {
-    entries: DashMap<Uuid, CachedMember>,
+    changed: DashMap<Uuid, Known>,
+    /// Where the next poll starts: the newest `auth_changed_at` seen.
+    poll_since: parking_lot::Mutex<Option<DateTime<Utc>>>,
 }
 
 impl MemberCache {
-    /// Forget a member after changing its version or role, so this instance sees the change at once.
+    /// Call after changing a member's token_version or role, so this instance sees it on the next request.
     pub fn evict(&self, member: Uuid) {
-        self.entries.remove(&member);
+        self.changed.insert(member, Known::Stale);
     }
 
-    async fn lookup(
+    /// Version and role to check a token against: from the token itself unless the member changed.
+    async fn current(
         &self,
         state: &AppState,
-        member: Uuid,
-    ) -> Result<Option<CachedMember>, ApiError> {
-        if let Some(hit) = self.entries.get(&member) {
-            if hit.fetched_at.elapsed() < MEMBER_CACHE_TTL {
-                return Ok(Some(*hit));
+        claims: &Claims,
+    ) -> Result<Option<(i32, Role)>, ApiError> {
+        match self.changed.get(&claims.sub).map(|known| *known) {
+            None => Ok(Some((claims.ver, claims.role))),
+            Some(Known::Current { version, role, .. }) => Ok(Some((version, role))),
+            Some(Known::Stale) => {
+                let client = state.db.get().await?;
+                let row = client
+                    .query_opt(
+                        "SELECT token_version, role, auth_changed_at FROM members WHERE id = $1",
+                        &[&claims.sub],
+                    )
+                    .await?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                let version: i32 = row.get(0);
+                let role = Role::parse(row.get(1)).unwrap_or(Role::Customer);
+                let changed_at: DateTime<Utc> = row.get(2);
+                self.changed.insert(
+                    claims.sub,
+                    Known::Current {
+                        version,
+                        role,
+                        changed_at,
+                    },
+                );
+                Ok(Some((version, role)))
             }
         }
-        let client = state.db.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT token_version, role FROM members WHERE id = $1",
-                &[&member],
+    }
+
+    /// Reads credential changes since the last poll (at start: within one access-token lifetime) and forgets
+    /// changes older than that lifetime. Returns how many changes were read.
+    pub async fn poll_changes(
+        &self,
+        db: &deadpool_postgres::Pool,
+        token_seconds: u64,
+    ) -> Result<usize, ApiError> {
+        let lifetime =
+            chrono::Duration::seconds(i64::try_from(token_seconds).unwrap_or(i64::MAX / 4_000));
+        let overlap = chrono::Duration::from_std(AUTH_POLL_OVERLAP).unwrap_or_default();
+        let since = self
+            .poll_since
+            .lock()
+            .map_or_else(|| Utc::now() - lifetime, |since| since - overlap);
+        let client = db.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, token_version, role, auth_changed_at FROM members WHERE auth_changed_at > $1",
+                &[&since],
             )
             .await?;
-        let Some(row) = row else {
-            self.entries.remove(&member);
-            return Ok(None);
-        };
-        let role: String = row.get(1);
-        let fresh = CachedMember {
-            version: row.get(0),
-            role: Role::parse(&role).unwrap_or(Role::Customer),
-            fetched_at: Instant::now(),
-        };
-        if self.entries.len() >= MEMBER_CACHE_ENTRIES_MAX {
-            self.entries.clear();
+        let mut newest = since;
+        for row in &rows {
+            let changed_at: DateTime<Utc> = row.get(3);
+            newest = newest.max(changed_at);
+            let known = Known::Current {
+                version: row.get(1),
+                role: Role::parse(row.get(2)).unwrap_or(Role::Customer),
+                changed_at,
+            };
+            self.changed.insert(row.get(0), known);
         }
-        self.entries.insert(member, fresh);
-        Ok(Some(fresh))
+        {
+            let mut since = self.poll_since.lock();
+            *since = Some(since.map_or(newest, |old| old.max(newest)));
+        }
+        let horizon = Utc::now() - lifetime;
+        self.changed.retain(|_, known| match known {
+            Known::Current { changed_at, .. } => *changed_at > horizon,
+            Known::Stale => true,
+        });
+        if self.changed.len() > CHANGED_ENTRIES_MAX {
+            tracing::warn!(
+                entries = self.changed.len(),
+                "credential-change cache over its bound; resetting"
+            );
+            self.changed.clear();
+            *self.poll_since.lock() = None;
+        }
+        Ok(rows.len())
+    }
+}
+
+/// Polls credential changes every `AUTH_POLL_INTERVAL` until the process ends.
+pub async fn poll_changes_forever(state: AppState) {
+    let mut ticker = tokio::time::interval(AUTH_POLL_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(err) = state
+            .members
+            .poll_changes(&state.db, state.settings.access_token_seconds)
+            .await
+        {
+            tracing::warn!(code = err.code(), "polling credential changes failed");
+        }
     }
 }
 
@@ -212,12 +293,12 @@ impl FromRequestParts<AppState> for AuthMember {
             .and_then(|value| value.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::unauthorized("unauthorized", "missing bearer token"))?;
         let claims = state.tokens.verify(token.trim())?;
-        let current = state
+        let (version, role) = state
             .members
-            .lookup(state, claims.sub)
+            .current(state, &claims)
             .await?
             .ok_or_else(|| ApiError::unauthorized("invalid_token", "member no longer exists"))?;
-        if current.version != claims.ver {
+        if version != claims.ver {
             return Err(ApiError::unauthorized(
                 "token_revoked",
                 "access token revoked",
@@ -225,7 +306,7 @@ impl FromRequestParts<AppState> for AuthMember {
         }
         Ok(AuthMember {
             id: claims.sub,
-            role: current.role,
+            role,
         })
     }
 }

@@ -95,4 +95,78 @@ pub struct ServeArgs {
     /// How long graceful shutdown waits for in-flight requests and the writer's last flush.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Settings of the drop engine.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Stock shards per drop in the embedded gate (rounded up to a power of two).
+    #[arg(long, env = "ENGINE_SHARDS", default_value_t = 8)]
+    pub engine_shards: usize,
+    /// Reservations in flight at once; past it, answers 429 with Retry-After at once.
+    #[arg(long, env = "RESERVE_INFLIGHT_MAX", default_value_t = 4096)]
+    pub reserve_inflight_max: usize,
+    /// Payments in flight at once; past it, answers 429 with Retry-After at once.
+    #[arg(long, env = "PAY_INFLIGHT_MAX", default_value_t = 1024)]
+    pub pay_inflight_max: usize,
+    /// How often the reaper releases expired holds.
+    #[arg(long, env = "REAPER_INTERVAL_MS", default_value_t = 1000)]
+    pub reaper_interval_ms: u64,
+    /// Most rows the writer commits in one transaction.
+    #[arg(long, env = "WRITER_BATCH_ROWS_MAX", default_value_t = 1000)]
+    pub writer_batch_rows_max: usize,
+    /// How long a batch that is not full waits for more rows; 0 commits whatever queued at once.
+    #[arg(long, env = "WRITER_FLUSH_INTERVAL_MS", default_value_t = 0)]
+    pub writer_flush_interval_ms: u64,
+    /// Bound of the writer's queue; producers wait when it is full.
+    #[arg(long, env = "WRITER_CHANNEL_CAPACITY", default_value_t = 16_384)]
+    pub writer_channel_capacity: usize,
+    /// Latency the simulated payment gateway adds to each charge.
+    #[arg(long, env = "PAYMENT_LATENCY_MS", default_value_t = 0)]
+    pub payment_latency_ms: u64,
+    /// Share (0.0..=1.0) of charges the simulated gateway answers as unavailable.
+    #[arg(long, env = "PAYMENT_FAILURE_RATE", default_value_t = 0.0)]
+    pub payment_failure_rate: f64,
+}
+
+impl EngineArgs {
+    pub fn engine_config(&self) -> engine::EngineConfig {
+        engine::EngineConfig {
+            reserve_inflight_max: self.reserve_inflight_max,
+            pay_inflight_max: self.pay_inflight_max,
+            reaper_interval: std::time::Duration::from_millis(self.reaper_interval_ms.max(1)),
+            writer: engine::writer::WriterConfig {
+                batch_rows_max: self.writer_batch_rows_max,
+                channel_capacity: self.writer_channel_capacity,
+                linger: std::time::Duration::from_millis(self.writer_flush_interval_ms),
+                ..engine::writer::WriterConfig::default()
+            },
+        }
+    }
+
+    pub fn gateway_config(&self) -> engine::payment::SimulatedGatewayConfig {
+        engine::payment::SimulatedGatewayConfig {
+            latency: std::time::Duration::from_millis(self.payment_latency_ms),
+            failure_rate: self.payment_failure_rate.clamp(0.0, 1.0),
+        }
+    }
+}
+
+impl Default for EngineArgs {
+    /// The documented defaults, for tests and tools that build an engine without a command line.
+    fn default() -> Self {
+        Self {
+            engine_shards: 8,
+            reserve_inflight_max: 4096,
+            pay_inflight_max: 1024,
+            reaper_interval_ms: 1000,
+            writer_batch_rows_max: 1000,
+            writer_flush_interval_ms: 0,
+            writer_channel_capacity: 16_384,
+            payment_latency_ms: 0,
+            payment_failure_rate: 0.0,
+        }
+    }
 }

@@ -19,6 +19,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (3, "drops", include_str!("../migrations/0003_drops.sql")),
     (4, "feeds", include_str!("../migrations/0004_feeds.sql")),
+    (
+        5,
+        "member_auth_changes",
+        include_str!("../migrations/0005_member_auth_changes.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

@@ -1,9 +1,404 @@
-//! Drops routes: filled in by their own change.
+//! Drop routes: thin handlers over `engine::Engine` (create and read drops, reserve, pay, cancel, purchases).
+//! Wire types live here and convert from engine types; the engine never sees JSON.
 
-use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use engine::core::HoldState;
+use engine::types::{
+    reason_name, state_name, DropInfo, DropStatus, NewDrop, Purchase, Reservation,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
+use crate::auth::{AuthMember, Role};
+use crate::error::{ApiError, Fields};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::idempotency;
+use crate::pagination::{encode_cursor, Page, PageQuery};
 use crate::AppState;
+
+/// Largest stock one drop may sell.
+const STOCK_MAX: i64 = 10_000_000;
+/// Largest per-member limit.
+const PER_MEMBER_LIMIT_MAX: i64 = 1_000;
+/// Longest hold: a day.
+const HOLD_SECONDS_MAX: i64 = 86_400;
 
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/drops", post(create_drop).get(list_drops))
+        .route("/drops/{id}", get(get_drop))
+        .route("/drops/{id}/reservations", post(reserve))
+        .route(
+            "/reservations/{id}",
+            get(get_reservation).delete(cancel_reservation),
+        )
+        .route("/reservations/{id}/payment", post(pay))
+        .route("/members/me/purchases", get(my_purchases))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDrop {
+    product_id: Uuid,
+    stock: i64,
+    opens_at: DateTime<Utc>,
+    closes_at: Option<DateTime<Utc>>,
+    per_member_limit: Option<i64>,
+    hold_seconds: Option<i64>,
+    price: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct DropJson {
+    id: Uuid,
+    product_id: Uuid,
+    stock: u32,
+    available: u32,
+    held: u32,
+    sold: u32,
+    opens_at: DateTime<Utc>,
+    closes_at: Option<DateTime<Utc>>,
+    per_member_limit: u32,
+    hold_seconds: u32,
+    price: i64,
+    currency: String,
+    status: &'static str,
+}
+
+impl From<DropInfo> for DropJson {
+    fn from(info: DropInfo) -> Self {
+        let spec = info.spec;
+        Self {
+            id: spec.id,
+            product_id: spec.product_id,
+            stock: info.counts.stock,
+            available: info.counts.available,
+            held: info.counts.held,
+            sold: info.counts.paid,
+            opens_at: spec.opens_at,
+            closes_at: spec.closes_at,
+            per_member_limit: spec.per_member_limit,
+            hold_seconds: spec.hold_seconds,
+            price: spec.price,
+            currency: spec.currency,
+            status: info.status.as_str(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ReservationJson {
+    id: Uuid,
+    drop_id: Uuid,
+    member_id: Uuid,
+    quantity: u32,
+    status: &'static str,
+    expires_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    purchase_id: Option<Uuid>,
+}
+
+impl From<Reservation> for ReservationJson {
+    fn from(r: Reservation) -> Self {
+        let reason = match r.state {
+            HoldState::Released(reason) => Some(reason_name(reason)),
+            _ => None,
+        };
+        Self {
+            id: r.id,
+            drop_id: r.drop_id,
+            member_id: r.member_id,
+            quantity: r.quantity,
+            status: state_name(r.state),
+            expires_at: r.expires_at,
+            reason,
+            purchase_id: r.purchase_id,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct PaymentJson {
+    reservation_id: Uuid,
+    purchase_id: Uuid,
+    status: &'static str,
+    amount: i64,
+    currency: String,
+    paid_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize)]
+struct PurchaseJson {
+    id: Uuid,
+    reservation_id: Uuid,
+    drop_id: Uuid,
+    product_id: Uuid,
+    quantity: u32,
+    amount: i64,
+    currency: String,
+    paid_at: DateTime<Utc>,
+}
+
+impl From<Purchase> for PurchaseJson {
+    fn from(p: Purchase) -> Self {
+        Self {
+            id: p.id,
+            reservation_id: p.reservation_id,
+            drop_id: p.drop_id,
+            product_id: p.product_id,
+            quantity: p.quantity,
+            amount: p.amount,
+            currency: p.currency,
+            paid_at: p.paid_at,
+        }
+    }
+}
+
+/// The product fields a drop needs: who may sell it and its default price.
+async fn product_for_drop(
+    state: &AppState,
+    product: Uuid,
+) -> Result<Option<(Uuid, i64, String)>, ApiError> {
+    let client = state.db.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT seller_id, price, currency FROM products WHERE id = $1 AND deleted_at IS NULL",
+            &[&product],
+        )
+        .await?;
+    Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
+}
+
+async fn create_drop(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiJson(body): ApiJson<CreateDrop>,
+) -> Result<(StatusCode, Json<DropJson>), ApiError> {
+    member.require(&[Role::Seller, Role::Admin])?;
+    let per_member_limit = body.per_member_limit.unwrap_or(1);
+    let hold_seconds = body.hold_seconds.unwrap_or(300);
+    let mut fields = Fields::default();
+    fields
+        .check(
+            (1..=STOCK_MAX).contains(&body.stock),
+            "stock",
+            "must be between 1 and 10000000",
+        )
+        .check(
+            (1..=PER_MEMBER_LIMIT_MAX).contains(&per_member_limit),
+            "per_member_limit",
+            "must be between 1 and 1000",
+        )
+        .check(
+            (1..=HOLD_SECONDS_MAX).contains(&hold_seconds),
+            "hold_seconds",
+            "must be between 1 and 86400",
+        )
+        .check(
+            body.price.is_none_or(|p| p >= 0),
+            "price",
+            "must not be negative",
+        )
+        .check(
+            body.closes_at.is_none_or(|closes| closes > body.opens_at),
+            "closes_at",
+            "must be after opens_at",
+        );
+    fields.finish()?;
+    let Some((seller_id, product_price, currency)) =
+        product_for_drop(&state, body.product_id).await?
+    else {
+        return Err(ApiError::invalid("product_id", "no such product"));
+    };
+    member.require_owner_or_admin(seller_id)?;
+    // Every bound was checked above, so these conversions cannot fail.
+    let to_u32 = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    let info = state
+        .engine
+        .create_drop(NewDrop {
+            product_id: body.product_id,
+            seller_id,
+            stock: to_u32(body.stock),
+            opens_at: body.opens_at,
+            closes_at: body.closes_at,
+            per_member_limit: to_u32(per_member_limit),
+            hold_seconds: to_u32(hold_seconds),
+            price: body.price.unwrap_or(product_price),
+            currency,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(info.into())))
+}
+
+async fn get_drop(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<DropJson>, ApiError> {
+    Ok(Json(state.engine.drop_info(id).await?.into()))
+}
+
+#[derive(Debug, Deserialize)]
+struct DropListQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+async fn list_drops(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<DropListQuery>,
+) -> Result<Json<Page<DropJson>>, ApiError> {
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(text) => Some(DropStatus::parse(text).ok_or_else(|| {
+            ApiError::invalid("status", "must be scheduled, open, sold_out or closed")
+        })?),
+    };
+    let page = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    };
+    let limit = page.limit()?;
+    let after: Option<Uuid> = page.after()?;
+    let (infos, next) = state.engine.list_drops(after, limit, status).await?;
+    let page = Page {
+        items: infos.into_iter().map(DropJson::from).collect(),
+        next_cursor: next.map(|id| encode_cursor(&id)),
+    };
+    Ok(Json(page))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveBody {
+    quantity: Option<i64>,
+}
+
+/// Parses an optional JSON body: empty means the defaults.
+fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|err| {
+        if err.is_data() {
+            ApiError::invalid("body", err.to_string())
+        } else {
+            ApiError::bad_request("malformed JSON body")
+        }
+    })
+}
+
+async fn reserve(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiPath(drop_id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let key = idempotency::key_from(&headers)?;
+    let body: ReserveBody = optional_json(&body)?;
+    let quantity = body.quantity.unwrap_or(1);
+    let quantity = u32::try_from(quantity)
+        .ok()
+        .filter(|q| *q > 0)
+        .ok_or_else(|| ApiError::invalid("quantity", "must be a positive whole number"))?;
+    let engine = &state.engine;
+    Ok(state
+        .idempotency
+        .run(member.id, "reserve", key, || async move {
+            match engine.reserve(drop_id, member.id, quantity).await {
+                Ok(reservation) => (
+                    StatusCode::CREATED,
+                    Json(ReservationJson::from(reservation)),
+                )
+                    .into_response(),
+                Err(err) => ApiError::from(err).into_response(),
+            }
+        })
+        .await)
+}
+
+async fn get_reservation(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<ReservationJson>, ApiError> {
+    let reservation = state.engine.reservation(id).await?;
+    member.require_owner_or_admin(reservation.member_id)?;
+    Ok(Json(reservation.into()))
+}
+
+#[derive(Debug, Deserialize)]
+struct PayBody {
+    payment_token: String,
+}
+
+async fn pay(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<PayBody>,
+) -> Result<Response, ApiError> {
+    let key = idempotency::key_from(&headers)?;
+    if body.payment_token.is_empty() || body.payment_token.len() > 256 {
+        return Err(ApiError::invalid(
+            "payment_token",
+            "must be 1 to 256 characters",
+        ));
+    }
+    let engine = &state.engine;
+    Ok(state
+        .idempotency
+        .run(member.id, "pay", key, || async move {
+            match engine.pay(id, member.id, &body.payment_token).await {
+                Ok(purchase) => Json(PaymentJson {
+                    reservation_id: purchase.reservation_id,
+                    purchase_id: purchase.id,
+                    status: "paid",
+                    amount: purchase.amount,
+                    currency: purchase.currency,
+                    paid_at: purchase.paid_at,
+                })
+                .into_response(),
+                Err(err) => ApiError::from(err).into_response(),
+            }
+        })
+        .await)
+}
+
+async fn cancel_reservation(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    state.engine.cancel(id, member.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn my_purchases(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<Page<PurchaseJson>>, ApiError> {
+    let limit = page.limit()?;
+    let after: Option<(DateTime<Utc>, Uuid)> = page.after()?;
+    let purchases = state
+        .engine
+        .purchases_of(member.id, after, limit + 1)
+        .await?;
+    Ok(Json(Page::from_rows(
+        purchases.into_iter().map(PurchaseJson::from).collect(),
+        limit,
+        |p| (p.paid_at, p.id),
+    )))
 }

@@ -272,3 +272,55 @@ impl Fields {
         }
     }
 }
+
+/// The engine's refusals, in the API's words.
+impl From<engine::EngineError> for ApiError {
+    fn from(err: engine::EngineError) -> Self {
+        use engine::EngineError as E;
+        match err {
+            E::DropNotFound => Self::not_found("drop_not_found").with_message("no such drop"),
+            E::NotOpen => Self::conflict("not_open", "the drop is not open yet"),
+            E::Closed => Self::conflict("closed", "the drop is closed"),
+            E::SoldOut => Self::conflict("sold_out", "sold out"),
+            E::LimitExceeded => {
+                Self::conflict("limit_exceeded", "per-member limit reached for this drop")
+            }
+            E::InvalidQuantity => Self::invalid(
+                "quantity",
+                "must be between 1 and the drop's per-member limit",
+            ),
+            E::Overloaded => Self::too_many_requests(1),
+            E::GateUnavailable(_) => Self::unavailable("gate_unavailable", 1)
+                .with_message("the stock authority cannot be reached; nothing was reserved"),
+            E::ReservationNotFound => {
+                Self::not_found("reservation_not_found").with_message("no such reservation")
+            }
+            E::NotOwner => Self::forbidden(),
+            E::HoldExpired => Self::conflict("hold_expired", "the hold expired before payment"),
+            E::AlreadyReleased(reason) => Self::conflict(
+                "already_released",
+                format!(
+                    "the hold was already released ({})",
+                    engine::types::reason_name(reason)
+                ),
+            ),
+            E::AlreadyPaid => Self::conflict("already_paid", "the reservation is already paid"),
+            E::PaymentInFlight => Self::conflict(
+                "payment_in_progress",
+                "a payment for this reservation is in progress",
+            ),
+            E::PaymentDeclined => Self::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "payment_declined",
+                "the payment was declined; the hold is released",
+            ),
+            E::PaymentUnavailable => Self::unavailable("payment_unavailable", 1)
+                .with_message("the payment gateway is unavailable; the hold is kept, retry"),
+            E::StorageUnavailable(_) => Self::unavailable("storage_unavailable", 1)
+                .with_message("the purchase could not be stored; nothing was charged, retry"),
+            E::Pool(err) => err.into(),
+            E::Db(err) => err.into(),
+            err @ E::Restore(_) => Self::internal(err),
+        }
+    }
+}

@@ -10,6 +10,7 @@ pub mod drops;
 pub mod error;
 pub mod extract;
 pub mod feeds;
+pub mod idempotency;
 pub mod members;
 pub mod pagination;
 pub mod products;
@@ -25,8 +26,13 @@ use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use serde_json::json;
 
+use engine::gate::EmbeddedGate;
+use engine::payment::SimulatedGateway;
+use engine::Engine;
+
 use crate::auth::{MemberCache, TokenKeys};
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyStore;
 
 /// Settings the handlers need, resolved from the command line once at start.
 #[derive(Debug, Clone)]
@@ -56,18 +62,34 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub tokens: Arc<TokenKeys>,
     pub members: Arc<MemberCache>,
+    pub engine: Arc<Engine>,
+    pub idempotency: Arc<IdempotencyStore>,
 }
 
 impl AppState {
-    pub fn new(db: Pool, settings: Settings) -> Self {
+    pub fn new(db: Pool, settings: Settings, engine: Arc<Engine>) -> Self {
         let tokens = TokenKeys::new(&settings.jwt_secret, settings.access_token_seconds);
         Self {
             db,
             settings: Arc::new(settings),
             tokens: Arc::new(tokens),
             members: Arc::new(MemberCache::default()),
+            engine,
+            idempotency: Arc::new(IdempotencyStore::default()),
         }
     }
+}
+
+/// Starts the drop engine over `db` with the embedded gate and the simulated payment gateway.
+pub async fn start_engine(
+    db: Pool,
+    args: &config::EngineArgs,
+    clock: Arc<dyn engine::clock::Clock>,
+) -> Result<(Arc<Engine>, Arc<SimulatedGateway>), engine::EngineError> {
+    let gate = Arc::new(EmbeddedGate::new(args.engine_shards));
+    let gateway = Arc::new(SimulatedGateway::new(args.gateway_config()));
+    let engine = Engine::start(db, args.engine_config(), gate, gateway.clone(), clock).await?;
+    Ok((engine, gateway))
 }
 
 /// The whole HTTP service.

@@ -1,6 +1,7 @@
 //! Running the service on a socket: bind, announce, serve, and shut down gracefully on SIGTERM or Ctrl-C.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -34,7 +35,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !applied.is_empty() {
         tracing::info!(?applied, "migrations applied");
     }
-    let state = AppState::new(pool, settings);
+    let (engine, _gateway) = crate::start_engine(
+        pool.clone(),
+        &args.engine,
+        Arc::new(engine::clock::SystemClock),
+    )
+    .await
+    .context("starting the drop engine")?;
+    let state = AppState::new(pool, settings, Arc::clone(&engine));
+    // Learn credential changes from before this start, then keep polling for other instances' changes.
+    state
+        .members
+        .poll_changes(&state.db, state.settings.access_token_seconds)
+        .await
+        .map_err(|err| anyhow::anyhow!("reading credential changes: {}", err.code()))?;
+    tokio::spawn(crate::auth::poll_changes_forever(state.clone()));
 
     let listener = TcpListener::bind(args.bind_addr)
         .await
@@ -54,7 +69,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     tokio::select! {
-        result = &mut server => return result.context("server task")?.context("serving"),
+        result = &mut server => {
+            engine.shutdown().await;
+            return result.context("server task")?.context("serving");
+        }
         () = shutdown_signal() => {}
     }
     tracing::info!("shutting down: finishing in-flight requests");
@@ -67,6 +85,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             server.abort();
         }
     }
+    // Requests are done (or cut off); whatever they queued is committed before the process exits.
+    engine.shutdown().await;
+    tracing::info!("writer drained; bye");
     Ok(())
 }
 

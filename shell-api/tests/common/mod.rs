@@ -8,16 +8,19 @@
 
 use std::process::Stdio;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
+use engine::clock::{Clock, SystemClock};
+use engine::payment::SimulatedGateway;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use shell_api::auth::Role;
-use shell_api::config::DbArgs;
-use shell_api::{app, db, AppState, Settings};
+use shell_api::config::{DbArgs, EngineArgs};
+use shell_api::{app, db, start_engine, AppState, Settings};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_postgres::NoTls;
 use tower::ServiceExt;
@@ -136,14 +139,33 @@ pub struct TestApp {
     pub db: TestDb,
     pub state: AppState,
     pub router: Router,
+    pub gateway: Arc<SimulatedGateway>,
 }
 
 impl TestApp {
     pub async fn new() -> Self {
+        Self::with_engine_args(EngineArgs::default()).await
+    }
+
+    /// The app with chosen engine settings and the system clock.
+    pub async fn with_engine_args(args: EngineArgs) -> Self {
+        Self::with_clock(args, Arc::new(SystemClock)).await
+    }
+
+    /// The app with chosen engine settings and clock.
+    pub async fn with_clock(args: EngineArgs, clock: Arc<dyn Clock>) -> Self {
         let db = TestDb::new().await;
-        let state = AppState::new(db.pool.clone(), Settings::for_tests());
+        let (engine, gateway) = start_engine(db.pool.clone(), &args, clock)
+            .await
+            .expect("engine");
+        let state = AppState::new(db.pool.clone(), Settings::for_tests(), engine);
         let router = app(state.clone());
-        Self { db, state, router }
+        Self {
+            db,
+            state,
+            router,
+            gateway,
+        }
     }
 
     /// Sends one request through the router. `body` is sent as JSON when given.
@@ -268,4 +290,132 @@ impl TestServer {
             _ => false,
         }
     }
+}
+
+impl TestApp {
+    /// The app over a gate of the test's choosing (to make the stock authority slow or unreachable).
+    pub async fn with_gate(args: EngineArgs, gate: Arc<dyn engine::gate::Gate>) -> Self {
+        let db = TestDb::new().await;
+        let gateway = Arc::new(SimulatedGateway::new(args.gateway_config()));
+        let engine = engine::Engine::start(
+            db.pool.clone(),
+            args.engine_config(),
+            gate,
+            gateway.clone(),
+            Arc::new(SystemClock),
+        )
+        .await
+        .expect("engine");
+        let state = AppState::new(db.pool.clone(), Settings::for_tests(), engine);
+        let router = app(state.clone());
+        Self {
+            db,
+            state,
+            router,
+            gateway,
+        }
+    }
+
+    /// Inserts a product owned by `seller` directly and returns its id.
+    pub async fn product(&self, seller: &TestMember, price: i64) -> Uuid {
+        let id = Uuid::now_v7();
+        self.db
+            .client()
+            .await
+            .execute(
+                "INSERT INTO products (id, seller_id, name, price, currency, kind) VALUES ($1, $2, $3, $4, 'KRW', 'preorder')",
+                &[&id, &seller.id, &"Test sneakers", &price],
+            )
+            .await
+            .expect("insert product");
+        id
+    }
+
+    /// Creates a drop through the API and returns its JSON (asserting 201).
+    pub async fn drop(&self, seller: &TestMember, body: Value) -> Value {
+        let response = self
+            .call("POST", "/api/v1/drops", Some(&seller.token), Some(body))
+            .await;
+        assert_eq!(
+            response.status,
+            StatusCode::CREATED,
+            "create drop: {:?}",
+            response.body
+        );
+        response.body
+    }
+
+    /// A seller, a product at `price`, and an open drop of `stock` with `extra` fields merged in.
+    pub async fn open_drop(&self, stock: u32, price: i64, extra: Value) -> (TestMember, Value) {
+        let seller = self.member(Role::Seller).await;
+        let product = self.product(&seller, price).await;
+        let mut body = serde_json::json!({
+            "product_id": product,
+            "stock": stock,
+            "opens_at": (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339(),
+        });
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        let drop = self.drop(&seller, body).await;
+        (seller, drop)
+    }
+
+    /// Sends a request with extra headers.
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> TestResponse {
+        let mut builder = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = match body {
+            Some(body) => builder
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+            None => builder.body(Body::empty()).unwrap(),
+        };
+        self.send(request).await
+    }
+}
+
+/// Inserts a member straight into `db` and signs a token with the test secret, for tests that talk to a real
+/// server (which signs with `JWT_SECRET`).
+pub async fn seed_member(db: &TestDb, role: Role) -> TestMember {
+    let id = Uuid::now_v7();
+    let email = format!("{}@example.test", id.simple());
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO members (id, email, password_hash, name, role) VALUES ($1, $2, 'not-a-hash', 'Load Member', $3)",
+            &[&id, &email, &role.as_str()],
+        )
+        .await
+        .expect("insert member");
+    let keys = shell_api::auth::TokenKeys::new(JWT_SECRET.as_bytes(), 3600);
+    let token = keys.issue(id, role, 0).expect("token");
+    TestMember { id, email, token }
+}
+
+/// Inserts a product owned by `seller` into `db`.
+pub async fn seed_product(db: &TestDb, seller: &TestMember, price: i64) -> Uuid {
+    let id = Uuid::now_v7();
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO products (id, seller_id, name, price, currency, kind) VALUES ($1, $2, 'Drop item', $3, 'KRW', 'preorder')",
+            &[&id, &seller.id, &price],
+        )
+        .await
+        .expect("insert product");
+    id
 }

@@ -1,0 +1,628 @@
+//! The engine as the HTTP layer sees it: drops, reservations, payments and purchases over a `Gate` (the stock
+//! authority), a `PaymentGateway`, the batched writer and the reaper.
+//!
+//! The hot path (`reserve`) is: a permit from a bounded semaphore (or 429 at once), the drop's spec from memory,
+//! the clock check, the local sold-out flag (reject with no I/O), one gate call, and a queued (not awaited) row
+//! for the writer. A payment marks the hold `paying`, charges, and answers only after the writer has committed
+//! the purchase; then it marks the hold `paid`. Hold transitions are decided once, inside the gate.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use deadpool_postgres::Pool;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::clock::{to_datetime, Clock};
+use crate::core::{HoldState, HoldView, ReleaseReason, ReserveRejection, TransitionError};
+use crate::gate::{Gate, GateUnavailable, Restore};
+use crate::payment::{ChargeOutcome, ChargeRequest, PaymentGateway};
+use crate::store;
+use crate::types::{DropInfo, DropSpec, DropStatus, NewDrop, Purchase, Reservation};
+use crate::writer::{self, HoldRow, WriteError, WriterConfig, WriterHandle};
+
+/// Limits and intervals of the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Reservations in flight at once; past it, reservations are refused at once (429).
+    pub reserve_inflight_max: usize,
+    /// Payments in flight at once; past it, payments are refused at once (429).
+    pub pay_inflight_max: usize,
+    /// How often the reaper releases expired holds.
+    pub reaper_interval: Duration,
+    pub writer: WriterConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            reserve_inflight_max: 4096,
+            pay_inflight_max: 1024,
+            reaper_interval: Duration::from_secs(1),
+            writer: WriterConfig::default(),
+        }
+    }
+}
+
+/// Why the engine refused. Hot-path outcomes (sold out, limit) are ordinary variants, not failures.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no such drop")]
+    DropNotFound,
+    #[error("the drop is not open yet")]
+    NotOpen,
+    #[error("the drop is closed")]
+    Closed,
+    #[error("sold out")]
+    SoldOut,
+    #[error("per-member limit reached")]
+    LimitExceeded,
+    #[error("quantity must be between 1 and the per-member limit")]
+    InvalidQuantity,
+    #[error("too many requests in flight")]
+    Overloaded,
+    #[error(transparent)]
+    GateUnavailable(#[from] GateUnavailable),
+    #[error("no such reservation")]
+    ReservationNotFound,
+    #[error("not your reservation")]
+    NotOwner,
+    #[error("the hold expired")]
+    HoldExpired,
+    #[error("the hold was already released")]
+    AlreadyReleased(ReleaseReason),
+    #[error("the reservation is already paid")]
+    AlreadyPaid,
+    #[error("a payment for this reservation is in progress")]
+    PaymentInFlight,
+    #[error("payment declined")]
+    PaymentDeclined,
+    #[error("the payment gateway is unavailable")]
+    PaymentUnavailable,
+    #[error("the purchase could not be stored")]
+    StorageUnavailable(#[source] WriteError),
+    #[error("stored state of a drop does not add up: {0}")]
+    Restore(#[from] crate::core::RestoreError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+impl From<ReserveRejection> for EngineError {
+    fn from(rejection: ReserveRejection) -> Self {
+        match rejection {
+            ReserveRejection::SoldOut => EngineError::SoldOut,
+            ReserveRejection::LimitExceeded => EngineError::LimitExceeded,
+            ReserveRejection::InvalidQuantity => EngineError::InvalidQuantity,
+            // Hold ids are fresh UUIDv7s; a duplicate means a bug, and refusing is the safe answer.
+            ReserveRejection::DuplicateHold => EngineError::Overloaded,
+        }
+    }
+}
+
+impl From<TransitionError> for EngineError {
+    fn from(err: TransitionError) -> Self {
+        match err {
+            TransitionError::NotFound => EngineError::ReservationNotFound,
+            TransitionError::NotOwner => EngineError::NotOwner,
+            TransitionError::Expired => EngineError::HoldExpired,
+            TransitionError::AlreadyReleased(reason) => EngineError::AlreadyReleased(reason),
+            TransitionError::AlreadyPaid => EngineError::AlreadyPaid,
+            TransitionError::PaymentInFlight | TransitionError::NotPaying => {
+                EngineError::PaymentInFlight
+            }
+        }
+    }
+}
+
+/// Counters for the report: what happened, not how long it took.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub reservations: AtomicU64,
+    pub rejected_sold_out: AtomicU64,
+    pub rejected_limit: AtomicU64,
+    pub rejected_not_open: AtomicU64,
+    pub rejected_overloaded: AtomicU64,
+    pub payments: AtomicU64,
+    pub payments_declined: AtomicU64,
+    pub payments_unavailable: AtomicU64,
+    pub released_cancelled: AtomicU64,
+    pub released_expired: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The engine. Create with `Engine::start`; stop with `shutdown` (drains the writer).
+pub struct Engine {
+    db: Pool,
+    gate: Arc<dyn Gate>,
+    gateway: Arc<dyn PaymentGateway>,
+    clock: Arc<dyn Clock>,
+    drops: DashMap<Uuid, Arc<DropSpec>>,
+    /// Which drop a reservation belongs to, so requests by reservation id find their drop without I/O.
+    hold_drop: DashMap<Uuid, Uuid>,
+    /// Purchases by reservation, so a repeated payment answers the same body.
+    receipts: DashMap<Uuid, Purchase>,
+    writer: WriterHandle,
+    writer_task: Mutex<Option<JoinHandle<()>>>,
+    reaper_task: Mutex<Option<JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+    reserve_permits: Semaphore,
+    pay_permits: Semaphore,
+    stats: EngineStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("drops", &self.drops.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Starts the writer, rebuilds every drop from Postgres into the gate, and starts the reaper.
+    pub async fn start(
+        db: Pool,
+        config: EngineConfig,
+        gate: Arc<dyn Gate>,
+        gateway: Arc<dyn PaymentGateway>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, EngineError> {
+        let (writer, writer_task) = writer::spawn(db.clone(), config.writer);
+        let (stop, stop_rx) = watch::channel(false);
+        let engine = Arc::new(Self {
+            db,
+            gate,
+            gateway,
+            clock,
+            drops: DashMap::new(),
+            hold_drop: DashMap::new(),
+            receipts: DashMap::new(),
+            writer,
+            writer_task: Mutex::new(Some(writer_task)),
+            reaper_task: Mutex::new(None),
+            stop,
+            reserve_permits: Semaphore::new(config.reserve_inflight_max.max(1)),
+            pay_permits: Semaphore::new(config.pay_inflight_max.max(1)),
+            stats: EngineStats::default(),
+        });
+        engine.load_all().await?;
+        let reaper = tokio::spawn(reaper(
+            Arc::downgrade(&engine),
+            config.reaper_interval,
+            stop_rx,
+        ));
+        *engine.reaper_task.lock() = Some(reaper);
+        Ok(engine)
+    }
+
+    async fn load_all(&self) -> Result<(), EngineError> {
+        let client = self.db.get().await?;
+        let now = to_datetime(self.clock.now_ms());
+        let specs = store::load_all_drops(&**client).await?;
+        let mut restored = store::restore(&**client, None, now).await?;
+        for spec in specs {
+            let restore = restored.remove(&spec.id).unwrap_or_default();
+            self.install(spec, restore).await?;
+        }
+        tracing::info!(drops = self.drops.len(), "engine loaded drops");
+        Ok(())
+    }
+
+    async fn install(
+        &self,
+        spec: DropSpec,
+        restore: Restore,
+    ) -> Result<Arc<DropSpec>, EngineError> {
+        for hold in &restore.held {
+            self.hold_drop.insert(hold.id, spec.id);
+        }
+        self.gate.load(&spec, restore).await??;
+        let spec = Arc::new(spec);
+        Ok(Arc::clone(
+            self.drops.entry(spec.id).or_insert(spec).value(),
+        ))
+    }
+
+    /// The drop's spec from memory, or from Postgres the first time this instance hears of it.
+    async fn spec(&self, drop: Uuid) -> Result<Arc<DropSpec>, EngineError> {
+        if let Some(spec) = self.drops.get(&drop) {
+            return Ok(Arc::clone(&spec));
+        }
+        let client = self.db.get().await?;
+        let Some(spec) = store::load_drop(&**client, drop).await? else {
+            return Err(EngineError::DropNotFound);
+        };
+        let now = to_datetime(self.clock.now_ms());
+        let restore = store::restore(&**client, Some(drop), now)
+            .await?
+            .remove(&drop)
+            .unwrap_or_default();
+        self.install(spec, restore).await
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        to_datetime(self.clock.now_ms())
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn writer(&self) -> &WriterHandle {
+        &self.writer
+    }
+
+    /// Stores a new drop and makes it sellable from `opens_at`.
+    pub async fn create_drop(&self, new: NewDrop) -> Result<DropInfo, EngineError> {
+        let spec = DropSpec {
+            id: Uuid::now_v7(),
+            product_id: new.product_id,
+            seller_id: new.seller_id,
+            stock: new.stock,
+            opens_at: new.opens_at,
+            closes_at: new.closes_at,
+            per_member_limit: new.per_member_limit,
+            hold_seconds: new.hold_seconds,
+            price: new.price,
+            currency: new.currency,
+            created_at: self.now(),
+        };
+        let client = self.db.get().await?;
+        store::insert_drop(&**client, &spec).await?;
+        let spec = self.install(spec, Restore::default()).await?;
+        self.info(&spec).await
+    }
+
+    async fn info(&self, spec: &Arc<DropSpec>) -> Result<DropInfo, EngineError> {
+        let counts = self
+            .gate
+            .counts(spec.id)
+            .await?
+            .ok_or(EngineError::DropNotFound)?;
+        let status = spec.status(self.clock.now_ms(), &counts);
+        Ok(DropInfo {
+            spec: DropSpec::clone(spec),
+            counts,
+            status,
+        })
+    }
+
+    /// A drop with its live counts and status.
+    pub async fn drop_info(&self, drop: Uuid) -> Result<DropInfo, EngineError> {
+        let spec = self.spec(drop).await?;
+        self.info(&spec).await
+    }
+
+    /// Drops newest first; `after` is the last id served. Returns the page and the id to continue after, if
+    /// more drops exist. `status` filters; when the filter depends on stock (open, sold_out) a page may hold
+    /// fewer than `limit` drops, but the cursor still moves forward.
+    pub async fn list_drops(
+        &self,
+        after: Option<Uuid>,
+        limit: i64,
+        status: Option<DropStatus>,
+    ) -> Result<(Vec<DropInfo>, Option<Uuid>), EngineError> {
+        let mut specs = {
+            let client = self.db.get().await?;
+            store::list_drops(
+                &**client,
+                after,
+                limit.saturating_add(1),
+                status,
+                self.now(),
+            )
+            .await?
+        };
+        let window = usize::try_from(limit).unwrap_or(usize::MAX);
+        let next = if specs.len() > window {
+            specs.truncate(window);
+            specs.last().map(|spec| spec.id)
+        } else {
+            None
+        };
+        let mut infos = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let spec = self.spec(spec.id).await?;
+            let info = self.info(&spec).await?;
+            if status.is_none_or(|wanted| wanted == info.status) {
+                infos.push(info);
+            }
+        }
+        Ok((infos, next))
+    }
+
+    /// Places a hold of `quantity` units of the drop for `member`.
+    pub async fn reserve(
+        &self,
+        drop: Uuid,
+        member: Uuid,
+        quantity: u32,
+    ) -> Result<Reservation, EngineError> {
+        let Ok(_permit) = self.reserve_permits.try_acquire() else {
+            bump(&self.stats.rejected_overloaded);
+            return Err(EngineError::Overloaded);
+        };
+        let spec = self.spec(drop).await?;
+        let now_ms = self.clock.now_ms();
+        if now_ms < spec.opens_at_ms() {
+            bump(&self.stats.rejected_not_open);
+            return Err(EngineError::NotOpen);
+        }
+        if spec.closes_at_ms().is_some_and(|closes| now_ms >= closes) {
+            return Err(EngineError::Closed);
+        }
+        if quantity == 0 || quantity > spec.per_member_limit {
+            return Err(EngineError::InvalidQuantity);
+        }
+        if self.gate.is_sold_out(drop) {
+            bump(&self.stats.rejected_sold_out);
+            return Err(EngineError::SoldOut);
+        }
+        let hold_id = Uuid::now_v7();
+        let hold = match self
+            .gate
+            .reserve(drop, hold_id, member, quantity, now_ms)
+            .await?
+        {
+            Ok(hold) => hold,
+            Err(rejection) => {
+                match rejection {
+                    ReserveRejection::SoldOut => bump(&self.stats.rejected_sold_out),
+                    ReserveRejection::LimitExceeded => bump(&self.stats.rejected_limit),
+                    _ => {}
+                }
+                return Err(rejection.into());
+            }
+        };
+        bump(&self.stats.reservations);
+        self.hold_drop.insert(hold.id, drop);
+        if let Err(err) = self.writer.hold_created(hold_row(drop, &hold)).await {
+            // Shutting down: the hold stands in memory; its row is lost with this process, and its stock
+            // comes back on restart, which can never oversell.
+            tracing::warn!(error = %err, hold = %hold.id, "hold row not queued");
+        }
+        Ok(Reservation::from_hold(drop, &hold, None))
+    }
+
+    /// Which drop a reservation belongs to: memory first, then its stored row.
+    async fn locate(&self, reservation: Uuid) -> Result<Uuid, EngineError> {
+        if let Some(drop) = self.hold_drop.get(&reservation) {
+            return Ok(*drop);
+        }
+        let client = self.db.get().await?;
+        let row = store::reservation(&**client, reservation)
+            .await?
+            .ok_or(EngineError::ReservationNotFound)?;
+        self.hold_drop.insert(reservation, row.drop_id);
+        Ok(row.drop_id)
+    }
+
+    /// A reservation as it stands now.
+    pub async fn reservation(&self, id: Uuid) -> Result<Reservation, EngineError> {
+        let drop = self.locate(id).await?;
+        self.spec(drop).await?;
+        if let Some(hold) = self.gate.hold(drop, id).await? {
+            let purchase_id = match hold.state {
+                HoldState::Paid => Some(self.receipt(id).await?.id),
+                _ => None,
+            };
+            return Ok(Reservation::from_hold(drop, &hold, purchase_id));
+        }
+        let client = self.db.get().await?;
+        store::reservation(&**client, id)
+            .await?
+            .ok_or(EngineError::ReservationNotFound)
+    }
+
+    async fn receipt(&self, reservation: Uuid) -> Result<Purchase, EngineError> {
+        if let Some(purchase) = self.receipts.get(&reservation) {
+            return Ok(purchase.clone());
+        }
+        let client = self.db.get().await?;
+        let purchase = store::purchase_by_reservation(&**client, reservation)
+            .await?
+            .ok_or(EngineError::ReservationNotFound)?;
+        self.receipts.insert(reservation, purchase.clone());
+        Ok(purchase)
+    }
+
+    /// Pays for a hold: `paying`, charge, durable purchase, `paid`. Paying a paid hold again answers the same
+    /// purchase.
+    pub async fn pay(
+        &self,
+        reservation: Uuid,
+        member: Uuid,
+        payment_token: &str,
+    ) -> Result<Purchase, EngineError> {
+        let Ok(_permit) = self.pay_permits.try_acquire() else {
+            bump(&self.stats.rejected_overloaded);
+            return Err(EngineError::Overloaded);
+        };
+        let drop = self.locate(reservation).await?;
+        let spec = self.spec(drop).await?;
+        let now_ms = self.clock.now_ms();
+        let hold = match self
+            .gate
+            .begin_payment(drop, reservation, member, now_ms)
+            .await?
+        {
+            Ok(hold) => hold,
+            Err(TransitionError::AlreadyPaid) => {
+                let purchase = self.receipt(reservation).await?;
+                if purchase.member_id != member {
+                    return Err(EngineError::NotOwner);
+                }
+                return Ok(purchase);
+            }
+            Err(TransitionError::Expired) => {
+                // begin_payment released it as expired; record that like the reaper would.
+                bump(&self.stats.released_expired);
+                self.queue_release(reservation, ReleaseReason::Expired, now_ms)
+                    .await;
+                return Err(EngineError::HoldExpired);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let amount = spec.price.saturating_mul(i64::from(hold.quantity));
+        let request = ChargeRequest {
+            reservation_id: reservation,
+            member_id: member,
+            amount,
+            currency: spec.currency.clone(),
+            payment_token: payment_token.to_owned(),
+        };
+        match self.gateway.charge(&request).await {
+            ChargeOutcome::Approved { .. } => {}
+            ChargeOutcome::Declined => {
+                bump(&self.stats.payments_declined);
+                self.gate.decline_payment(drop, reservation).await??;
+                self.queue_release(
+                    reservation,
+                    ReleaseReason::PaymentDeclined,
+                    self.clock.now_ms(),
+                )
+                .await;
+                return Err(EngineError::PaymentDeclined);
+            }
+            ChargeOutcome::Unavailable => {
+                bump(&self.stats.payments_unavailable);
+                self.gate.abort_payment(drop, reservation).await??;
+                return Err(EngineError::PaymentUnavailable);
+            }
+        }
+        let purchase = Purchase {
+            id: Uuid::now_v7(),
+            reservation_id: reservation,
+            drop_id: drop,
+            product_id: spec.product_id,
+            member_id: member,
+            quantity: hold.quantity,
+            amount,
+            currency: spec.currency.clone(),
+            paid_at: self.now(),
+        };
+        if let Err(err) = self
+            .writer
+            .purchase(purchase.clone(), hold_row(drop, &hold))
+            .await
+        {
+            // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
+            tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
+            self.gateway.refund(reservation).await;
+            self.gate.abort_payment(drop, reservation).await??;
+            return Err(EngineError::StorageUnavailable(err));
+        }
+        self.receipts.insert(reservation, purchase.clone());
+        let paid = self.gate.complete_payment(drop, reservation).await??;
+        debug_assert_eq!(paid.state, HoldState::Paid);
+        bump(&self.stats.payments);
+        Ok(purchase)
+    }
+
+    /// Releases a held reservation at its owner's request.
+    pub async fn cancel(&self, reservation: Uuid, member: Uuid) -> Result<(), EngineError> {
+        let drop = self.locate(reservation).await?;
+        self.spec(drop).await?;
+        self.gate.cancel(drop, reservation, member).await??;
+        bump(&self.stats.released_cancelled);
+        self.queue_release(reservation, ReleaseReason::Cancelled, self.clock.now_ms())
+            .await;
+        Ok(())
+    }
+
+    async fn queue_release(&self, hold: Uuid, reason: ReleaseReason, at_ms: i64) {
+        if let Err(err) = self
+            .writer
+            .hold_released(hold, reason, to_datetime(at_ms))
+            .await
+        {
+            tracing::warn!(error = %err, %hold, "release row not queued");
+        }
+    }
+
+    /// Releases every expired hold once; returns how many. The reaper calls this on its interval.
+    pub async fn reap(&self) -> Result<usize, EngineError> {
+        let now_ms = self.clock.now_ms();
+        let mut released = Vec::new();
+        let count = self.gate.reap(now_ms, &mut released).await?;
+        for (_, hold) in &released {
+            bump(&self.stats.released_expired);
+            self.queue_release(hold.id, ReleaseReason::Expired, now_ms)
+                .await;
+        }
+        Ok(count)
+    }
+
+    /// A member's purchases, newest first.
+    pub async fn purchases_of(
+        &self,
+        member: Uuid,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<Vec<Purchase>, EngineError> {
+        let client = self.db.get().await?;
+        Ok(store::purchases_of(&**client, member, after, limit).await?)
+    }
+
+    /// Stops the reaper, then drains the writer: everything acknowledged is committed before this returns.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let reaper = self.reaper_task.lock().take();
+        if let Some(reaper) = reaper {
+            let _ = reaper.await;
+        }
+        if let Err(err) = self.writer.shutdown().await {
+            tracing::warn!(error = %err, "writer already stopped");
+        }
+        let writer = self.writer_task.lock().take();
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+    }
+}
+
+fn hold_row(drop: Uuid, hold: &HoldView) -> HoldRow {
+    HoldRow {
+        id: hold.id,
+        drop_id: drop,
+        member_id: hold.member,
+        quantity: hold.quantity,
+        created_at: to_datetime(hold.created_at_ms),
+        expires_at: to_datetime(hold.expires_at_ms),
+    }
+}
+
+/// Releases expired holds every `interval` until told to stop. Holds only a weak reference, so a dropped
+/// engine stops its reaper too.
+async fn reaper(
+    engine: std::sync::Weak<Engine>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        match engine.reap().await {
+            Ok(0) => {}
+            Ok(count) => tracing::debug!(count, "reaper released expired holds"),
+            Err(err) => tracing::warn!(error = %err, "reaper pass failed"),
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Postgres reads and the few synchronous writes of the engine (creating a drop). Purchases and hold rows are
+//! written by the batched writer; this module rebuilds memory from them after a restart.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{GenericClient, Row};
+use uuid::Uuid;
+
+use crate::core::{HoldState, RestoredHold};
+use crate::gate::Restore;
+use crate::types::{parse_reason, DropSpec, DropStatus, Purchase, Reservation};
+
+const DROP_COLUMNS: &str =
+    "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
+                            price, currency, created_at";
+
+fn to_u32(value: i32) -> u32 {
+    // Every such column has a CHECK (> 0 or >= 0) in the migration.
+    u32::try_from(value).unwrap_or(0)
+}
+
+fn to_i32(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn drop_from_row(row: &Row) -> DropSpec {
+    DropSpec {
+        id: row.get("id"),
+        product_id: row.get("product_id"),
+        seller_id: row.get("seller_id"),
+        stock: to_u32(row.get("stock")),
+        opens_at: row.get("opens_at"),
+        closes_at: row.get("closes_at"),
+        per_member_limit: to_u32(row.get("per_member_limit")),
+        hold_seconds: to_u32(row.get("hold_seconds")),
+        price: row.get("price"),
+        currency: row.get("currency"),
+        created_at: row.get("created_at"),
+    }
+}
+
+fn purchase_from_row(row: &Row) -> Purchase {
+    Purchase {
+        id: row.get("id"),
+        reservation_id: row.get("reservation_id"),
+        drop_id: row.get("drop_id"),
+        product_id: row.get("product_id"),
+        member_id: row.get("member_id"),
+        quantity: to_u32(row.get("quantity")),
+        amount: row.get("amount"),
+        currency: row.get("currency"),
+        paid_at: row.get("paid_at"),
+    }
+}
+
+pub async fn insert_drop(
+    client: &impl GenericClient,
+    drop: &DropSpec,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            ),
+            &[
+                &drop.id,
+                &drop.product_id,
+                &drop.seller_id,
+                &to_i32(drop.stock),
+                &drop.opens_at,
+                &drop.closes_at,
+                &to_i32(drop.per_member_limit),
+                &to_i32(drop.hold_seconds),
+                &drop.price,
+                &drop.currency,
+                &drop.created_at,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn load_drop(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<DropSpec>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {DROP_COLUMNS} FROM drops WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+    Ok(row.as_ref().map(drop_from_row))
+}
+
+pub async fn load_all_drops(
+    client: &impl GenericClient,
+) -> Result<Vec<DropSpec>, tokio_postgres::Error> {
+    let rows = client
+        .query(&format!("SELECT {DROP_COLUMNS} FROM drops"), &[])
+        .await?;
+    Ok(rows.iter().map(drop_from_row).collect())
+}
+
+/// Drops newest first after `after` (an id), filtered by the part of `status` that the clock decides.
+pub async fn list_drops(
+    client: &impl GenericClient,
+    after: Option<Uuid>,
+    limit: i64,
+    status: Option<DropStatus>,
+    now: DateTime<Utc>,
+) -> Result<Vec<DropSpec>, tokio_postgres::Error> {
+    let time_filter = match status {
+        None => "TRUE",
+        Some(DropStatus::Scheduled) => "opens_at > $3",
+        Some(DropStatus::Closed) => "closes_at IS NOT NULL AND closes_at <= $3",
+        Some(DropStatus::Open | DropStatus::SoldOut) => {
+            "opens_at <= $3 AND (closes_at IS NULL OR closes_at > $3)"
+        }
+    };
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {DROP_COLUMNS} FROM drops
+                 WHERE ($1::uuid IS NULL OR id < $1) AND {time_filter} AND $3::timestamptz IS NOT NULL
+                 ORDER BY id DESC LIMIT $2"
+            ),
+            &[&after, &limit, &now],
+        )
+        .await?;
+    Ok(rows.iter().map(drop_from_row).collect())
+}
+
+/// Closes out holds that expired while no instance was running, then returns each drop's paid units per
+/// member and its live holds. `drop` limits it to one drop.
+pub async fn restore(
+    client: &impl GenericClient,
+    drop: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<HashMap<Uuid, Restore>, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE reservations SET status = 'released', reason = 'expired', updated_at = $2
+             WHERE status IN ('held', 'paying') AND expires_at <= $2 AND ($1::uuid IS NULL OR drop_id = $1)",
+            &[&drop, &now],
+        )
+        .await?;
+    let mut restored: HashMap<Uuid, Restore> = HashMap::new();
+    let paid = client
+        .query(
+            "SELECT drop_id, member_id, SUM(quantity)::int4 AS units FROM purchases
+             WHERE ($1::uuid IS NULL OR drop_id = $1) GROUP BY drop_id, member_id",
+            &[&drop],
+        )
+        .await?;
+    for row in &paid {
+        restored
+            .entry(row.get("drop_id"))
+            .or_default()
+            .paid
+            .push((row.get("member_id"), to_u32(row.get("units"))));
+    }
+    let held = client
+        .query(
+            "SELECT id, drop_id, member_id, quantity, created_at, expires_at FROM reservations
+             WHERE status IN ('held', 'paying') AND ($1::uuid IS NULL OR drop_id = $1)",
+            &[&drop],
+        )
+        .await?;
+    for row in &held {
+        let created_at: DateTime<Utc> = row.get("created_at");
+        let expires_at: DateTime<Utc> = row.get("expires_at");
+        restored
+            .entry(row.get("drop_id"))
+            .or_default()
+            .held
+            .push(RestoredHold {
+                id: row.get("id"),
+                member: row.get("member_id"),
+                quantity: to_u32(row.get("quantity")),
+                created_at_ms: created_at.timestamp_millis(),
+                expires_at_ms: expires_at.timestamp_millis(),
+            });
+    }
+    Ok(restored)
+}
+
+pub async fn purchase_by_reservation(
+    client: &impl GenericClient,
+    reservation: Uuid,
+) -> Result<Option<Purchase>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT * FROM purchases WHERE reservation_id = $1",
+            &[&reservation],
+        )
+        .await?;
+    Ok(row.as_ref().map(purchase_from_row))
+}
+
+/// A reservation as last stored, with its purchase id when paid.
+pub async fn reservation(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<Reservation>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT r.id, r.drop_id, r.member_id, r.quantity, r.status, r.reason, r.expires_at, p.id AS purchase_id
+             FROM reservations r LEFT JOIN purchases p ON p.reservation_id = r.id
+             WHERE r.id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row.map(|row| {
+        let status: String = row.get("status");
+        let reason: Option<String> = row.get("reason");
+        let state = match status.as_str() {
+            "paid" => HoldState::Paid,
+            "paying" => HoldState::Paying,
+            "released" => HoldState::Released(
+                reason
+                    .as_deref()
+                    .and_then(parse_reason)
+                    .unwrap_or(crate::core::ReleaseReason::Expired),
+            ),
+            _ => HoldState::Held,
+        };
+        Reservation {
+            id: row.get("id"),
+            drop_id: row.get("drop_id"),
+            member_id: row.get("member_id"),
+            quantity: to_u32(row.get("quantity")),
+            state,
+            expires_at: row.get("expires_at"),
+            purchase_id: row.get("purchase_id"),
+        }
+    }))
+}
+
+/// A member's purchases, newest first, after the `(paid_at, id)` of the last one served.
+pub async fn purchases_of(
+    client: &impl GenericClient,
+    member: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<Purchase>, tokio_postgres::Error> {
+    let (after_at, after_id) = after.unzip();
+    let rows = client
+        .query(
+            "SELECT * FROM purchases
+             WHERE member_id = $1 AND ($2::timestamptz IS NULL OR (paid_at, id) < ($2, $3))
+             ORDER BY paid_at DESC, id DESC LIMIT $4",
+            &[&member, &after_at, &after_id, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(purchase_from_row).collect())
+}

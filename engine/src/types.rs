@@ -1,0 +1,165 @@
+//! The engine's vocabulary outside the core: drops as configured, purchases as stored, and the outcomes the
+//! service returns. Plain data; the HTTP layer converts these to its wire types.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::core::{Counts, HoldState, HoldView, ReleaseReason};
+
+/// A drop as created by its seller: what is sold, how much, when, and under which limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropSpec {
+    pub id: Uuid,
+    pub product_id: Uuid,
+    pub seller_id: Uuid,
+    pub stock: u32,
+    pub opens_at: DateTime<Utc>,
+    pub closes_at: Option<DateTime<Utc>>,
+    pub per_member_limit: u32,
+    pub hold_seconds: u32,
+    /// Price of one unit, in the currency's smallest unit.
+    pub price: i64,
+    pub currency: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl DropSpec {
+    pub fn opens_at_ms(&self) -> i64 {
+        self.opens_at.timestamp_millis()
+    }
+
+    pub fn closes_at_ms(&self) -> Option<i64> {
+        self.closes_at.map(|at| at.timestamp_millis())
+    }
+
+    /// Where the drop stands at `now_ms` given its counts: the clock decides scheduled/closed, stock decides
+    /// open/sold_out.
+    pub fn status(&self, now_ms: i64, counts: &Counts) -> DropStatus {
+        if now_ms < self.opens_at_ms() {
+            DropStatus::Scheduled
+        } else if self.closes_at_ms().is_some_and(|closes| now_ms >= closes) {
+            DropStatus::Closed
+        } else if counts.available == 0 {
+            DropStatus::SoldOut
+        } else {
+            DropStatus::Open
+        }
+    }
+}
+
+/// What creating a drop needs; the engine assigns the id.
+#[derive(Debug, Clone)]
+pub struct NewDrop {
+    pub product_id: Uuid,
+    pub seller_id: Uuid,
+    pub stock: u32,
+    pub opens_at: DateTime<Utc>,
+    pub closes_at: Option<DateTime<Utc>>,
+    pub per_member_limit: u32,
+    pub hold_seconds: u32,
+    pub price: i64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropStatus {
+    Scheduled,
+    Open,
+    SoldOut,
+    Closed,
+}
+
+impl DropStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropStatus::Scheduled => "scheduled",
+            DropStatus::Open => "open",
+            DropStatus::SoldOut => "sold_out",
+            DropStatus::Closed => "closed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "scheduled" => Some(DropStatus::Scheduled),
+            "open" => Some(DropStatus::Open),
+            "sold_out" => Some(DropStatus::SoldOut),
+            "closed" => Some(DropStatus::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// A drop with its live counts.
+#[derive(Debug, Clone)]
+pub struct DropInfo {
+    pub spec: DropSpec,
+    pub counts: Counts,
+    pub status: DropStatus,
+}
+
+/// A reservation (hold) as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: Uuid,
+    pub drop_id: Uuid,
+    pub member_id: Uuid,
+    pub quantity: u32,
+    pub state: HoldState,
+    pub expires_at: DateTime<Utc>,
+    pub purchase_id: Option<Uuid>,
+}
+
+impl Reservation {
+    pub fn from_hold(drop_id: Uuid, hold: &HoldView, purchase_id: Option<Uuid>) -> Self {
+        Self {
+            id: hold.id,
+            drop_id,
+            member_id: hold.member,
+            quantity: hold.quantity,
+            state: hold.state,
+            expires_at: crate::clock::to_datetime(hold.expires_at_ms),
+            purchase_id,
+        }
+    }
+}
+
+/// A paid purchase: what the writer stores and what a payment answers, the same every time it is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purchase {
+    pub id: Uuid,
+    pub reservation_id: Uuid,
+    pub drop_id: Uuid,
+    pub product_id: Uuid,
+    pub member_id: Uuid,
+    pub quantity: u32,
+    pub amount: i64,
+    pub currency: String,
+    pub paid_at: DateTime<Utc>,
+}
+
+pub fn state_name(state: HoldState) -> &'static str {
+    match state {
+        HoldState::Held => "held",
+        HoldState::Paying => "paying",
+        HoldState::Paid => "paid",
+        HoldState::Released(_) => "released",
+    }
+}
+
+pub fn reason_name(reason: ReleaseReason) -> &'static str {
+    match reason {
+        ReleaseReason::Cancelled => "cancelled",
+        ReleaseReason::Expired => "expired",
+        ReleaseReason::PaymentDeclined => "payment_declined",
+    }
+}
+
+pub fn parse_reason(text: &str) -> Option<ReleaseReason> {
+    match text {
+        "cancelled" => Some(ReleaseReason::Cancelled),
+        "expired" => Some(ReleaseReason::Expired),
+        "payment_declined" => Some(ReleaseReason::PaymentDeclined),
+        _ => None,
+    }
+}

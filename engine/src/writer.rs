@@ -1,0 +1,372 @@
+//! The asynchronous, batched Postgres writer (group commit).
+//!
+//! Reservation rows, their releases and purchases flow through one bounded channel to one task. It takes
+//! whatever has queued up (up to `batch_rows_max`), optionally lingers `linger` for more, and writes the lot in
+//! one transaction with `UNNEST` inserts. A purchase's sender awaits the commit of its batch: that is what lets
+//! a payment answer 200 only once the purchase is durable. Every insert is idempotent on its id, so a batch
+//! retried after an unknown outcome stores nothing twice. A `Shutdown` op drains everything queued before it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::core::ReleaseReason;
+use crate::types::{reason_name, Purchase};
+
+/// Limits of the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Most operations written in one transaction.
+    pub batch_rows_max: usize,
+    /// Bound of the queue in front of the writer; senders wait when it is full (back-pressure).
+    pub channel_capacity: usize,
+    /// How long a batch that is not full waits for more before it is written; zero writes at once (smart
+    /// batching: whatever queued while the previous batch was in flight goes into the next).
+    pub linger: Duration,
+    /// Attempts per batch before its purchases are answered with an error.
+    pub attempts_max: u32,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            batch_rows_max: 1000,
+            channel_capacity: 16_384,
+            linger: Duration::ZERO,
+            attempts_max: 5,
+        }
+    }
+}
+
+/// A new hold, as stored.
+#[derive(Debug, Clone)]
+pub struct HoldRow {
+    pub id: Uuid,
+    pub drop_id: Uuid,
+    pub member_id: Uuid,
+    pub quantity: u32,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The writer is gone (shut down) or gave up on a batch; nothing is known to be stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error("the writer has shut down")]
+    Closed,
+    #[error("storing the batch failed: {0}")]
+    Failed(String),
+}
+
+enum WriteOp {
+    Hold(HoldRow),
+    Released {
+        id: Uuid,
+        reason: ReleaseReason,
+        at: DateTime<Utc>,
+    },
+    Purchase {
+        purchase: Purchase,
+        hold: HoldRow,
+        ack: oneshot::Sender<Result<(), WriteError>>,
+    },
+    /// Answered once everything queued before it is committed.
+    Flush(oneshot::Sender<()>),
+    /// Like Flush, then the writer stops.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Counters per batch, for the report and the logs.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub batches: AtomicU64,
+    pub rows: AtomicU64,
+    pub purchases: AtomicU64,
+    pub failed_batches: AtomicU64,
+    pub flush_micros_total: AtomicU64,
+}
+
+/// Sends work to the writer. Cheap to clone.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<WriteOp>,
+    stats: Arc<WriterStats>,
+}
+
+impl std::fmt::Debug for WriterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterHandle").finish_non_exhaustive()
+    }
+}
+
+impl WriterHandle {
+    /// Queues a new hold's row; waits only while the queue is full.
+    pub async fn hold_created(&self, row: HoldRow) -> Result<(), WriteError> {
+        self.send(WriteOp::Hold(row)).await
+    }
+
+    /// Queues a release.
+    pub async fn hold_released(
+        &self,
+        id: Uuid,
+        reason: ReleaseReason,
+        at: DateTime<Utc>,
+    ) -> Result<(), WriteError> {
+        self.send(WriteOp::Released { id, reason, at }).await
+    }
+
+    /// Stores a purchase (and marks its reservation paid) and returns once that is committed.
+    pub async fn purchase(&self, purchase: Purchase, hold: HoldRow) -> Result<(), WriteError> {
+        let (ack, done) = oneshot::channel();
+        self.send(WriteOp::Purchase {
+            purchase,
+            hold,
+            ack,
+        })
+        .await?;
+        done.await.unwrap_or(Err(WriteError::Closed))
+    }
+
+    /// Returns once everything queued so far is committed (or given up on).
+    pub async fn flush(&self) -> Result<(), WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Flush(tx)).await?;
+        rx.await.map_err(|_| WriteError::Closed)
+    }
+
+    /// Drains the queue, then stops the writer.
+    pub async fn shutdown(&self) -> Result<(), WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Shutdown(tx)).await?;
+        rx.await.map_err(|_| WriteError::Closed)
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    async fn send(&self, op: WriteOp) -> Result<(), WriteError> {
+        self.tx.send(op).await.map_err(|_| WriteError::Closed)
+    }
+}
+
+/// Starts the writer task.
+pub fn spawn(pool: Pool, config: WriterConfig) -> (WriterHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
+    let stats = Arc::new(WriterStats::default());
+    let task = tokio::spawn(run(pool, config, rx, Arc::clone(&stats)));
+    (WriterHandle { tx, stats }, task)
+}
+
+#[derive(Default)]
+struct Batch {
+    holds: Vec<HoldRow>,
+    released: Vec<(Uuid, ReleaseReason, DateTime<Utc>)>,
+    purchases: Vec<(Purchase, HoldRow)>,
+    acks: Vec<oneshot::Sender<Result<(), WriteError>>>,
+    flushes: Vec<oneshot::Sender<()>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Batch {
+    fn rows(&self) -> usize {
+        self.holds.len() + self.released.len() + self.purchases.len()
+    }
+
+    fn push(&mut self, op: WriteOp) {
+        match op {
+            WriteOp::Hold(row) => self.holds.push(row),
+            WriteOp::Released { id, reason, at } => self.released.push((id, reason, at)),
+            WriteOp::Purchase {
+                purchase,
+                hold,
+                ack,
+            } => {
+                self.purchases.push((purchase, hold));
+                self.acks.push(ack);
+            }
+            WriteOp::Flush(done) => self.flushes.push(done),
+            WriteOp::Shutdown(done) => self.shutdown = Some(done),
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.shutdown.is_some()
+    }
+}
+
+async fn run(
+    pool: Pool,
+    config: WriterConfig,
+    mut rx: mpsc::Receiver<WriteOp>,
+    stats: Arc<WriterStats>,
+) {
+    let rows_max = config.batch_rows_max.max(1);
+    loop {
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut batch = Batch::default();
+        batch.push(first);
+        while batch.rows() < rows_max && !batch.closed() {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if !config.linger.is_zero() && batch.rows() < rows_max && !batch.closed() {
+            let deadline = tokio::time::Instant::now() + config.linger;
+            while batch.rows() < rows_max && !batch.closed() {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(op)) => batch.push(op),
+                    _ => break,
+                }
+            }
+        }
+        let result = if batch.rows() == 0 {
+            Ok(())
+        } else {
+            write_with_retries(&pool, &config, &batch, &stats).await
+        };
+        for ack in batch.acks.drain(..) {
+            let _ = ack.send(result.clone());
+        }
+        for done in batch.flushes.drain(..) {
+            let _ = done.send(());
+        }
+        if let Some(done) = batch.shutdown.take() {
+            rx.close();
+            let _ = done.send(());
+            tracing::info!("writer drained and stopped");
+            return;
+        }
+    }
+}
+
+async fn write_with_retries(
+    pool: &Pool,
+    config: &WriterConfig,
+    batch: &Batch,
+    stats: &WriterStats,
+) -> Result<(), WriteError> {
+    let mut backoff = Duration::from_millis(25);
+    let mut attempt = 1;
+    loop {
+        let started = Instant::now();
+        match write_batch(pool, batch).await {
+            Ok(()) => {
+                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.rows.fetch_add(batch.rows() as u64, Ordering::Relaxed);
+                stats
+                    .purchases
+                    .fetch_add(batch.purchases.len() as u64, Ordering::Relaxed);
+                stats
+                    .flush_micros_total
+                    .fetch_add(micros, Ordering::Relaxed);
+                tracing::debug!(
+                    rows = batch.rows(),
+                    purchases = batch.purchases.len(),
+                    micros,
+                    "writer batch committed"
+                );
+                return Ok(());
+            }
+            Err(err) if attempt < config.attempts_max => {
+                tracing::warn!(error = %err, attempt, rows = batch.rows(), "writer batch failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(err) => {
+                stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %err, rows = batch.rows(), "writer batch failed; giving up");
+                return Err(WriteError::Failed(err));
+            }
+        }
+    }
+}
+
+fn quantity(q: u32) -> i32 {
+    // Quantities are bounded by a drop's stock, which the API caps far below i32::MAX.
+    i32::try_from(q).unwrap_or(i32::MAX)
+}
+
+async fn write_batch(pool: &Pool, batch: &Batch) -> Result<(), String> {
+    let mut client = pool.get().await.map_err(|e| e.to_string())?;
+    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+
+    // Holds first, so releases and purchases in the same batch find their rows.
+    let mut holds: Vec<&HoldRow> = batch.holds.iter().collect();
+    holds.extend(batch.purchases.iter().map(|(_, hold)| hold));
+    if !holds.is_empty() {
+        let ids: Vec<Uuid> = holds.iter().map(|h| h.id).collect();
+        let drops: Vec<Uuid> = holds.iter().map(|h| h.drop_id).collect();
+        let members: Vec<Uuid> = holds.iter().map(|h| h.member_id).collect();
+        let quantities: Vec<i32> = holds.iter().map(|h| quantity(h.quantity)).collect();
+        let created: Vec<DateTime<Utc>> = holds.iter().map(|h| h.created_at).collect();
+        let expires: Vec<DateTime<Utc>> = holds.iter().map(|h| h.expires_at).collect();
+        tx.execute(
+            "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
+             SELECT u.id, u.drop_id, u.member_id, u.quantity, 'held', u.created_at, u.expires_at, u.created_at
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[])
+                  AS u(id, drop_id, member_id, quantity, created_at, expires_at)
+             ON CONFLICT (id) DO NOTHING",
+            &[&ids, &drops, &members, &quantities, &created, &expires],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+
+    if !batch.purchases.is_empty() {
+        let p = || batch.purchases.iter().map(|(purchase, _)| purchase);
+        let ids: Vec<Uuid> = p().map(|x| x.id).collect();
+        let reservations: Vec<Uuid> = p().map(|x| x.reservation_id).collect();
+        let drops: Vec<Uuid> = p().map(|x| x.drop_id).collect();
+        let products: Vec<Uuid> = p().map(|x| x.product_id).collect();
+        let members: Vec<Uuid> = p().map(|x| x.member_id).collect();
+        let quantities: Vec<i32> = p().map(|x| quantity(x.quantity)).collect();
+        let amounts: Vec<i64> = p().map(|x| x.amount).collect();
+        let currencies: Vec<String> = p().map(|x| x.currency.clone()).collect();
+        let paid_at: Vec<DateTime<Utc>> = p().map(|x| x.paid_at).collect();
+        tx.execute(
+            "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::int4[],
+                                  $7::int8[], $8::text[], $9::timestamptz[])
+             ON CONFLICT DO NOTHING",
+            &[&ids, &reservations, &drops, &products, &members, &quantities, &amounts, &currencies, &paid_at],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        tx.execute(
+            "UPDATE reservations r SET status = 'paid', reason = NULL, updated_at = u.paid_at
+             FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, paid_at)
+             WHERE r.id = u.id",
+            &[&reservations, &paid_at],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+
+    if !batch.released.is_empty() {
+        let ids: Vec<Uuid> = batch.released.iter().map(|r| r.0).collect();
+        let reasons: Vec<&str> = batch.released.iter().map(|r| reason_name(r.1)).collect();
+        let at: Vec<DateTime<Utc>> = batch.released.iter().map(|r| r.2).collect();
+        tx.execute(
+            "UPDATE reservations r SET status = 'released', reason = u.reason, updated_at = u.at
+             FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, reason, at)
+             WHERE r.id = u.id AND r.status <> 'paid'",
+            &[&ids, &reasons, &at],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+
+    tx.commit().await.map_err(|e| e.to_string())
+}

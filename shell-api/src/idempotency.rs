@@ -1,0 +1,182 @@
+//! `Idempotency-Key` for POSTs that create holds and payments: a repeat with the same key from the same member
+//! on the same route gets the first response (same status, same body), and a repeat that arrives while the
+//! first is still running waits for it instead of running again.
+//!
+//! Only answers that did something are remembered. Refusals that change nothing and invite a retry (429, 5xx)
+//! are not, so a client that retries with the same key after "overloaded" gets a real second attempt.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use axum::body::{to_bytes, Body};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// Longest key accepted.
+pub const KEY_CHARS_MAX: usize = 128;
+/// How long a key's answer is remembered.
+const ENTRY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Past this many remembered keys, expired ones are swept on the next insert.
+const ENTRIES_SOFT_MAX: usize = 1_000_000;
+/// Largest body remembered; drop and payment answers are a few hundred bytes.
+const BODY_BYTES_MAX: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+struct Stored {
+    status: StatusCode,
+    body: axum::body::Bytes,
+    at: Instant,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Running(watch::Receiver<Option<Stored>>),
+    Done(Stored),
+}
+
+type Key = (Uuid, &'static str, String);
+
+/// Remembered answers per (member, route, key).
+#[derive(Debug, Default)]
+pub struct IdempotencyStore {
+    slots: DashMap<Key, Slot>,
+}
+
+/// Reads and checks the header: absent is fine, present must be 1..=128 visible ASCII characters.
+pub fn key_from(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|key| !key.is_empty() && key.len() <= KEY_CHARS_MAX)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "Idempotency-Key",
+                "must be 1 to 128 visible ASCII characters",
+            )
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// Removes a `Running` slot if its request is dropped before finishing (client went away), so waiters and later
+/// retries run the request themselves rather than wait forever.
+struct RunningGuard<'a> {
+    store: &'a IdempotencyStore,
+    key: Option<Key>,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.store
+                .slots
+                .remove_if(&key, |_, slot| matches!(slot, Slot::Running(_)));
+        }
+    }
+}
+
+impl IdempotencyStore {
+    /// Runs `handler` once per key; repeats replay its answer.
+    pub async fn run<F, Fut>(
+        &self,
+        member: Uuid,
+        route: &'static str,
+        key: Option<String>,
+        handler: F,
+    ) -> Response
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Response>,
+    {
+        let Some(key) = key else {
+            return handler().await;
+        };
+        let key: Key = (member, route, key);
+        let tx = loop {
+            let waiting = match self.slots.entry(key.clone()) {
+                Entry::Occupied(mut occupied) => match occupied.get() {
+                    Slot::Done(stored) if stored.at.elapsed() < ENTRY_TTL => {
+                        return replay(stored.clone());
+                    }
+                    Slot::Done(_) => {
+                        let (tx, rx) = watch::channel(None);
+                        occupied.insert(Slot::Running(rx));
+                        break tx;
+                    }
+                    Slot::Running(rx) => rx.clone(),
+                },
+                Entry::Vacant(vacant) => {
+                    let (tx, rx) = watch::channel(None);
+                    vacant.insert(Slot::Running(rx));
+                    break tx;
+                }
+            };
+            let mut waiting = waiting;
+            // Either the first request finishes (a value) or it was dropped (the channel closes): then look again.
+            let finished = match waiting.wait_for(Option::is_some).await {
+                Ok(stored) => stored.clone(),
+                Err(_) => None,
+            };
+            if let Some(stored) = finished {
+                return replay(stored);
+            }
+        };
+        self.sweep_if_large();
+        let mut guard = RunningGuard {
+            store: self,
+            key: Some(key.clone()),
+        };
+        let response = handler().await;
+        let status = response.status();
+        let remember = !(status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error());
+        if !remember {
+            // Dropping the guard frees the key; waiters see the channel close and run themselves.
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        let bytes = match to_bytes(body, BODY_BYTES_MAX).await {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                return ApiError::internal(anyhow::anyhow!("buffering response: {err}"))
+                    .into_response()
+            }
+        };
+        let stored = Stored {
+            status,
+            body: bytes.clone(),
+            at: Instant::now(),
+        };
+        guard.key = None;
+        self.slots.insert(key, Slot::Done(stored.clone()));
+        let _ = tx.send(Some(stored));
+        Response::from_parts(parts, Body::from(bytes))
+    }
+
+    fn sweep_if_large(&self) {
+        if self.slots.len() > ENTRIES_SOFT_MAX {
+            self.slots.retain(
+                |_, slot| !matches!(slot, Slot::Done(stored) if stored.at.elapsed() >= ENTRY_TTL),
+            );
+        }
+    }
+}
+
+fn replay(stored: Stored) -> Response {
+    let mut response = (stored.status, stored.body).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}

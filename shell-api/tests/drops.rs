@@ -1,0 +1,873 @@
+//! In-process tests of the drop routes over the real engine and a real Postgres: the hold life cycle, the
+//! payment outcomes, idempotency, back-pressure, fail-closed, and every bad input answering a 4xx, never a 500.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::http::StatusCode;
+use chrono::Utc;
+use common::{TestApp, TestMember};
+use engine::clock::ManualClock;
+use engine::core::{Counts, HoldView, ReserveRejection, TransitionError};
+use engine::gate::{EmbeddedGate, Gate, GateResult, GateUnavailable, Restore};
+use engine::types::DropSpec;
+use serde_json::{json, Value};
+use shell_api::auth::Role;
+use shell_api::config::EngineArgs;
+use uuid::Uuid;
+
+async fn reserve(
+    app: &TestApp,
+    member: &TestMember,
+    drop: &Value,
+    quantity: i64,
+) -> common::TestResponse {
+    let path = format!(
+        "/api/v1/drops/{}/reservations",
+        drop["id"].as_str().unwrap()
+    );
+    app.call(
+        "POST",
+        &path,
+        Some(&member.token),
+        Some(json!({ "quantity": quantity })),
+    )
+    .await
+}
+
+async fn pay(
+    app: &TestApp,
+    member: &TestMember,
+    reservation: &str,
+    token: &str,
+) -> common::TestResponse {
+    let path = format!("/api/v1/reservations/{reservation}/payment");
+    app.call(
+        "POST",
+        &path,
+        Some(&member.token),
+        Some(json!({ "payment_token": token })),
+    )
+    .await
+}
+
+async fn drop_state(app: &TestApp, drop: &Value) -> Value {
+    let path = format!("/api/v1/drops/{}", drop["id"].as_str().unwrap());
+    let response = app.call("GET", &path, None, None).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let body = response.body;
+    // Conservation, read back where it is served.
+    let (stock, available, held, sold) = (
+        body["stock"].as_u64().unwrap(),
+        body["available"].as_u64().unwrap(),
+        body["held"].as_u64().unwrap(),
+        body["sold"].as_u64().unwrap(),
+    );
+    assert_eq!(available + held + sold, stock, "conservation: {body}");
+    body
+}
+
+async fn purchase_rows(app: &TestApp, reservation: &str) -> i64 {
+    let id: Uuid = reservation.parse().unwrap();
+    app.db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM purchases WHERE reservation_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_paid_hold_is_durable_when_the_payment_answers() {
+    let app = TestApp::new().await;
+    let (_, drop) = app
+        .open_drop(3, 50_000, json!({ "per_member_limit": 2 }))
+        .await;
+    assert_eq!(drop["status"], "open");
+    assert_eq!(drop["available"], 3);
+    let buyer = app.member(Role::Customer).await;
+
+    let held = reserve(&app, &buyer, &drop, 2).await;
+    assert_eq!(held.status, StatusCode::CREATED, "{:?}", held.body);
+    assert_eq!(held.body["status"], "held");
+    assert_eq!(held.body["quantity"], 2);
+    assert_eq!(held.body["member_id"], buyer.id.to_string());
+    let id = held.body["id"].as_str().unwrap().to_owned();
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (state["available"].as_u64(), state["held"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    let paid = pay(&app, &buyer, &id, "tok_ok").await;
+    assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+    assert_eq!(paid.body["status"], "paid");
+    assert_eq!(paid.body["amount"], 100_000);
+    assert_eq!(paid.body["currency"], "KRW");
+    // The 200 means the purchase is already committed: no waiting, no flush.
+    assert_eq!(purchase_rows(&app, &id).await, 1);
+
+    let again = pay(&app, &buyer, &id, "tok_ok").await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body, paid.body, "paying twice answers the same body");
+    assert_eq!(purchase_rows(&app, &id).await, 1);
+    assert_eq!(app.gateway.charges(), 1, "charged once");
+
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (state["sold"].as_u64(), state["held"].as_u64()),
+        (Some(2), Some(0))
+    );
+
+    let view = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&buyer.token),
+            None,
+        )
+        .await;
+    assert_eq!(view.body["status"], "paid");
+    assert_eq!(view.body["purchase_id"], paid.body["purchase_id"]);
+
+    let purchases = app
+        .call(
+            "GET",
+            "/api/v1/members/me/purchases",
+            Some(&buyer.token),
+            None,
+        )
+        .await;
+    assert_eq!(purchases.status, StatusCode::OK);
+    let items = purchases.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["id"], paid.body["purchase_id"]);
+    assert_eq!(items[0]["quantity"], 2);
+
+    // A paid hold cannot be cancelled, and its units stay sold.
+    let cancel = app
+        .call(
+            "DELETE",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&buyer.token),
+            None,
+        )
+        .await;
+    assert_eq!(cancel.status, StatusCode::CONFLICT);
+    assert_eq!(cancel.code(), "already_paid");
+}
+
+#[tokio::test]
+async fn released_holds_return_to_sale_and_clear_the_sold_out_flag() {
+    let app = TestApp::new().await;
+    let (_, drop) = app.open_drop(1, 1000, json!({})).await;
+    let (a, b) = (
+        app.member(Role::Customer).await,
+        app.member(Role::Customer).await,
+    );
+
+    // Cancel.
+    let held = reserve(&app, &a, &drop, 1).await;
+    assert_eq!(held.status, StatusCode::CREATED);
+    let sold_out = reserve(&app, &b, &drop, 1).await;
+    assert_eq!(sold_out.status, StatusCode::CONFLICT);
+    assert_eq!(sold_out.code(), "sold_out");
+    assert_eq!(drop_state(&app, &drop).await["status"], "sold_out");
+    let id = held.body["id"].as_str().unwrap();
+    let cancel = app
+        .call(
+            "DELETE",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&a.token),
+            None,
+        )
+        .await;
+    assert_eq!(cancel.status, StatusCode::NO_CONTENT);
+    let view = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&a.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (view.body["status"].as_str(), view.body["reason"].as_str()),
+        (Some("released"), Some("cancelled"))
+    );
+    assert_eq!(pay(&app, &a, id, "tok_ok").await.code(), "already_released");
+
+    // Decline: 402, and the unit is back.
+    let held = reserve(&app, &b, &drop, 1).await;
+    assert_eq!(
+        held.status,
+        StatusCode::CREATED,
+        "the flag cleared: {:?}",
+        held.body
+    );
+    let id = held.body["id"].as_str().unwrap();
+    let declined = pay(&app, &b, id, "tok_declined").await;
+    assert_eq!(declined.status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(declined.code(), "payment_declined");
+    let view = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&b.token),
+            None,
+        )
+        .await;
+    assert_eq!(view.body["reason"], "payment_declined");
+    assert_eq!(drop_state(&app, &drop).await["available"], 1);
+
+    // Gateway unavailable: 503 with Retry-After, the hold is kept, and a retry pays.
+    let held = reserve(&app, &a, &drop, 1).await;
+    assert_eq!(held.status, StatusCode::CREATED);
+    let id = held.body["id"].as_str().unwrap();
+    let unavailable = pay(&app, &a, id, "tok_unavailable").await;
+    assert_eq!(unavailable.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(unavailable.headers.contains_key("retry-after"));
+    let view = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&a.token),
+            None,
+        )
+        .await;
+    assert_eq!(view.body["status"], "held");
+    assert_eq!(pay(&app, &a, id, "tok_ok").await.status, StatusCode::OK);
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (state["sold"].as_u64(), state["status"].as_str()),
+        (Some(1), Some("sold_out"))
+    );
+}
+
+#[tokio::test]
+async fn expired_holds_are_reaped_and_cannot_be_paid() {
+    let opens = Utc::now() - chrono::Duration::seconds(5);
+    let clock = Arc::new(ManualClock::new(Utc::now().timestamp_millis()));
+    let app = TestApp::with_clock(EngineArgs::default(), clock.clone()).await;
+    let seller = app.member(Role::Seller).await;
+    let product = app.product(&seller, 10).await;
+    let drop = app
+        .drop(&seller, json!({ "product_id": product, "stock": 2, "opens_at": opens.to_rfc3339(), "hold_seconds": 60 }))
+        .await;
+    let (a, b) = (
+        app.member(Role::Customer).await,
+        app.member(Role::Customer).await,
+    );
+    let first = reserve(&app, &a, &drop, 1).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = reserve(&app, &b, &drop, 1).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(drop_state(&app, &drop).await["available"], 0);
+
+    clock.advance_ms(60_000);
+    // Paying at or past expiry: 409, and the unit returns at once.
+    let late = pay(&app, &a, &first, "tok_ok").await;
+    assert_eq!(late.status, StatusCode::CONFLICT);
+    assert_eq!(late.code(), "hold_expired");
+    assert_eq!(drop_state(&app, &drop).await["available"], 1);
+    assert_eq!(
+        app.gateway.charges(),
+        0,
+        "nothing charged for an expired hold"
+    );
+
+    // The reaper returns the other one.
+    assert_eq!(app.state.engine.reap().await.unwrap(), 1);
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (state["available"].as_u64(), state["held"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let view = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{second}"),
+            Some(&b.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (view.body["status"].as_str(), view.body["reason"].as_str()),
+        (Some("released"), Some("expired"))
+    );
+    // The releases reach Postgres too.
+    app.state.engine.writer().flush().await.unwrap();
+    let released: i64 = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM reservations WHERE status = 'released' AND reason = 'expired'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(released, 2);
+    // Stock that came back is sellable again.
+    assert_eq!(
+        reserve(&app, &b, &drop, 1).await.status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn a_drop_refuses_reservations_before_it_opens_to_the_millisecond() {
+    let clock = Arc::new(ManualClock::new(Utc::now().timestamp_millis()));
+    let app = TestApp::with_clock(EngineArgs::default(), clock.clone()).await;
+    let seller = app.member(Role::Seller).await;
+    let product = app.product(&seller, 10).await;
+    let opens_ms = engine::clock::Clock::now_ms(&*clock) + 10_000;
+    let opens = chrono::DateTime::from_timestamp_millis(opens_ms).unwrap();
+    let closes = opens + chrono::Duration::seconds(30);
+    let drop = app
+        .drop(&seller, json!({ "product_id": product, "stock": 5, "opens_at": opens.to_rfc3339(), "closes_at": closes.to_rfc3339() }))
+        .await;
+    assert_eq!(drop["status"], "scheduled");
+    let buyer = app.member(Role::Customer).await;
+
+    clock.set_ms(opens_ms - 1);
+    let early = reserve(&app, &buyer, &drop, 1).await;
+    assert_eq!(early.status, StatusCode::CONFLICT);
+    assert_eq!(early.code(), "not_open");
+
+    clock.set_ms(opens_ms);
+    let on_time = reserve(&app, &buyer, &drop, 1).await;
+    assert_eq!(on_time.status, StatusCode::CREATED);
+    assert_eq!(drop_state(&app, &drop).await["status"], "open");
+
+    clock.set_ms(closes.timestamp_millis());
+    let late = reserve(&app, &app.member(Role::Customer).await, &drop, 1).await;
+    assert_eq!(late.status, StatusCode::CONFLICT);
+    assert_eq!(late.code(), "closed");
+    assert_eq!(drop_state(&app, &drop).await["status"], "closed");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_right_status() {
+    let app = TestApp::new().await;
+    let (seller, drop) = app.open_drop(5, 10, json!({ "per_member_limit": 2 })).await;
+    let (a, b) = (
+        app.member(Role::Customer).await,
+        app.member(Role::Customer).await,
+    );
+
+    let unknown = app
+        .call(
+            "POST",
+            &format!("/api/v1/drops/{}/reservations", Uuid::now_v7()),
+            Some(&a.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (StatusCode::NOT_FOUND, "drop_not_found")
+    );
+    let not_uuid = app
+        .call(
+            "POST",
+            "/api/v1/drops/not-a-uuid/reservations",
+            Some(&a.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(not_uuid.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        app.call(
+            "GET",
+            &format!("/api/v1/drops/{}", Uuid::now_v7()),
+            None,
+            None
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+
+    for quantity in [0, -1, 3] {
+        let bad = reserve(&app, &a, &drop, quantity).await;
+        assert_eq!(
+            bad.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "quantity {quantity}: {:?}",
+            bad.body
+        );
+        assert_eq!(bad.code(), "validation");
+    }
+    let path = format!(
+        "/api/v1/drops/{}/reservations",
+        drop["id"].as_str().unwrap()
+    );
+    let text = app
+        .call(
+            "POST",
+            &path,
+            Some(&a.token),
+            Some(json!({ "quantity": "two" })),
+        )
+        .await;
+    assert_eq!(text.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let malformed = app
+        .send(
+            axum::http::Request::post(&path)
+                .header("authorization", format!("Bearer {}", a.token))
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from("{\"quantity\":"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
+    let anonymous = app.call("POST", &path, None, Some(json!({}))).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    // An empty body means quantity 1.
+    let empty = app.call("POST", &path, Some(&b.token), None).await;
+    assert_eq!(empty.status, StatusCode::CREATED, "{:?}", empty.body);
+
+    // The limit counts held and paid units.
+    let held = reserve(&app, &a, &drop, 2).await;
+    assert_eq!(held.status, StatusCode::CREATED);
+    let over = reserve(&app, &a, &drop, 1).await;
+    assert_eq!(
+        (over.status, over.code()),
+        (StatusCode::CONFLICT, "limit_exceeded")
+    );
+
+    // Another member's hold: not yours to pay, read or cancel.
+    let id = held.body["id"].as_str().unwrap();
+    assert_eq!(
+        pay(&app, &b, id, "tok_ok").await.status,
+        StatusCode::FORBIDDEN
+    );
+    let read = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&b.token),
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::FORBIDDEN);
+    let cancel = app
+        .call(
+            "DELETE",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&b.token),
+            None,
+        )
+        .await;
+    assert_eq!(cancel.status, StatusCode::FORBIDDEN);
+    // The seller (not admin) may read it neither.
+    let read = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&seller.token),
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::FORBIDDEN);
+    let admin = app.member(Role::Admin).await;
+    let read = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&admin.token),
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    let missing = pay(&app, &a, &Uuid::now_v7().to_string(), "tok_ok").await;
+    assert_eq!(
+        (missing.status, missing.code()),
+        (StatusCode::NOT_FOUND, "reservation_not_found")
+    );
+    let no_token = app
+        .call(
+            "POST",
+            &format!("/api/v1/reservations/{id}/payment"),
+            Some(&a.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(no_token.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let bad_key = app
+        .call_with(
+            "POST",
+            &path,
+            &b.token,
+            &[("idempotency-key", &"k".repeat(129))],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(bad_key.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Creating drops: validation, roles, ownership.
+    let product = app.product(&seller, 10).await;
+    let now = Utc::now().to_rfc3339();
+    let customer = app
+        .call(
+            "POST",
+            "/api/v1/drops",
+            Some(&a.token),
+            Some(json!({ "product_id": product, "stock": 1, "opens_at": now })),
+        )
+        .await;
+    assert_eq!(customer.status, StatusCode::FORBIDDEN);
+    let other_seller = app.member(Role::Seller).await;
+    let not_owner = app
+        .call(
+            "POST",
+            "/api/v1/drops",
+            Some(&other_seller.token),
+            Some(json!({ "product_id": product, "stock": 1, "opens_at": now })),
+        )
+        .await;
+    assert_eq!(not_owner.status, StatusCode::FORBIDDEN);
+    let invalid = app
+        .call(
+            "POST",
+            "/api/v1/drops",
+            Some(&seller.token),
+            Some(json!({ "product_id": product, "stock": 0, "opens_at": now, "hold_seconds": 0, "per_member_limit": -1,
+                         "closes_at": "2000-01-01T00:00:00Z" })),
+        )
+        .await;
+    assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
+    for field in ["stock", "hold_seconds", "per_member_limit", "closes_at"] {
+        assert!(
+            invalid.body["error"]["fields"][field].is_string(),
+            "{field}: {:?}",
+            invalid.body
+        );
+    }
+    let no_product = app
+        .call(
+            "POST",
+            "/api/v1/drops",
+            Some(&seller.token),
+            Some(json!({ "product_id": Uuid::now_v7(), "stock": 1, "opens_at": now })),
+        )
+        .await;
+    assert_eq!(no_product.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let bad_time = app
+        .call(
+            "POST",
+            "/api/v1/drops",
+            Some(&seller.token),
+            Some(json!({ "product_id": product, "stock": 1, "opens_at": "tomorrow" })),
+        )
+        .await;
+    assert_eq!(bad_time.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let by_admin = app
+        .call(
+            "POST",
+            "/api/v1/drops",
+            Some(&admin.token),
+            Some(json!({ "product_id": product, "stock": 1, "opens_at": now })),
+        )
+        .await;
+    assert_eq!(by_admin.status, StatusCode::CREATED);
+    let list = app
+        .call("GET", "/api/v1/drops?status=bogus", None, None)
+        .await;
+    assert_eq!(list.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_the_first_answer() {
+    let app = TestApp::new().await;
+    let (_, drop) = app
+        .open_drop(10, 700, json!({ "per_member_limit": 5 }))
+        .await;
+    let buyer = app.member(Role::Customer).await;
+    let path = format!(
+        "/api/v1/drops/{}/reservations",
+        drop["id"].as_str().unwrap()
+    );
+
+    // Ten concurrent retries of one request: one hold.
+    let mut tasks = Vec::new();
+    let app = Arc::new(app);
+    for _ in 0..10 {
+        let (app, path, token) = (app.clone(), path.clone(), buyer.token.clone());
+        tasks.push(tokio::spawn(async move {
+            app.call_with(
+                "POST",
+                &path,
+                &token,
+                &[("idempotency-key", "order-1")],
+                Some(json!({ "quantity": 1 })),
+            )
+            .await
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        let response = task.await.unwrap();
+        assert_eq!(response.status, StatusCode::CREATED);
+        ids.push(response.body["id"].as_str().unwrap().to_owned());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one hold for one key");
+    assert_eq!(drop_state(&app, &drop).await["held"], 1);
+
+    // Another key is another hold; the same key on another member is that member's own.
+    let second = app
+        .call_with(
+            "POST",
+            &path,
+            &buyer.token,
+            &[("idempotency-key", "order-2")],
+            Some(json!({})),
+        )
+        .await;
+    assert_ne!(second.body["id"].as_str().unwrap(), ids[0]);
+    let other = app.member(Role::Customer).await;
+    let theirs = app
+        .call_with(
+            "POST",
+            &path,
+            &other.token,
+            &[("idempotency-key", "order-1")],
+            Some(json!({})),
+        )
+        .await;
+    assert_ne!(theirs.body["id"].as_str().unwrap(), ids[0]);
+
+    // Payments: the same key answers the same body, one charge.
+    let pay_path = format!("/api/v1/reservations/{}/payment", ids[0]);
+    let first = app
+        .call_with(
+            "POST",
+            &pay_path,
+            &buyer.token,
+            &[("idempotency-key", "pay-1")],
+            Some(json!({ "payment_token": "tok_ok" })),
+        )
+        .await;
+    let repeat = app
+        .call_with(
+            "POST",
+            &pay_path,
+            &buyer.token,
+            &[("idempotency-key", "pay-1")],
+            Some(json!({ "payment_token": "tok_ok" })),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(repeat.status, StatusCode::OK);
+    assert_eq!(first.body, repeat.body);
+    assert_eq!(repeat.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(app.gateway.charges(), 1);
+
+    // A refusal that did something (402 releases the hold) is replayed too, not retried.
+    let declined_id = second.body["id"].as_str().unwrap();
+    let pay_path = format!("/api/v1/reservations/{declined_id}/payment");
+    let declined = app
+        .call_with(
+            "POST",
+            &pay_path,
+            &buyer.token,
+            &[("idempotency-key", "pay-2")],
+            Some(json!({ "payment_token": "tok_declined" })),
+        )
+        .await;
+    let replayed = app
+        .call_with(
+            "POST",
+            &pay_path,
+            &buyer.token,
+            &[("idempotency-key", "pay-2")],
+            Some(json!({ "payment_token": "tok_ok" })),
+        )
+        .await;
+    assert_eq!(declined.status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(
+        (replayed.status, replayed.body.clone()),
+        (declined.status, declined.body)
+    );
+}
+
+/// A gate that can be switched off (fail closed) or made slow (to fill the in-flight bound).
+struct TestGate {
+    inner: EmbeddedGate,
+    down: AtomicBool,
+    slow: AtomicBool,
+}
+
+#[async_trait]
+impl Gate for TestGate {
+    async fn load(
+        &self,
+        drop: &DropSpec,
+        restore: Restore,
+    ) -> GateResult<Result<(), engine::core::RestoreError>> {
+        self.inner.load(drop, restore).await
+    }
+    fn knows(&self, drop: Uuid) -> bool {
+        self.inner.knows(drop)
+    }
+    fn is_sold_out(&self, drop: Uuid) -> bool {
+        self.inner.is_sold_out(drop)
+    }
+    async fn reserve(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+        member: Uuid,
+        quantity: u32,
+        now_ms: i64,
+    ) -> GateResult<Result<HoldView, ReserveRejection>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(GateUnavailable("switched off by the test".into()));
+        }
+        if self.slow.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        self.inner
+            .reserve(drop, hold, member, quantity, now_ms)
+            .await
+    }
+    async fn begin_payment(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+        member: Uuid,
+        now_ms: i64,
+    ) -> GateResult<Result<HoldView, TransitionError>> {
+        self.inner.begin_payment(drop, hold, member, now_ms).await
+    }
+    async fn complete_payment(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>> {
+        self.inner.complete_payment(drop, hold).await
+    }
+    async fn abort_payment(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>> {
+        self.inner.abort_payment(drop, hold).await
+    }
+    async fn decline_payment(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>> {
+        self.inner.decline_payment(drop, hold).await
+    }
+    async fn cancel(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+        member: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>> {
+        self.inner.cancel(drop, hold, member).await
+    }
+    async fn reap(&self, now_ms: i64, out: &mut Vec<(Uuid, HoldView)>) -> GateResult<usize> {
+        self.inner.reap(now_ms, out).await
+    }
+    async fn hold(&self, drop: Uuid, hold: Uuid) -> GateResult<Option<HoldView>> {
+        self.inner.hold(drop, hold).await
+    }
+    async fn counts(&self, drop: Uuid) -> GateResult<Option<Counts>> {
+        self.inner.counts(drop).await
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_gate_refuses_with_503_and_grants_nothing() {
+    let gate = Arc::new(TestGate {
+        inner: EmbeddedGate::new(4),
+        down: AtomicBool::new(false),
+        slow: AtomicBool::new(false),
+    });
+    let app = TestApp::with_gate(EngineArgs::default(), gate.clone()).await;
+    let (_, drop) = app.open_drop(5, 10, json!({})).await;
+    let buyer = app.member(Role::Customer).await;
+    gate.down.store(true, Ordering::SeqCst);
+    let refused = reserve(&app, &buyer, &drop, 1).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "gate_unavailable")
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (state["available"].as_u64(), state["held"].as_u64()),
+        (Some(5), Some(0))
+    );
+    gate.down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        reserve(&app, &buyer, &drop, 1).await.status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn past_the_in_flight_bound_reservations_get_429_at_once() {
+    let gate = Arc::new(TestGate {
+        inner: EmbeddedGate::new(4),
+        down: AtomicBool::new(false),
+        slow: AtomicBool::new(true),
+    });
+    let args = EngineArgs {
+        reserve_inflight_max: 2,
+        ..EngineArgs::default()
+    };
+    let app = Arc::new(TestApp::with_gate(args, gate.clone()).await);
+    let (_, drop) = app.open_drop(100, 10, json!({})).await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let app = app.clone();
+        let drop = drop.clone();
+        let buyer = app.member(Role::Customer).await;
+        tasks.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let response = reserve(&app, &buyer, &drop, 1).await;
+            (response, started.elapsed())
+        }));
+    }
+    let mut created = 0;
+    let mut refused = 0;
+    for task in tasks {
+        let (response, elapsed) = task.await.unwrap();
+        match response.status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused += 1;
+                assert_eq!(response.headers.get("retry-after").unwrap(), "1");
+                assert!(
+                    elapsed < Duration::from_millis(300),
+                    "refused at once, not queued: {elapsed:?}"
+                );
+            }
+            other => panic!("unexpected {other}: {:?}", response.body),
+        }
+    }
+    assert_eq!(created, 2, "exactly the bound got through");
+    assert_eq!(refused, 4);
+    assert_eq!(drop_state(&app, &drop).await["held"], 2);
+}
