@@ -163,21 +163,6 @@ impl From<Purchase> for PurchaseJson {
     }
 }
 
-/// The product fields a drop needs: who may sell it and its default price.
-async fn product_for_drop(
-    state: &AppState,
-    product: Uuid,
-) -> Result<Option<(Uuid, i64, String)>, ApiError> {
-    let client = state.db.get().await?;
-    let row = client
-        .query_opt(
-            "SELECT seller_id, price, currency FROM products WHERE id = $1 AND deleted_at IS NULL",
-            &[&product],
-        )
-        .await?;
-    Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
-}
-
 async fn create_drop(
     State(state): State<AppState>,
     member: AuthMember,
@@ -214,26 +199,28 @@ async fn create_drop(
             "must be after opens_at",
         );
     fields.finish()?;
-    let Some((seller_id, product_price, currency)) =
-        product_for_drop(&state, body.product_id).await?
-    else {
+    let product = {
+        let client = state.db.get().await?;
+        crate::products::product_owner_and_price(&client, body.product_id).await?
+    };
+    let Some(product) = product else {
         return Err(ApiError::invalid("product_id", "no such product"));
     };
-    member.require_owner_or_admin(seller_id)?;
+    member.require_owner_or_admin(product.seller_id)?;
     // Every bound was checked above, so these conversions cannot fail.
     let to_u32 = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
     let info = state
         .engine
         .create_drop(NewDrop {
             product_id: body.product_id,
-            seller_id,
+            seller_id: product.seller_id,
             stock: to_u32(body.stock),
             opens_at: body.opens_at,
             closes_at: body.closes_at,
             per_member_limit: to_u32(per_member_limit),
             hold_seconds: to_u32(hold_seconds),
-            price: body.price.unwrap_or(product_price),
-            currency,
+            price: body.price.unwrap_or(product.price),
+            currency: product.currency,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(info.into())))
