@@ -1,0 +1,236 @@
+//! The batched purchase writer against real Postgres: concurrent purchases share commits (group commit), a
+//! purchase stored twice is stored once, shutdown drains the queue, and a purchase that cannot be stored is
+//! never acknowledged (the payment answers 503, the charge is refunded, the hold is kept).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use axum::http::StatusCode;
+use chrono::Utc;
+use common::{TestApp, TestDb};
+use engine::types::Purchase;
+use engine::writer::{self, HoldRow, WriterConfig};
+use serde_json::json;
+use shell_api::auth::Role;
+use uuid::Uuid;
+
+/// A drop row for the writer's rows to point at.
+async fn seed_drop(db: &TestDb) -> Uuid {
+    let client = db.client().await;
+    let (member, product, drop) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    client
+        .execute(
+            "INSERT INTO members (id, email, password_hash, name, role) VALUES ($1, $2, 'x', 'Seller', 'seller')",
+            &[&member, &format!("{member}@example.test")],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO products (id, seller_id, name, price, kind) VALUES ($1, $2, 'Item', 100, 'preorder')",
+            &[&product, &member],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO drops (id, product_id, seller_id, stock, opens_at, per_member_limit, hold_seconds, price, currency)
+             VALUES ($1, $2, $3, 100000, now(), 1, 300, 100, 'KRW')",
+            &[&drop, &product, &member],
+        )
+        .await
+        .unwrap();
+    drop
+}
+
+fn purchase_for(drop: Uuid) -> (Purchase, HoldRow) {
+    let now = Utc::now();
+    let reservation = Uuid::now_v7();
+    let member = Uuid::now_v7();
+    let purchase = Purchase {
+        id: Uuid::now_v7(),
+        reservation_id: reservation,
+        drop_id: drop,
+        product_id: Uuid::now_v7(),
+        member_id: member,
+        quantity: 1,
+        amount: 100,
+        currency: "KRW".into(),
+        paid_at: now,
+    };
+    let hold = HoldRow {
+        id: reservation,
+        drop_id: drop,
+        member_id: member,
+        quantity: 1,
+        created_at: now,
+        expires_at: now + chrono::Duration::seconds(300),
+    };
+    (purchase, hold)
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_purchases_share_commits_and_are_all_durable_when_acknowledged() {
+    let db = TestDb::new().await;
+    let drop = seed_drop(&db).await;
+    let (handle, task) = writer::spawn(db.pool.clone(), WriterConfig::default());
+    let mut acks = Vec::new();
+    for _ in 0..400 {
+        let handle = handle.clone();
+        let (purchase, hold) = purchase_for(drop);
+        acks.push(tokio::spawn(async move {
+            handle.purchase(purchase, hold).await
+        }));
+    }
+    for ack in acks {
+        ack.await.unwrap().unwrap();
+    }
+    // Acknowledged means committed: every row is there without any flush.
+    assert_eq!(count(&db, "SELECT count(*) FROM purchases").await, 400);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM reservations WHERE status = 'paid'"
+        )
+        .await,
+        400
+    );
+    let batches = handle.stats().batches.load(Ordering::Relaxed);
+    assert!(
+        batches < 400,
+        "group commit: 400 purchases took {batches} commits"
+    );
+    println!("400 concurrent purchases committed in {batches} batches");
+    handle.shutdown().await.unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_purchase_stored_twice_is_stored_once() {
+    let db = TestDb::new().await;
+    let drop = seed_drop(&db).await;
+    let (handle, _task) = writer::spawn(db.pool.clone(), WriterConfig::default());
+    let (purchase, hold) = purchase_for(drop);
+    handle
+        .purchase(purchase.clone(), hold.clone())
+        .await
+        .unwrap();
+    handle.purchase(purchase, hold).await.unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM purchases").await, 1);
+}
+
+#[tokio::test]
+async fn shutdown_drains_everything_queued_before_it() {
+    let db = TestDb::new().await;
+    let drop = seed_drop(&db).await;
+    let config = WriterConfig {
+        batch_rows_max: 50,
+        ..WriterConfig::default()
+    };
+    let (handle, task) = writer::spawn(db.pool.clone(), config);
+    for _ in 0..1000 {
+        let (_, hold) = purchase_for(drop);
+        handle.hold_created(hold).await.unwrap();
+    }
+    handle.shutdown().await.unwrap();
+    task.await.unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM reservations").await, 1000);
+    let (_, hold) = purchase_for(drop);
+    assert!(
+        handle.hold_created(hold).await.is_err(),
+        "a stopped writer refuses new work"
+    );
+}
+
+#[tokio::test]
+async fn a_purchase_that_cannot_be_stored_is_never_acknowledged() {
+    let app = TestApp::new().await;
+    let (_, drop) = app.open_drop(5, 100, json!({})).await;
+    let buyer = app.member(Role::Customer).await;
+    let held = app
+        .call(
+            "POST",
+            &format!(
+                "/api/v1/drops/{}/reservations",
+                drop["id"].as_str().unwrap()
+            ),
+            Some(&buyer.token),
+            Some(json!({})),
+        )
+        .await;
+    let id = held.body["id"].as_str().unwrap().to_owned();
+    app.state.engine.writer().flush().await.unwrap();
+
+    // Postgres refuses purchases for a while.
+    let client = app.db.client().await;
+    client
+        .batch_execute("ALTER TABLE purchases RENAME TO purchases_away")
+        .await
+        .unwrap();
+    let pay_path = format!("/api/v1/reservations/{id}/payment");
+    let failed = app
+        .call(
+            "POST",
+            &pay_path,
+            Some(&buyer.token),
+            Some(json!({ "payment_token": "tok_ok" })),
+        )
+        .await;
+    assert_eq!(
+        failed.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        failed.body
+    );
+    assert_eq!(failed.code(), "storage_unavailable");
+    assert!(failed.headers.contains_key("retry-after"));
+    assert_eq!(app.gateway.refunds(), 1, "the charge was given back");
+    assert_eq!(app.gateway.charges(), 0);
+    let view = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&buyer.token),
+            None,
+        )
+        .await;
+    assert_eq!(view.body["status"], "held", "the hold is kept for a retry");
+
+    // Once Postgres is back, the retry pays, once.
+    client
+        .batch_execute("ALTER TABLE purchases_away RENAME TO purchases")
+        .await
+        .unwrap();
+    let paid = app
+        .call(
+            "POST",
+            &pay_path,
+            Some(&buyer.token),
+            Some(json!({ "payment_token": "tok_ok" })),
+        )
+        .await;
+    assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM purchases").await, 1);
+    let state = app
+        .call(
+            "GET",
+            &format!("/api/v1/drops/{}", drop["id"].as_str().unwrap()),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (
+            state.body["sold"].as_u64(),
+            state.body["available"].as_u64()
+        ),
+        (Some(1), Some(4))
+    );
+}
