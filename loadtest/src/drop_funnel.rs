@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::api::{jitter, Api, Reply, Request, RetryPolicy};
 use crate::config::DropArgs;
 use crate::metrics::Phase;
-use crate::report::{PhaseReport, Report};
+use crate::report::{Milestones, PhaseReport, Report};
 use crate::verify::{self, DbFacts, DropCounts, Observations};
 
 const API: &str = "/api/v1";
@@ -425,7 +425,15 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
     ));
     let final_drop = wait_for_drained(&api, &drop_id, drain_deadline).await;
     let _ = monitor_stop.send(true);
-    let timeline = monitor.await.context("the monitor task panicked")?;
+    let mut timeline = monitor.await.context("the monitor task panicked")?;
+    // The poller may stop just before the last sale; the drained reading closes the timeline.
+    if let Some((counts, status)) = &final_drop {
+        timeline.push(Snapshot {
+            t_ms: ms_since(opens_at_instant),
+            counts: *counts,
+            status: status.clone(),
+        });
+    }
 
     let (outcomes, purchases, released) = ctx.tally(|t| {
         (
@@ -472,6 +480,7 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
         final_state: observations.final_state,
         final_status: final_drop.map(|(_, status)| status),
         db: observations.db,
+        milestones: Milestones::from_timeline(&timeline),
         timeline,
         passed: verify::passed(&checks),
         checks,
@@ -717,12 +726,7 @@ async fn monitor(
 ) -> Vec<Snapshot> {
     let mut timeline = Vec::new();
     while timeline.len() < MONITOR_SNAPSHOTS_MAX && !*stop.borrow() {
-        let now = tokio::time::Instant::now();
-        let t_ms = if now >= opens_at {
-            i64::try_from((now - opens_at).as_millis()).unwrap_or(i64::MAX)
-        } else {
-            -i64::try_from((opens_at - now).as_millis()).unwrap_or(i64::MAX)
-        };
+        let t_ms = ms_since(opens_at);
         if let Some((counts, status)) = read_drop(&api, Phase::Monitor, &drop_id).await {
             timeline.push(Snapshot {
                 t_ms,
@@ -875,6 +879,17 @@ fn expect_field(reply: &Reply, status: u16, what: &str, field: &str) -> anyhow::
         .and_then(Value::as_str)
         .map(str::to_owned)
         .with_context(|| format!("{what}: answer without {field}"))
+}
+
+/// Milliseconds from `origin` to now, negative before it.
+fn ms_since(origin: tokio::time::Instant) -> i64 {
+    let now = tokio::time::Instant::now();
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    if now >= origin {
+        ms(now - origin)
+    } else {
+        -ms(origin - now)
+    }
 }
 
 /// The monotonic instant of a wall-clock time (both clocks are this machine's, as is the server's).

@@ -61,8 +61,35 @@ pub struct Report {
     pub db: DbFacts,
     pub checks: Vec<Check>,
     pub passed: bool,
-    /// The drop's counters every 100 ms from the opening until the holds drained.
+    /// Moments read off the timeline.
+    pub milestones: Milestones,
+    /// The drop's counters every 100 ms from drop creation until the holds drained.
     pub timeline: Vec<Snapshot>,
+}
+
+/// When the drop reached its notable states, in milliseconds after `opens_at`, as the 100 ms poller saw them
+/// (so each is late by up to one poll and one request).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Milestones {
+    /// First reading with nothing available: every unit held or sold.
+    pub all_units_taken_ms: Option<i64>,
+    /// First reading with every unit sold.
+    pub all_units_sold_ms: Option<i64>,
+}
+
+impl Milestones {
+    pub fn from_timeline(timeline: &[Snapshot]) -> Self {
+        let first = |pred: fn(&Snapshot) -> bool| {
+            timeline
+                .iter()
+                .find(|s| s.t_ms >= 0 && pred(s))
+                .map(|s| s.t_ms)
+        };
+        Self {
+            all_units_taken_ms: first(|s| s.counts.available == 0),
+            all_units_sold_ms: first(|s| s.counts.sold == s.counts.stock),
+        }
+    }
 }
 
 /// Where the report goes when `--report` is not given.
@@ -198,6 +225,17 @@ pub fn render(report: &Report) -> String {
         "          unexpected answers: {}",
         tallies(&o.unexpected)
     ));
+    let at = |ms: Option<i64>| {
+        ms.map_or_else(
+            || "never".to_owned(),
+            |ms| format!("+{:.1} s", ms as f64 / 1000.0),
+        )
+    };
+    line(format!(
+        "timeline  every unit taken {}, every unit sold {} after opens_at (100 ms polling)",
+        at(report.milestones.all_units_taken_ms),
+        at(report.milestones.all_units_sold_ms)
+    ));
     match &report.final_state {
         Some(f) => line(format!(
             "final     stock {} = available {} + held {} + sold {} ({}); Postgres: {} purchase rows, {} units, {} reservations",
@@ -223,4 +261,41 @@ pub fn render(report: &Report) -> String {
         line(format!("  {verdict}  {:<36} {}", check.name, check.detail));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(t_ms: i64, available: i64, held: i64, sold: i64) -> Snapshot {
+        Snapshot {
+            t_ms,
+            counts: DropCounts {
+                stock: 10,
+                available,
+                held,
+                sold,
+            },
+            status: "open".to_owned(),
+        }
+    }
+
+    #[test]
+    fn milestones_are_the_first_readings_after_the_opening() {
+        let timeline = [
+            snapshot(-100, 10, 0, 0),
+            snapshot(0, 4, 6, 0),
+            snapshot(100, 0, 8, 2),
+            snapshot(200, 3, 2, 5),
+            snapshot(300, 0, 0, 10),
+            snapshot(400, 0, 0, 10),
+        ];
+        let m = Milestones::from_timeline(&timeline);
+        assert_eq!(m.all_units_taken_ms, Some(100));
+        assert_eq!(m.all_units_sold_ms, Some(300));
+        assert_eq!(
+            Milestones::from_timeline(&timeline[..2]),
+            Milestones::default()
+        );
+    }
 }

@@ -41,7 +41,7 @@ pub struct DbFacts {
 pub struct Observations {
     /// The stock the drop was created with.
     pub stock: i64,
-    /// Drop states polled during the spike and the settle phase.
+    /// Drop states polled during the run, the reading after holds drained last.
     pub snapshots: Vec<DropCounts>,
     /// The drop after abandoned holds were waited out (`None` if it could not be read).
     pub final_state: Option<DropCounts>,
