@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A demo drop, end to end: a fresh database, a real server on a free port, and `flashsale-load drop` driving
-# 1000 buyers at 200 units; the driver verifies the invariants and writes a report.
+# 600 buyers firing 5 attempts each at 120 units; the driver verifies the invariants and writes a report.
 #
 #   scripts/demo.sh [-- DRIVER_ARGS...]   e.g. scripts/demo.sh -- --buyers 2000 --stock 500
 #
@@ -116,7 +116,8 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 SERVER_LOG=$ROOT/reports/demo-$STAMP.server.log
 export LOAD_REPORT=${LOAD_REPORT:-$ROOT/reports/drop-$STAMP.json}
 read -r -a server_env <<<"${DEMO_SERVER_ENV:-}"
-env BIND_ADDR=127.0.0.1:0 JWT_SECRET=flashsale-demo-secret-not-for-production RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1 \
+# The demo runs one instance on the embedded gate; REDIS_URL (exported by services.sh) is for the Redis gate.
+env -u REDIS_URL BIND_ADDR=127.0.0.1:0 JWT_SECRET=flashsale-demo-secret-not-for-production RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1 \
   "${server_env[@]}" "$FLASHSALE" serve >"$WORK/server.out" 2>"$SERVER_LOG" &
 SERVER_PID=$!
 BASE_URL=

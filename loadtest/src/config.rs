@@ -51,16 +51,16 @@ pub struct DropArgs {
     #[serde(skip)]
     pub admin_password: String,
     /// Buyers to sign up; each fires its attempts when the drop opens.
-    #[arg(long, env = "LOAD_BUYERS", default_value_t = 1000)]
+    #[arg(long, env = "LOAD_BUYERS", default_value_t = 600)]
     pub buyers: u32,
     /// Units the drop sells.
-    #[arg(long, env = "LOAD_STOCK", default_value_t = 200)]
+    #[arg(long, env = "LOAD_STOCK", default_value_t = 120)]
     pub stock: u32,
     /// Units one member may buy.
     #[arg(long, env = "LOAD_PER_MEMBER_LIMIT", default_value_t = 1)]
     pub per_member_limit: u32,
     /// Concurrent reservation attempts (one unit each) per buyer at the opening instant.
-    #[arg(long, env = "LOAD_ATTEMPTS_PER_BUYER", default_value_t = 3)]
+    #[arg(long, env = "LOAD_ATTEMPTS_PER_BUYER", default_value_t = 5)]
     pub attempts_per_buyer: u32,
     /// Seconds a hold lasts before the reaper may release it.
     #[arg(long, env = "LOAD_HOLD_SECONDS", default_value_t = 10)]

@@ -30,6 +30,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
     };
 
+    if args.redis_url.is_some() {
+        // The Redis gate is not built yet: say so instead of pretending REDIS_URL made Redis the authority.
+        tracing::warn!(
+            "REDIS_URL is set, but this build has only the embedded gate: run ONE instance per database; \
+             the in-memory core of this process is the stock authority"
+        );
+    }
     let pool = db::connect(&args.db).await?;
     let applied = db::migrate(&pool).await?;
     if !applied.is_empty() {
