@@ -82,8 +82,9 @@ CREATE TABLE activities (
 );
 -- "What the people I follow did" and "what was done to me", newest first.
 CREATE INDEX activities_actor_recent_idx ON activities (actor_id, created_at DESC, id DESC);
+-- actor_id is included so that "not my own action" is checked in the index (index-only scan).
 CREATE INDEX activities_target_recent_idx ON activities (target_member_id, created_at DESC, id DESC)
-    WHERE target_member_id IS NOT NULL;
+    INCLUDE (actor_id) WHERE target_member_id IS NOT NULL;
 -- Cascades from posts and comments.
 CREATE INDEX activities_post_idx ON activities (post_id) WHERE post_id IS NOT NULL;
 CREATE INDEX activities_comment_idx ON activities (comment_id) WHERE comment_id IS NOT NULL;

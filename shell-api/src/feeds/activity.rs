@@ -7,8 +7,8 @@
 //!
 //! The feed is "what the people I follow did" UNION "what was done to me" (`target_member_id = me`: comments and
 //! likes on my posts, likes on my comments, follows of me), newest first, never my own actions. The first half
-//! reads at most one page per followed member from `activities_actor_recent_idx`, so its cost is bounded by
-//! followees x page size however long their histories are.
+//! reads at most one page of keys per followed member from `activities_actor_recent_idx`, so its cost is bounded
+//! by followees x page size however long their histories are.
 
 use axum::extract::State;
 use axum::Json;
@@ -215,34 +215,36 @@ impl Activity {
 }
 
 /// The activity feed. `$1` viewer, `$2`/`$3` the keyset position after which the page starts (NULL: from the
-/// newest), `$4` rows to fetch. Each half is cut to `$4` rows before the merge; see the module comment.
+/// newest), `$4` rows to fetch. Like the following newsfeed it picks the page's keys first, from index-only scans
+/// (at most `$4` per followed member, plus `$4` done to me), and reads only the chosen rows.
 pub const ACTIVITY_SQL: &str = "
-    SELECT a.id, a.actor_id, a.kind, a.post_id, a.comment_id, a.target_member_id, a.created_at
-    FROM (
-        (SELECT a.*
+    WITH page AS (
+        (SELECT k.created_at, k.id
          FROM follows f
          CROSS JOIN LATERAL (
-             SELECT a.* FROM activities a
+             SELECT a.created_at, a.id
+             FROM activities a
              WHERE a.actor_id = f.followee_id
                AND (a.created_at, a.id) < (COALESCE($2, 'infinity'::timestamptz),
                                            COALESCE($3, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
              ORDER BY a.created_at DESC, a.id DESC
              LIMIT $4
-         ) a
-         WHERE f.follower_id = $1
-         ORDER BY a.created_at DESC, a.id DESC
-         LIMIT $4)
+         ) k
+         WHERE f.follower_id = $1)
         UNION
-        (SELECT a.*
+        (SELECT a.created_at, a.id
          FROM activities a
          WHERE a.target_member_id = $1 AND a.actor_id <> $1
            AND (a.created_at, a.id) < (COALESCE($2, 'infinity'::timestamptz),
                                        COALESCE($3, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
          ORDER BY a.created_at DESC, a.id DESC
          LIMIT $4)
-    ) a
-    ORDER BY a.created_at DESC, a.id DESC
-    LIMIT $4";
+        ORDER BY created_at DESC, id DESC
+        LIMIT $4
+    )
+    SELECT a.id, a.actor_id, a.kind, a.post_id, a.comment_id, a.target_member_id, a.created_at
+    FROM page JOIN activities a ON a.id = page.id
+    ORDER BY a.created_at DESC, a.id DESC";
 
 /// One page of `viewer`'s activity feed: up to `fetch` rows after `after`.
 pub async fn activity_page(

@@ -13,9 +13,9 @@
 //!   again. Every page is still correctly ordered and no page repeats within itself.
 //!
 //! Each scope and sort has its own index: `posts_recent_idx`, `posts_popular_idx` for `all`; for `following`, a
-//! LATERAL join reads at most one page per followed author from `posts_author_recent_idx` or
-//! `posts_author_popular_idx`, then merges them, so the cost is bounded by followees x page size, however many
-//! posts those authors wrote or how deep the cursor is.
+//! LATERAL join reads at most one page of keys per followed author from `posts_author_recent_idx` or
+//! `posts_author_popular_idx` (index-only), merges them and then reads the page's rows, so the cost is bounded by
+//! followees x page size, however many posts those authors wrote or how deep the cursor is.
 
 use axum::extract::State;
 use axum::Json;
@@ -108,42 +108,57 @@ const ALL_POPULAR: &str = concat!(
     ORDER BY p.like_count DESC, p.created_at DESC, p.id DESC
     LIMIT $4"
 );
+// `following` runs in two steps. First it picks the page's ids from the keys alone: per followed author at most
+// one page of (created_at, id) [, like_count] from an index-only scan, merged and cut to a page. Then it reads
+// those rows. Reading whole rows per author instead lets the planner, which expects an average author, choose a
+// bitmap scan + sort that reads every post of a prolific author: 44 ms instead of 1.7 ms for a viewer following
+// the 100 busiest authors in the benchmark data.
 const FOLLOWING_RECENT: &str = concat!(
-    "SELECT p.*
-    FROM follows f
-    CROSS JOIN LATERAL (
-        SELECT ",
+    "WITH page AS (
+        SELECT k.id
+        FROM follows f
+        CROSS JOIN LATERAL (
+            SELECT p.created_at, p.id
+            FROM posts p
+            WHERE p.author_id = f.followee_id
+              AND (p.created_at, p.id) < (COALESCE($2, 'infinity'::timestamptz),
+                                          COALESCE($3, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+            ORDER BY p.created_at DESC, p.id DESC
+            LIMIT $4
+        ) k
+        WHERE f.follower_id = $1
+        ORDER BY k.created_at DESC, k.id DESC
+        LIMIT $4
+    )
+    SELECT ",
     post_columns!(),
     "
-        FROM posts p
-        WHERE p.author_id = f.followee_id
-          AND (p.created_at, p.id) < (COALESCE($2, 'infinity'::timestamptz),
-                                      COALESCE($3, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
-        ORDER BY p.created_at DESC, p.id DESC
-        LIMIT $4
-    ) p
-    WHERE f.follower_id = $1
-    ORDER BY p.created_at DESC, p.id DESC
-    LIMIT $4"
+    FROM page JOIN posts p ON p.id = page.id
+    ORDER BY p.created_at DESC, p.id DESC"
 );
 const FOLLOWING_POPULAR: &str = concat!(
-    "SELECT p.*
-    FROM follows f
-    CROSS JOIN LATERAL (
-        SELECT ",
+    "WITH page AS (
+        SELECT k.id
+        FROM follows f
+        CROSS JOIN LATERAL (
+            SELECT p.like_count, p.created_at, p.id
+            FROM posts p
+            WHERE p.author_id = f.followee_id
+              AND (p.like_count, p.created_at, p.id) < (COALESCE($2, 2147483647),
+                                                        COALESCE($3, 'infinity'::timestamptz),
+                                                        COALESCE($4, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+            ORDER BY p.like_count DESC, p.created_at DESC, p.id DESC
+            LIMIT $5
+        ) k
+        WHERE f.follower_id = $1
+        ORDER BY k.like_count DESC, k.created_at DESC, k.id DESC
+        LIMIT $5
+    )
+    SELECT ",
     post_columns!(),
     "
-        FROM posts p
-        WHERE p.author_id = f.followee_id
-          AND (p.like_count, p.created_at, p.id) < (COALESCE($2, 2147483647),
-                                                    COALESCE($3, 'infinity'::timestamptz),
-                                                    COALESCE($4, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
-        ORDER BY p.like_count DESC, p.created_at DESC, p.id DESC
-        LIMIT $5
-    ) p
-    WHERE f.follower_id = $1
-    ORDER BY p.like_count DESC, p.created_at DESC, p.id DESC
-    LIMIT $5"
+    FROM page JOIN posts p ON p.id = page.id
+    ORDER BY p.like_count DESC, p.created_at DESC, p.id DESC"
 );
 
 impl FeedRequest {
