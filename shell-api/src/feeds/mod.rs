@@ -1,0 +1,206 @@
+//! Feeds: posts, comments, likes, follows, the newsfeed and the activity feed (API.md, "Feeds").
+//!
+//! The database is the judge of every rule it can judge: likes and follows are unique by primary key, a like on
+//! a missing post is a foreign-key violation mapped to 404, and counts move in the same transaction as the row
+//! that moves them, as `count = count + 1`, only when a row was really inserted or deleted. So a repeated PUT
+//! never double-counts and parallel likes and unlikes leave every count exact.
+//!
+//! Lock order, to keep concurrent writers free of deadlocks: post row, then comment row, then like rows. A post
+//! delete takes them in that order through its cascades, so every writer that touches more than one of them takes
+//! them in that order too (see `social.rs`).
+//!
+//! - `posts.rs`: posts and comments (create, read, edit, delete, lists).
+//! - `social.rs`: likes on posts and comments, follows, follower and following lists.
+//! - `feed.rs`: the newsfeed query, public so the benchmark measures the shipped SQL.
+//! - `activity.rs`: recording activities inside the action's transaction, and the activity feed.
+
+pub mod activity;
+pub mod feed;
+pub mod posts;
+pub mod social;
+
+use axum::routing::{get, post, put};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::error::Fields;
+use crate::AppState;
+
+/// Longest post title, in characters (Unicode scalar values, as Postgres `char_length` counts them).
+pub const TITLE_CHARS_MAX: usize = 200;
+/// Longest post body, in characters.
+pub const CONTENT_CHARS_MAX: usize = 10_000;
+/// Longest comment, in characters.
+pub const COMMENT_CHARS_MAX: usize = 2_000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/posts", post(posts::create_post))
+        .route(
+            "/posts/{id}",
+            get(posts::get_post)
+                .patch(posts::update_post)
+                .delete(posts::delete_post),
+        )
+        .route(
+            "/posts/{id}/comments",
+            post(posts::create_comment).get(posts::list_comments),
+        )
+        .route(
+            "/comments/{id}",
+            axum::routing::delete(posts::delete_comment),
+        )
+        .route(
+            "/posts/{id}/like",
+            put(social::post_like).delete(social::post_like),
+        )
+        .route(
+            "/comments/{id}/like",
+            put(social::comment_like).delete(social::comment_like),
+        )
+        .route(
+            "/members/{id}/follow",
+            put(social::follow).delete(social::follow),
+        )
+        .route("/members/{id}/followers", get(social::list_followers))
+        .route("/members/{id}/following", get(social::list_following))
+        .route("/members/{id}/posts", get(posts::list_member_posts))
+        .route("/feed", get(feed::get_feed))
+        .route("/activity", get(activity::get_activity))
+}
+
+/// The columns of `Post`, in the order `Post::from_row` reads them; `p` is the posts alias. A macro so that
+/// `concat!` can build whole statements from it at compile time (see `feed.rs`).
+macro_rules! post_columns {
+    () => {
+        "p.id, p.author_id, p.title, p.content, p.like_count, p.comment_count, p.created_at, p.updated_at"
+    };
+}
+pub(crate) use post_columns;
+
+/// `post_columns!()` as a constant, for statements built with `format!`.
+pub(crate) const POST_COLUMNS: &str = post_columns!();
+
+/// A post as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Post {
+    pub id: Uuid,
+    pub author_id: Uuid,
+    pub title: String,
+    pub content: String,
+    pub like_count: i32,
+    pub comment_count: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Post {
+    /// Reads a row selected with `POST_COLUMNS`.
+    pub(crate) fn from_row(row: &Row) -> Self {
+        Self {
+            id: row.get(0),
+            author_id: row.get(1),
+            title: row.get(2),
+            content: row.get(3),
+            like_count: row.get(4),
+            comment_count: row.get(5),
+            created_at: row.get(6),
+            updated_at: row.get(7),
+        }
+    }
+}
+
+/// The columns of `Comment`, in the order `Comment::from_row` reads them; `c` is the comments alias.
+pub(crate) const COMMENT_COLUMNS: &str =
+    "c.id, c.post_id, c.author_id, c.content, c.like_count, c.created_at";
+
+/// A comment as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comment {
+    pub id: Uuid,
+    pub post_id: Uuid,
+    pub author_id: Uuid,
+    pub content: String,
+    pub like_count: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Comment {
+    /// Reads a row selected with `COMMENT_COLUMNS`.
+    pub(crate) fn from_row(row: &Row) -> Self {
+        Self {
+            id: row.get(0),
+            post_id: row.get(1),
+            author_id: row.get(2),
+            content: row.get(3),
+            like_count: row.get(4),
+            created_at: row.get(5),
+        }
+    }
+}
+
+/// Checks one text field: present when `required`, not blank, at most `chars_max` characters, and free of NUL
+/// (which Postgres text cannot store, so it must be a 422 here rather than a 500 there).
+pub(crate) fn check_text(
+    fields: &mut Fields,
+    field: &str,
+    value: Option<&str>,
+    required: bool,
+    chars_max: usize,
+) {
+    match value {
+        None if required => {
+            fields.add(field, "is required");
+        }
+        None => {}
+        Some(text) => {
+            fields
+                .check(!text.trim().is_empty(), field, "must not be empty")
+                .check(
+                    text.chars().count() <= chars_max,
+                    field,
+                    &format!("must be at most {chars_max} characters"),
+                )
+                .check(
+                    !text.contains('\0'),
+                    field,
+                    "must not contain NUL characters",
+                );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reasons(value: Option<&str>, required: bool, max: usize) -> Option<String> {
+        let mut fields = Fields::default();
+        check_text(&mut fields, "f", value, required, max);
+        fields.finish().err().map(|err| err.code().to_owned())
+    }
+
+    #[test]
+    fn text_rules() {
+        assert_eq!(reasons(Some("ok"), true, 5), None);
+        assert_eq!(reasons(None, false, 5), None);
+        assert_eq!(reasons(None, true, 5).as_deref(), Some("validation"));
+        assert_eq!(
+            reasons(Some("  \n"), true, 5).as_deref(),
+            Some("validation")
+        );
+        assert_eq!(
+            reasons(Some("123456"), true, 5).as_deref(),
+            Some("validation")
+        );
+        assert_eq!(
+            reasons(Some("a\0b"), true, 5).as_deref(),
+            Some("validation")
+        );
+        // Characters, not bytes: five Hangul syllables are 15 bytes and still fit.
+        assert_eq!(reasons(Some("안녕하세요"), true, 5), None);
+    }
+}
