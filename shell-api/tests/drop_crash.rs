@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{seed_member, seed_product, TestDb, TestMember, TestServer};
+use common::{
+    live_drop_state, post_json, seed_member, seed_product, TestDb, TestMember, TestServer,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shell_api::auth::Role;
@@ -24,33 +26,11 @@ async fn post(
     member: &TestMember,
     body: Value,
 ) -> Option<(StatusCode, Value)> {
-    let response = http
-        .post(url)
-        .bearer_auth(&member.token)
-        .json(&body)
-        .send()
-        .await
-        .ok()?;
-    let status = response.status();
-    Some((status, response.json().await.unwrap_or(Value::Null)))
+    post_json(http, url, member, body).await
 }
 
 async fn drop_state(http: &reqwest::Client, server: &TestServer, drop: &str) -> Value {
-    let body: Value = http
-        .get(server.url(&format!("/api/v1/drops/{drop}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let n = |k: &str| body[k].as_u64().unwrap();
-    assert_eq!(
-        n("available") + n("held") + n("sold"),
-        n("stock"),
-        "conservation: {body}"
-    );
-    body
+    live_drop_state(http, &server.base_url, drop).await
 }
 
 /// Reserves and pays for one unit; records the purchase id of every 200.

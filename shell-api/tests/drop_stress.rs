@@ -9,7 +9,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{seed_member, seed_product, TestDb, TestMember, TestServer};
+use common::{
+    live_drop_state, post_json, seed_member, seed_product, TestDb, TestMember, TestServer,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shell_api::auth::Role;
@@ -22,16 +24,9 @@ struct Client {
 
 impl Client {
     async fn post(&self, path: &str, member: &TestMember, body: Value) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .post(self.server.url(path))
-            .bearer_auth(&member.token)
-            .json(&body)
-            .send()
+        post_json(&self.http, self.server.url(path), member, body)
             .await
-            .expect("request");
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
+            .expect("request")
     }
 
     async fn delete(&self, path: &str, member: &TestMember) -> StatusCode {
@@ -45,22 +40,7 @@ impl Client {
     }
 
     async fn drop_state(&self, id: &str) -> Value {
-        let body: Value = self
-            .http
-            .get(self.server.url(&format!("/api/v1/drops/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let n = |k: &str| body[k].as_u64().unwrap();
-        assert_eq!(
-            n("available") + n("held") + n("sold"),
-            n("stock"),
-            "conservation: {body}"
-        );
-        body
+        live_drop_state(&self.http, &self.server.base_url, id).await
     }
 }
 

@@ -57,6 +57,24 @@ async fn pay(
     .await
 }
 
+/// A POST carrying an `Idempotency-Key`.
+async fn keyed(
+    app: &TestApp,
+    path: &str,
+    member: &TestMember,
+    key: &str,
+    body: Value,
+) -> common::TestResponse {
+    app.call_with(
+        "POST",
+        path,
+        &member.token,
+        &[("idempotency-key", key)],
+        Some(body),
+    )
+    .await
+}
+
 async fn drop_state(app: &TestApp, drop: &Value) -> Value {
     let path = format!("/api/v1/drops/{}", drop["id"].as_str().unwrap());
     let response = app.call("GET", &path, None, None).await;
@@ -632,48 +650,30 @@ async fn idempotency_keys_replay_the_first_answer() {
     assert_eq!(drop_state(&app, &drop).await["held"], 1);
 
     // Another key is another hold; the same key on another member is that member's own.
-    let second = app
-        .call_with(
-            "POST",
-            &path,
-            &buyer.token,
-            &[("idempotency-key", "order-2")],
-            Some(json!({})),
-        )
-        .await;
+    let second = keyed(&app, &path, &buyer, "order-2", json!({})).await;
     assert_ne!(second.body["id"].as_str().unwrap(), ids[0]);
     let other = app.member(Role::Customer).await;
-    let theirs = app
-        .call_with(
-            "POST",
-            &path,
-            &other.token,
-            &[("idempotency-key", "order-1")],
-            Some(json!({})),
-        )
-        .await;
+    let theirs = keyed(&app, &path, &other, "order-1", json!({})).await;
     assert_ne!(theirs.body["id"].as_str().unwrap(), ids[0]);
 
     // Payments: the same key answers the same body, one charge.
     let pay_path = format!("/api/v1/reservations/{}/payment", ids[0]);
-    let first = app
-        .call_with(
-            "POST",
-            &pay_path,
-            &buyer.token,
-            &[("idempotency-key", "pay-1")],
-            Some(json!({ "payment_token": "tok_ok" })),
-        )
-        .await;
-    let repeat = app
-        .call_with(
-            "POST",
-            &pay_path,
-            &buyer.token,
-            &[("idempotency-key", "pay-1")],
-            Some(json!({ "payment_token": "tok_ok" })),
-        )
-        .await;
+    let first = keyed(
+        &app,
+        &pay_path,
+        &buyer,
+        "pay-1",
+        json!({ "payment_token": "tok_ok" }),
+    )
+    .await;
+    let repeat = keyed(
+        &app,
+        &pay_path,
+        &buyer,
+        "pay-1",
+        json!({ "payment_token": "tok_ok" }),
+    )
+    .await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(repeat.status, StatusCode::OK);
     assert_eq!(first.body, repeat.body);
@@ -683,24 +683,22 @@ async fn idempotency_keys_replay_the_first_answer() {
     // A refusal that did something (402 releases the hold) is replayed too, not retried.
     let declined_id = second.body["id"].as_str().unwrap();
     let pay_path = format!("/api/v1/reservations/{declined_id}/payment");
-    let declined = app
-        .call_with(
-            "POST",
-            &pay_path,
-            &buyer.token,
-            &[("idempotency-key", "pay-2")],
-            Some(json!({ "payment_token": "tok_declined" })),
-        )
-        .await;
-    let replayed = app
-        .call_with(
-            "POST",
-            &pay_path,
-            &buyer.token,
-            &[("idempotency-key", "pay-2")],
-            Some(json!({ "payment_token": "tok_ok" })),
-        )
-        .await;
+    let declined = keyed(
+        &app,
+        &pay_path,
+        &buyer,
+        "pay-2",
+        json!({ "payment_token": "tok_declined" }),
+    )
+    .await;
+    let replayed = keyed(
+        &app,
+        &pay_path,
+        &buyer,
+        "pay-2",
+        json!({ "payment_token": "tok_ok" }),
+    )
+    .await;
     assert_eq!(declined.status, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(
         (replayed.status, replayed.body.clone()),

@@ -419,3 +419,40 @@ pub async fn seed_product(db: &TestDb, seller: &TestMember, price: i64) -> Uuid 
         .expect("insert product");
     id
 }
+
+/// POSTs JSON to a real server; `None` when the request itself failed (e.g. the server was killed).
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: String,
+    member: &TestMember,
+    body: Value,
+) -> Option<(reqwest::StatusCode, Value)> {
+    let response = http
+        .post(url)
+        .bearer_auth(&member.token)
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    let status = response.status();
+    Some((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+/// `GET /drops/{id}` on a real server, checking conservation on what it serves.
+pub async fn live_drop_state(http: &reqwest::Client, base_url: &str, drop: &str) -> Value {
+    let body: Value = http
+        .get(format!("{base_url}/api/v1/drops/{drop}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let n = |k: &str| body[k].as_u64().unwrap();
+    assert_eq!(
+        n("available") + n("held") + n("sold"),
+        n("stock"),
+        "conservation: {body}"
+    );
+    body
+}
