@@ -343,6 +343,9 @@ enum Op {
         hold: HoldRef,
         member: Index,
         quantity: u32,
+        /// A fresh id comes from `DropBook::hold_id_for` (it points at the member's home shard: the one-lock fast
+        /// path) rather than straight from the counter (it points at any shard: the cross-shard path).
+        routed: bool,
     },
     BeginPayment {
         hold: HoldRef,
@@ -377,8 +380,8 @@ fn quantity(max_quantity: u32) -> impl Strategy<Value = u32> {
 
 fn op(max_quantity: u32) -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (hold_ref(9), any::<Index>(), quantity(max_quantity))
-            .prop_map(|(hold, member, quantity)| Op::Reserve { hold, member, quantity }),
+        6 => (hold_ref(9), any::<Index>(), quantity(max_quantity), any::<bool>())
+            .prop_map(|(hold, member, quantity, routed)| Op::Reserve { hold, member, quantity, routed }),
         3 => (hold_ref(1), who()).prop_map(|(hold, who)| Op::BeginPayment { hold, who }),
         2 => hold_ref(1).prop_map(Op::CompletePayment),
         1 => hold_ref(1).prop_map(Op::AbortPayment),
@@ -424,30 +427,39 @@ enum Call {
 }
 
 impl Op {
-    /// `hold` turns a reference into `(hold id, owner)`.
-    fn resolve(&self, members: &[Uuid], mut hold: impl FnMut(&HoldRef) -> (Uuid, Uuid)) -> Call {
+    /// `hold` turns a reference into `(hold id, owner)`; its second argument is the member a fresh id is to be
+    /// routed to (see `Op::Reserve::routed`), if any.
+    fn resolve(
+        &self,
+        members: &[Uuid],
+        mut hold: impl FnMut(&HoldRef, Option<Uuid>) -> (Uuid, Uuid),
+    ) -> Call {
         match self {
             Op::Reserve {
                 hold: which,
                 member,
                 quantity,
-            } => Call::Reserve {
-                hold_id: hold(which).0,
-                member: *member.get(members),
-                quantity: *quantity,
-            },
+                routed,
+            } => {
+                let member = *member.get(members);
+                Call::Reserve {
+                    hold_id: hold(which, routed.then_some(member)).0,
+                    member,
+                    quantity: *quantity,
+                }
+            }
             Op::BeginPayment { hold: which, who } => {
-                let (hold_id, owner) = hold(which);
+                let (hold_id, owner) = hold(which, None);
                 Call::BeginPayment {
                     hold_id,
                     member: who.resolve(members, owner),
                 }
             }
-            Op::CompletePayment(which) => Call::CompletePayment(hold(which).0),
-            Op::AbortPayment(which) => Call::AbortPayment(hold(which).0),
-            Op::DeclinePayment(which) => Call::DeclinePayment(hold(which).0),
+            Op::CompletePayment(which) => Call::CompletePayment(hold(which, None).0),
+            Op::AbortPayment(which) => Call::AbortPayment(hold(which, None).0),
+            Op::DeclinePayment(which) => Call::DeclinePayment(hold(which, None).0),
             Op::Cancel { hold: which, who } => {
-                let (hold_id, owner) = hold(which);
+                let (hold_id, owner) = hold(which, None);
                 Call::Cancel {
                     hold_id,
                     member: who.resolve(members, owner),
@@ -498,15 +510,26 @@ struct Holds {
 
 impl Holds {
     /// A known hold, or a fresh id (owned by nobody in particular) when none is known yet or `Fresh` is asked for.
-    fn pick(&mut self, hold: &HoldRef, members: &[Uuid]) -> (Uuid, Uuid) {
+    /// A fresh id routed to a member comes from `book.hold_id_for`; the others point at whatever shard their last
+    /// byte says. The counter sits above the last byte, so routing never makes two fresh ids equal.
+    fn pick(
+        &mut self,
+        hold: &HoldRef,
+        routed: Option<Uuid>,
+        book: &DropBook,
+        members: &[Uuid],
+    ) -> (Uuid, Uuid) {
         match hold {
             HoldRef::Known(index) if !self.created.is_empty() => *index.get(&self.created),
             _ => {
                 self.next += 1;
-                (
-                    Uuid::from_u64_pair(0x0190_0000_0000_7000, self.next),
-                    members[0],
-                )
+                // Low byte: arbitrary but varied, so unrouted ids land on every shard.
+                let seed = Uuid::from_u64_pair(
+                    0x0190_0000_0000_7000,
+                    (self.next << 8) | ((self.next.wrapping_mul(0x9E37_79B9) >> 24) & 0xff),
+                );
+                let id = routed.map_or(seed, |member| book.hold_id_for(member, seed));
+                (id, members[0])
             }
         }
     }
@@ -529,8 +552,10 @@ struct Shared {
 
 impl Shared {
     fn run(&self, op: &Op, seen: &mut Seen) {
-        let call = op.resolve(&self.members, |which| {
-            self.holds.lock().pick(which, &self.members)
+        let call = op.resolve(&self.members, |which, routed| {
+            self.holds
+                .lock()
+                .pick(which, routed, &self.book, &self.members)
         });
         if let Call::Advance(ms) = call {
             self.now_ms.fetch_add(ms / 4, Ordering::Relaxed);
@@ -581,7 +606,7 @@ proptest! {
         let mut holds = Holds::default();
         let mut now = T0;
         for (step, op) in ops.iter().enumerate() {
-            let call = op.resolve(&members, |which| holds.pick(which, &members));
+            let call = op.resolve(&members, |which, routed| holds.pick(which, routed, &book, &members));
             if let Call::Advance(ms) = call {
                 now += ms;
             }

@@ -1,24 +1,26 @@
-//! `DropBook`: one drop's sharded stock, hold records and per-member counts, shared by many threads without a
-//! global lock on the reservation path.
+//! `DropBook`: one drop's stock, hold records and per-member counts, partitioned into shards so that a reservation
+//! touches one shard's lock and cache lines, and reservations on different shards never wait for each other.
 //!
-//! Locks, and the one order they are taken in (so no cycle, and no DashMap self-deadlock, is possible):
-//! 1. a member's entry in `members` (held for the whole of a reservation, which makes the limit check atomic);
-//! 2. stock shards: one at a time, or all of them in index order (slow path of a reservation, `counts`);
-//! 3. a hold's entry in `holds`.
+//! Everything is partitioned by shard: a member's count lives in its home shard (`home_shard`, a hash of the member
+//! id), a hold's record and expiry entry in the shard its id points at (`hold_shard`, the low bits of the id's last
+//! byte), and a hold's units in the shard they were taken from (its `stock_shard`, the member's home shard at the
+//! time). [`DropBook::hold_id_for`] makes ids that point at the member's home shard, so that for those ids all three
+//! are the same shard and a reservation or transition takes exactly one lock. Any other id still works; it only
+//! costs a second lock.
 //!
-//! A transition decides under the hold's entry alone, unlocks it, and only then does the shard and member
-//! accounting, so no code ever holds a hold entry while it takes a shard or member lock, and no code ever holds two
-//! entries of the same map.
+//! **The one lock rule:** whenever more than one shard lock is held at once, they were taken in ascending shard
+//! index order (two shards for a reservation whose hold id points away from the member's home shard; all of them
+//! for the slow path of a reservation, `counts` and test snapshots). Every other lock is taken alone. So no cycle
+//! of waits, and no deadlock, is possible.
 
-use super::shard::{Due, Shard};
+use super::shard::{Due, HoldRecord, Shard};
 use super::{
     Counts, DropParams, HoldState, HoldView, ReleaseReason, ReserveRejection, RestoreError,
     RestoredHold, TransitionError, MAX_SHARDS,
 };
 use crossbeam_utils::CachePadded;
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 use parking_lot::{Mutex, MutexGuard};
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use uuid::Uuid;
 
@@ -26,60 +28,33 @@ use uuid::Uuid;
 /// random in their low bits), so no client can choose keys that collide, and Fx is several times cheaper.
 pub type IdHasher = rustc_hash::FxBuildHasher;
 
-/// Shards of each DashMap. Explicit rather than DashMap's default (4 x cores), so that two threads working on
-/// unrelated holds rarely meet on one map lock.
-const MAP_SHARDS: usize = 64;
-
-/// Most entries a map is sized for up front: a big drop should not allocate its whole hold table before it opens.
-const MAP_PRESIZE_MAX: usize = 1 << 16;
-
-/// What the book keeps about one hold. `shard` is the one shard its units are charged to, for its whole life.
-#[derive(Clone, Copy, Debug)]
-struct HoldRecord {
-    member: Uuid,
-    quantity: u32,
-    shard: u32,
-    state: HoldState,
-    created_at_ms: i64,
-    expires_at_ms: i64,
-}
-
-impl HoldRecord {
-    fn view(&self, id: Uuid) -> HoldView {
-        HoldView {
-            id,
-            member: self.member,
-            quantity: self.quantity,
-            state: self.state,
-            created_at_ms: self.created_at_ms,
-            expires_at_ms: self.expires_at_ms,
-        }
-    }
-
-    fn shard(&self) -> usize {
-        self.shard as usize
-    }
-}
+/// Most entries the maps of all shards together are sized for up front: a big drop should not allocate its whole
+/// hold table before it opens.
+const MAP_PRESIZE_MAX: usize = 1 << 17;
 
 /// What the reaper does with an expiry entry it could not settle now.
 enum Reap {
-    /// Look again on the next reap: the hold is `paying`, not yet due, or its reservation is still being recorded.
+    /// Look again on the next reap: the hold is `paying`, or not yet due by this call's clock.
     Later,
     /// Forget the entry: the hold is already paid or released.
     Done,
 }
 
-/// One drop's stock, holds and member counts. See the module documentation for the lock order.
+/// Why a reservation stopped under its shard lock(s).
+enum Stop {
+    Refused(ReserveRejection),
+    /// The home shard has fewer than `quantity` units available; the slow path looks at all shards.
+    Short,
+}
+
+/// One drop's stock, holds and member counts. See the module documentation for the one lock rule.
 pub struct DropBook {
     params: DropParams,
-    /// `shards.len() - 1`; the shard count is a power of two.
+    /// `shards.len() - 1`; the shard count is a power of two, at most `MAX_SHARDS` (so the mask fits in a byte).
     shard_mask: usize,
     shards: Box<[CachePadded<Mutex<Shard>>]>,
     /// Set only while every shard is locked and total available is zero; cleared by every release that finds it set.
     sold_out: CachePadded<AtomicBool>,
-    /// Units of each member's held, paying and paid holds. Members with zero units have no entry.
-    members: DashMap<Uuid, u32, IdHasher>,
-    holds: DashMap<Uuid, HoldRecord, IdHasher>,
 }
 
 impl std::fmt::Debug for DropBook {
@@ -95,17 +70,18 @@ impl DropBook {
     /// A book with all of `params.stock` available, split evenly over the shards.
     pub fn new(params: DropParams) -> Self {
         let params = normalize(params);
+        let capacity = map_capacity(params);
         let shards = (0..params.shards)
             .map(|index| {
                 let units = split(params.stock, params.shards, index);
                 Shard {
                     assigned: units,
                     available: units,
-                    ..Shard::default()
+                    ..Shard::with_capacity(capacity)
                 }
             })
             .collect();
-        Self::assemble(params, shards, new_map(params.stock), new_map(params.stock))
+        Self::assemble(params, shards)
     }
 
     /// Rebuilds a book after a restart: `paid` = units already paid per member (from Postgres; a member may appear
@@ -137,31 +113,34 @@ impl DropBook {
         // Each shard's queue must be in expiry order for `reap` to stop at the first entry that is not due.
         held.sort_by_key(|hold| hold.expires_at_ms);
         let shard_mask = params.shards - 1;
-        let mut shards: Vec<Shard> = (0..params.shards).map(|_| Shard::default()).collect();
-        let holds = new_map(params.stock);
-        let members = new_map(params.stock);
+        let capacity = map_capacity(params);
+        let mut shards: Vec<Shard> = (0..params.shards)
+            .map(|_| Shard::with_capacity(capacity))
+            .collect();
         for hold in &held {
+            // The units are charged to the member's home shard, as a reservation by that member would charge them.
             let home = home_shard(hold.member, shard_mask);
-            match holds.entry(hold.id) {
+            let holder = &mut shards[hold_shard(hold.id, shard_mask)];
+            match holder.holds.entry(hold.id) {
                 Entry::Occupied(_) => return Err(RestoreError::DuplicateHold(hold.id)),
                 Entry::Vacant(vacant) => {
                     vacant.insert(HoldRecord {
                         member: hold.member,
                         quantity: hold.quantity,
-                        shard: home as u32,
+                        stock_shard: home as u32,
                         state: HoldState::Held,
                         created_at_ms: hold.created_at_ms,
                         expires_at_ms: hold.expires_at_ms,
                     });
                 }
             }
-            *members.entry(hold.member).or_insert(0) += hold.quantity;
-            let shard = &mut shards[home];
-            shard.held += hold.quantity;
-            shard.expiry.push_back((hold.expires_at_ms, hold.id));
+            holder.expiry.push_back((hold.expires_at_ms, hold.id));
+            let home = &mut shards[home];
+            home.add_member_units(hold.member, hold.quantity);
+            home.held += hold.quantity;
         }
         for &(member, units) in &paid {
-            *members.entry(member).or_insert(0) += units;
+            shards[home_shard(member, shard_mask)].add_member_units(member, units);
         }
         let available = params.stock - committed;
         for (index, shard) in shards.iter_mut().enumerate() {
@@ -169,15 +148,10 @@ impl DropBook {
             shard.available = split(available, params.shards, index);
             shard.assigned = shard.available + shard.held + shard.paid;
         }
-        Ok(Self::assemble(params, shards, holds, members))
+        Ok(Self::assemble(params, shards))
     }
 
-    fn assemble(
-        params: DropParams,
-        shards: Vec<Shard>,
-        holds: DashMap<Uuid, HoldRecord, IdHasher>,
-        members: DashMap<Uuid, u32, IdHasher>,
-    ) -> Self {
+    fn assemble(params: DropParams, shards: Vec<Shard>) -> Self {
         let available: u64 = shards.iter().map(|shard| u64::from(shard.available)).sum();
         let assigned: u64 = shards.iter().map(|shard| u64::from(shard.assigned)).sum();
         debug_assert_eq!(assigned, u64::from(params.stock));
@@ -190,14 +164,25 @@ impl DropBook {
                 .map(|shard| CachePadded::new(Mutex::new(shard)))
                 .collect(),
             sold_out: CachePadded::new(AtomicBool::new(available == 0)),
-            members,
-            holds,
         }
     }
 
     /// The parameters in force (with `shards` normalized).
     pub fn params(&self) -> DropParams {
         self.params
+    }
+
+    /// `seed` with the low bits of its last byte replaced so that the id points at `member`'s home shard: a
+    /// reservation by `member` under the returned id, and every later transition of that hold, takes one shard lock.
+    /// The last byte of a UUIDv7 (or v4) is random bits, so the result is as valid an id as `seed`; it is as unique
+    /// as `seed` is in its other bits. Any id works with the book; this one is only faster.
+    pub fn hold_id_for(&self, member: Uuid, seed: Uuid) -> Uuid {
+        // The mask is below MAX_SHARDS = 256, so both casts to a byte are exact.
+        let mask = self.shard_mask as u8;
+        let home = home_shard(member, self.shard_mask) as u8;
+        let mut bytes = *seed.as_bytes();
+        bytes[15] = (bytes[15] & !mask) | home;
+        Uuid::from_bytes(bytes)
     }
 
     /// Takes `quantity` units for `member` into a new `held` hold that expires `hold_ms` after `now_ms`.
@@ -218,104 +203,121 @@ impl DropBook {
         if self.sold_out.load(Ordering::Acquire) {
             return Err(ReserveRejection::SoldOut);
         }
-        let expires_at_ms = now_ms.saturating_add(self.params.hold_ms);
-
-        // The member's entry stays locked until its count is written back: check and take are one step per member.
-        let member_entry = self.members.entry(member);
-        let units_before = match &member_entry {
-            Entry::Occupied(occupied) => *occupied.get(),
-            Entry::Vacant(_) => 0,
-        };
-        if u64::from(units_before) + u64::from(quantity) > u64::from(self.params.per_member_limit) {
-            return Err(ReserveRejection::LimitExceeded);
-        }
         let home = home_shard(member, self.shard_mask);
-        let shard = self
-            .take_stock(home, quantity, (expires_at_ms, hold_id))
-            .ok_or(ReserveRejection::SoldOut)?;
-
+        let holder = hold_shard(hold_id, self.shard_mask);
         let record = HoldRecord {
             member,
             quantity,
-            shard: shard as u32,
+            stock_shard: home as u32,
             state: HoldState::Held,
             created_at_ms: now_ms,
-            expires_at_ms,
+            expires_at_ms: now_ms.saturating_add(self.params.hold_ms),
         };
-        // Checked after the stock is taken, with a single lookup, because a repeated id is a caller bug and the
-        // common path should not pay twice for it. The hold's expiry entry stays queued; the reaper finds it
-        // belongs to another hold (or none) and drops it in due course.
-        let vacant = match self.holds.entry(hold_id) {
-            Entry::Vacant(vacant) => Some(vacant),
-            Entry::Occupied(_) => None,
+        let limit = self.params.per_member_limit;
+        let outcome = if holder == home {
+            // The fast path: one lock, and nothing else shared is touched.
+            let mut shard = self.shards[home].lock();
+            reserve_locked(&mut shard, None, hold_id, record, limit)
+        } else {
+            let (mut home_guard, mut holder_guard) = self.lock_two(home, holder);
+            reserve_locked(
+                &mut home_guard,
+                Some(&mut holder_guard),
+                hold_id,
+                record,
+                limit,
+            )
         };
-        let Some(vacant) = vacant else {
-            self.return_units(shard, quantity);
-            return Err(ReserveRejection::DuplicateHold);
-        };
-        // Both writes land in table slots that are usually not in cache. Doing them back to back, before either
-        // entry is unlocked, lets the two misses overlap: an unlock is an atomic that waits for every earlier store.
-        let _member_units = match member_entry {
-            Entry::Occupied(mut occupied) => {
-                *occupied.get_mut() = units_before + quantity;
-                occupied.into_ref()
-            }
-            Entry::Vacant(vacant) => vacant.insert(quantity),
-        };
-        vacant.insert(record);
-        Ok(record.view(hold_id))
+        match outcome {
+            Ok(()) => Ok(record.view(hold_id)),
+            Err(Stop::Refused(rejection)) => Err(rejection),
+            // The lock(s) are dropped: the slow path takes all of them, in index order.
+            Err(Stop::Short) => self.reserve_slow(hold_id, record, limit),
+        }
     }
 
-    /// Takes `quantity` units from the home shard, else from the first other shard that has them, else (slow path)
-    /// from all shards at once; returns the shard the hold is charged to, or `None` if fewer units are available
-    /// in total.
-    fn take_stock(&self, home: usize, quantity: u32, due: Due) -> Option<usize> {
-        if self.shards[home].lock().try_take(quantity, due) {
-            return Some(home);
-        }
-        // One lock at a time, so stealing never waits on two shards and cannot deadlock with anything.
-        for step in 1..self.shards.len() {
-            let index = (home + step) & self.shard_mask;
-            if self.shards[index].lock().try_take(quantity, due) {
-                return Some(index);
-            }
-        }
-        self.rebalance_take(home, quantity, due)
-    }
-
-    /// The slow path: with every shard locked, the total is exact. If it covers `quantity`, units move into the
-    /// home shard until it alone does, and the hold is charged there. This is what makes the last units sellable
-    /// however they are spread.
-    fn rebalance_take(&self, home: usize, quantity: u32, due: Due) -> Option<usize> {
+    /// The slow path: with every shard locked, the total is exact. If it covers `quantity`, the available units are
+    /// spread again so that the home shard has `quantity` more than an even share, and the hold is charged there;
+    /// this is what makes the last units sellable however they are spread, and the even spread keeps later
+    /// reservations on their fast path. With no unit left at all, the sold-out flag is set.
+    fn reserve_slow(
+        &self,
+        hold_id: Uuid,
+        record: HoldRecord,
+        limit: u32,
+    ) -> Result<HoldView, ReserveRejection> {
+        let home = record.stock_shard();
+        let holder = hold_shard(hold_id, self.shard_mask);
+        let quantity = record.quantity;
         let mut guards = self.lock_all();
+        // Everything is checked again: other reservations may have run between the fast path's unlock and here.
+        let units = guards[home].member_units(record.member);
+        if u64::from(units) + u64::from(quantity) > u64::from(limit) {
+            return Err(ReserveRejection::LimitExceeded);
+        }
         let total: u64 = guards.iter().map(|shard| u64::from(shard.available)).sum();
         if total < u64::from(quantity) {
             if total == 0 {
                 self.sold_out.store(true, Ordering::Release);
             }
-            return None;
+            return Err(ReserveRejection::SoldOut);
         }
-        let mut missing = quantity.saturating_sub(guards[home].available);
-        for step in 1..guards.len() {
-            if missing == 0 {
-                break;
+        if guards[holder].holds.contains_key(&hold_id) {
+            return Err(ReserveRejection::DuplicateHold);
+        }
+        // `total` is at most `stock`, a u32, so the cast is exact.
+        let rest = total as u32 - quantity;
+        let shards = guards.len();
+        let target =
+            |index: usize| split(rest, shards, index) + if index == home { quantity } else { 0 };
+        for (index, shard) in guards.iter_mut().enumerate() {
+            let target = target(index);
+            let available = shard.available;
+            if available > target {
+                shard.give(available - target);
             }
-            let index = (home + step) & self.shard_mask;
-            let moved = missing.min(guards[index].available);
-            guards[index].give(moved);
-            guards[home].receive(moved);
-            missing -= moved;
         }
-        let taken = guards[home].try_take(quantity, due);
-        debug_assert!(
-            taken,
-            "rebalance left the home shard short: {:?}",
-            *guards[home]
+        for (index, shard) in guards.iter_mut().enumerate() {
+            let target = target(index);
+            let available = shard.available;
+            if available < target {
+                shard.receive(target - available);
+            }
+        }
+        debug_assert_eq!(
+            guards
+                .iter()
+                .map(|shard| u64::from(shard.assigned))
+                .sum::<u64>(),
+            u64::from(self.params.stock),
+            "the spread made or lost units"
         );
-        taken.then_some(home)
+        let (home_shard, holder_shard) = pair_mut(&mut guards, home, holder);
+        let outcome = reserve_locked(home_shard, holder_shard, hold_id, record, limit);
+        debug_assert!(
+            outcome.is_ok(),
+            "the slow path refused after its own checks"
+        );
+        match outcome {
+            Ok(()) => Ok(record.view(hold_id)),
+            Err(Stop::Refused(rejection)) => Err(rejection),
+            Err(Stop::Short) => Err(ReserveRejection::SoldOut),
+        }
     }
 
-    /// Locks every shard in index order, the one order in which more than one shard is ever locked.
+    /// Locks shards `a` and `b` (which differ), the lower index first, and returns their guards as `(a, b)`.
+    fn lock_two(&self, a: usize, b: usize) -> (MutexGuard<'_, Shard>, MutexGuard<'_, Shard>) {
+        debug_assert_ne!(a, b);
+        if a < b {
+            let first = self.shards[a].lock();
+            (first, self.shards[b].lock())
+        } else {
+            let first = self.shards[b].lock();
+            (self.shards[a].lock(), first)
+        }
+    }
+
+    /// Locks every shard in index order.
     fn lock_all(&self) -> Vec<MutexGuard<'_, Shard>> {
         self.shards.iter().map(|shard| shard.lock()).collect()
     }
@@ -328,7 +330,7 @@ impl DropBook {
         member: Uuid,
         now_ms: i64,
     ) -> Result<HoldView, TransitionError> {
-        let hold = self.apply(hold_id, TransitionError::NotFound, |record| {
+        let hold = self.apply(hold_id, |record| {
             if record.member != member {
                 return Err(TransitionError::NotOwner);
             }
@@ -363,17 +365,15 @@ impl DropBook {
     }
 
     fn apply_from_paying(&self, hold_id: Uuid, to: HoldState) -> Result<HoldView, TransitionError> {
-        self.apply(hold_id, TransitionError::NotFound, |record| {
-            match record.state {
-                HoldState::Paying => Ok(to),
-                other => Err(refusal(other)),
-            }
+        self.apply(hold_id, |record| match record.state {
+            HoldState::Paying => Ok(to),
+            other => Err(refusal(other)),
         })
     }
 
     /// `held -> released(Cancelled)`, for the hold's owner; refused while a payment is in flight.
     pub fn cancel(&self, hold_id: Uuid, member: Uuid) -> Result<HoldView, TransitionError> {
-        self.apply(hold_id, TransitionError::NotFound, |record| {
+        self.apply(hold_id, |record| {
             if record.member != member {
                 return Err(TransitionError::NotOwner);
             }
@@ -390,104 +390,105 @@ impl DropBook {
     pub fn reap(&self, now_ms: i64, out: &mut Vec<HoldView>) -> usize {
         let before = out.len();
         let mut due: Vec<Due> = Vec::new();
-        let mut later: Vec<Due> = Vec::new();
-        for shard in self.shards.iter() {
+        let mut elsewhere: Vec<Pending> = Vec::new();
+        for (index, shard) in self.shards.iter().enumerate() {
             {
-                let mut shard = shard.lock();
+                let mut guard = shard.lock();
+                let shard = &mut *guard;
                 due.append(&mut shard.deferred);
                 while shard.expiry.front().is_some_and(|&(at, _)| at <= now_ms) {
                     due.extend(shard.expiry.pop_front());
                 }
-            }
-            // The shard is unlocked again: releasing a hold takes its hold entry, then a shard lock.
-            for (at, hold_id) in due.drain(..) {
-                let reaped = self.apply(hold_id, Reap::Later, |record| match record.state {
-                    HoldState::Held if record.expires_at_ms <= now_ms => {
-                        Ok(HoldState::Released(ReleaseReason::Expired))
+                // An entry's hold is recorded in the shard whose queue holds it, so it is decided under this lock.
+                for (at, hold_id) in due.drain(..) {
+                    let reaped = decide(shard, hold_id, Reap::Done, |record| match record.state {
+                        HoldState::Held if record.expires_at_ms <= now_ms => {
+                            Ok(HoldState::Released(ReleaseReason::Expired))
+                        }
+                        // Not yet due: a caller's clock behind this entry's.
+                        HoldState::Held | HoldState::Paying => Err(Reap::Later),
+                        HoldState::Paid | HoldState::Released(_) => Err(Reap::Done),
+                    });
+                    match reaped {
+                        Ok(pending) => {
+                            out.push(pending.hold);
+                            elsewhere.extend(self.account_in(shard, index, pending));
+                        }
+                        Err(Reap::Later) => shard.deferred.push((at, hold_id)),
+                        Err(Reap::Done) => {}
                     }
-                    // Not yet due: a caller's clock behind this entry's, or the entry of a refused duplicate id.
-                    HoldState::Held | HoldState::Paying => Err(Reap::Later),
-                    HoldState::Paid | HoldState::Released(_) => Err(Reap::Done),
-                });
-                match reaped {
-                    Ok(hold) => out.push(hold),
-                    Err(Reap::Later) => later.push((at, hold_id)),
-                    Err(Reap::Done) => {}
                 }
             }
-            if !later.is_empty() {
-                shard.lock().deferred.append(&mut later);
+            // The shard is unlocked again: the rest of the accounting takes other shards' locks, one at a time.
+            for pending in elsewhere.drain(..) {
+                self.account_rest(pending);
             }
         }
         out.len() - before
     }
 
-    /// Decides a transition under the hold's entry alone, then, with the entry unlocked, moves the units it frees
-    /// or settles. `decide` sees the record and returns the next state or the refusal.
-    fn apply<E>(
+    /// Decides a transition under the lock of the shard the hold's id points at, and does the accounting that
+    /// belongs to that shard under the same lock; what belongs to other shards is done after, one lock at a time.
+    /// `decide` sees the record and returns the next state or the refusal.
+    fn apply(
         &self,
         hold_id: Uuid,
-        missing: E,
-        decide: impl FnOnce(&HoldRecord) -> Result<HoldState, E>,
-    ) -> Result<HoldView, E> {
-        let (from, hold, shard) = {
-            let Some(mut record) = self.holds.get_mut(&hold_id) else {
-                return Err(missing);
-            };
-            let to = decide(&record)?;
-            let from = record.state;
-            record.state = to;
-            (from, record.view(hold_id), record.shard())
+        decide_to: impl FnOnce(&HoldRecord) -> Result<HoldState, TransitionError>,
+    ) -> Result<HoldView, TransitionError> {
+        let index = hold_shard(hold_id, self.shard_mask);
+        let (hold, rest) = {
+            let mut shard = self.shards[index].lock();
+            let pending = decide(&mut shard, hold_id, TransitionError::NotFound, decide_to)?;
+            (pending.hold, self.account_in(&mut shard, index, pending))
         };
-        match (from, hold.state) {
-            (HoldState::Held | HoldState::Paying, HoldState::Released(_)) => {
-                self.return_units(shard, hold.quantity);
-                self.return_member_units(hold.member, hold.quantity);
-            }
-            (HoldState::Paying, HoldState::Paid) => self.shards[shard].lock().settle(hold.quantity),
-            (HoldState::Held, HoldState::Paying) | (HoldState::Paying, HoldState::Held) => {}
-            // Every `decide` refuses other moves; reaching this is a bug in this file.
-            (from, to) => debug_assert!(false, "no transition from {from:?} to {to:?}"),
+        if let Some(pending) = rest {
+            self.account_rest(pending);
         }
         Ok(hold)
     }
 
-    /// Returns a released hold's units to sale and clears the sold-out flag.
-    fn return_units(&self, shard: usize, quantity: u32) {
-        self.shards[shard].lock().release(quantity);
-        // Cleared after the units are back, so a reservation that then reads `false` can find them. Any set that
-        // saw zero happened under this shard's lock before our release took it, so this load sees it.
+    /// Does the part of a decided transition's accounting that belongs to shard `index` (locked as `shard`), and
+    /// returns what is left for other shards, if anything.
+    fn account_in(&self, shard: &mut Shard, index: usize, mut pending: Pending) -> Option<Pending> {
+        if pending.stock_left && pending.stock_shard == index {
+            pending.settle_stock(shard);
+            if pending.released() {
+                self.clear_sold_out();
+            }
+        }
+        if pending.member_left && pending.home_shard(self.shard_mask) == index {
+            pending.settle_member(shard);
+        }
+        pending.is_left().then_some(pending)
+    }
+
+    /// The accounting of a decided transition left for shards other than the hold's: each shard locked alone.
+    fn account_rest(&self, mut pending: Pending) {
+        if pending.stock_left {
+            pending.settle_stock(&mut self.shards[pending.stock_shard].lock());
+            if pending.released() {
+                self.clear_sold_out();
+            }
+        }
+        if pending.member_left {
+            let home = pending.home_shard(self.shard_mask);
+            pending.settle_member(&mut self.shards[home].lock());
+        }
+    }
+
+    /// Cleared after a release's units are back, so a reservation that then reads `false` can find them. Any set that
+    /// saw zero happened under all shard locks, so before the release took its stock shard's lock, and this load sees
+    /// it.
+    fn clear_sold_out(&self) {
         if self.sold_out.load(Ordering::Acquire) {
             self.sold_out.store(false, Ordering::Release);
         }
     }
 
-    fn return_member_units(&self, member: Uuid, quantity: u32) {
-        match self.members.entry(member) {
-            Entry::Occupied(mut occupied) => {
-                let left = occupied.get().checked_sub(quantity);
-                debug_assert!(
-                    left.is_some(),
-                    "member {member} returns {quantity} of {}",
-                    occupied.get()
-                );
-                match left.unwrap_or(0) {
-                    0 => {
-                        occupied.remove();
-                    }
-                    left => *occupied.get_mut() = left,
-                }
-            }
-            Entry::Vacant(_) => debug_assert!(
-                false,
-                "member {member} returns {quantity} units it does not have"
-            ),
-        }
-    }
-
     /// The hold as it is now, if the book has it (released and paid holds stay in the book).
     pub fn hold(&self, hold_id: Uuid) -> Option<HoldView> {
-        self.holds.get(&hold_id).map(|record| record.view(hold_id))
+        let shard = self.shards[hold_shard(hold_id, self.shard_mask)].lock();
+        shard.holds.get(&hold_id).map(|record| record.view(hold_id))
     }
 
     /// A consistent snapshot: every shard is locked (in index order) while it is read.
@@ -499,8 +500,11 @@ impl DropBook {
             assert_eq!(
                 u64::from(shard.available) + u64::from(shard.held) + u64::from(shard.paid),
                 u64::from(shard.assigned),
-                "shard conservation broken: {:?}",
-                **shard
+                "shard conservation broken: assigned {}, available {}, held {}, paid {}",
+                shard.assigned,
+                shard.available,
+                shard.held,
+                shard.paid
             );
             assigned += u64::from(shard.assigned);
             available += u64::from(shard.available);
@@ -529,7 +533,9 @@ impl DropBook {
 
     /// Units of the member's held, paying and paid holds.
     pub fn member_units(&self, member: Uuid) -> u32 {
-        self.members.get(&member).map_or(0, |units| *units)
+        self.shards[home_shard(member, self.shard_mask)]
+            .lock()
+            .member_units(member)
     }
 
     /// Per shard `(assigned, available, held, paid)`, for tests of where units sit.
@@ -541,10 +547,17 @@ impl DropBook {
             .collect()
     }
 
-    /// The shard a hold is charged to, for tests.
+    /// The shard a hold's units are charged to, for tests.
     #[cfg(test)]
-    pub(super) fn hold_shard(&self, hold_id: Uuid) -> Option<usize> {
-        self.holds.get(&hold_id).map(|record| record.shard())
+    pub(super) fn stock_shard_of(&self, hold_id: Uuid) -> Option<usize> {
+        let shard = self.shards[hold_shard(hold_id, self.shard_mask)].lock();
+        shard.holds.get(&hold_id).map(HoldRecord::stock_shard)
+    }
+
+    /// The shard a hold's record lives in, for tests.
+    #[cfg(test)]
+    pub(super) fn record_shard_of(&self, hold_id: Uuid) -> usize {
+        hold_shard(hold_id, self.shard_mask)
     }
 
     /// The shard a member's reservations start from, for tests.
@@ -552,6 +565,134 @@ impl DropBook {
     pub(super) fn home_of(&self, member: Uuid) -> usize {
         home_shard(member, self.shard_mask)
     }
+}
+
+/// Checks and records a reservation under the lock of the member's home shard `home` and, when the hold id points
+/// elsewhere, of that shard `holder` too: the member limit and the stock in `home`, the id in the holder; then takes
+/// the units from `home`, bumps the member's count there and records the hold and its expiry in the holder. Refusals
+/// come in the documented order; nothing is changed unless all checks pass.
+fn reserve_locked(
+    home: &mut Shard,
+    holder: Option<&mut Shard>,
+    hold_id: Uuid,
+    record: HoldRecord,
+    limit: u32,
+) -> Result<(), Stop> {
+    let quantity = record.quantity;
+    let units = home.member_units(record.member);
+    if u64::from(units) + u64::from(quantity) > u64::from(limit) {
+        return Err(Stop::Refused(ReserveRejection::LimitExceeded));
+    }
+    if home.available < quantity {
+        return Err(Stop::Short);
+    }
+    {
+        let holder = match holder {
+            Some(holder) => holder,
+            None => &mut *home,
+        };
+        match holder.holds.entry(hold_id) {
+            Entry::Occupied(_) => return Err(Stop::Refused(ReserveRejection::DuplicateHold)),
+            Entry::Vacant(vacant) => {
+                vacant.insert(record);
+            }
+        }
+        holder.expiry.push_back((record.expires_at_ms, hold_id));
+    }
+    home.take(quantity);
+    home.add_member_units(record.member, quantity);
+    Ok(())
+}
+
+/// The guards at `home` and `holder` (the same shard when they are equal, returned once), from all the guards.
+fn pair_mut<'a, 'g>(
+    guards: &'a mut [MutexGuard<'g, Shard>],
+    home: usize,
+    holder: usize,
+) -> (&'a mut Shard, Option<&'a mut Shard>) {
+    if home == holder {
+        return (&mut guards[home], None);
+    }
+    let (low, high) = guards.split_at_mut(home.max(holder));
+    let (at_low, at_high) = (&mut *low[home.min(holder)], &mut *high[0]);
+    if home < holder {
+        (at_low, Some(at_high))
+    } else {
+        (at_high, Some(at_low))
+    }
+}
+
+/// A transition decided under the hold's lock, with the accounting still to do (`*_left`).
+struct Pending {
+    hold: HoldView,
+    from: HoldState,
+    stock_shard: usize,
+    stock_left: bool,
+    member_left: bool,
+}
+
+impl Pending {
+    fn released(&self) -> bool {
+        matches!(self.hold.state, HoldState::Released(_))
+    }
+
+    fn home_shard(&self, shard_mask: usize) -> usize {
+        home_shard(self.hold.member, shard_mask)
+    }
+
+    fn is_left(&self) -> bool {
+        self.stock_left || self.member_left
+    }
+
+    /// Returns a released hold's units to sale, or settles a paid one's, in its stock shard (locked as `shard`).
+    fn settle_stock(&mut self, shard: &mut Shard) {
+        let quantity = self.hold.quantity;
+        match (self.from, self.hold.state) {
+            (HoldState::Held | HoldState::Paying, HoldState::Released(_)) => {
+                shard.release(quantity)
+            }
+            (HoldState::Paying, HoldState::Paid) => shard.settle(quantity),
+            (HoldState::Held, HoldState::Paying) | (HoldState::Paying, HoldState::Held) => {}
+            // Every `decide` refuses other moves; reaching this is a bug in this file.
+            (from, to) => debug_assert!(false, "no transition from {from:?} to {to:?}"),
+        }
+        self.stock_left = false;
+    }
+
+    /// Gives a released hold's units back to its member, in the member's home shard (locked as `shard`).
+    fn settle_member(&mut self, shard: &mut Shard) {
+        if self.released() {
+            shard.return_member_units(self.hold.member, self.hold.quantity);
+        }
+        self.member_left = false;
+    }
+}
+
+/// Decides a transition of the hold recorded in `shard` (the shard its id points at, locked) and writes the new
+/// state; the accounting is left to the caller. `missing` is the refusal for an id the shard does not have.
+fn decide<E>(
+    shard: &mut Shard,
+    hold_id: Uuid,
+    missing: E,
+    decide_to: impl FnOnce(&HoldRecord) -> Result<HoldState, E>,
+) -> Result<Pending, E> {
+    let Some(record) = shard.holds.get_mut(&hold_id) else {
+        return Err(missing);
+    };
+    let to = decide_to(record)?;
+    let from = record.state;
+    record.state = to;
+    let moves_units = matches!(
+        (from, to),
+        (_, HoldState::Released(_)) | (_, HoldState::Paid)
+    );
+    Ok(Pending {
+        hold: record.view(hold_id),
+        from,
+        stock_shard: record.stock_shard(),
+        stock_left: moves_units,
+        member_left: matches!(to, HoldState::Released(_)),
+    })
 }
 
 /// Why a transition cannot start from `state`.
@@ -564,11 +705,18 @@ fn refusal(state: HoldState) -> TransitionError {
     }
 }
 
-/// The shard a member's reservations try first. Member ids are random (v4) or random in their low bits (v7), and a
-/// multiply folds both halves into the top bits, so members spread evenly without hashing the whole id.
+/// The shard a member's count lives in and its reservations take stock from. Member ids are random (v4) or random
+/// in their low bits (v7), and a multiply folds both halves into the top bits, so members spread evenly without
+/// hashing the whole id.
 fn home_shard(member: Uuid, shard_mask: usize) -> usize {
     let (high, low) = member.as_u64_pair();
     ((high ^ low).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & shard_mask
+}
+
+/// The shard a hold's record and expiry entry live in: read from the id itself (the low bits of its last byte,
+/// random in v4 and v7 ids), so finding a hold needs no lookup. See [`DropBook::hold_id_for`].
+fn hold_shard(hold_id: Uuid, shard_mask: usize) -> usize {
+    usize::from(hold_id.as_bytes()[15]) & shard_mask
 }
 
 /// `total` split over `parts`, the first `total % parts` parts getting one more.
@@ -585,7 +733,10 @@ fn normalize(params: DropParams) -> DropParams {
     }
 }
 
-fn new_map<V>(stock: u32) -> DashMap<Uuid, V, IdHasher> {
-    let capacity = (stock as usize).min(MAP_PRESIZE_MAX);
-    DashMap::with_capacity_and_hasher_and_shard_amount(capacity, IdHasher::default(), MAP_SHARDS)
+/// Entries each shard's maps are sized for: its even share of the stock (one hold per unit is the busy case), with
+/// the whole book capped at `MAP_PRESIZE_MAX`.
+fn map_capacity(params: DropParams) -> usize {
+    (params.stock as usize)
+        .min(MAP_PRESIZE_MAX)
+        .div_ceil(params.shards)
 }

@@ -4,6 +4,12 @@
 //! Time comes in as `now_ms` (unix milliseconds). One [`DropBook`] serves one drop and is shared between threads
 //! (`Arc<DropBook>`); every method takes `&self`.
 //!
+//! **Structure:** the book is a fixed set of shards, each one cache-padded lock over a slice of the stock, the
+//! counts of the members whose home shard it is, and the records and expiry queue of the holds whose id points at
+//! it. Ids from [`DropBook::hold_id_for`] point at the member's home shard, so a reservation or transition of such a
+//! hold takes one lock; any other id also works, at the cost of a second lock. When more than one shard is locked,
+//! they are locked in ascending index order (the one lock rule, see `book.rs`).
+//!
 //! **Invariant (conservation):** in every snapshot from [`DropBook::counts`],
 //! `available + held + paid == stock`, where `held` counts both `held` and `paying` holds.
 //! **Invariant (member limit):** for every member, the units of its `held`, `paying` and `paid` holds never exceed

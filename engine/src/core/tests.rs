@@ -68,7 +68,7 @@ fn reserve_holds_units_on_the_home_shard() {
     assert_eq!(book.counts(), counts(10, 8, 2, 0));
     assert_eq!(book.member_units(member), 2);
     assert_eq!(book.member_units(id(8)), 0);
-    assert_eq!(book.hold_shard(id(1)), Some(book.home_of(member)));
+    assert_eq!(book.stock_shard_of(id(1)), Some(book.home_of(member)));
     assert!(!book.is_sold_out());
 }
 
@@ -149,7 +149,7 @@ fn a_repeated_hold_id_is_refused_and_changes_nothing() {
     let total_assigned: u32 = book.shard_counts().iter().map(|shard| shard.0).sum();
     assert_eq!(total_assigned, 10);
 
-    // The refused attempts left expiry entries behind; they must neither release the hold early nor twice.
+    // The refused attempts must neither release the hold early nor twice.
     let mut out = Vec::new();
     assert_eq!(book.reap(T0 + HOLD_MS - 1, &mut out), 0);
     assert_eq!(book.reap(T0 + HOLD_MS + 10, &mut out), 1);
@@ -159,26 +159,26 @@ fn a_repeated_hold_id_is_refused_and_changes_nothing() {
 }
 
 #[test]
-fn an_empty_home_shard_steals_from_another_shard() {
+fn an_empty_home_shard_takes_units_from_another_shard() {
     let book = book(2, 1, 2);
     assert_eq!(book.shard_counts(), vec![(1, 1, 0, 0), (1, 1, 0, 0)]);
     let first = member_at(&book, 0, 0);
     let second = member_at(&book, 0, 1);
     book.reserve(id(1), first, 1, T0).unwrap();
     book.reserve(id(2), second, 1, T0).unwrap();
-    assert_eq!(book.hold_shard(id(1)), Some(0));
+    assert_eq!(book.stock_shard_of(id(1)), Some(0));
     assert_eq!(
-        book.hold_shard(id(2)),
-        Some(1),
-        "charged to the shard it was stolen from"
+        book.stock_shard_of(id(2)),
+        Some(0),
+        "the other shard's unit moved into the home shard"
     );
-    assert_eq!(book.shard_counts(), vec![(1, 0, 1, 0), (1, 0, 1, 0)]);
+    assert_eq!(book.shard_counts(), vec![(2, 0, 2, 0), (0, 0, 0, 0)]);
 
     // Every later transition adjusts the shard the hold is charged to.
     book.begin_payment(id(2), second, T0).unwrap();
     book.complete_payment(id(2)).unwrap();
     book.cancel(id(1), first).unwrap();
-    assert_eq!(book.shard_counts(), vec![(1, 1, 0, 0), (1, 0, 0, 1)]);
+    assert_eq!(book.shard_counts(), vec![(2, 1, 0, 1), (0, 0, 0, 0)]);
 }
 
 #[test]
@@ -186,7 +186,7 @@ fn a_quantity_no_single_shard_has_is_rebalanced_into_the_home_shard() {
     let book = book(4, 4, 4);
     let buyer = member_at(&book, 2, 0);
     book.reserve(id(1), buyer, 3, T0).unwrap();
-    assert_eq!(book.hold_shard(id(1)), Some(2));
+    assert_eq!(book.stock_shard_of(id(1)), Some(2));
     let shards = book.shard_counts();
     assert_eq!(
         shards[2],
@@ -733,4 +733,133 @@ fn reserve_then_many_transitions_across_shards_conserves_stock() {
             assert!(book.member_units(id(member)) <= 4);
         }
     }
+}
+
+#[test]
+fn hold_id_for_points_the_id_at_the_members_home_shard_and_keeps_the_rest() {
+    for shards in [1, 2, 4, 8, MAX_SHARDS] {
+        let book = book(100, 1, shards);
+        for n in 0..64u128 {
+            let member = id(n * 0x9E37_79B9_7F4A_7C15 + 7);
+            let seed = Uuid::now_v7();
+            let hold = book.hold_id_for(member, seed);
+            assert_eq!(book.record_shard_of(hold), book.home_of(member));
+            assert_eq!(hold.get_version_num(), 7);
+            assert_eq!(hold.get_variant(), seed.get_variant());
+            assert_eq!(hold.as_bytes()[..15], seed.as_bytes()[..15]);
+            let mask = (shards - 1) as u8;
+            assert_eq!(hold.as_bytes()[15] & !mask, seed.as_bytes()[15] & !mask);
+            assert_eq!(
+                book.hold_id_for(member, hold),
+                hold,
+                "already pointing home"
+            );
+        }
+    }
+}
+
+/// A hold id for `member` that points at `member`'s home shard (`home`) or at the next shard (`!home`).
+fn hold_id(book: &DropBook, member: Uuid, n: u128, home: bool) -> Uuid {
+    let fast = book.hold_id_for(member, id(n << 8));
+    if home {
+        return fast;
+    }
+    let shards = book.params().shards;
+    let mut bytes = *fast.as_bytes();
+    bytes[15] = ((book.home_of(member) + 1) % shards) as u8;
+    Uuid::from_bytes(bytes)
+}
+
+#[test]
+fn holds_on_the_fast_and_the_cross_shard_path_go_through_every_transition() {
+    for home_ids in [true, false] {
+        let book = book(40, 3, 4);
+        let member = member_at(&book, 1, 0);
+        let other = member_at(&book, 3, 0);
+        let ids: Vec<Uuid> = (1..=6)
+            .map(|n| hold_id(&book, member, n, home_ids))
+            .collect();
+        let record_shard = if home_ids { 1 } else { 2 };
+        let (paid, cancelled, declined, expired) = (ids[0], ids[1], ids[2], ids[3]);
+
+        book.reserve(paid, member, 1, T0).unwrap();
+        book.reserve(cancelled, member, 1, T0).unwrap();
+        book.reserve(declined, member, 1, T0).unwrap();
+        assert_eq!(
+            book.reserve(expired, member, 1, T0),
+            Err(ReserveRejection::LimitExceeded)
+        );
+        assert_eq!(
+            book.reserve(paid, other, 1, T0),
+            Err(ReserveRejection::DuplicateHold),
+            "a repeated id is found whichever shard its record is in"
+        );
+        for &hold in &ids[..3] {
+            assert_eq!(book.record_shard_of(hold), record_shard);
+            assert_eq!(
+                book.stock_shard_of(hold),
+                Some(1),
+                "charged to the home shard"
+            );
+        }
+        assert_eq!(book.member_units(member), 3);
+        assert_eq!(book.member_units(other), 0);
+        assert_eq!(book.shard_counts()[1], (10, 7, 3, 0));
+
+        book.begin_payment(paid, member, T0).unwrap();
+        book.complete_payment(paid).unwrap();
+        assert_eq!(book.shard_counts()[1], (10, 7, 2, 1));
+        book.cancel(cancelled, member).unwrap();
+        assert_eq!(book.member_units(member), 2);
+        book.begin_payment(declined, member, T0).unwrap();
+        book.decline_payment(declined).unwrap();
+        assert_eq!(book.member_units(member), 1);
+        assert_eq!(book.shard_counts()[1], (10, 9, 0, 1));
+        assert_eq!(
+            book.cancel(cancelled, member),
+            Err(TransitionError::AlreadyReleased(ReleaseReason::Cancelled))
+        );
+
+        book.reserve(expired, member, 2, T0 + 10).unwrap();
+        book.reserve(ids[4], other, 3, T0 + 20).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(book.reap(T0 + 10 + HOLD_MS, &mut out), 1);
+        assert_eq!(out[0].id, expired);
+        assert_eq!(out[0].state, HoldState::Released(ReleaseReason::Expired));
+        assert_eq!(book.member_units(member), 1, "only the paid unit is left");
+        assert_eq!(book.reap(T0 + 20 + HOLD_MS, &mut out), 1);
+        assert_eq!(out[1].id, ids[4]);
+        assert_eq!(book.member_units(other), 0);
+        assert_eq!(book.counts(), counts(40, 39, 0, 1));
+        assert_eq!(book.shard_counts()[1], (10, 9, 0, 1));
+        assert_eq!(state_of(&book, paid), Some(HoldState::Paid));
+    }
+}
+
+#[test]
+fn a_cross_shard_hold_on_the_slow_path_takes_units_into_the_home_shard() {
+    let book = book(4, 4, 2);
+    let member = member_at(&book, 0, 0);
+    let hold = hold_id(&book, member, 1, false);
+    assert_eq!(book.record_shard_of(hold), 1);
+    book.reserve(hold, member, 3, T0).unwrap();
+    assert_eq!(book.stock_shard_of(hold), Some(0));
+    let shards = book.shard_counts();
+    assert_eq!(shards[0], (4, 1, 3, 0), "the rest is spread evenly");
+    assert_eq!(shards[1], (0, 0, 0, 0));
+    assert_eq!(
+        book.reserve(hold_id(&book, member, 2, false), member, 2, T0),
+        Err(ReserveRejection::LimitExceeded)
+    );
+    assert_eq!(
+        book.reserve(hold_id(&book, id(5), 3, false), id(5), 2, T0),
+        Err(ReserveRejection::SoldOut)
+    );
+    assert!(!book.is_sold_out());
+
+    let mut out = Vec::new();
+    assert_eq!(book.reap(T0 + HOLD_MS, &mut out), 1);
+    assert_eq!(book.member_units(member), 0);
+    assert_eq!(book.counts(), counts(4, 4, 0, 0));
+    assert_eq!(book.shard_counts()[0], (4, 4, 0, 0));
 }
