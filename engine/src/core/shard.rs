@@ -62,11 +62,12 @@ pub(super) struct Shard {
 }
 
 impl Shard {
-    /// An empty shard whose maps are sized for `capacity` holds and members.
+    /// An empty shard whose maps and expiry queue are sized for `capacity` holds and members.
     pub(super) fn with_capacity(capacity: usize) -> Self {
         Self {
             members: HashMap::with_capacity_and_hasher(capacity, IdHasher::default()),
             holds: HashMap::with_capacity_and_hasher(capacity, IdHasher::default()),
+            expiry: VecDeque::with_capacity(capacity),
             ..Self::default()
         }
     }
