@@ -30,7 +30,7 @@ pub type IdHasher = rustc_hash::FxBuildHasher;
 
 /// Most entries the maps of all shards together are sized for up front: a big drop should not allocate its whole
 /// hold table before it opens.
-const MAP_PRESIZE_MAX: usize = 1 << 17;
+const MAP_PRESIZE_MAX: usize = 1 << 16;
 
 /// What the reaper does with an expiry entry it could not settle now.
 enum Reap {
