@@ -214,3 +214,56 @@ async fn a_killed_server_loses_no_acknowledged_purchase_and_resells_nothing() {
         "clean shutdown after the drop"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_writer_before_the_process_exits() {
+    let db = TestDb::new().await;
+    // A writer that lingers, so rows are still queued when the signal arrives.
+    let server = TestServer::start(&db.url, &[("WRITER_FLUSH_INTERVAL_MS", "200")]).await;
+    let http = reqwest::Client::new();
+    let seller = seed_member(&db, Role::Seller).await;
+    let product = seed_product(&db, &seller, 100).await;
+    let opens = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    let (status, drop) = post(
+        &http,
+        server.url("/api/v1/drops"),
+        &seller,
+        json!({ "product_id": product, "stock": 500, "opens_at": opens }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{drop}");
+    let drop = drop["id"].as_str().unwrap().to_owned();
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let member = seed_member(&db, Role::Customer).await;
+        let (status, body) = post(
+            &http,
+            server.url(&format!("/api/v1/drops/{drop}/reservations")),
+            &member,
+            json!({}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::CREATED);
+        held.push(body["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    assert!(
+        server.terminate(Duration::from_secs(15)).await,
+        "clean exit"
+    );
+    let stored: HashSet<Uuid> = db
+        .client()
+        .await
+        .query("SELECT id FROM reservations WHERE status = 'held'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let missing: Vec<_> = held.iter().filter(|id| !stored.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "holds acknowledged but not written at shutdown: {missing:?}"
+    );
+}
