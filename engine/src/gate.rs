@@ -43,6 +43,8 @@ pub trait Gate: Send + Sync + 'static {
     fn knows(&self, drop: Uuid) -> bool;
     /// The local sold-out flag: an answer from memory, no I/O, so a sold-out drop rejects for free.
     fn is_sold_out(&self, drop: Uuid) -> bool;
+    /// Places a hold. `hold` is a fresh id from the caller; a gate may adjust its random bits (the embedded gate
+    /// points it at the member's shard), so the returned view's id is the hold's id from then on.
     async fn reserve(
         &self,
         drop: Uuid,
@@ -170,6 +172,8 @@ impl Gate for EmbeddedGate {
             // The service loads a drop before reserving on it; an unknown drop here has nothing to sell.
             return Ok(Err(ReserveRejection::SoldOut));
         };
+        // Point the id at the member's home shard, so the hold, the member's count and the stock share one lock.
+        let hold = book.hold_id_for(member, hold);
         Ok(book.reserve(hold, member, quantity, now_ms))
     }
 
