@@ -579,29 +579,53 @@ fn reserve_locked(
     limit: u32,
 ) -> Result<(), Stop> {
     let quantity = record.quantity;
-    let units = home.member_units(record.member);
-    if u64::from(units) + u64::from(quantity) > u64::from(limit) {
-        return Err(Stop::Refused(ReserveRejection::LimitExceeded));
-    }
     if home.available < quantity {
         return Err(Stop::Short);
     }
-    {
-        let holder = match holder {
-            Some(holder) => holder,
-            None => &mut *home,
-        };
-        match holder.holds.entry(hold_id) {
-            Entry::Occupied(_) => return Err(Stop::Refused(ReserveRejection::DuplicateHold)),
-            Entry::Vacant(vacant) => {
-                vacant.insert(record);
+    // One lookup of the member: the entry found for the limit check is the one written back.
+    let units = match home.members.entry(record.member) {
+        Entry::Occupied(occupied) => {
+            let before = *occupied.get();
+            if u64::from(before) + u64::from(quantity) > u64::from(limit) {
+                return Err(Stop::Refused(ReserveRejection::LimitExceeded));
             }
+            MemberSlot::Occupied(occupied, before)
         }
-        holder.expiry.push_back((record.expires_at_ms, hold_id));
+        Entry::Vacant(vacant) => {
+            if quantity > limit {
+                return Err(Stop::Refused(ReserveRejection::LimitExceeded));
+            }
+            MemberSlot::Vacant(vacant)
+        }
+    };
+    let (holds, expiry) = match holder {
+        Some(holder) => (&mut holder.holds, &mut holder.expiry),
+        None => (&mut home.holds, &mut home.expiry),
+    };
+    match holds.entry(hold_id) {
+        Entry::Occupied(_) => return Err(Stop::Refused(ReserveRejection::DuplicateHold)),
+        Entry::Vacant(vacant) => {
+            vacant.insert(record);
+        }
+    }
+    expiry.push_back((record.expires_at_ms, hold_id));
+    match units {
+        MemberSlot::Occupied(mut occupied, before) => *occupied.get_mut() = before + quantity,
+        MemberSlot::Vacant(vacant) => {
+            vacant.insert(quantity);
+        }
     }
     home.take(quantity);
-    home.add_member_units(record.member, quantity);
     Ok(())
+}
+
+/// The member's map slot, found once and written after the hold is in.
+enum MemberSlot<'a> {
+    Occupied(
+        std::collections::hash_map::OccupiedEntry<'a, Uuid, u32>,
+        u32,
+    ),
+    Vacant(std::collections::hash_map::VacantEntry<'a, Uuid, u32>),
 }
 
 /// The guards at `home` and `holder` (the same shard when they are equal, returned once), from all the guards.
