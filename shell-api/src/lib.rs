@@ -87,6 +87,16 @@ pub async fn start_engine(
     clock: Arc<dyn engine::clock::Clock>,
 ) -> Result<(Arc<Engine>, Arc<SimulatedGateway>), engine::EngineError> {
     let gate = Arc::new(EmbeddedGate::new(args.engine_shards));
+    start_engine_with_gate(db, args, gate, clock).await
+}
+
+/// Starts the drop engine over `db` with the given stock authority and the simulated payment gateway.
+pub async fn start_engine_with_gate(
+    db: Pool,
+    args: &config::EngineArgs,
+    gate: Arc<dyn engine::gate::Gate>,
+    clock: Arc<dyn engine::clock::Clock>,
+) -> Result<(Arc<Engine>, Arc<SimulatedGateway>), engine::EngineError> {
     let gateway = Arc::new(SimulatedGateway::new(args.gateway_config()));
     let engine = Engine::start(db, args.engine_config(), gate, gateway.clone(), clock).await?;
     Ok((engine, gateway))

@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use shell_api::auth::Role;
 use shell_api::config::{DbArgs, EngineArgs};
-use shell_api::{app, db, start_engine, AppState, Settings};
+use shell_api::{app, db, start_engine_with_gate, AppState, Settings};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_postgres::NoTls;
 use tower::ServiceExt;
@@ -152,10 +152,24 @@ impl TestApp {
         Self::with_clock(args, Arc::new(SystemClock)).await
     }
 
-    /// The app with chosen engine settings and clock.
+    /// The app with chosen engine settings and clock, on the embedded gate.
     pub async fn with_clock(args: EngineArgs, clock: Arc<dyn Clock>) -> Self {
+        let gate = Arc::new(engine::gate::EmbeddedGate::new(args.engine_shards));
+        Self::build(args, gate, clock).await
+    }
+
+    /// The app over a gate of the test's choosing (to make the stock authority slow or unreachable).
+    pub async fn with_gate(args: EngineArgs, gate: Arc<dyn engine::gate::Gate>) -> Self {
+        Self::build(args, gate, Arc::new(SystemClock)).await
+    }
+
+    async fn build(
+        args: EngineArgs,
+        gate: Arc<dyn engine::gate::Gate>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let db = TestDb::new().await;
-        let (engine, gateway) = start_engine(db.pool.clone(), &args, clock)
+        let (engine, gateway) = start_engine_with_gate(db.pool.clone(), &args, gate, clock)
             .await
             .expect("engine");
         let state = AppState::new(db.pool.clone(), Settings::for_tests(), engine);
@@ -293,29 +307,6 @@ impl TestServer {
 }
 
 impl TestApp {
-    /// The app over a gate of the test's choosing (to make the stock authority slow or unreachable).
-    pub async fn with_gate(args: EngineArgs, gate: Arc<dyn engine::gate::Gate>) -> Self {
-        let db = TestDb::new().await;
-        let gateway = Arc::new(SimulatedGateway::new(args.gateway_config()));
-        let engine = engine::Engine::start(
-            db.pool.clone(),
-            args.engine_config(),
-            gate,
-            gateway.clone(),
-            Arc::new(SystemClock),
-        )
-        .await
-        .expect("engine");
-        let state = AppState::new(db.pool.clone(), Settings::for_tests(), engine);
-        let router = app(state.clone());
-        Self {
-            db,
-            state,
-            router,
-            gateway,
-        }
-    }
-
     /// Inserts a product owned by `seller` directly and returns its id.
     pub async fn product(&self, seller: &TestMember, price: i64) -> Uuid {
         let id = Uuid::now_v7();
