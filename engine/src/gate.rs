@@ -39,8 +39,6 @@ pub trait Gate: Send + Sync + 'static {
     /// state that does not add up (more committed than stock) is refused rather than sold from.
     async fn load(&self, drop: &DropSpec, restore: Restore)
         -> GateResult<Result<(), RestoreError>>;
-    /// Whether this gate already knows the drop (no I/O).
-    fn knows(&self, drop: Uuid) -> bool;
     /// The local sold-out flag: an answer from memory, no I/O, so a sold-out drop rejects for free.
     fn is_sold_out(&self, drop: Uuid) -> bool;
     /// Places a hold. `hold` is a fresh id from the caller; a gate may adjust its random bits (the embedded gate
@@ -150,10 +148,6 @@ impl Gate for EmbeddedGate {
         };
         self.books.entry(drop.id).or_insert_with(|| Arc::new(book));
         Ok(Ok(()))
-    }
-
-    fn knows(&self, drop: Uuid) -> bool {
-        self.books.contains_key(&drop)
     }
 
     fn is_sold_out(&self, drop: Uuid) -> bool {

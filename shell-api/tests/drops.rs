@@ -722,9 +722,6 @@ impl Gate for TestGate {
     ) -> GateResult<Result<(), engine::core::RestoreError>> {
         self.inner.load(drop, restore).await
     }
-    fn knows(&self, drop: Uuid) -> bool {
-        self.inner.knows(drop)
-    }
     fn is_sold_out(&self, drop: Uuid) -> bool {
         self.inner.is_sold_out(drop)
     }
