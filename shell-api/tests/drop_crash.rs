@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    live_drop_state, post_json, seed_member, seed_product, TestDb, TestMember, TestServer,
+    live_drop_state, post_json, purchase_tally, seed_member, seed_product, TestDb, TestMember,
+    TestServer,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -179,14 +180,7 @@ async fn a_killed_server_loses_no_acknowledged_purchase_and_resells_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let row = pg
-        .query_one(
-            "SELECT count(*), count(DISTINCT reservation_id), sum(quantity)::int8 FROM purchases WHERE drop_id = $1",
-            &[&drop_id],
-        )
-        .await
-        .unwrap();
-    let (rows, reservations, units): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let (rows, reservations, units) = purchase_tally(&db, drop_id).await;
     assert_eq!(
         (rows, reservations, units),
         (STOCK as i64, STOCK as i64, STOCK as i64),

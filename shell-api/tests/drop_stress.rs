@@ -10,7 +10,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{
-    live_drop_state, post_json, seed_member, seed_product, TestDb, TestMember, TestServer,
+    live_drop_state, post_json, purchase_tally, seed_member, seed_product, TestDb, TestMember,
+    TestServer,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -173,14 +174,7 @@ async fn ten_times_more_buyers_than_units_sell_exactly_the_stock() {
 
     let pg = db.client().await;
     let drop_id: Uuid = drop.parse().unwrap();
-    let row = pg
-        .query_one(
-            "SELECT count(*), count(DISTINCT reservation_id), COALESCE(sum(quantity), 0)::int8 FROM purchases WHERE drop_id = $1",
-            &[&drop_id],
-        )
-        .await
-        .unwrap();
-    let (rows, reservations, units): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let (rows, reservations, units) = purchase_tally(&db, drop_id).await;
     assert_eq!(
         (rows, reservations, units),
         (100, 100, 100),

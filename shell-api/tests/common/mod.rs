@@ -447,3 +447,19 @@ pub async fn live_drop_state(http: &reqwest::Client, base_url: &str, drop: &str)
     );
     body
 }
+
+/// `(purchase rows, distinct reservations, units)` stored for a drop: equal numbers mean one purchase per paid
+/// reservation.
+pub async fn purchase_tally(db: &TestDb, drop: Uuid) -> (i64, i64, i64) {
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*), count(DISTINCT reservation_id), COALESCE(sum(quantity), 0)::int8
+             FROM purchases WHERE drop_id = $1",
+            &[&drop],
+        )
+        .await
+        .expect("purchase tally");
+    (row.get(0), row.get(1), row.get(2))
+}
