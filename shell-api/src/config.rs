@@ -170,3 +170,41 @@ impl Default for EngineArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// `EngineArgs::default()` restates the command-line defaults by hand; this keeps the two from drifting.
+    #[test]
+    fn engine_defaults_match_the_command_line_defaults() {
+        let engine_vars = [
+            "ENGINE_SHARDS",
+            "RESERVE_INFLIGHT_MAX",
+            "PAY_INFLIGHT_MAX",
+            "REAPER_INTERVAL_MS",
+            "WRITER_BATCH_ROWS_MAX",
+            "WRITER_FLUSH_INTERVAL_MS",
+            "WRITER_CHANNEL_CAPACITY",
+            "PAYMENT_LATENCY_MS",
+            "PAYMENT_FAILURE_RATE",
+        ];
+        if engine_vars
+            .iter()
+            .any(|var| std::env::var_os(var).is_some())
+        {
+            // The environment overrides the defaults; there is nothing to compare against then.
+            return;
+        }
+        let cli = Cli::try_parse_from(["flashsale", "serve", "--dev"]).expect("parse");
+        let Command::Serve(serve) = cli.command else {
+            panic!("expected serve");
+        };
+        assert_eq!(
+            format!("{:?}", serve.engine),
+            format!("{:?}", EngineArgs::default())
+        );
+    }
+}
