@@ -41,8 +41,8 @@ pub trait Gate: Send + Sync + 'static {
         -> GateResult<Result<(), RestoreError>>;
     /// The local sold-out flag: an answer from memory, no I/O, so a sold-out drop rejects for free.
     fn is_sold_out(&self, drop: Uuid) -> bool;
-    /// Places a hold. `hold` is a fresh id from the caller; a gate may adjust its random bits (the embedded gate
-    /// points it at the member's shard), so the returned view's id is the hold's id from then on.
+    /// Places a hold. `hold` is a fresh id from the caller; a gate may rewrite its random bits (the embedded gate
+    /// writes the hold's place into them), so the returned view's id is the hold's id from then on.
     async fn reserve(
         &self,
         drop: Uuid,
@@ -166,8 +166,8 @@ impl Gate for EmbeddedGate {
             // The service loads a drop before reserving on it; an unknown drop here has nothing to sell.
             return Ok(Err(ReserveRejection::SoldOut));
         };
-        // Point the id at the member's home shard, so the hold, the member's count and the stock share one lock.
-        let hold = book.hold_id_for(member, hold);
+        // The book makes the hold's id from this seed, naming the hold's place so that every later call finds it
+        // under one lock.
         Ok(book.reserve(hold, member, quantity, now_ms))
     }
 

@@ -100,8 +100,6 @@ impl From<ReserveRejection> for EngineError {
             ReserveRejection::SoldOut => EngineError::SoldOut,
             ReserveRejection::LimitExceeded => EngineError::LimitExceeded,
             ReserveRejection::InvalidQuantity => EngineError::InvalidQuantity,
-            // Hold ids are fresh UUIDv7s; a duplicate means a bug, and refusing is the safe answer.
-            ReserveRejection::DuplicateHold => EngineError::Overloaded,
         }
     }
 }

@@ -64,6 +64,8 @@ impl Model {
 
 /// What both implementations answer, so one driver can run either.
 trait Book {
+    /// The book makes the hold's id from `hold_id` (a seed); the reference takes it as the id, so the driver hands
+    /// it the id the book made.
     fn reserve(
         &self,
         hold_id: Uuid,
@@ -203,9 +205,10 @@ impl Book for Reference {
             model.sold_out = model.available == 0;
             return Err(ReserveRejection::SoldOut);
         }
-        if model.holds.contains_key(&hold_id) {
-            return Err(ReserveRejection::DuplicateHold);
-        }
+        assert!(
+            !model.holds.contains_key(&hold_id),
+            "the book made an id twice"
+        );
         let hold = HoldView {
             id: hold_id,
             member,
@@ -340,12 +343,10 @@ impl Who {
 #[derive(Clone, Debug)]
 enum Op {
     Reserve {
+        /// The seed of the new hold's id: fresh, or a known hold's id (the book makes a new id from either).
         hold: HoldRef,
         member: Index,
         quantity: u32,
-        /// A fresh id comes from `DropBook::hold_id_for` (it points at the member's home shard: the one-lock fast
-        /// path) rather than straight from the counter (it points at any shard: the cross-shard path).
-        routed: bool,
     },
     BeginPayment {
         hold: HoldRef,
@@ -380,8 +381,8 @@ fn quantity(max_quantity: u32) -> impl Strategy<Value = u32> {
 
 fn op(max_quantity: u32) -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (hold_ref(9), any::<Index>(), quantity(max_quantity), any::<bool>())
-            .prop_map(|(hold, member, quantity, routed)| Op::Reserve { hold, member, quantity, routed }),
+        6 => (hold_ref(9), any::<Index>(), quantity(max_quantity))
+            .prop_map(|(hold, member, quantity)| Op::Reserve { hold, member, quantity }),
         3 => (hold_ref(1), who()).prop_map(|(hold, who)| Op::BeginPayment { hold, who }),
         2 => hold_ref(1).prop_map(Op::CompletePayment),
         1 => hold_ref(1).prop_map(Op::AbortPayment),
@@ -427,39 +428,30 @@ enum Call {
 }
 
 impl Op {
-    /// `hold` turns a reference into `(hold id, owner)`; its second argument is the member a fresh id is to be
-    /// routed to (see `Op::Reserve::routed`), if any.
-    fn resolve(
-        &self,
-        members: &[Uuid],
-        mut hold: impl FnMut(&HoldRef, Option<Uuid>) -> (Uuid, Uuid),
-    ) -> Call {
+    /// `hold` turns a reference into `(hold id, owner)`.
+    fn resolve(&self, members: &[Uuid], mut hold: impl FnMut(&HoldRef) -> (Uuid, Uuid)) -> Call {
         match self {
             Op::Reserve {
                 hold: which,
                 member,
                 quantity,
-                routed,
-            } => {
-                let member = *member.get(members);
-                Call::Reserve {
-                    hold_id: hold(which, routed.then_some(member)).0,
-                    member,
-                    quantity: *quantity,
-                }
-            }
+            } => Call::Reserve {
+                hold_id: hold(which).0,
+                member: *member.get(members),
+                quantity: *quantity,
+            },
             Op::BeginPayment { hold: which, who } => {
-                let (hold_id, owner) = hold(which, None);
+                let (hold_id, owner) = hold(which);
                 Call::BeginPayment {
                     hold_id,
                     member: who.resolve(members, owner),
                 }
             }
-            Op::CompletePayment(which) => Call::CompletePayment(hold(which, None).0),
-            Op::AbortPayment(which) => Call::AbortPayment(hold(which, None).0),
-            Op::DeclinePayment(which) => Call::DeclinePayment(hold(which, None).0),
+            Op::CompletePayment(which) => Call::CompletePayment(hold(which).0),
+            Op::AbortPayment(which) => Call::AbortPayment(hold(which).0),
+            Op::DeclinePayment(which) => Call::DeclinePayment(hold(which).0),
             Op::Cancel { hold: which, who } => {
-                let (hold_id, owner) = hold(which, None);
+                let (hold_id, owner) = hold(which);
                 Call::Cancel {
                     hold_id,
                     member: who.resolve(members, owner),
@@ -510,26 +502,18 @@ struct Holds {
 
 impl Holds {
     /// A known hold, or a fresh id (owned by nobody in particular) when none is known yet or `Fresh` is asked for.
-    /// A fresh id routed to a member comes from `book.hold_id_for`; the others point at whatever shard their last
-    /// byte says. The counter sits above the last byte, so routing never makes two fresh ids equal.
-    fn pick(
-        &mut self,
-        hold: &HoldRef,
-        routed: Option<Uuid>,
-        book: &DropBook,
-        members: &[Uuid],
-    ) -> (Uuid, Uuid) {
+    /// Fresh ids name small slots on every shard (the counter sits in the slot bytes, a varied low byte picks the
+    /// shard), so a transition of a fresh id often names the place of a real hold, which it must not reach.
+    fn pick(&mut self, hold: &HoldRef, members: &[Uuid]) -> (Uuid, Uuid) {
         match hold {
             HoldRef::Known(index) if !self.created.is_empty() => *index.get(&self.created),
             _ => {
                 self.next += 1;
-                // Low byte: arbitrary but varied, so unrouted ids land on every shard.
                 let seed = Uuid::from_u64_pair(
                     0x0190_0000_0000_7000,
-                    (self.next << 8) | ((self.next.wrapping_mul(0x9E37_79B9) >> 24) & 0xff),
+                    (self.next % 8) << 8 | ((self.next.wrapping_mul(0x9E37_79B9) >> 24) & 0xff),
                 );
-                let id = routed.map_or(seed, |member| book.hold_id_for(member, seed));
-                (id, members[0])
+                (seed, members[0])
             }
         }
     }
@@ -552,10 +536,8 @@ struct Shared {
 
 impl Shared {
     fn run(&self, op: &Op, seen: &mut Seen) {
-        let call = op.resolve(&self.members, |which, routed| {
-            self.holds
-                .lock()
-                .pick(which, routed, &self.book, &self.members)
+        let call = op.resolve(&self.members, |which| {
+            self.holds.lock().pick(which, &self.members)
         });
         if let Call::Advance(ms) = call {
             self.now_ms.fetch_add(ms / 4, Ordering::Relaxed);
@@ -566,13 +548,8 @@ impl Shared {
             call,
             call.ask(&self.book, self.now_ms.load(Ordering::Relaxed)),
         ) {
-            (
-                Call::Reserve {
-                    hold_id, member, ..
-                },
-                Answer::Reserve(Ok(_)),
-            ) => {
-                self.holds.lock().created.push((hold_id, member));
+            (Call::Reserve { member, .. }, Answer::Reserve(Ok(hold))) => {
+                self.holds.lock().created.push((hold.id, member));
             }
             (_, Answer::Transition(Ok(hold))) => match hold.state {
                 HoldState::Released(_) => seen.released.push(hold.id),
@@ -606,14 +583,19 @@ proptest! {
         let mut holds = Holds::default();
         let mut now = T0;
         for (step, op) in ops.iter().enumerate() {
-            let call = op.resolve(&members, |which, routed| holds.pick(which, routed, &book, &members));
+            let call = op.resolve(&members, |which| holds.pick(which, &members));
             if let Call::Advance(ms) = call {
                 now += ms;
             }
-            let (ours, theirs) = (call.ask(&book, now), call.ask(&reference, now));
-            if let (Call::Reserve { hold_id, member, .. }, Answer::Reserve(Ok(_))) = (call, &ours) {
-                holds.created.push((hold_id, member));
-            }
+            let ours = call.ask(&book, now);
+            // The reference takes the id the book made (or, on a refusal, the seed, which it never records).
+            let theirs = match (call, &ours) {
+                (Call::Reserve { member, quantity, .. }, Answer::Reserve(Ok(hold))) => {
+                    holds.created.push((hold.id, member));
+                    Call::Reserve { hold_id: hold.id, member, quantity }.ask(&reference, now)
+                }
+                _ => call.ask(&reference, now),
+            };
             prop_assert_eq!(ours, theirs, "answer to step {} {:?}", step, op);
             prop_assert_eq!(book.counts(), reference.counts(), "counts after step {} {:?}", step, op);
             prop_assert_eq!(book.is_sold_out(), reference.is_sold_out(), "flag after step {} {:?}", step, op);

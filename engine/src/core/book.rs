@@ -1,19 +1,19 @@
 //! `DropBook`: one drop's stock, hold records and per-member counts, partitioned into shards so that a reservation
 //! touches one shard's lock and cache lines, and reservations on different shards never wait for each other.
 //!
-//! Everything is partitioned by shard: a member's count lives in its home shard (`home_shard`, a hash of the member
-//! id), a hold's record and expiry entry in the shard its id points at (`hold_shard`, the low bits of the id's last
-//! byte), and a hold's units in the shard they were taken from (its `stock_shard`, the member's home shard at the
-//! time). [`DropBook::hold_id_for`] makes ids that point at the member's home shard, so that for those ids all three
-//! are the same shard and a reservation or transition takes exactly one lock. Any other id still works; it only
-//! costs a second lock.
+//! Everything about a member lives in the member's home shard (`home_shard`, a hash of the member id): its count,
+//! its holds, and the stock its holds are charged to. A hold is recorded by appending it to its shard's hold list,
+//! and its id names its place: the book makes the id from the caller's seed, writing the shard into the low bits of
+//! the last byte and the slot (the index in that list) into the four bytes before it (`mint`). So a reservation is
+//! one lock, one member-map entry and one append, with no map of holds to insert into, and every later transition
+//! of the hold reads its place from the id and takes the same one lock. Holds restored after a restart keep the ids
+//! an earlier book made; the book keeps their places in a map fixed at restore (`restored`), read without a lock.
 //!
-//! **The one lock rule:** whenever more than one shard lock is held at once, they were taken in ascending shard
-//! index order (two shards for a reservation whose hold id points away from the member's home shard; all of them
-//! for the slow path of a reservation, `counts` and test snapshots). Every other lock is taken alone. So no cycle
-//! of waits, and no deadlock, is possible.
+//! **The one lock rule:** whenever more than one shard lock is held at once, all of them were taken in ascending
+//! shard index order (the slow path of a reservation, `counts` and test snapshots). Every other lock is taken alone.
+//! So no cycle of waits, and no deadlock, is possible.
 
-use super::shard::{Due, HoldRecord, Shard};
+use super::shard::Shard;
 use super::{
     Counts, DropParams, HoldState, HoldView, ReleaseReason, ReserveRejection, RestoreError,
     RestoredHold, TransitionError, MAX_SHARDS,
@@ -21,26 +21,27 @@ use super::{
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use uuid::Uuid;
 
-/// The hasher of the book's maps, keyed by ids. Fx rather than SipHash: the keys are server-made UUIDs (random or
-/// random in their low bits), so no client can choose keys that collide, and Fx is several times cheaper.
+/// The hasher of the book's maps, keyed by ids. Fx rather than SipHash: the keys are member ids (random, or random
+/// in their low bits) and ids an earlier book made, so no client can choose keys that collide, and Fx is several
+/// times cheaper.
 pub type IdHasher = rustc_hash::FxBuildHasher;
 
-/// Most entries the maps of all shards together are sized for up front: a big drop should not allocate its whole
-/// hold table before it opens.
-const MAP_PRESIZE_MAX: usize = 1 << 16;
+/// Most members the member maps of all shards together are sized for up front: a big drop should not allocate for
+/// every buyer before it opens.
+const PRESIZE_MAX: usize = 1 << 16;
 
-/// What the reaper does with an expiry entry it could not settle now.
-enum Reap {
-    /// Look again on the next reap: the hold is `paying`, or not yet due by this call's clock.
-    Later,
-    /// Forget the entry: the hold is already paid or released.
-    Done,
+/// Where a hold sits: its shard, and its index in that shard's hold list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Place {
+    shard: usize,
+    slot: usize,
 }
 
-/// Why a reservation stopped under its shard lock(s).
+/// Why a reservation stopped under its shard lock.
 enum Stop {
     Refused(ReserveRejection),
     /// The home shard has fewer than `quantity` units available; the slow path looks at all shards.
@@ -55,6 +56,9 @@ pub struct DropBook {
     shards: Box<[CachePadded<Mutex<Shard>>]>,
     /// Set only while every shard is locked and total available is zero; cleared by every release that finds it set.
     sold_out: CachePadded<AtomicBool>,
+    /// The places of the holds given to `restore`, whose ids an earlier book made. Never changed after the book is
+    /// built; empty for a new drop.
+    restored: HashMap<Uuid, Place, IdHasher>,
 }
 
 impl std::fmt::Debug for DropBook {
@@ -70,7 +74,7 @@ impl DropBook {
     /// A book with all of `params.stock` available, split evenly over the shards.
     pub fn new(params: DropParams) -> Self {
         let params = normalize(params);
-        let capacity = map_capacity(params);
+        let capacity = presize(params);
         let shards = (0..params.shards)
             .map(|index| {
                 let units = split(params.stock, params.shards, index);
@@ -81,12 +85,13 @@ impl DropBook {
                 }
             })
             .collect();
-        Self::assemble(params, shards)
+        Self::assemble(params, shards, HashMap::default())
     }
 
     /// Rebuilds a book after a restart: `paid` = units already paid per member (from Postgres; a member may appear
-    /// more than once), `held` = holds to keep, which come back as `held` with their own expiry (a hold already past
-    /// it is released by the next `reap`). Member counts start at paid + held units, even above the limit.
+    /// more than once), `held` = holds to keep, which come back as `held` with their own ids and expiry (a hold
+    /// already past it is released by the next `reap`). Member counts start at paid + held units, even above the
+    /// limit.
     pub fn restore(
         params: DropParams,
         paid: impl IntoIterator<Item = (Uuid, u32)>,
@@ -110,34 +115,38 @@ impl DropBook {
         // From here on every sum is at most `stock`, so it fits in a u32.
         let (paid_total, committed) = (paid_total as u32, committed as u32);
 
-        // Each shard's queue must be in expiry order for `reap` to stop at the first entry that is not due.
+        // Each shard's hold list must be in expiry order for `reap` to stop at the first hold that is not due.
         held.sort_by_key(|hold| hold.expires_at_ms);
         let shard_mask = params.shards - 1;
-        let capacity = map_capacity(params);
+        let capacity = presize(params);
         let mut shards: Vec<Shard> = (0..params.shards)
             .map(|_| Shard::with_capacity(capacity))
             .collect();
+        let mut restored = HashMap::with_capacity_and_hasher(held.len(), IdHasher::default());
         for hold in &held {
-            // The units are charged to the member's home shard, as a reservation by that member would charge them.
+            // Recorded and charged in the member's home shard, as a reservation by that member would be.
             let home = home_shard(hold.member, shard_mask);
-            let holder = &mut shards[hold_shard(hold.id, shard_mask)];
-            match holder.holds.entry(hold.id) {
+            let shard = &mut shards[home];
+            let place = Place {
+                shard: home,
+                slot: shard.holds.len(),
+            };
+            match restored.entry(hold.id) {
                 Entry::Occupied(_) => return Err(RestoreError::DuplicateHold(hold.id)),
                 Entry::Vacant(vacant) => {
-                    vacant.insert(HoldRecord {
-                        member: hold.member,
-                        quantity: hold.quantity,
-                        stock_shard: home as u32,
-                        state: HoldState::Held,
-                        created_at_ms: hold.created_at_ms,
-                        expires_at_ms: hold.expires_at_ms,
-                    });
+                    vacant.insert(place);
                 }
             }
-            holder.expiry.push_back((hold.expires_at_ms, hold.id));
-            let home = &mut shards[home];
-            home.add_member_units(hold.member, hold.quantity);
-            home.held += hold.quantity;
+            shard.holds.push(HoldView {
+                id: hold.id,
+                member: hold.member,
+                quantity: hold.quantity,
+                state: HoldState::Held,
+                created_at_ms: hold.created_at_ms,
+                expires_at_ms: hold.expires_at_ms,
+            });
+            shard.add_member_units(hold.member, hold.quantity);
+            shard.held += hold.quantity;
         }
         for &(member, units) in &paid {
             shards[home_shard(member, shard_mask)].add_member_units(member, units);
@@ -148,10 +157,14 @@ impl DropBook {
             shard.available = split(available, params.shards, index);
             shard.assigned = shard.available + shard.held + shard.paid;
         }
-        Ok(Self::assemble(params, shards))
+        Ok(Self::assemble(params, shards, restored))
     }
 
-    fn assemble(params: DropParams, shards: Vec<Shard>) -> Self {
+    fn assemble(
+        params: DropParams,
+        shards: Vec<Shard>,
+        restored: HashMap<Uuid, Place, IdHasher>,
+    ) -> Self {
         let available: u64 = shards.iter().map(|shard| u64::from(shard.available)).sum();
         let assigned: u64 = shards.iter().map(|shard| u64::from(shard.assigned)).sum();
         debug_assert_eq!(assigned, u64::from(params.stock));
@@ -164,6 +177,7 @@ impl DropBook {
                 .map(|shard| CachePadded::new(Mutex::new(shard)))
                 .collect(),
             sold_out: CachePadded::new(AtomicBool::new(available == 0)),
+            restored,
         }
     }
 
@@ -172,30 +186,22 @@ impl DropBook {
         self.params
     }
 
-    /// `seed` with the low bits of its last byte replaced so that the id points at `member`'s home shard: a
-    /// reservation by `member` under the returned id, and every later transition of that hold, takes one shard lock.
-    /// The last byte of a UUIDv7 (or v4) is random bits, so the result is as valid an id as `seed`; it is as unique
-    /// as `seed` is in its other bits. Any id works with the book; this one is only faster.
-    pub fn hold_id_for(&self, member: Uuid, seed: Uuid) -> Uuid {
-        // The mask is below MAX_SHARDS = 256, so both casts to a byte are exact.
-        let mask = self.shard_mask as u8;
-        let home = home_shard(member, self.shard_mask) as u8;
-        let mut bytes = *seed.as_bytes();
-        bytes[15] = (bytes[15] & !mask) | home;
-        Uuid::from_bytes(bytes)
-    }
-
     /// Takes `quantity` units for `member` into a new `held` hold that expires `hold_ms` after `now_ms`.
-    /// Succeeds if and only if the quantity is valid, the member stays within the limit, at least `quantity` units
-    /// are available in total (over all shards) and `hold_id` is new.
+    /// Succeeds if and only if the quantity is valid, the member stays within the limit and at least `quantity`
+    /// units are available in total (over all shards).
+    ///
+    /// The hold's id is made from `seed` (see `mint`): it keeps the seed's first 11 bytes (a UUIDv7's timestamp,
+    /// version, variant and 26 random bits) and the high bits of its last byte, and is unique in this book whatever
+    /// the seed. The returned view carries it; every later call about the hold takes that id.
     pub fn reserve(
         &self,
-        hold_id: Uuid,
+        seed: Uuid,
         member: Uuid,
         quantity: u32,
         now_ms: i64,
     ) -> Result<HoldView, ReserveRejection> {
-        if quantity == 0 || quantity > self.params.per_member_limit {
+        let limit = self.params.per_member_limit;
+        if quantity == 0 || quantity > limit {
             return Err(ReserveRejection::InvalidQuantity);
         }
         // The flag is set only while total available is zero and cleared by any release, so refusing on it sells
@@ -204,35 +210,21 @@ impl DropBook {
             return Err(ReserveRejection::SoldOut);
         }
         let home = home_shard(member, self.shard_mask);
-        let holder = hold_shard(hold_id, self.shard_mask);
-        let record = HoldRecord {
+        let hold = HoldView {
+            id: seed,
             member,
             quantity,
-            stock_shard: home as u32,
             state: HoldState::Held,
             created_at_ms: now_ms,
             expires_at_ms: now_ms.saturating_add(self.params.hold_ms),
         };
-        let limit = self.params.per_member_limit;
-        let outcome = if holder == home {
-            // The fast path: one lock, and nothing else shared is touched.
-            let mut shard = self.shards[home].lock();
-            reserve_locked(&mut shard, None, hold_id, record, limit)
-        } else {
-            let (mut home_guard, mut holder_guard) = self.lock_two(home, holder);
-            reserve_locked(
-                &mut home_guard,
-                Some(&mut holder_guard),
-                hold_id,
-                record,
-                limit,
-            )
-        };
+        // The fast path: one lock, and nothing else shared is touched.
+        let outcome = self.reserve_locked(&mut self.shards[home].lock(), home, hold);
         match outcome {
-            Ok(()) => Ok(record.view(hold_id)),
+            Ok(hold) => Ok(hold),
             Err(Stop::Refused(rejection)) => Err(rejection),
-            // The lock(s) are dropped: the slow path takes all of them, in index order.
-            Err(Stop::Short) => self.reserve_slow(hold_id, record, limit),
+            // The lock is dropped: the slow path takes all of them, in index order.
+            Err(Stop::Short) => self.reserve_slow(home, hold),
         }
     }
 
@@ -240,19 +232,12 @@ impl DropBook {
     /// spread again so that the home shard has `quantity` more than an even share, and the hold is charged there;
     /// this is what makes the last units sellable however they are spread, and the even spread keeps later
     /// reservations on their fast path. With no unit left at all, the sold-out flag is set.
-    fn reserve_slow(
-        &self,
-        hold_id: Uuid,
-        record: HoldRecord,
-        limit: u32,
-    ) -> Result<HoldView, ReserveRejection> {
-        let home = record.stock_shard();
-        let holder = hold_shard(hold_id, self.shard_mask);
-        let quantity = record.quantity;
+    fn reserve_slow(&self, home: usize, hold: HoldView) -> Result<HoldView, ReserveRejection> {
+        let quantity = hold.quantity;
         let mut guards = self.lock_all();
         // Everything is checked again: other reservations may have run between the fast path's unlock and here.
-        let units = guards[home].member_units(record.member);
-        if u64::from(units) + u64::from(quantity) > u64::from(limit) {
+        let units = guards[home].member_units(hold.member);
+        if u64::from(units) + u64::from(quantity) > u64::from(self.params.per_member_limit) {
             return Err(ReserveRejection::LimitExceeded);
         }
         let total: u64 = guards.iter().map(|shard| u64::from(shard.available)).sum();
@@ -261,9 +246,6 @@ impl DropBook {
                 self.sold_out.store(true, Ordering::Release);
             }
             return Err(ReserveRejection::SoldOut);
-        }
-        if guards[holder].holds.contains_key(&hold_id) {
-            return Err(ReserveRejection::DuplicateHold);
         }
         // `total` is at most `stock`, a u32, so the cast is exact.
         let rest = total as u32 - quantity;
@@ -292,28 +274,93 @@ impl DropBook {
             u64::from(self.params.stock),
             "the spread made or lost units"
         );
-        let (home_shard, holder_shard) = pair_mut(&mut guards, home, holder);
-        let outcome = reserve_locked(home_shard, holder_shard, hold_id, record, limit);
+        let outcome = self.reserve_locked(&mut guards[home], home, hold);
         debug_assert!(
             outcome.is_ok(),
             "the slow path refused after its own checks"
         );
         match outcome {
-            Ok(()) => Ok(record.view(hold_id)),
+            Ok(hold) => Ok(hold),
             Err(Stop::Refused(rejection)) => Err(rejection),
             Err(Stop::Short) => Err(ReserveRejection::SoldOut),
         }
     }
 
-    /// Locks shards `a` and `b` (which differ), the lower index first, and returns their guards as `(a, b)`.
-    fn lock_two(&self, a: usize, b: usize) -> (MutexGuard<'_, Shard>, MutexGuard<'_, Shard>) {
-        debug_assert_ne!(a, b);
-        if a < b {
-            let first = self.shards[a].lock();
-            (first, self.shards[b].lock())
-        } else {
-            let first = self.shards[b].lock();
-            (self.shards[a].lock(), first)
+    /// Checks and records a reservation under the lock of the member's home shard (`shard`, at index `home`): the
+    /// stock, then the member limit; then takes the units, bumps the member's count and appends the hold with its
+    /// id minted from `hold.id` (the seed). Nothing is changed unless all checks pass.
+    fn reserve_locked(
+        &self,
+        shard: &mut Shard,
+        home: usize,
+        mut hold: HoldView,
+    ) -> Result<HoldView, Stop> {
+        let quantity = hold.quantity;
+        if shard.available < quantity {
+            return Err(Stop::Short);
+        }
+        // The slot must fit the four bytes of the id that carry it: 2^32 holds in one shard of one drop (about
+        // 200 GiB of records) are refused as sold out rather than given an id that names another hold.
+        if u32::try_from(shard.holds.len()).is_err() {
+            return Err(Stop::Refused(ReserveRejection::SoldOut));
+        }
+        // One lookup of the member: the entry found for the limit check is the one written.
+        let limit = self.params.per_member_limit;
+        match shard.members.entry(hold.member) {
+            Entry::Occupied(mut occupied) => {
+                let units = occupied.get_mut();
+                if u64::from(*units) + u64::from(quantity) > u64::from(limit) {
+                    return Err(Stop::Refused(ReserveRejection::LimitExceeded));
+                }
+                *units += quantity;
+            }
+            Entry::Vacant(vacant) => {
+                // `reserve` refused quantities above the limit.
+                vacant.insert(quantity);
+            }
+        }
+        let place = Place {
+            shard: home,
+            slot: shard.holds.len(),
+        };
+        hold.id = self.mint(hold.id, place);
+        shard.holds.push(hold);
+        shard.take(quantity);
+        Ok(hold)
+    }
+
+    /// The id of the hold at `place`, made from `seed`: bytes 11..=14 carry the slot (big-endian) and the low bits
+    /// of byte 15 the shard, the rest is the seed's. Two holds of this book never share a place, so their ids
+    /// differ; in the rare case that the id equals a restored hold's, two random bytes of the seed are changed until
+    /// it does not.
+    fn mint(&self, seed: Uuid, place: Place) -> Uuid {
+        // The mask is below MAX_SHARDS = 256, so both casts to a byte are exact; the slot was checked to fit a u32.
+        let mask = self.shard_mask as u8;
+        let mut bytes = *seed.as_bytes();
+        bytes[11..15].copy_from_slice(&(place.slot as u32).to_be_bytes());
+        bytes[15] = (bytes[15] & !mask) | place.shard as u8;
+        let mut id = Uuid::from_bytes(bytes);
+        while !self.restored.is_empty() && self.restored.contains_key(&id) {
+            // Bytes 9 and 10 are random in a UUIDv7 or v4 and name nothing here.
+            let bumped = u16::from_be_bytes([bytes[9], bytes[10]]).wrapping_add(1);
+            bytes[9..11].copy_from_slice(&bumped.to_be_bytes());
+            id = Uuid::from_bytes(bytes);
+        }
+        id
+    }
+
+    /// Where the hold with this id would be: a restored hold's place from the map, any other's from the id itself.
+    /// Whether a hold with this id is really there is for the caller to check under the shard's lock.
+    fn locate(&self, hold_id: Uuid) -> Place {
+        if !self.restored.is_empty() {
+            if let Some(&place) = self.restored.get(&hold_id) {
+                return place;
+            }
+        }
+        let bytes = hold_id.as_bytes();
+        Place {
+            shard: usize::from(bytes[15]) & self.shard_mask,
+            slot: u32::from_be_bytes([bytes[11], bytes[12], bytes[13], bytes[14]]) as usize,
         }
     }
 
@@ -330,12 +377,12 @@ impl DropBook {
         member: Uuid,
         now_ms: i64,
     ) -> Result<HoldView, TransitionError> {
-        let hold = self.apply(hold_id, |record| {
-            if record.member != member {
+        let hold = self.apply(hold_id, |hold| {
+            if hold.member != member {
                 return Err(TransitionError::NotOwner);
             }
-            match record.state {
-                HoldState::Held if record.expires_at_ms <= now_ms => {
+            match hold.state {
+                HoldState::Held if hold.expires_at_ms <= now_ms => {
                     Ok(HoldState::Released(ReleaseReason::Expired))
                 }
                 HoldState::Held => Ok(HoldState::Paying),
@@ -365,7 +412,7 @@ impl DropBook {
     }
 
     fn apply_from_paying(&self, hold_id: Uuid, to: HoldState) -> Result<HoldView, TransitionError> {
-        self.apply(hold_id, |record| match record.state {
+        self.apply(hold_id, |hold| match hold.state {
             HoldState::Paying => Ok(to),
             other => Err(refusal(other)),
         })
@@ -373,112 +420,97 @@ impl DropBook {
 
     /// `held -> released(Cancelled)`, for the hold's owner; refused while a payment is in flight.
     pub fn cancel(&self, hold_id: Uuid, member: Uuid) -> Result<HoldView, TransitionError> {
-        self.apply(hold_id, |record| {
-            if record.member != member {
+        self.apply(hold_id, |hold| {
+            if hold.member != member {
                 return Err(TransitionError::NotOwner);
             }
-            match record.state {
+            match hold.state {
                 HoldState::Held => Ok(HoldState::Released(ReleaseReason::Cancelled)),
                 other => Err(refusal(other)),
             }
         })
     }
 
+    /// Decides a transition under the lock of the hold's shard and does its accounting there: the hold, its units
+    /// and its member's count all live in that one shard. `decide_to` sees the hold and returns the next state or
+    /// the refusal.
+    fn apply(
+        &self,
+        hold_id: Uuid,
+        decide_to: impl FnOnce(&HoldView) -> Result<HoldState, TransitionError>,
+    ) -> Result<HoldView, TransitionError> {
+        let place = self.locate(hold_id);
+        let mut guard = self.shards[place.shard].lock();
+        let shard = &mut *guard;
+        let hold = shard
+            .hold_mut(place.slot, hold_id)
+            .ok_or(TransitionError::NotFound)?;
+        let to = decide_to(hold)?;
+        let from = hold.state;
+        hold.state = to;
+        let hold = *hold;
+        match (from, to) {
+            (HoldState::Held | HoldState::Paying, HoldState::Released(_)) => {
+                shard.release(hold.member, hold.quantity);
+                self.clear_sold_out();
+            }
+            (HoldState::Paying, HoldState::Paid) => shard.settle(hold.quantity),
+            (HoldState::Held, HoldState::Paying) | (HoldState::Paying, HoldState::Held) => {}
+            // Every `decide_to` refuses other moves; reaching this is a bug in this file.
+            (from, to) => debug_assert!(false, "no transition from {from:?} to {to:?}"),
+        }
+        Ok(hold)
+    }
+
     /// Releases every `held` hold whose `expires_at_ms <= now_ms`, pushes each into `out` and returns how many.
-    /// Only due queue entries are visited. A hold that is `paying` is kept aside and looked at again on every later
-    /// call, so that after `abort_payment` it still expires.
+    /// Only due holds are visited: each shard's list is walked from where the last reap stopped to the first hold not
+    /// yet due. A hold that is `paying` is kept aside and looked at again on every later call, so that after
+    /// `abort_payment` it still expires.
     pub fn reap(&self, now_ms: i64, out: &mut Vec<HoldView>) -> usize {
         let before = out.len();
-        let mut due: Vec<Due> = Vec::new();
-        let mut elsewhere: Vec<Pending> = Vec::new();
-        for (index, shard) in self.shards.iter().enumerate() {
+        for shard in self.shards.iter() {
+            let mut guard = shard.lock();
+            let shard = &mut *guard;
+            let start = shard.reap_next;
+            let mut end = start;
+            while shard
+                .holds
+                .get(end)
+                .is_some_and(|hold| hold.expires_at_ms <= now_ms)
             {
-                let mut guard = shard.lock();
-                let shard = &mut *guard;
-                due.append(&mut shard.deferred);
-                while shard.expiry.front().is_some_and(|&(at, _)| at <= now_ms) {
-                    due.extend(shard.expiry.pop_front());
-                }
-                // An entry's hold is recorded in the shard whose queue holds it, so it is decided under this lock.
-                for (at, hold_id) in due.drain(..) {
-                    let reaped = decide(shard, hold_id, Reap::Done, |record| match record.state {
-                        HoldState::Held if record.expires_at_ms <= now_ms => {
-                            Ok(HoldState::Released(ReleaseReason::Expired))
-                        }
-                        // Not yet due: a caller's clock behind this entry's.
-                        HoldState::Held | HoldState::Paying => Err(Reap::Later),
-                        HoldState::Paid | HoldState::Released(_) => Err(Reap::Done),
-                    });
-                    match reaped {
-                        Ok(pending) => {
-                            out.push(pending.hold);
-                            elsewhere.extend(self.account_in(shard, index, pending));
-                        }
-                        Err(Reap::Later) => shard.deferred.push((at, hold_id)),
-                        Err(Reap::Done) => {}
+                end += 1;
+            }
+            shard.reap_next = end;
+            let mut released = false;
+            let deferred = std::mem::take(&mut shard.deferred);
+            for slot in deferred.into_iter().chain(start..end) {
+                let Some(hold) = shard.holds.get_mut(slot) else {
+                    debug_assert!(false, "slot {slot} past the hold list");
+                    continue;
+                };
+                match hold.state {
+                    HoldState::Held if hold.expires_at_ms <= now_ms => {
+                        hold.state = HoldState::Released(ReleaseReason::Expired);
+                        let hold = *hold;
+                        shard.release(hold.member, hold.quantity);
+                        out.push(hold);
+                        released = true;
                     }
+                    // Paying, or not yet due by this call's clock (a caller's clock behind an earlier one's).
+                    HoldState::Held | HoldState::Paying => shard.deferred.push(slot),
+                    HoldState::Paid | HoldState::Released(_) => {}
                 }
             }
-            // The shard is unlocked again: the rest of the accounting takes other shards' locks, one at a time.
-            for pending in elsewhere.drain(..) {
-                self.account_rest(pending);
+            if released {
+                self.clear_sold_out();
             }
         }
         out.len() - before
     }
 
-    /// Decides a transition under the lock of the shard the hold's id points at, and does the accounting that
-    /// belongs to that shard under the same lock; what belongs to other shards is done after, one lock at a time.
-    /// `decide` sees the record and returns the next state or the refusal.
-    fn apply(
-        &self,
-        hold_id: Uuid,
-        decide_to: impl FnOnce(&HoldRecord) -> Result<HoldState, TransitionError>,
-    ) -> Result<HoldView, TransitionError> {
-        let index = hold_shard(hold_id, self.shard_mask);
-        let (hold, rest) = {
-            let mut shard = self.shards[index].lock();
-            let pending = decide(&mut shard, hold_id, TransitionError::NotFound, decide_to)?;
-            (pending.hold, self.account_in(&mut shard, index, pending))
-        };
-        if let Some(pending) = rest {
-            self.account_rest(pending);
-        }
-        Ok(hold)
-    }
-
-    /// Does the part of a decided transition's accounting that belongs to shard `index` (locked as `shard`), and
-    /// returns what is left for other shards, if anything.
-    fn account_in(&self, shard: &mut Shard, index: usize, mut pending: Pending) -> Option<Pending> {
-        if pending.stock_left && pending.stock_shard == index {
-            pending.settle_stock(shard);
-            if pending.released() {
-                self.clear_sold_out();
-            }
-        }
-        if pending.member_left && pending.home_shard(self.shard_mask) == index {
-            pending.settle_member(shard);
-        }
-        pending.is_left().then_some(pending)
-    }
-
-    /// The accounting of a decided transition left for shards other than the hold's: each shard locked alone.
-    fn account_rest(&self, mut pending: Pending) {
-        if pending.stock_left {
-            pending.settle_stock(&mut self.shards[pending.stock_shard].lock());
-            if pending.released() {
-                self.clear_sold_out();
-            }
-        }
-        if pending.member_left {
-            let home = pending.home_shard(self.shard_mask);
-            pending.settle_member(&mut self.shards[home].lock());
-        }
-    }
-
-    /// Cleared after a release's units are back, so a reservation that then reads `false` can find them. Any set that
-    /// saw zero happened under all shard locks, so before the release took its stock shard's lock, and this load sees
-    /// it.
+    /// Cleared after a release's units are back, under the lock of the shard they went to, so a reservation that then
+    /// reads `false` can find them. The flag is set only under every shard lock, so a set that saw zero happened
+    /// before this release's lock, and this load sees it.
     fn clear_sold_out(&self) {
         if self.sold_out.load(Ordering::Acquire) {
             self.sold_out.store(false, Ordering::Release);
@@ -487,8 +519,9 @@ impl DropBook {
 
     /// The hold as it is now, if the book has it (released and paid holds stay in the book).
     pub fn hold(&self, hold_id: Uuid) -> Option<HoldView> {
-        let shard = self.shards[hold_shard(hold_id, self.shard_mask)].lock();
-        shard.holds.get(&hold_id).map(|record| record.view(hold_id))
+        let place = self.locate(hold_id);
+        let mut shard = self.shards[place.shard].lock();
+        shard.hold_mut(place.slot, hold_id).map(|hold| *hold)
     }
 
     /// A consistent snapshot: every shard is locked (in index order) while it is read.
@@ -547,176 +580,21 @@ impl DropBook {
             .collect()
     }
 
-    /// The shard a hold's units are charged to, for tests.
+    /// The shard and slot a hold is recorded at, for tests.
     #[cfg(test)]
-    pub(super) fn stock_shard_of(&self, hold_id: Uuid) -> Option<usize> {
-        let shard = self.shards[hold_shard(hold_id, self.shard_mask)].lock();
-        shard.holds.get(&hold_id).map(HoldRecord::stock_shard)
+    pub(super) fn place_of(&self, hold_id: Uuid) -> Option<(usize, usize)> {
+        let place = self.locate(hold_id);
+        let mut shard = self.shards[place.shard].lock();
+        shard
+            .hold_mut(place.slot, hold_id)
+            .map(|_| (place.shard, place.slot))
     }
 
-    /// The shard a hold's record lives in, for tests.
-    #[cfg(test)]
-    pub(super) fn record_shard_of(&self, hold_id: Uuid) -> usize {
-        hold_shard(hold_id, self.shard_mask)
-    }
-
-    /// The shard a member's reservations start from, for tests.
+    /// The shard a member's count, holds and stock live in, for tests.
     #[cfg(test)]
     pub(super) fn home_of(&self, member: Uuid) -> usize {
         home_shard(member, self.shard_mask)
     }
-}
-
-/// Checks and records a reservation under the lock of the member's home shard `home` and, when the hold id points
-/// elsewhere, of that shard `holder` too: the member limit and the stock in `home`, the id in the holder; then takes
-/// the units from `home`, bumps the member's count there and records the hold and its expiry in the holder. Refusals
-/// come in the documented order; nothing is changed unless all checks pass.
-fn reserve_locked(
-    home: &mut Shard,
-    holder: Option<&mut Shard>,
-    hold_id: Uuid,
-    record: HoldRecord,
-    limit: u32,
-) -> Result<(), Stop> {
-    let quantity = record.quantity;
-    if home.available < quantity {
-        return Err(Stop::Short);
-    }
-    // One lookup of the member: the entry found for the limit check is the one written back.
-    let units = match home.members.entry(record.member) {
-        Entry::Occupied(occupied) => {
-            let before = *occupied.get();
-            if u64::from(before) + u64::from(quantity) > u64::from(limit) {
-                return Err(Stop::Refused(ReserveRejection::LimitExceeded));
-            }
-            MemberSlot::Occupied(occupied, before)
-        }
-        Entry::Vacant(vacant) => {
-            if quantity > limit {
-                return Err(Stop::Refused(ReserveRejection::LimitExceeded));
-            }
-            MemberSlot::Vacant(vacant)
-        }
-    };
-    let (holds, expiry) = match holder {
-        Some(holder) => (&mut holder.holds, &mut holder.expiry),
-        None => (&mut home.holds, &mut home.expiry),
-    };
-    match holds.entry(hold_id) {
-        Entry::Occupied(_) => return Err(Stop::Refused(ReserveRejection::DuplicateHold)),
-        Entry::Vacant(vacant) => {
-            vacant.insert(record);
-        }
-    }
-    expiry.push_back((record.expires_at_ms, hold_id));
-    match units {
-        MemberSlot::Occupied(mut occupied, before) => *occupied.get_mut() = before + quantity,
-        MemberSlot::Vacant(vacant) => {
-            vacant.insert(quantity);
-        }
-    }
-    home.take(quantity);
-    Ok(())
-}
-
-/// The member's map slot, found once and written after the hold is in.
-enum MemberSlot<'a> {
-    Occupied(
-        std::collections::hash_map::OccupiedEntry<'a, Uuid, u32>,
-        u32,
-    ),
-    Vacant(std::collections::hash_map::VacantEntry<'a, Uuid, u32>),
-}
-
-/// The guards at `home` and `holder` (the same shard when they are equal, returned once), from all the guards.
-fn pair_mut<'a, 'g>(
-    guards: &'a mut [MutexGuard<'g, Shard>],
-    home: usize,
-    holder: usize,
-) -> (&'a mut Shard, Option<&'a mut Shard>) {
-    if home == holder {
-        return (&mut guards[home], None);
-    }
-    let (low, high) = guards.split_at_mut(home.max(holder));
-    let (at_low, at_high) = (&mut *low[home.min(holder)], &mut *high[0]);
-    if home < holder {
-        (at_low, Some(at_high))
-    } else {
-        (at_high, Some(at_low))
-    }
-}
-
-/// A transition decided under the hold's lock, with the accounting still to do (`*_left`).
-struct Pending {
-    hold: HoldView,
-    from: HoldState,
-    stock_shard: usize,
-    stock_left: bool,
-    member_left: bool,
-}
-
-impl Pending {
-    fn released(&self) -> bool {
-        matches!(self.hold.state, HoldState::Released(_))
-    }
-
-    fn home_shard(&self, shard_mask: usize) -> usize {
-        home_shard(self.hold.member, shard_mask)
-    }
-
-    fn is_left(&self) -> bool {
-        self.stock_left || self.member_left
-    }
-
-    /// Returns a released hold's units to sale, or settles a paid one's, in its stock shard (locked as `shard`).
-    fn settle_stock(&mut self, shard: &mut Shard) {
-        let quantity = self.hold.quantity;
-        match (self.from, self.hold.state) {
-            (HoldState::Held | HoldState::Paying, HoldState::Released(_)) => {
-                shard.release(quantity)
-            }
-            (HoldState::Paying, HoldState::Paid) => shard.settle(quantity),
-            (HoldState::Held, HoldState::Paying) | (HoldState::Paying, HoldState::Held) => {}
-            // Every `decide` refuses other moves; reaching this is a bug in this file.
-            (from, to) => debug_assert!(false, "no transition from {from:?} to {to:?}"),
-        }
-        self.stock_left = false;
-    }
-
-    /// Gives a released hold's units back to its member, in the member's home shard (locked as `shard`).
-    fn settle_member(&mut self, shard: &mut Shard) {
-        if self.released() {
-            shard.return_member_units(self.hold.member, self.hold.quantity);
-        }
-        self.member_left = false;
-    }
-}
-
-/// Decides a transition of the hold recorded in `shard` (the shard its id points at, locked) and writes the new
-/// state; the accounting is left to the caller. `missing` is the refusal for an id the shard does not have.
-fn decide<E>(
-    shard: &mut Shard,
-    hold_id: Uuid,
-    missing: E,
-    decide_to: impl FnOnce(&HoldRecord) -> Result<HoldState, E>,
-) -> Result<Pending, E> {
-    let Some(record) = shard.holds.get_mut(&hold_id) else {
-        return Err(missing);
-    };
-    let to = decide_to(record)?;
-    let from = record.state;
-    record.state = to;
-    let moves_units = matches!(
-        (from, to),
-        (_, HoldState::Released(_)) | (_, HoldState::Paid)
-    );
-    Ok(Pending {
-        hold: record.view(hold_id),
-        from,
-        stock_shard: record.stock_shard(),
-        stock_left: moves_units,
-        member_left: matches!(to, HoldState::Released(_)),
-    })
 }
 
 /// Why a transition cannot start from `state`.
@@ -729,18 +607,11 @@ fn refusal(state: HoldState) -> TransitionError {
     }
 }
 
-/// The shard a member's count lives in and its reservations take stock from. Member ids are random (v4) or random
-/// in their low bits (v7), and a multiply folds both halves into the top bits, so members spread evenly without
-/// hashing the whole id.
+/// The shard a member's count, holds and stock live in. Member ids are random (v4) or random in their low bits (v7),
+/// and a multiply folds both halves into the top bits, so members spread evenly without hashing the whole id.
 fn home_shard(member: Uuid, shard_mask: usize) -> usize {
     let (high, low) = member.as_u64_pair();
     ((high ^ low).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & shard_mask
-}
-
-/// The shard a hold's record and expiry entry live in: read from the id itself (the low bits of its last byte,
-/// random in v4 and v7 ids), so finding a hold needs no lookup. See [`DropBook::hold_id_for`].
-fn hold_shard(hold_id: Uuid, shard_mask: usize) -> usize {
-    usize::from(hold_id.as_bytes()[15]) & shard_mask
 }
 
 /// `total` split over `parts`, the first `total % parts` parts getting one more.
@@ -757,10 +628,10 @@ fn normalize(params: DropParams) -> DropParams {
     }
 }
 
-/// Entries each shard's maps are sized for: its even share of the stock (one hold per unit is the busy case), with
-/// the whole book capped at `MAP_PRESIZE_MAX`.
-fn map_capacity(params: DropParams) -> usize {
+/// Members each shard's map is sized for: its even share of the stock (one buyer per unit is the busy case), with the
+/// whole book capped at `PRESIZE_MAX`.
+fn presize(params: DropParams) -> usize {
     (params.stock as usize)
-        .min(MAP_PRESIZE_MAX)
+        .min(PRESIZE_MAX)
         .div_ceil(params.shards)
 }

@@ -4,11 +4,11 @@
 //! Time comes in as `now_ms` (unix milliseconds). One [`DropBook`] serves one drop and is shared between threads
 //! (`Arc<DropBook>`); every method takes `&self`.
 //!
-//! **Structure:** the book is a fixed set of shards, each one cache-padded lock over a slice of the stock, the
-//! counts of the members whose home shard it is, and the records and expiry queue of the holds whose id points at
-//! it. Ids from [`DropBook::hold_id_for`] point at the member's home shard, so a reservation or transition of such a
-//! hold takes one lock; any other id also works, at the cost of a second lock. When more than one shard is locked,
-//! they are locked in ascending index order (the one lock rule, see `book.rs`).
+//! **Structure:** the book is a fixed set of shards, each one cache-padded lock over a slice of the stock and the
+//! counts and holds of the members whose home shard it is. The book makes each hold's id, and the id names the
+//! hold's shard and its slot in that shard's hold list, so a reservation and every later transition of the hold take
+//! one lock and find the hold without a map. When more than one shard is locked, they are locked in ascending index
+//! order (the one lock rule, see `book.rs`).
 //!
 //! **Invariant (conservation):** in every snapshot from [`DropBook::counts`],
 //! `available + held + paid == stock`, where `held` counts both `held` and `paying` holds.
@@ -81,7 +81,7 @@ pub struct HoldView {
 }
 
 /// Why a reservation was refused. Checked in this order: `InvalidQuantity`, `SoldOut` (local flag), `LimitExceeded`,
-/// `SoldOut` (fewer than `quantity` units available), `DuplicateHold`.
+/// `SoldOut` (fewer than `quantity` units available).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReserveRejection {
     /// Fewer units are available than were asked for (zero, when the local sold-out flag is set).
@@ -90,8 +90,6 @@ pub enum ReserveRejection {
     LimitExceeded,
     /// The quantity is zero or above `per_member_limit`, so no state of the drop could grant it.
     InvalidQuantity,
-    /// A hold with this id already exists; nothing was changed.
-    DuplicateHold,
 }
 
 /// Why a state transition of a hold was refused.

@@ -1,44 +1,10 @@
-//! One shard of a drop: a slice of its stock, the counts of the members whose home it is and the records of the
-//! holds whose id points at it, all behind one lock, so that a reservation by a member on a hold id of the same
-//! shard touches one lock and nothing else shared. Every method that moves units checks the shard's conservation
-//! invariant.
+//! One shard of a drop: a slice of its stock, and the counts and holds of the members whose home it is, all behind
+//! one lock, so that a reservation touches one lock and nothing else shared. Every method that moves units checks
+//! the shard's conservation invariant.
 
-use super::{HoldState, HoldView, IdHasher};
-use std::collections::{HashMap, VecDeque};
+use super::{HoldView, IdHasher};
+use std::collections::HashMap;
 use uuid::Uuid;
-
-/// One expiry-queue entry: when the hold is due and which hold it is.
-pub(super) type Due = (i64, Uuid);
-
-/// What the book keeps about one hold. `stock_shard` is the one shard its units are charged to, for its whole life;
-/// the record itself lives in the shard its id points at (`hold_shard`), and its member's count in the member's home
-/// shard.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct HoldRecord {
-    pub(super) member: Uuid,
-    pub(super) quantity: u32,
-    pub(super) stock_shard: u32,
-    pub(super) state: HoldState,
-    pub(super) created_at_ms: i64,
-    pub(super) expires_at_ms: i64,
-}
-
-impl HoldRecord {
-    pub(super) fn view(&self, id: Uuid) -> HoldView {
-        HoldView {
-            id,
-            member: self.member,
-            quantity: self.quantity,
-            state: self.state,
-            created_at_ms: self.created_at_ms,
-            expires_at_ms: self.expires_at_ms,
-        }
-    }
-
-    pub(super) fn stock_shard(&self) -> usize {
-        self.stock_shard as usize
-    }
-}
 
 /// **Invariant:** `available + held + paid == assigned`. `held` includes `paying` holds.
 #[derive(Debug, Default)]
@@ -48,26 +14,26 @@ pub(super) struct Shard {
     pub(super) available: u32,
     pub(super) held: u32,
     pub(super) paid: u32,
-    /// Holds recorded in this shard in the order they were taken, which is the order they expire in because every
-    /// hold of a drop lasts `hold_ms` (restored holds are queued sorted by expiry).
-    pub(super) expiry: VecDeque<Due>,
-    /// Entries the reaper popped but could not settle yet (the hold was `paying`, or not yet due by the caller's
-    /// clock); looked at again on every reap.
-    pub(super) deferred: Vec<Due>,
     /// Units of the held, paying and paid holds of the members whose home shard this is. Members with zero units have
     /// no entry.
     pub(super) members: HashMap<Uuid, u32, IdHasher>,
-    /// Records of the holds whose id points at this shard. Released and paid holds stay.
-    pub(super) holds: HashMap<Uuid, HoldRecord, IdHasher>,
+    /// Every hold of this shard's members, in the order they were taken. A hold's index here is its slot, written
+    /// into its id, so finding it needs no map. Because every hold of a drop lasts `hold_ms`, this is also the order
+    /// they expire in (restored holds come first, sorted by expiry), and the reaper walks it from `reap_next`.
+    /// Released and paid holds stay.
+    pub(super) holds: HoldList,
+    /// Slots before this one have been looked at by the reaper: settled, or kept in `deferred`.
+    pub(super) reap_next: usize,
+    /// Slots the reaper looked at but could not settle yet (the hold was `paying`, or not yet due by the caller's
+    /// clock); looked at again on every reap.
+    pub(super) deferred: Vec<usize>,
 }
 
 impl Shard {
-    /// An empty shard whose maps and expiry queue are sized for `capacity` holds and members.
+    /// An empty shard whose member map is sized for `capacity` members.
     pub(super) fn with_capacity(capacity: usize) -> Self {
         Self {
             members: HashMap::with_capacity_and_hasher(capacity, IdHasher::default()),
-            holds: HashMap::with_capacity_and_hasher(capacity, IdHasher::default()),
-            expiry: VecDeque::with_capacity(capacity),
             ..Self::default()
         }
     }
@@ -89,6 +55,11 @@ impl Shard {
         self.members.get(&member).copied().unwrap_or(0)
     }
 
+    /// The hold at `slot`, if it is the one with this id (an id from elsewhere may name any slot).
+    pub(super) fn hold_mut(&mut self, slot: usize, hold_id: Uuid) -> Option<&mut HoldView> {
+        self.holds.get_mut(slot).filter(|hold| hold.id == hold_id)
+    }
+
     /// Moves `quantity` available units into `held`; the caller has checked that they are there.
     pub(super) fn take(&mut self, quantity: u32) {
         debug_assert!(
@@ -101,8 +72,9 @@ impl Shard {
         self.check();
     }
 
-    /// Gives the units of a released hold back to sale.
-    pub(super) fn release(&mut self, quantity: u32) {
+    /// Gives the units of a released hold back to sale and takes them off its member's count, forgetting members
+    /// that reach zero.
+    pub(super) fn release(&mut self, member: Uuid, quantity: u32) {
         debug_assert!(
             self.held >= quantity,
             "release of {quantity} from {} held",
@@ -111,6 +83,24 @@ impl Shard {
         self.held -= quantity;
         self.available += quantity;
         self.check();
+        let Some(units) = self.members.get_mut(&member) else {
+            debug_assert!(
+                false,
+                "member {member} returns {quantity} units it does not have"
+            );
+            return;
+        };
+        let left = units.checked_sub(quantity);
+        debug_assert!(
+            left.is_some(),
+            "member {member} returns {quantity} of {units}"
+        );
+        match left.unwrap_or(0) {
+            0 => {
+                self.members.remove(&member);
+            }
+            left => *units = left,
+        }
     }
 
     /// Moves the units of a paid hold from `held` to `paid`.
@@ -147,26 +137,43 @@ impl Shard {
     pub(super) fn add_member_units(&mut self, member: Uuid, quantity: u32) {
         *self.members.entry(member).or_insert(0) += quantity;
     }
+}
 
-    /// Takes a released hold's units off its member's count, forgetting members that reach zero.
-    pub(super) fn return_member_units(&mut self, member: Uuid, quantity: u32) {
-        let Some(units) = self.members.get_mut(&member) else {
-            debug_assert!(
-                false,
-                "member {member} returns {quantity} units it does not have"
-            );
-            return;
-        };
-        let left = units.checked_sub(quantity);
-        debug_assert!(
-            left.is_some(),
-            "member {member} returns {quantity} of {units}"
-        );
-        match left.unwrap_or(0) {
-            0 => {
-                self.members.remove(&member);
+/// Holds per chunk of a hold list. A chunk of 1024 records of 56 bytes (56 KiB) stays below the allocator's
+/// threshold for a fresh mapping, so chunks come from (and go back to) its heap.
+const CHUNK: usize = 1024;
+
+/// A shard's holds in the order they were taken, indexed by slot. It grows a chunk at a time and never moves a
+/// record: a plain `Vec` would copy every record of the shard, under its lock, each time it doubled.
+#[derive(Debug, Default)]
+pub(super) struct HoldList {
+    chunks: Vec<Vec<HoldView>>,
+    len: usize,
+}
+
+impl HoldList {
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends a hold; its slot is the length before the call.
+    pub(super) fn push(&mut self, hold: HoldView) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < CHUNK => chunk.push(hold),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(hold);
+                self.chunks.push(chunk);
             }
-            left => *units = left,
         }
+        self.len += 1;
+    }
+
+    pub(super) fn get(&self, slot: usize) -> Option<&HoldView> {
+        self.chunks.get(slot / CHUNK)?.get(slot % CHUNK)
+    }
+
+    pub(super) fn get_mut(&mut self, slot: usize) -> Option<&mut HoldView> {
+        self.chunks.get_mut(slot / CHUNK)?.get_mut(slot % CHUNK)
     }
 }

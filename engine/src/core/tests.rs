@@ -55,7 +55,7 @@ fn reserve_holds_units_on_the_home_shard() {
     assert_eq!(
         hold,
         HoldView {
-            id: id(1),
+            id: hold.id,
             member,
             quantity: 2,
             state: HoldState::Held,
@@ -63,12 +63,19 @@ fn reserve_holds_units_on_the_home_shard() {
             expires_at_ms: T0 + HOLD_MS,
         }
     );
-    assert_eq!(book.hold(id(1)), Some(hold));
-    assert_eq!(book.hold(id(2)), None);
+    assert_eq!(book.hold(hold.id), Some(hold));
     assert_eq!(book.counts(), counts(10, 8, 2, 0));
     assert_eq!(book.member_units(member), 2);
     assert_eq!(book.member_units(id(8)), 0);
-    assert_eq!(book.stock_shard_of(id(1)), Some(book.home_of(member)));
+    let home = book.home_of(member);
+    assert_eq!(book.place_of(hold.id), Some((home, 0)));
+    let (assigned, available, held, paid) = book.shard_counts()[home];
+    assert_eq!(
+        (held, paid),
+        (2, 0),
+        "the units are taken from the home shard"
+    );
+    assert_eq!(assigned, available + 2);
     assert!(!book.is_sold_out());
 }
 
@@ -92,13 +99,13 @@ fn invalid_quantity_is_refused_before_anything_else() {
 fn member_limit_counts_held_paying_and_paid_units() {
     let book = book(10, 3, 2);
     let (alice, bob) = (id(7), id(8));
-    book.reserve(id(1), alice, 2, T0).unwrap();
+    let h1 = book.reserve(id(1), alice, 2, T0).unwrap().id;
     assert_eq!(
         book.reserve(id(2), alice, 2, T0),
         Err(ReserveRejection::LimitExceeded)
     );
     book.reserve(id(3), bob, 3, T0).unwrap();
-    book.reserve(id(4), alice, 1, T0).unwrap();
+    let h4 = book.reserve(id(4), alice, 1, T0).unwrap().id;
     assert_eq!(book.member_units(alice), 3);
     assert_eq!(
         book.reserve(id(5), alice, 1, T0),
@@ -106,15 +113,15 @@ fn member_limit_counts_held_paying_and_paid_units() {
     );
 
     // Paying units count.
-    book.begin_payment(id(4), alice, T0).unwrap();
+    book.begin_payment(h4, alice, T0).unwrap();
     assert_eq!(
         book.reserve(id(5), alice, 1, T0),
         Err(ReserveRejection::LimitExceeded)
     );
     // Released units come back to the member, paid ones keep counting.
-    book.cancel(id(1), alice).unwrap();
+    book.cancel(h1, alice).unwrap();
     assert_eq!(book.member_units(alice), 1);
-    book.complete_payment(id(4)).unwrap();
+    book.complete_payment(h4).unwrap();
     assert_eq!(book.member_units(alice), 1);
     book.reserve(id(5), alice, 2, T0).unwrap();
     assert_eq!(
@@ -122,39 +129,32 @@ fn member_limit_counts_held_paying_and_paid_units() {
         Err(ReserveRejection::LimitExceeded)
     );
     assert_eq!(book.counts(), counts(10, 4, 5, 1));
-    assert_eq!(
-        book.hold(id(2)),
-        None,
-        "a refused reservation leaves no hold"
-    );
 }
 
 #[test]
-fn a_repeated_hold_id_is_refused_and_changes_nothing() {
+fn the_same_seed_twice_makes_two_holds() {
     let book = book(10, 3, 4);
     let (alice, bob) = (id(7), id(8));
     let first = book.reserve(id(1), alice, 2, T0).unwrap();
-    assert_eq!(
-        book.reserve(id(1), bob, 1, T0 + 10),
-        Err(ReserveRejection::DuplicateHold)
-    );
-    assert_eq!(
-        book.reserve(id(1), alice, 1, T0 + 10),
-        Err(ReserveRejection::DuplicateHold)
-    );
-    assert_eq!(book.counts(), counts(10, 8, 2, 0));
-    assert_eq!(book.member_units(bob), 0);
-    assert_eq!(book.member_units(alice), 2);
-    assert_eq!(book.hold(id(1)), Some(first));
-    let total_assigned: u32 = book.shard_counts().iter().map(|shard| shard.0).sum();
-    assert_eq!(total_assigned, 10);
+    let second = book.reserve(id(1), bob, 1, T0 + 10).unwrap();
+    let third = book.reserve(id(1), alice, 1, T0 + 10).unwrap();
+    assert_ne!(first.id, second.id);
+    assert_ne!(first.id, third.id);
+    assert_ne!(second.id, third.id);
+    assert_eq!(book.counts(), counts(10, 6, 4, 0));
+    assert_eq!(book.member_units(alice), 3);
+    assert_eq!(book.hold(first.id), Some(first));
+    assert_eq!(book.hold(second.id), Some(second));
+    assert_eq!(book.hold(third.id), Some(third));
+    assert_eq!(book.place_of(third.id), Some((book.home_of(alice), 1)));
 
-    // The refused attempts must neither release the hold early nor twice.
+    // Each is released once, when it is due.
     let mut out = Vec::new();
     assert_eq!(book.reap(T0 + HOLD_MS - 1, &mut out), 0);
-    assert_eq!(book.reap(T0 + HOLD_MS + 10, &mut out), 1);
+    assert_eq!(book.reap(T0 + HOLD_MS, &mut out), 1);
+    assert_eq!(out[0].id, first.id);
+    assert_eq!(book.reap(T0 + HOLD_MS + 10, &mut out), 2);
     assert_eq!(book.reap(T0 + HOLD_MS + 10, &mut out), 0);
-    assert_eq!(out[0].id, id(1));
     assert_eq!(book.counts(), counts(10, 10, 0, 0));
 }
 
@@ -164,20 +164,20 @@ fn an_empty_home_shard_takes_units_from_another_shard() {
     assert_eq!(book.shard_counts(), vec![(1, 1, 0, 0), (1, 1, 0, 0)]);
     let first = member_at(&book, 0, 0);
     let second = member_at(&book, 0, 1);
-    book.reserve(id(1), first, 1, T0).unwrap();
-    book.reserve(id(2), second, 1, T0).unwrap();
-    assert_eq!(book.stock_shard_of(id(1)), Some(0));
+    let h1 = book.reserve(id(1), first, 1, T0).unwrap().id;
+    let h2 = book.reserve(id(2), second, 1, T0).unwrap().id;
+    assert_eq!(book.place_of(h1), Some((0, 0)));
     assert_eq!(
-        book.stock_shard_of(id(2)),
-        Some(0),
+        book.place_of(h2),
+        Some((0, 1)),
         "the other shard's unit moved into the home shard"
     );
     assert_eq!(book.shard_counts(), vec![(2, 0, 2, 0), (0, 0, 0, 0)]);
 
     // Every later transition adjusts the shard the hold is charged to.
-    book.begin_payment(id(2), second, T0).unwrap();
-    book.complete_payment(id(2)).unwrap();
-    book.cancel(id(1), first).unwrap();
+    book.begin_payment(h2, second, T0).unwrap();
+    book.complete_payment(h2).unwrap();
+    book.cancel(h1, first).unwrap();
     assert_eq!(book.shard_counts(), vec![(2, 1, 0, 1), (0, 0, 0, 0)]);
 }
 
@@ -185,8 +185,8 @@ fn an_empty_home_shard_takes_units_from_another_shard() {
 fn a_quantity_no_single_shard_has_is_rebalanced_into_the_home_shard() {
     let book = book(4, 4, 4);
     let buyer = member_at(&book, 2, 0);
-    book.reserve(id(1), buyer, 3, T0).unwrap();
-    assert_eq!(book.stock_shard_of(id(1)), Some(2));
+    let h1 = book.reserve(id(1), buyer, 3, T0).unwrap().id;
+    assert_eq!(book.place_of(h1), Some((2, 0)));
     let shards = book.shard_counts();
     assert_eq!(
         shards[2],
@@ -199,7 +199,7 @@ fn a_quantity_no_single_shard_has_is_rebalanced_into_the_home_shard() {
     // The one unit left is still sellable, to anyone.
     book.reserve(id(2), member_at(&book, 2, 1), 1, T0).unwrap();
     assert_eq!(book.counts(), counts(4, 0, 4, 0));
-    book.cancel(id(1), buyer).unwrap();
+    book.cancel(h1, buyer).unwrap();
     assert_eq!(book.counts(), counts(4, 3, 1, 0));
     book.reserve(id(3), member_at(&book, 0, 0), 3, T0).unwrap();
     assert_eq!(book.counts(), counts(4, 0, 4, 0));
@@ -248,10 +248,11 @@ fn a_quantity_above_what_is_available_is_sold_out_without_setting_the_flag() {
     assert_eq!(book.counts(), counts(3, 0, 3, 0));
 }
 
-/// Sells the only unit, then lets a second buyer find it gone, which sets the flag.
-fn sold_out_book() -> DropBook {
+/// Sells the only unit (to member 7, returning its hold's id), then lets a second buyer find it gone, which sets the
+/// flag.
+fn sold_out_book() -> (DropBook, Uuid) {
     let book = book(1, 2, 4);
-    book.reserve(id(1), id(7), 1, T0).unwrap();
+    let h1 = book.reserve(id(1), id(7), 1, T0).unwrap().id;
     assert!(
         !book.is_sold_out(),
         "the flag is set by the first refused reservation"
@@ -261,12 +262,12 @@ fn sold_out_book() -> DropBook {
         Err(ReserveRejection::SoldOut)
     );
     assert!(book.is_sold_out());
-    book
+    (book, h1)
 }
 
 #[test]
 fn the_sold_out_flag_refuses_at_once_and_clears_on_cancel() {
-    let book = sold_out_book();
+    let (book, h1) = sold_out_book();
     assert_eq!(
         book.reserve(id(3), id(9), 1, T0),
         Err(ReserveRejection::SoldOut)
@@ -282,14 +283,14 @@ fn the_sold_out_flag_refuses_at_once_and_clears_on_cancel() {
     );
     assert_eq!(book.member_units(id(9)), 0);
 
-    book.cancel(id(1), id(7)).unwrap();
+    book.cancel(h1, id(7)).unwrap();
     assert!(!book.is_sold_out());
     book.reserve(id(3), id(9), 1, T0).unwrap();
 }
 
 #[test]
 fn the_sold_out_flag_clears_on_expiry() {
-    let book = sold_out_book();
+    let (book, _) = sold_out_book();
     let mut out = Vec::new();
     assert_eq!(book.reap(T0 + HOLD_MS, &mut out), 1);
     assert!(!book.is_sold_out());
@@ -298,9 +299,9 @@ fn the_sold_out_flag_clears_on_expiry() {
 
 #[test]
 fn the_sold_out_flag_clears_on_expiry_found_by_begin_payment() {
-    let book = sold_out_book();
+    let (book, h1) = sold_out_book();
     assert_eq!(
-        book.begin_payment(id(1), id(7), T0 + HOLD_MS),
+        book.begin_payment(h1, id(7), T0 + HOLD_MS),
         Err(TransitionError::Expired)
     );
     assert!(!book.is_sold_out());
@@ -308,19 +309,19 @@ fn the_sold_out_flag_clears_on_expiry_found_by_begin_payment() {
 
 #[test]
 fn the_sold_out_flag_clears_on_decline() {
-    let book = sold_out_book();
-    book.begin_payment(id(1), id(7), T0).unwrap();
+    let (book, h1) = sold_out_book();
+    book.begin_payment(h1, id(7), T0).unwrap();
     assert!(book.is_sold_out(), "paying units are still taken");
-    book.decline_payment(id(1)).unwrap();
+    book.decline_payment(h1).unwrap();
     assert!(!book.is_sold_out());
     assert_eq!(book.counts(), counts(1, 1, 0, 0));
 }
 
 #[test]
 fn the_sold_out_flag_stays_after_payment() {
-    let book = sold_out_book();
-    book.begin_payment(id(1), id(7), T0).unwrap();
-    book.complete_payment(id(1)).unwrap();
+    let (book, h1) = sold_out_book();
+    book.begin_payment(h1, id(7), T0).unwrap();
+    book.complete_payment(h1).unwrap();
     assert!(book.is_sold_out());
     assert_eq!(book.counts(), counts(1, 0, 0, 1));
 }
@@ -340,15 +341,15 @@ fn a_drop_with_no_stock_starts_sold_out() {
 fn payment_moves_held_to_paying_to_paid() {
     let book = book(5, 2, 2);
     let alice = id(7);
-    book.reserve(id(1), alice, 2, T0).unwrap();
-    let paying = book.begin_payment(id(1), alice, T0 + 1).unwrap();
+    let h1 = book.reserve(id(1), alice, 2, T0).unwrap().id;
+    let paying = book.begin_payment(h1, alice, T0 + 1).unwrap();
     assert_eq!(paying.state, HoldState::Paying);
     assert_eq!(
         book.counts(),
         counts(5, 3, 2, 0),
         "paying units count as held"
     );
-    let paid = book.complete_payment(id(1)).unwrap();
+    let paid = book.complete_payment(h1).unwrap();
     assert_eq!(paid.state, HoldState::Paid);
     assert_eq!(paid.expires_at_ms, T0 + HOLD_MS);
     assert_eq!(book.counts(), counts(5, 3, 0, 2));
@@ -356,33 +357,27 @@ fn payment_moves_held_to_paying_to_paid() {
 
     // A paid hold refuses every further transition, and the reaper leaves it alone.
     assert_eq!(
-        book.begin_payment(id(1), alice, T0),
+        book.begin_payment(h1, alice, T0),
         Err(TransitionError::AlreadyPaid)
     );
-    assert_eq!(
-        book.complete_payment(id(1)),
-        Err(TransitionError::AlreadyPaid)
-    );
-    assert_eq!(book.abort_payment(id(1)), Err(TransitionError::AlreadyPaid));
-    assert_eq!(
-        book.decline_payment(id(1)),
-        Err(TransitionError::AlreadyPaid)
-    );
-    assert_eq!(book.cancel(id(1), alice), Err(TransitionError::AlreadyPaid));
+    assert_eq!(book.complete_payment(h1), Err(TransitionError::AlreadyPaid));
+    assert_eq!(book.abort_payment(h1), Err(TransitionError::AlreadyPaid));
+    assert_eq!(book.decline_payment(h1), Err(TransitionError::AlreadyPaid));
+    assert_eq!(book.cancel(h1, alice), Err(TransitionError::AlreadyPaid));
     assert_eq!(book.reap(T0 + 10 * HOLD_MS, &mut Vec::new()), 0);
     assert_eq!(book.counts(), counts(5, 3, 0, 2));
-    assert_eq!(state_of(&book, id(1)), Some(HoldState::Paid));
+    assert_eq!(state_of(&book, h1), Some(HoldState::Paid));
 }
 
 #[test]
 fn a_payment_that_completes_after_expiry_still_counts() {
     // Two-phase: once paying, the hold is not expired under the payment call.
     let book = book(5, 2, 2);
-    book.reserve(id(1), id(7), 1, T0).unwrap();
-    book.begin_payment(id(1), id(7), T0 + HOLD_MS - 1).unwrap();
+    let h1 = book.reserve(id(1), id(7), 1, T0).unwrap().id;
+    book.begin_payment(h1, id(7), T0 + HOLD_MS - 1).unwrap();
     assert_eq!(book.reap(T0 + 5 * HOLD_MS, &mut Vec::new()), 0);
     assert_eq!(
-        book.complete_payment(id(1)).map(|hold| hold.state),
+        book.complete_payment(h1).map(|hold| hold.state),
         Ok(HoldState::Paid)
     );
     assert_eq!(book.reap(T0 + 6 * HOLD_MS, &mut Vec::new()), 0);
@@ -392,18 +387,18 @@ fn a_payment_that_completes_after_expiry_still_counts() {
 #[test]
 fn only_the_owner_may_pay_or_cancel() {
     let book = book(5, 2, 2);
-    book.reserve(id(1), id(7), 1, T0).unwrap();
+    let h1 = book.reserve(id(1), id(7), 1, T0).unwrap().id;
     assert_eq!(
-        book.begin_payment(id(1), id(8), T0),
+        book.begin_payment(h1, id(8), T0),
         Err(TransitionError::NotOwner)
     );
-    assert_eq!(book.cancel(id(1), id(8)), Err(TransitionError::NotOwner));
+    assert_eq!(book.cancel(h1, id(8)), Err(TransitionError::NotOwner));
     // Not even whether it expired is revealed to another member.
     assert_eq!(
-        book.begin_payment(id(1), id(8), T0 + HOLD_MS),
+        book.begin_payment(h1, id(8), T0 + HOLD_MS),
         Err(TransitionError::NotOwner)
     );
-    assert_eq!(state_of(&book, id(1)), Some(HoldState::Held));
+    assert_eq!(state_of(&book, h1), Some(HoldState::Held));
 }
 
 #[test]
@@ -422,20 +417,17 @@ fn unknown_holds_are_not_found() {
 #[test]
 fn payment_calls_need_a_paying_hold() {
     let book = book(5, 2, 2);
-    book.reserve(id(1), id(7), 1, T0).unwrap();
+    let h1 = book.reserve(id(1), id(7), 1, T0).unwrap().id;
+    assert_eq!(book.complete_payment(h1), Err(TransitionError::NotPaying));
+    assert_eq!(book.abort_payment(h1), Err(TransitionError::NotPaying));
+    assert_eq!(book.decline_payment(h1), Err(TransitionError::NotPaying));
+    book.begin_payment(h1, id(7), T0).unwrap();
     assert_eq!(
-        book.complete_payment(id(1)),
-        Err(TransitionError::NotPaying)
-    );
-    assert_eq!(book.abort_payment(id(1)), Err(TransitionError::NotPaying));
-    assert_eq!(book.decline_payment(id(1)), Err(TransitionError::NotPaying));
-    book.begin_payment(id(1), id(7), T0).unwrap();
-    assert_eq!(
-        book.begin_payment(id(1), id(7), T0),
+        book.begin_payment(h1, id(7), T0),
         Err(TransitionError::PaymentInFlight)
     );
     assert_eq!(
-        book.cancel(id(1), id(7)),
+        book.cancel(h1, id(7)),
         Err(TransitionError::PaymentInFlight)
     );
     assert_eq!(book.counts(), counts(5, 4, 1, 0));
@@ -444,8 +436,8 @@ fn payment_calls_need_a_paying_hold() {
 #[test]
 fn cancel_releases_once() {
     let book = book(5, 2, 2);
-    book.reserve(id(1), id(7), 2, T0).unwrap();
-    let cancelled = book.cancel(id(1), id(7)).unwrap();
+    let h1 = book.reserve(id(1), id(7), 2, T0).unwrap().id;
+    let cancelled = book.cancel(h1, id(7)).unwrap();
     assert_eq!(
         cancelled.state,
         HoldState::Released(ReleaseReason::Cancelled)
@@ -453,11 +445,11 @@ fn cancel_releases_once() {
     assert_eq!(book.counts(), counts(5, 5, 0, 0));
     assert_eq!(book.member_units(id(7)), 0);
     let again = Err(TransitionError::AlreadyReleased(ReleaseReason::Cancelled));
-    assert_eq!(book.cancel(id(1), id(7)), again);
-    assert_eq!(book.begin_payment(id(1), id(7), T0), again);
-    assert_eq!(book.complete_payment(id(1)), again);
-    assert_eq!(book.abort_payment(id(1)), again);
-    assert_eq!(book.decline_payment(id(1)), again);
+    assert_eq!(book.cancel(h1, id(7)), again);
+    assert_eq!(book.begin_payment(h1, id(7), T0), again);
+    assert_eq!(book.complete_payment(h1), again);
+    assert_eq!(book.abort_payment(h1), again);
+    assert_eq!(book.decline_payment(h1), again);
     assert_eq!(book.reap(T0 + HOLD_MS, &mut Vec::new()), 0);
     assert_eq!(book.counts(), counts(5, 5, 0, 0));
 }
@@ -465,24 +457,24 @@ fn cancel_releases_once() {
 #[test]
 fn abort_returns_a_paying_hold_to_held_with_its_expiry() {
     let book = book(5, 2, 2);
-    book.reserve(id(1), id(7), 1, T0).unwrap();
-    book.begin_payment(id(1), id(7), T0 + 10).unwrap();
-    let held = book.abort_payment(id(1)).unwrap();
+    let h1 = book.reserve(id(1), id(7), 1, T0).unwrap().id;
+    book.begin_payment(h1, id(7), T0 + 10).unwrap();
+    let held = book.abort_payment(h1).unwrap();
     assert_eq!(held.state, HoldState::Held);
     assert_eq!(held.expires_at_ms, T0 + HOLD_MS);
     // It can be paid again, or cancelled.
-    book.begin_payment(id(1), id(7), T0 + 20).unwrap();
-    book.abort_payment(id(1)).unwrap();
-    book.cancel(id(1), id(7)).unwrap();
+    book.begin_payment(h1, id(7), T0 + 20).unwrap();
+    book.abort_payment(h1).unwrap();
+    book.cancel(h1, id(7)).unwrap();
     assert_eq!(book.counts(), counts(5, 5, 0, 0));
 }
 
 #[test]
 fn decline_releases_a_paying_hold() {
     let book = book(5, 2, 2);
-    book.reserve(id(1), id(7), 2, T0).unwrap();
-    book.begin_payment(id(1), id(7), T0).unwrap();
-    let declined = book.decline_payment(id(1)).unwrap();
+    let h1 = book.reserve(id(1), id(7), 2, T0).unwrap().id;
+    book.begin_payment(h1, id(7), T0).unwrap();
+    let declined = book.decline_payment(h1).unwrap();
     assert_eq!(
         declined.state,
         HoldState::Released(ReleaseReason::PaymentDeclined)
@@ -490,7 +482,7 @@ fn decline_releases_a_paying_hold() {
     assert_eq!(book.counts(), counts(5, 5, 0, 0));
     assert_eq!(book.member_units(id(7)), 0);
     assert_eq!(
-        book.complete_payment(id(1)),
+        book.complete_payment(h1),
         Err(TransitionError::AlreadyReleased(
             ReleaseReason::PaymentDeclined
         )),
@@ -501,19 +493,19 @@ fn decline_releases_a_paying_hold() {
 #[test]
 fn begin_payment_at_or_after_expiry_releases_the_hold_as_expired() {
     let book = book(5, 2, 2);
-    book.reserve(id(1), id(7), 2, T0).unwrap();
+    let h1 = book.reserve(id(1), id(7), 2, T0).unwrap().id;
     assert_eq!(
-        book.begin_payment(id(1), id(7), T0 + HOLD_MS),
+        book.begin_payment(h1, id(7), T0 + HOLD_MS),
         Err(TransitionError::Expired)
     );
     assert_eq!(
-        state_of(&book, id(1)),
+        state_of(&book, h1),
         Some(HoldState::Released(ReleaseReason::Expired))
     );
     assert_eq!(book.counts(), counts(5, 5, 0, 0));
     assert_eq!(book.member_units(id(7)), 0);
     assert_eq!(
-        book.begin_payment(id(1), id(7), T0 + HOLD_MS),
+        book.begin_payment(h1, id(7), T0 + HOLD_MS),
         Err(TransitionError::AlreadyReleased(ReleaseReason::Expired))
     );
     assert_eq!(
@@ -526,15 +518,17 @@ fn begin_payment_at_or_after_expiry_releases_the_hold_as_expired() {
 #[test]
 fn reap_releases_exactly_the_due_held_holds() {
     let book = book(10, 3, 4);
-    book.reserve(id(1), id(7), 1, T0).unwrap();
-    book.reserve(id(2), id(8), 2, T0 + 100).unwrap();
+    let h1 = book.reserve(id(1), id(7), 1, T0).unwrap().id;
+    let h2 = book.reserve(id(2), id(8), 2, T0 + 100).unwrap().id;
     book.reserve(id(3), id(9), 3, T0 + 200).unwrap();
     let mut out = Vec::new();
     assert_eq!(book.reap(T0 + HOLD_MS - 1, &mut out), 0);
     assert_eq!(book.reap(T0 + HOLD_MS + 100, &mut out), 2);
     let mut reaped: Vec<Uuid> = out.iter().map(|hold| hold.id).collect();
     reaped.sort();
-    assert_eq!(reaped, vec![id(1), id(2)]);
+    let mut due = vec![h1, h2];
+    due.sort();
+    assert_eq!(reaped, due);
     assert!(out
         .iter()
         .all(|hold| hold.state == HoldState::Released(ReleaseReason::Expired)));
@@ -550,19 +544,19 @@ fn reap_releases_exactly_the_due_held_holds() {
 #[test]
 fn a_paying_hold_survives_reap_and_expires_after_abort() {
     let book = book(10, 3, 2);
-    book.reserve(id(1), id(7), 2, T0).unwrap();
-    book.reserve(id(2), id(8), 1, T0).unwrap();
-    book.begin_payment(id(1), id(7), T0 + 10).unwrap();
+    let h1 = book.reserve(id(1), id(7), 2, T0).unwrap().id;
+    let h2 = book.reserve(id(2), id(8), 1, T0).unwrap().id;
+    book.begin_payment(h1, id(7), T0 + 10).unwrap();
     let mut out = Vec::new();
     assert_eq!(book.reap(T0 + HOLD_MS, &mut out), 1, "only the held one");
-    assert_eq!(out[0].id, id(2));
+    assert_eq!(out[0].id, h2);
     assert_eq!(book.reap(T0 + HOLD_MS + 10, &mut out), 0, "still paying");
-    assert_eq!(state_of(&book, id(1)), Some(HoldState::Paying));
+    assert_eq!(state_of(&book, h1), Some(HoldState::Paying));
     assert_eq!(book.counts(), counts(10, 8, 2, 0));
 
-    book.abort_payment(id(1)).unwrap();
+    book.abort_payment(h1).unwrap();
     assert_eq!(book.reap(T0 + HOLD_MS + 20, &mut out), 1);
-    assert_eq!(out[1].id, id(1));
+    assert_eq!(out[1].id, h1);
     assert_eq!(out[1].state, HoldState::Released(ReleaseReason::Expired));
     assert_eq!(book.counts(), counts(10, 10, 0, 0));
     assert_eq!(book.member_units(id(7)), 0);
@@ -607,15 +601,15 @@ fn restore_rebuilds_counts_limits_and_expiry() {
         book.reserve(id(3), bob, 2, T0),
         Err(ReserveRejection::LimitExceeded)
     );
-    book.reserve(id(3), bob, 1, T0).unwrap();
+    let h3 = book.reserve(id(3), bob, 1, T0).unwrap().id;
     assert_eq!(
-        book.hold(id(1)).map(|hold| hold.expires_at_ms),
-        Some(T0 + 500)
+        book.hold(id(1))
+            .map(|hold| (hold.member, hold.expires_at_ms)),
+        Some((carol, T0 + 500)),
+        "a restored hold keeps its id"
     );
-    assert_eq!(
-        book.reserve(id(1), carol, 1, T0),
-        Err(ReserveRejection::DuplicateHold)
-    );
+    assert_eq!(book.place_of(id(1)), Some((book.home_of(carol), 0)));
+    assert_eq!(book.place_of(h3), Some((book.home_of(bob), 1)));
 
     // Restored holds expire at their own time and can be paid.
     let mut out = Vec::new();
@@ -705,161 +699,187 @@ fn shard_counts_are_normalized_to_a_power_of_two() {
 fn reserve_then_many_transitions_across_shards_conserves_stock() {
     let book = book(40, 4, 8);
     let mut now = T0;
-    for round in 0..200u128 {
-        let member = id(round % 13 + 100);
-        let hold = id(round + 1);
+    // The ids of the reservations made so far; a refused one leaves an id that names no hold.
+    let mut holds: Vec<Uuid> = Vec::new();
+    let mut moved = 0;
+    for round in 0..200usize {
+        let member = id(round as u128 % 13 + 100);
         now += 37;
-        let _ = book.reserve(hold, member, (round % 4) as u32 + 1, now);
-        match round % 5 {
-            0 => {
-                let _ = book.cancel(id(round), id((round + 12) % 13 + 100));
-            }
-            1 => {
-                let _ = book.begin_payment(hold, member, now);
-            }
-            2 => {
-                let _ = book.complete_payment(id(round));
-            }
-            3 => {
-                let _ = book.reap(now, &mut Vec::new());
-            }
-            _ => {
-                let _ = book.decline_payment(id(round - 3));
-            }
-        }
+        let quantity = (round % 4) as u32 + 1;
+        let hold = book
+            .reserve(id(round as u128 + 1), member, quantity, now)
+            .map_or(id(u128::MAX), |hold| hold.id);
+        holds.push(hold);
+        let earlier = |back: usize| holds[round.saturating_sub(back)];
+        moved += match round % 5 {
+            0 => usize::from(
+                book.cancel(earlier(1), id((round as u128 + 12) % 13 + 100))
+                    .is_ok(),
+            ),
+            1 => usize::from(book.begin_payment(hold, member, now).is_ok()),
+            2 => usize::from(book.complete_payment(earlier(1)).is_ok()),
+            3 => book.reap(now, &mut Vec::new()),
+            _ => usize::from(book.decline_payment(earlier(3)).is_ok()),
+        };
         let snapshot = book.counts();
         assert_eq!(snapshot.available + snapshot.held + snapshot.paid, 40);
         for member in 100..113 {
             assert!(book.member_units(id(member)) <= 4);
         }
     }
+    assert!(moved > 40, "only {moved} transitions went through");
 }
 
 #[test]
-fn hold_id_for_points_the_id_at_the_members_home_shard_and_keeps_the_rest() {
+fn a_hold_id_keeps_the_seed_and_names_the_holds_place() {
     for shards in [1, 2, 4, 8, MAX_SHARDS] {
-        let book = book(100, 1, shards);
-        for n in 0..64u128 {
+        let book = book(10_000, 2, shards);
+        let mask = (shards - 1) as u8;
+        let mut next_slot = vec![0u32; shards];
+        for n in 0..300u128 {
             let member = id(n * 0x9E37_79B9_7F4A_7C15 + 7);
             let seed = Uuid::now_v7();
-            let hold = book.hold_id_for(member, seed);
-            assert_eq!(book.record_shard_of(hold), book.home_of(member));
-            assert_eq!(hold.get_version_num(), 7);
-            assert_eq!(hold.get_variant(), seed.get_variant());
-            assert_eq!(hold.as_bytes()[..15], seed.as_bytes()[..15]);
-            let mask = (shards - 1) as u8;
-            assert_eq!(hold.as_bytes()[15] & !mask, seed.as_bytes()[15] & !mask);
+            let hold = book.reserve(seed, member, 1, T0).unwrap();
+            let home = book.home_of(member);
+            let bytes = hold.id.as_bytes();
             assert_eq!(
-                book.hold_id_for(member, hold),
-                hold,
-                "already pointing home"
+                bytes[..11],
+                seed.as_bytes()[..11],
+                "timestamp, version, variant"
             );
+            assert_eq!(hold.id.get_version_num(), 7);
+            assert_eq!(hold.id.get_variant(), seed.get_variant());
+            assert_eq!(bytes[11..15], next_slot[home].to_be_bytes(), "the slot");
+            assert_eq!(usize::from(bytes[15] & mask), home, "the shard");
+            assert_eq!(bytes[15] & !mask, seed.as_bytes()[15] & !mask);
+            assert_eq!(
+                book.place_of(hold.id),
+                Some((home, next_slot[home] as usize))
+            );
+            next_slot[home] += 1;
         }
     }
 }
 
-/// A hold id for `member` that points at `member`'s home shard (`home`) or at the next shard (`!home`).
-fn hold_id(book: &DropBook, member: Uuid, n: u128, home: bool) -> Uuid {
-    let fast = book.hold_id_for(member, id(n << 8));
-    if home {
-        return fast;
+#[test]
+fn an_id_that_names_a_place_but_not_its_hold_is_not_found() {
+    let book = book(10, 2, 2);
+    let member = id(7);
+    let hold = book.reserve(id(1), member, 1, T0).unwrap();
+    // Same place, other bits: a forged or mistyped id.
+    let mut bytes = *hold.id.as_bytes();
+    bytes[3] ^= 0x40;
+    let forged = Uuid::from_bytes(bytes);
+    // A place past the end of the list.
+    bytes = *hold.id.as_bytes();
+    bytes[14] = 9;
+    let beyond = Uuid::from_bytes(bytes);
+    for other in [forged, beyond] {
+        assert_eq!(book.hold(other), None);
+        assert_eq!(
+            book.begin_payment(other, member, T0),
+            Err(TransitionError::NotFound)
+        );
+        assert_eq!(book.complete_payment(other), Err(TransitionError::NotFound));
+        assert_eq!(book.abort_payment(other), Err(TransitionError::NotFound));
+        assert_eq!(book.decline_payment(other), Err(TransitionError::NotFound));
+        assert_eq!(book.cancel(other, member), Err(TransitionError::NotFound));
     }
-    let shards = book.params().shards;
-    let mut bytes = *fast.as_bytes();
-    bytes[15] = ((book.home_of(member) + 1) % shards) as u8;
-    Uuid::from_bytes(bytes)
+    assert_eq!(book.hold(hold.id), Some(hold));
+    assert_eq!(book.counts(), counts(10, 9, 1, 0));
 }
 
 #[test]
-fn holds_on_the_fast_and_the_cross_shard_path_go_through_every_transition() {
-    for home_ids in [true, false] {
-        let book = book(40, 3, 4);
-        let member = member_at(&book, 1, 0);
-        let other = member_at(&book, 3, 0);
-        let ids: Vec<Uuid> = (1..=6)
-            .map(|n| hold_id(&book, member, n, home_ids))
-            .collect();
-        let record_shard = if home_ids { 1 } else { 2 };
-        let (paid, cancelled, declined, expired) = (ids[0], ids[1], ids[2], ids[3]);
+fn new_ids_never_equal_restored_ones() {
+    let params = DropParams {
+        stock: 10,
+        per_member_limit: 3,
+        hold_ms: HOLD_MS,
+        shards: 1,
+    };
+    let seed = Uuid::now_v7();
+    // The id the next hold (slot 1, after the restored hold at slot 0) would get from `seed`.
+    let mut bytes = *seed.as_bytes();
+    bytes[11..15].copy_from_slice(&1u32.to_be_bytes());
+    let taken = Uuid::from_bytes(bytes);
+    let restored = RestoredHold {
+        id: taken,
+        member: id(8),
+        quantity: 1,
+        created_at_ms: T0,
+        expires_at_ms: T0 + HOLD_MS,
+    };
+    let book = DropBook::restore(params, [], [restored]).unwrap();
+    let hold = book.reserve(seed, id(7), 2, T0 + 10).unwrap();
+    assert_ne!(hold.id, taken);
+    assert_eq!(
+        hold.id.as_bytes()[11..],
+        taken.as_bytes()[11..],
+        "same place"
+    );
+    assert_eq!(book.hold(taken).map(|hold| hold.member), Some(id(8)));
+    assert_eq!(book.hold(hold.id), Some(hold));
+    book.cancel(taken, id(8)).unwrap();
+    assert_eq!(
+        book.hold(hold.id).map(|hold| hold.state),
+        Some(HoldState::Held)
+    );
+    assert_eq!(book.counts(), counts(10, 8, 2, 0));
+}
 
-        book.reserve(paid, member, 1, T0).unwrap();
-        book.reserve(cancelled, member, 1, T0).unwrap();
-        book.reserve(declined, member, 1, T0).unwrap();
+#[test]
+fn holds_on_every_shard_go_through_every_transition() {
+    for home in 0..4 {
+        let book = book(40, 3, 4);
+        let member = member_at(&book, home, 0);
+        let other = member_at(&book, (home + 1) % 4, 0);
+        let reserve = |member: Uuid, quantity: u32, now: i64| {
+            book.reserve(Uuid::now_v7(), member, quantity, now)
+                .unwrap()
+                .id
+        };
+        let (paid, cancelled, declined) = (
+            reserve(member, 1, T0),
+            reserve(member, 1, T0),
+            reserve(member, 1, T0),
+        );
         assert_eq!(
-            book.reserve(expired, member, 1, T0),
+            book.reserve(Uuid::now_v7(), member, 1, T0),
             Err(ReserveRejection::LimitExceeded)
         );
-        assert_eq!(
-            book.reserve(paid, other, 1, T0),
-            Err(ReserveRejection::DuplicateHold),
-            "a repeated id is found whichever shard its record is in"
-        );
-        for &hold in &ids[..3] {
-            assert_eq!(book.record_shard_of(hold), record_shard);
-            assert_eq!(
-                book.stock_shard_of(hold),
-                Some(1),
-                "charged to the home shard"
-            );
+        for (slot, hold) in [paid, cancelled, declined].into_iter().enumerate() {
+            assert_eq!(book.place_of(hold), Some((home, slot)));
         }
         assert_eq!(book.member_units(member), 3);
         assert_eq!(book.member_units(other), 0);
-        assert_eq!(book.shard_counts()[1], (10, 7, 3, 0));
+        assert_eq!(book.shard_counts()[home], (10, 7, 3, 0));
 
         book.begin_payment(paid, member, T0).unwrap();
         book.complete_payment(paid).unwrap();
-        assert_eq!(book.shard_counts()[1], (10, 7, 2, 1));
+        assert_eq!(book.shard_counts()[home], (10, 7, 2, 1));
         book.cancel(cancelled, member).unwrap();
         assert_eq!(book.member_units(member), 2);
         book.begin_payment(declined, member, T0).unwrap();
         book.decline_payment(declined).unwrap();
         assert_eq!(book.member_units(member), 1);
-        assert_eq!(book.shard_counts()[1], (10, 9, 0, 1));
+        assert_eq!(book.shard_counts()[home], (10, 9, 0, 1));
         assert_eq!(
             book.cancel(cancelled, member),
             Err(TransitionError::AlreadyReleased(ReleaseReason::Cancelled))
         );
 
-        book.reserve(expired, member, 2, T0 + 10).unwrap();
-        book.reserve(ids[4], other, 3, T0 + 20).unwrap();
+        let expired = reserve(member, 2, T0 + 10);
+        let others = reserve(other, 3, T0 + 20);
         let mut out = Vec::new();
         assert_eq!(book.reap(T0 + 10 + HOLD_MS, &mut out), 1);
         assert_eq!(out[0].id, expired);
         assert_eq!(out[0].state, HoldState::Released(ReleaseReason::Expired));
         assert_eq!(book.member_units(member), 1, "only the paid unit is left");
         assert_eq!(book.reap(T0 + 20 + HOLD_MS, &mut out), 1);
-        assert_eq!(out[1].id, ids[4]);
+        assert_eq!(out[1].id, others);
         assert_eq!(book.member_units(other), 0);
         assert_eq!(book.counts(), counts(40, 39, 0, 1));
-        assert_eq!(book.shard_counts()[1], (10, 9, 0, 1));
+        assert_eq!(book.shard_counts()[home], (10, 9, 0, 1));
         assert_eq!(state_of(&book, paid), Some(HoldState::Paid));
     }
-}
-
-#[test]
-fn a_cross_shard_hold_on_the_slow_path_takes_units_into_the_home_shard() {
-    let book = book(4, 4, 2);
-    let member = member_at(&book, 0, 0);
-    let hold = hold_id(&book, member, 1, false);
-    assert_eq!(book.record_shard_of(hold), 1);
-    book.reserve(hold, member, 3, T0).unwrap();
-    assert_eq!(book.stock_shard_of(hold), Some(0));
-    let shards = book.shard_counts();
-    assert_eq!(shards[0], (4, 1, 3, 0), "the rest is spread evenly");
-    assert_eq!(shards[1], (0, 0, 0, 0));
-    assert_eq!(
-        book.reserve(hold_id(&book, member, 2, false), member, 2, T0),
-        Err(ReserveRejection::LimitExceeded)
-    );
-    assert_eq!(
-        book.reserve(hold_id(&book, id(5), 3, false), id(5), 2, T0),
-        Err(ReserveRejection::SoldOut)
-    );
-    assert!(!book.is_sold_out());
-
-    let mut out = Vec::new();
-    assert_eq!(book.reap(T0 + HOLD_MS, &mut out), 1);
-    assert_eq!(book.member_units(member), 0);
-    assert_eq!(book.counts(), counts(4, 4, 0, 0));
-    assert_eq!(book.shard_counts()[0], (4, 4, 0, 0));
 }
