@@ -1,18 +1,10 @@
 #!/usr/bin/env bash
-# Runs the criterion benchmarks of the engine core, the Redis gate and the writer, each beside its naive
-# baseline. The gate and writer benchmarks need real services, so services.sh brings them up first.
+# Runs the criterion benchmarks, each beside its naive baseline: today the engine core's reservation path
+# (benches/benches/core_reserve.rs). Reports land in target/criterion/.
 #
-#   scripts/bench.sh [ARGS...]   ARGS go to `cargo bench -p benches`, e.g. scripts/bench.sh -- core
+#   scripts/bench.sh [ARGS...]   ARGS go to `cargo bench -p benches`, e.g. scripts/bench.sh -- drop_book
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$ROOT"
-
-services=$("$ROOT/scripts/services.sh") || {
-  echo "bench.sh: scripts/services.sh failed; no Postgres/Redis to benchmark against" >&2
-  exit 1
-}
-eval "$services"
-export DATABASE_URL REDIS_URL
-
 exec cargo bench -p benches "$@"

@@ -1,7 +1,8 @@
 //! Criterion benchmark of `DropBook::reserve` beside the one-global-lock baseline, at 1 and 2 threads sharing one
 //! drop, each reservation by a new member (a flash sale's shape). Reported as holds per second.
 //!
-//! Run: `CARGO_TARGET_DIR=/work/target cargo bench -p benches --bench core_reserve`.
+//! Run: `scripts/bench.sh` (or `cargo bench -p benches --bench core_reserve`). The book has the engine's default shard
+//! count (`SHARDS=n` overrides it); `BATCH=n` sets the holds per thread per drop.
 //! Every measured reservation must succeed, so each batch gets a fresh drop with exactly enough stock; building the
 //! drop, making the ids and dropping the drop happen outside the timed region.
 
@@ -18,8 +19,6 @@ const HOLD_MS: i64 = 600_000;
 const PER_MEMBER_LIMIT: u32 = 2;
 /// Reservations per thread on one drop before it is replaced: a drop of 50k units per thread.
 const BATCH_PER_THREAD: u64 = 50_000;
-/// Stock shards of the benchmarked `DropBook`.
-const SHARDS: usize = 16;
 
 /// splitmix64: cheap, reproducible randomness for ids, so id making costs little wall time.
 fn next(state: &mut u64) -> u64 {
@@ -115,7 +114,7 @@ fn drop_book(stock: u32) -> DropBook {
         shards: std::env::var("SHARDS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(SHARDS),
+            .unwrap_or(engine::core::DEFAULT_SHARDS),
     })
 }
 

@@ -103,7 +103,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
     /// Stock shards per drop in the embedded gate (rounded up to a power of two).
-    #[arg(long, env = "ENGINE_SHARDS", default_value_t = 8)]
+    #[arg(long, env = "ENGINE_SHARDS", default_value_t = engine::core::DEFAULT_SHARDS)]
     pub engine_shards: usize,
     /// Reservations in flight at once; past it, answers 429 with Retry-After at once.
     #[arg(long, env = "RESERVE_INFLIGHT_MAX", default_value_t = 4096)]
@@ -158,7 +158,7 @@ impl Default for EngineArgs {
     /// The documented defaults, for tests and tools that build an engine without a command line.
     fn default() -> Self {
         Self {
-            engine_shards: 8,
+            engine_shards: engine::core::DEFAULT_SHARDS,
             reserve_inflight_max: 4096,
             pay_inflight_max: 1024,
             reaper_interval_ms: 1000,
