@@ -456,11 +456,14 @@ impl Engine {
         {
             Ok(hold) => hold,
             Err(TransitionError::AlreadyPaid) => {
-                let purchase = self.receipt(reservation).await?;
-                if purchase.member_id != member {
-                    return Err(EngineError::NotOwner);
-                }
-                return Ok(purchase);
+                return self.paid_receipt(reservation, member).await
+            }
+            Err(TransitionError::NotFound) => {
+                return match self.settled_before_start(reservation, member).await? {
+                    HoldState::Paid => self.paid_receipt(reservation, member).await,
+                    HoldState::Released(reason) => Err(EngineError::AlreadyReleased(reason)),
+                    HoldState::Held | HoldState::Paying => Err(EngineError::ReservationNotFound),
+                };
             }
             Err(TransitionError::Expired) => {
                 // begin_payment released it as expired; record that like the reaper would.
@@ -527,11 +530,50 @@ impl Engine {
         Ok(purchase)
     }
 
+    /// The purchase of a paid reservation, for its owner: paying again answers the same purchase.
+    async fn paid_receipt(&self, reservation: Uuid, member: Uuid) -> Result<Purchase, EngineError> {
+        let purchase = self.receipt(reservation).await?;
+        if purchase.member_id != member {
+            return Err(EngineError::NotOwner);
+        }
+        Ok(purchase)
+    }
+
+    /// The stored state of a reservation the gate does not know. The gate rebuilds only live holds at start, so a
+    /// hold paid or released before this process started is known only to Postgres; its row answers for it, so that
+    /// a client retrying a payment across a restart gets the same purchase rather than a 404.
+    async fn settled_before_start(
+        &self,
+        reservation: Uuid,
+        member: Uuid,
+    ) -> Result<HoldState, EngineError> {
+        let client = self.db.get().await?;
+        let stored = store::reservation(&**client, reservation)
+            .await?
+            .ok_or(EngineError::ReservationNotFound)?;
+        if stored.member_id != member {
+            return Err(EngineError::NotOwner);
+        }
+        Ok(stored.state)
+    }
+
     /// Releases a held reservation at its owner's request.
     pub async fn cancel(&self, reservation: Uuid, member: Uuid) -> Result<(), EngineError> {
         let drop = self.locate(reservation).await?;
         self.spec(drop).await?;
-        self.gate.cancel(drop, reservation, member).await??;
+        match self.gate.cancel(drop, reservation, member).await? {
+            Ok(_) => {}
+            Err(TransitionError::NotFound) => {
+                return Err(
+                    match self.settled_before_start(reservation, member).await? {
+                        HoldState::Paid => EngineError::AlreadyPaid,
+                        HoldState::Released(reason) => EngineError::AlreadyReleased(reason),
+                        HoldState::Held | HoldState::Paying => EngineError::ReservationNotFound,
+                    },
+                );
+            }
+            Err(err) => return Err(err.into()),
+        }
         bump(&self.stats.released_cancelled);
         self.queue_release(reservation, ReleaseReason::Cancelled, self.clock.now_ms())
             .await;

@@ -186,6 +186,94 @@ async fn a_paid_hold_is_durable_when_the_payment_answers() {
 }
 
 #[tokio::test]
+async fn holds_settled_before_a_restart_answer_as_they_did() {
+    let mut app = TestApp::new().await;
+    let (_, drop) = app.open_drop(5, 10_000, json!({})).await;
+    let (paid_by, cancelled_by, declined_by, holding) = (
+        app.member(Role::Customer).await,
+        app.member(Role::Customer).await,
+        app.member(Role::Customer).await,
+        app.member(Role::Customer).await,
+    );
+    let hold_for = |response: common::TestResponse| {
+        assert_eq!(response.status, StatusCode::CREATED, "{:?}", response.body);
+        response.body["id"].as_str().unwrap().to_owned()
+    };
+    let paid = hold_for(reserve(&app, &paid_by, &drop, 1).await);
+    let cancelled = hold_for(reserve(&app, &cancelled_by, &drop, 1).await);
+    let declined = hold_for(reserve(&app, &declined_by, &drop, 1).await);
+    let live = hold_for(reserve(&app, &holding, &drop, 1).await);
+    let first = pay(&app, &paid_by, &paid, "tok_ok").await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let path = |id: &str| format!("/api/v1/reservations/{id}");
+    let cancel = app
+        .call("DELETE", &path(&cancelled), Some(&cancelled_by.token), None)
+        .await;
+    assert_eq!(cancel.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        pay(&app, &declined_by, &declined, "tok_declined")
+            .await
+            .status,
+        StatusCode::PAYMENT_REQUIRED
+    );
+
+    // A new process knows only the live hold; the rest are known to Postgres alone.
+    app = app.restart().await;
+
+    // Paying again across the restart answers the same purchase, to its owner only, and charges nothing.
+    let again = pay(&app, &paid_by, &paid, "tok_ok").await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+    for field in [
+        "reservation_id",
+        "purchase_id",
+        "status",
+        "amount",
+        "currency",
+    ] {
+        assert_eq!(again.body[field], first.body[field], "{field}");
+    }
+    assert_eq!(app.gateway.charges(), 0);
+    assert_eq!(purchase_rows(&app, &paid).await, 1);
+    let stranger = pay(&app, &holding, &paid, "tok_ok").await;
+    assert_eq!(stranger.status, StatusCode::FORBIDDEN);
+    let cancel_paid = app
+        .call("DELETE", &path(&paid), Some(&paid_by.token), None)
+        .await;
+    assert_eq!(cancel_paid.code(), "already_paid");
+
+    // Released holds stay released, with their reason.
+    for (member, id) in [(&cancelled_by, &cancelled), (&declined_by, &declined)] {
+        let repay = pay(&app, member, id, "tok_ok").await;
+        assert_eq!(repay.status, StatusCode::CONFLICT, "{:?}", repay.body);
+        assert_eq!(repay.code(), "already_released");
+        let recancel = app
+            .call("DELETE", &path(id), Some(&member.token), None)
+            .await;
+        assert_eq!(recancel.code(), "already_released");
+    }
+    let view = app
+        .call("GET", &path(&cancelled), Some(&cancelled_by.token), None)
+        .await;
+    assert_eq!(view.body["status"], "released");
+    assert_eq!(view.body["reason"], "cancelled");
+
+    // The live hold came back with its id and can be paid; unknown ids are still 404.
+    let live_paid = pay(&app, &holding, &live, "tok_ok").await;
+    assert_eq!(live_paid.status, StatusCode::OK, "{:?}", live_paid.body);
+    let unknown = pay(&app, &holding, &Uuid::now_v7().to_string(), "tok_ok").await;
+    assert_eq!(unknown.code(), "reservation_not_found");
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (
+            state["sold"].as_u64(),
+            state["held"].as_u64(),
+            state["available"].as_u64()
+        ),
+        (Some(2), Some(0), Some(3))
+    );
+}
+
+#[tokio::test]
 async fn released_holds_return_to_sale_and_clear_the_sold_out_flag() {
     let app = TestApp::new().await;
     let (_, drop) = app.open_drop(1, 1000, json!({})).await;

@@ -140,6 +140,7 @@ pub struct TestApp {
     pub state: AppState,
     pub router: Router,
     pub gateway: Arc<SimulatedGateway>,
+    args: EngineArgs,
 }
 
 impl TestApp {
@@ -168,7 +169,15 @@ impl TestApp {
         gate: Arc<dyn engine::gate::Gate>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let db = TestDb::new().await;
+        Self::over(TestDb::new().await, args, gate, clock).await
+    }
+
+    async fn over(
+        db: TestDb,
+        args: EngineArgs,
+        gate: Arc<dyn engine::gate::Gate>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let (engine, gateway) = start_engine_with_gate(db.pool.clone(), &args, gate, clock)
             .await
             .expect("engine");
@@ -179,7 +188,17 @@ impl TestApp {
             state,
             router,
             gateway,
+            args,
         }
+    }
+
+    /// Stops the engine (draining its writer) and starts a new app on the same database with a fresh embedded gate
+    /// and the system clock, as a restarted process would. Tokens stay valid (same secret); in-memory state such
+    /// as idempotency records and the simulated gateway's charges is gone.
+    pub async fn restart(self) -> Self {
+        self.state.engine.shutdown().await;
+        let gate = Arc::new(engine::gate::EmbeddedGate::new(self.args.engine_shards));
+        Self::over(self.db, self.args, gate, Arc::new(SystemClock)).await
     }
 
     /// Sends one request through the router. `body` is sent as JSON when given.
