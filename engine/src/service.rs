@@ -119,6 +119,11 @@ impl From<TransitionError> for EngineError {
     }
 }
 
+/// Most batches of drop rows one list request reads while looking for drops of the wanted status.
+const LIST_SCAN_BATCHES: usize = 10;
+/// Largest page allocated up front.
+const LIST_PAGE_PRESIZE_MAX: usize = 100;
+
 /// Counters for the report: what happened, not how long it took.
 #[derive(Debug, Default)]
 pub struct EngineStats {
@@ -310,33 +315,44 @@ impl Engine {
         limit: i64,
         status: Option<DropStatus>,
     ) -> Result<(Vec<DropInfo>, Option<Uuid>), EngineError> {
-        let mut specs = {
-            let client = self.db.get().await?;
-            store::list_drops(
-                &**client,
-                after,
-                limit.saturating_add(1),
-                status,
-                self.now(),
-            )
-            .await?
-        };
-        let window = usize::try_from(limit).unwrap_or(usize::MAX);
-        let next = if specs.len() > window {
-            specs.truncate(window);
-            specs.last().map(|spec| spec.id)
-        } else {
-            None
-        };
-        let mut infos = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let spec = self.spec(spec.id).await?;
-            let info = self.info(&spec).await?;
-            if status.is_none_or(|wanted| wanted == info.status) {
+        let window = usize::try_from(limit.max(1)).unwrap_or(usize::MAX);
+        let mut infos = Vec::with_capacity(window.min(LIST_PAGE_PRESIZE_MAX));
+        let mut cursor = after;
+        // Postgres filters by time; open and sold_out also depend on the stock, known only here, so rows are read
+        // in batches until the page is full, the rows run out, or LIST_SCAN_BATCHES were read (then a short page
+        // with a cursor, so a client following cursors still sees every drop).
+        for _ in 0..LIST_SCAN_BATCHES {
+            let specs = {
+                let client = self.db.get().await?;
+                store::list_drops(
+                    &**client,
+                    cursor,
+                    limit.max(1).saturating_add(1),
+                    status,
+                    self.now(),
+                )
+                .await?
+            };
+            let more_rows = specs.len() > window;
+            let taken = specs.len().min(window);
+            for (index, spec) in specs.into_iter().take(window).enumerate() {
+                cursor = Some(spec.id);
+                let spec = self.spec(spec.id).await?;
+                let info = self.info(&spec).await?;
+                if status.is_some_and(|wanted| wanted != info.status) {
+                    continue;
+                }
                 infos.push(info);
+                if infos.len() == window {
+                    let rows_after = index + 1 < taken || more_rows;
+                    return Ok((infos, cursor.filter(|_| rows_after)));
+                }
+            }
+            if !more_rows {
+                return Ok((infos, None));
             }
         }
-        Ok((infos, next))
+        Ok((infos, cursor))
     }
 
     /// Places a hold of `quantity` units of the drop for `member`.

@@ -274,6 +274,65 @@ async fn holds_settled_before_a_restart_answer_as_they_did() {
 }
 
 #[tokio::test]
+async fn listing_by_status_fills_pages_and_misses_no_drop() {
+    let app = TestApp::new().await;
+    let buyer = app.member(Role::Customer).await;
+    // Oldest first: open, sold out, sold out, open, sold out, open. Lists run newest first.
+    let mut open = Vec::new();
+    let mut sold_out = Vec::new();
+    for sells_out in [false, true, true, false, true, false] {
+        let (_, drop) = app.open_drop(1, 1_000, json!({})).await;
+        if sells_out {
+            assert_eq!(
+                reserve(&app, &buyer, &drop, 1).await.status,
+                StatusCode::CREATED
+            );
+            sold_out.push(drop["id"].as_str().unwrap().to_owned());
+        } else {
+            open.push(drop["id"].as_str().unwrap().to_owned());
+        }
+    }
+    open.reverse();
+    sold_out.reverse();
+
+    // Follows cursors; every page but the last is full.
+    let walk = |status: &'static str, limit: usize| {
+        let app = &app;
+        async move {
+            let mut seen = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut path = format!("/api/v1/drops?status={status}&limit={limit}");
+                if let Some(cursor) = &cursor {
+                    path.push_str(&format!("&cursor={cursor}"));
+                }
+                let page = app.call("GET", &path, None, None).await;
+                assert_eq!(page.status, StatusCode::OK, "{:?}", page.body);
+                let items = page.body["items"].as_array().unwrap().clone();
+                for item in &items {
+                    assert_eq!(item["status"], status);
+                    seen.push(item["id"].as_str().unwrap().to_owned());
+                }
+                match page.body["next_cursor"].as_str() {
+                    Some(next) => {
+                        assert_eq!(items.len(), limit, "a page before the last is full");
+                        cursor = Some(next.to_owned());
+                    }
+                    None => return seen,
+                }
+            }
+        }
+    };
+    assert_eq!(walk("open", 1).await, open);
+    assert_eq!(walk("open", 2).await, open);
+    assert_eq!(walk("sold_out", 2).await, sold_out);
+    assert_eq!(walk("sold_out", 3).await, sold_out);
+    let everything = app.call("GET", "/api/v1/drops?limit=100", None, None).await;
+    assert_eq!(everything.body["items"].as_array().unwrap().len(), 6);
+    assert!(everything.body["next_cursor"].is_null());
+}
+
+#[tokio::test]
 async fn released_holds_return_to_sale_and_clear_the_sold_out_flag() {
     let app = TestApp::new().await;
     let (_, drop) = app.open_drop(1, 1000, json!({})).await;
