@@ -191,8 +191,9 @@ impl DropBook {
     /// units are available in total (over all shards).
     ///
     /// The hold's id is made from `seed` (see `mint`): it keeps the seed's first 11 bytes (a UUIDv7's timestamp,
-    /// version, variant and 26 random bits) and the high bits of its last byte, and is unique in this book whatever
-    /// the seed. The returned view carries it; every later call about the hold takes that id.
+    /// version and variant, and 26 random bits, two bytes of which change only if the id would equal a restored
+    /// hold's) and the high bits of its last byte, and is unique in this book whatever the seed. The returned view
+    /// carries it; every later call about the hold takes that id.
     pub fn reserve(
         &self,
         seed: Uuid,

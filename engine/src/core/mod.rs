@@ -32,7 +32,7 @@ pub struct DropParams {
     /// Most units one member may have held, paying or paid at once.
     pub per_member_limit: u32,
     /// How long a hold lasts before the reaper may release it; the same for every hold of the drop, which is what
-    /// lets each shard keep its expiry queue in FIFO order.
+    /// keeps each shard's hold list in expiry order for the reaper.
     pub hold_ms: i64,
     /// Number of stock shards. Rounded up to a power of two and kept within `1..=MAX_SHARDS`.
     pub shards: usize,
