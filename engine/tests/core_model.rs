@@ -502,8 +502,9 @@ struct Holds {
 
 impl Holds {
     /// A known hold, or a fresh id (owned by nobody in particular) when none is known yet or `Fresh` is asked for.
-    /// Fresh ids name small slots on every shard (the counter sits in the slot bytes, a varied low byte picks the
-    /// shard), so a transition of a fresh id often names the place of a real hold, which it must not reach.
+    /// Fresh ids differ in the bytes the book keeps (the counter in bytes 8..12) and name small places in the bytes
+    /// it writes (the last four: a value below 64 is a low slot on every shard count), so a transition of a fresh
+    /// id often names the place of a real hold, which it must not reach.
     fn pick(&mut self, hold: &HoldRef, members: &[Uuid]) -> (Uuid, Uuid) {
         match hold {
             HoldRef::Known(index) if !self.created.is_empty() => *index.get(&self.created),
@@ -511,7 +512,7 @@ impl Holds {
                 self.next += 1;
                 let seed = Uuid::from_u64_pair(
                     0x0190_0000_0000_7000,
-                    (self.next % 8) << 8 | ((self.next.wrapping_mul(0x9E37_79B9) >> 24) & 0xff),
+                    (self.next << 32) | ((self.next.wrapping_mul(0x9E37_79B9) >> 24) % 64),
                 );
                 (seed, members[0])
             }

@@ -3,8 +3,8 @@
 //!
 //! Everything about a member lives in the member's home shard (`home_shard`, a hash of the member id): its count,
 //! its holds, and the stock its holds are charged to. A hold is recorded by appending it to its shard's hold list,
-//! and its id names its place: the book makes the id from the caller's seed, writing the shard into the low bits of
-//! the last byte and the slot (the index in that list) into the four bytes before it (`mint`). So a reservation is
+//! and its id names its place: the book makes the id from the caller's seed, writing the shard and the slot (the
+//! index in that list) into its last four bytes (`mint`). So a reservation is
 //! one lock, one member-map entry and one append, with no map of holds to insert into, and every later transition
 //! of the hold reads its place from the id and takes the same one lock. Holds restored after a restart keep the ids
 //! an earlier book made; the book keeps their places in a map fixed at restore (`restored`), read without a lock.
@@ -190,10 +190,10 @@ impl DropBook {
     /// Succeeds if and only if the quantity is valid, the member stays within the limit and at least `quantity`
     /// units are available in total (over all shards).
     ///
-    /// The hold's id is made from `seed` (see `mint`): it keeps the seed's first 11 bytes (a UUIDv7's timestamp,
-    /// version and variant, and 26 random bits, two bytes of which change only if the id would equal a restored
-    /// hold's) and the high bits of its last byte, and is unique in this book whatever the seed. The returned view
-    /// carries it; every later call about the hold takes that id.
+    /// The hold's id is made from `seed` (see `mint`): it keeps the seed's first 12 bytes (a UUIDv7's timestamp,
+    /// version, variant and counter) and writes the hold's place into the last four, so it is unique in this book
+    /// whatever the seed, and unique among all holds of the process when seeds come from `Uuid::now_v7`. The
+    /// returned view carries it; every later call about the hold takes that id.
     pub fn reserve(
         &self,
         seed: Uuid,
@@ -300,9 +300,9 @@ impl DropBook {
         if shard.available < quantity {
             return Err(Stop::Short);
         }
-        // The slot must fit the four bytes of the id that carry it: 2^32 holds in one shard of one drop (about
-        // 200 GiB of records) are refused as sold out rather than given an id that names another hold.
-        if u32::try_from(shard.holds.len()).is_err() {
+        // The slot must fit the bits of the id that carry it: past 2^32 holds in a drop (about 240 GiB of records)
+        // a shard refuses as sold out rather than give an id that names another hold.
+        if shard.holds.len() as u64 >= self.slots_per_shard() {
             return Err(Stop::Refused(ReserveRejection::SoldOut));
         }
         // One lookup of the member: the entry found for the limit check is the one written.
@@ -330,24 +330,36 @@ impl DropBook {
         Ok(hold)
     }
 
-    /// The id of the hold at `place`, made from `seed`: bytes 11..=14 carry the slot (big-endian) and the low bits
-    /// of byte 15 the shard, the rest is the seed's. Two holds of this book never share a place, so their ids
-    /// differ; in the rare case that the id equals a restored hold's, two random bytes of the seed are changed until
-    /// it does not.
+    /// The id of the hold at `place`, made from `seed`: its last four bytes (random in a UUIDv7 or v4) are
+    /// replaced by `slot << shard_bits | shard` (big-endian), the first twelve are the seed's. Two holds of this book
+    /// never share a place, so their ids differ. Holds of other books (other drops) keep their seeds' first twelve
+    /// bytes, which for `Uuid::now_v7` seeds are the millisecond and a counter that the process increments for
+    /// every id it makes in that millisecond, so they differ too. In the rare case that the id equals a restored
+    /// hold's (made by an earlier process, so only if the clock went back), two counter bytes are changed until it
+    /// does not.
     fn mint(&self, seed: Uuid, place: Place) -> Uuid {
-        // The mask is below MAX_SHARDS = 256, so both casts to a byte are exact; the slot was checked to fit a u32.
-        let mask = self.shard_mask as u8;
+        // The shard is below MAX_SHARDS = 2^8 and the slot was checked to fit the rest of the 32 bits.
+        let packed = ((place.slot as u32) << self.shard_bits()) | place.shard as u32;
         let mut bytes = *seed.as_bytes();
-        bytes[11..15].copy_from_slice(&(place.slot as u32).to_be_bytes());
-        bytes[15] = (bytes[15] & !mask) | place.shard as u8;
+        bytes[12..].copy_from_slice(&packed.to_be_bytes());
         let mut id = Uuid::from_bytes(bytes);
         while !self.restored.is_empty() && self.restored.contains_key(&id) {
-            // Bytes 9 and 10 are random in a UUIDv7 or v4 and name nothing here.
             let bumped = u16::from_be_bytes([bytes[9], bytes[10]]).wrapping_add(1);
             bytes[9..11].copy_from_slice(&bumped.to_be_bytes());
             id = Uuid::from_bytes(bytes);
         }
         id
+    }
+
+    /// Bits of a hold id's last four bytes that carry the shard; the rest carry the slot.
+    fn shard_bits(&self) -> u32 {
+        self.shard_mask.count_ones()
+    }
+
+    /// Holds one shard can record: as many slots as fit beside the shard in 32 bits. The shards of a book together
+    /// always have 2^32.
+    fn slots_per_shard(&self) -> u64 {
+        1u64 << (32 - self.shard_bits())
     }
 
     /// Where the hold with this id would be: a restored hold's place from the map, any other's from the id itself.
@@ -359,9 +371,10 @@ impl DropBook {
             }
         }
         let bytes = hold_id.as_bytes();
+        let packed = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
         Place {
-            shard: usize::from(bytes[15]) & self.shard_mask,
-            slot: u32::from_be_bytes([bytes[11], bytes[12], bytes[13], bytes[14]]) as usize,
+            shard: packed as usize & self.shard_mask,
+            slot: (packed >> self.shard_bits()) as usize,
         }
     }
 

@@ -734,7 +734,7 @@ fn reserve_then_many_transitions_across_shards_conserves_stock() {
 fn a_hold_id_keeps_the_seed_and_names_the_holds_place() {
     for shards in [1, 2, 4, 8, MAX_SHARDS] {
         let book = book(10_000, 2, shards);
-        let mask = (shards - 1) as u8;
+        let shard_bits = shards.trailing_zeros();
         let mut next_slot = vec![0u32; shards];
         for n in 0..300u128 {
             let member = id(n * 0x9E37_79B9_7F4A_7C15 + 7);
@@ -743,15 +743,15 @@ fn a_hold_id_keeps_the_seed_and_names_the_holds_place() {
             let home = book.home_of(member);
             let bytes = hold.id.as_bytes();
             assert_eq!(
-                bytes[..11],
-                seed.as_bytes()[..11],
-                "timestamp, version, variant"
+                bytes[..12],
+                seed.as_bytes()[..12],
+                "timestamp, version, variant, counter"
             );
             assert_eq!(hold.id.get_version_num(), 7);
             assert_eq!(hold.id.get_variant(), seed.get_variant());
-            assert_eq!(bytes[11..15], next_slot[home].to_be_bytes(), "the slot");
-            assert_eq!(usize::from(bytes[15] & mask), home, "the shard");
-            assert_eq!(bytes[15] & !mask, seed.as_bytes()[15] & !mask);
+            let packed = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+            assert_eq!(packed >> shard_bits, next_slot[home], "the slot");
+            assert_eq!(packed as usize & (shards - 1), home, "the shard");
             assert_eq!(
                 book.place_of(hold.id),
                 Some((home, next_slot[home] as usize))
@@ -772,7 +772,7 @@ fn an_id_that_names_a_place_but_not_its_hold_is_not_found() {
     let forged = Uuid::from_bytes(bytes);
     // A place past the end of the list.
     bytes = *hold.id.as_bytes();
-    bytes[14] = 9;
+    bytes[13] = 9;
     let beyond = Uuid::from_bytes(bytes);
     for other in [forged, beyond] {
         assert_eq!(book.hold(other), None);
@@ -798,9 +798,9 @@ fn new_ids_never_equal_restored_ones() {
         shards: 1,
     };
     let seed = Uuid::now_v7();
-    // The id the next hold (slot 1, after the restored hold at slot 0) would get from `seed`.
+    // The id the next hold (slot 1, after the restored hold at slot 0, in the only shard) would get from `seed`.
     let mut bytes = *seed.as_bytes();
-    bytes[11..15].copy_from_slice(&1u32.to_be_bytes());
+    bytes[12..].copy_from_slice(&1u32.to_be_bytes());
     let taken = Uuid::from_bytes(bytes);
     let restored = RestoredHold {
         id: taken,
@@ -813,8 +813,8 @@ fn new_ids_never_equal_restored_ones() {
     let hold = book.reserve(seed, id(7), 2, T0 + 10).unwrap();
     assert_ne!(hold.id, taken);
     assert_eq!(
-        hold.id.as_bytes()[11..],
-        taken.as_bytes()[11..],
+        hold.id.as_bytes()[12..],
+        taken.as_bytes()[12..],
         "same place"
     );
     assert_eq!(book.hold(taken).map(|hold| hold.member), Some(id(8)));
@@ -882,4 +882,20 @@ fn holds_on_every_shard_go_through_every_transition() {
         assert_eq!(book.shard_counts()[home], (10, 9, 0, 1));
         assert_eq!(state_of(&book, paid), Some(HoldState::Paid));
     }
+}
+
+#[test]
+fn holds_of_different_drops_never_share_an_id() {
+    // Two drops opening together: the same places fill in the same milliseconds, from seeds made one after another
+    // as the service makes them. The ids differ because each keeps its seed's millisecond and counter.
+    let (first, second) = (book(4_000, 1, 16), book(4_000, 1, 16));
+    let mut ids = std::collections::HashSet::new();
+    for n in 0..4_000u128 {
+        let member = id(n << 64 | n);
+        for book in [&first, &second] {
+            let hold = book.reserve(Uuid::now_v7(), member, 1, T0).unwrap();
+            assert!(ids.insert(hold.id), "{} made twice", hold.id);
+        }
+    }
+    assert_eq!(ids.len(), 8_000);
 }
