@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Runs the criterion benchmarks, each beside its naive baseline: today the engine core's reservation path
-# (benches/benches/core_reserve.rs). Reports land in target/criterion/.
+# Runs the criterion benchmarks, each beside its naive baseline: the engine core's reservation path
+# (benches/benches/core_reserve.rs) and the batched purchase writer (benches/benches/writer.rs, which needs
+# Postgres, so services.sh brings it up first). Reports land in target/criterion/.
 #
-#   scripts/bench.sh [ARGS...]   ARGS go to `cargo bench -p benches`, e.g. scripts/bench.sh -- drop_book
+#   scripts/bench.sh [ARGS...]   ARGS go to `cargo bench -p benches`, e.g. scripts/bench.sh --bench writer
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$ROOT"
+
+services=$("$ROOT/scripts/services.sh") || {
+  echo "bench.sh: scripts/services.sh failed; no Postgres to benchmark the writer against" >&2
+  exit 1
+}
+eval "$services"
+export DATABASE_URL REDIS_URL
+
 exec cargo bench -p benches "$@"
