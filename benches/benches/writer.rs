@@ -4,7 +4,8 @@
 //! paid) and both answer only after the commit; both have the same purchases in flight. Reported as purchases/s.
 //!
 //! Needs Postgres: `scripts/bench.sh --bench writer` (it brings one up), or `DATABASE_URL` set. The database
-//! `flashsale_bench_writer` on that server is created if missing and emptied at the start.
+//! `flashsale_bench_writer` on that server is created if missing; each run writes under a drop of its own and
+//! deletes its rows at the end, so runs (and test runners running each benchmark once, in parallel) do not meet.
 
 #![allow(
     clippy::expect_used,
@@ -44,7 +45,7 @@ fn database_url() -> String {
     format!("{base}/{DATABASE}{query}")
 }
 
-/// Connects, migrates, empties the tables and makes one drop for the purchases to point at.
+/// Connects, migrates and makes this run's drop for the purchases to point at.
 async fn setup() -> (Pool, Uuid) {
     let args = DbArgs {
         database_url: database_url(),
@@ -54,27 +55,39 @@ async fn setup() -> (Pool, Uuid) {
     let pool = shell_api::db::connect(&args).await.expect("bench database");
     shell_api::db::migrate(&pool).await.expect("migrations");
     let client = pool.get().await.expect("connection");
-    client
-        .batch_execute("TRUNCATE purchases, reservations, drops, products, members CASCADE")
-        .await
-        .expect("truncate");
     let drop = Uuid::now_v7();
     client
         .execute(
             "WITH seller AS (
                  INSERT INTO members (id, email, password_hash, name, role)
-                 VALUES (gen_random_uuid(), 'bench-seller@example.test', 'x', 'Seller', 'seller') RETURNING id),
+                 VALUES (gen_random_uuid(), $2, 'x', 'Seller', 'seller') RETURNING id),
              product AS (
                  INSERT INTO products (id, seller_id, name, price, kind)
                  SELECT gen_random_uuid(), id, 'Item', 100, 'preorder' FROM seller RETURNING id, seller_id)
              INSERT INTO drops (id, product_id, seller_id, stock, opens_at, per_member_limit, hold_seconds, price,
                                 currency)
              SELECT $1, id, seller_id, 1000000, now(), 1, 300, 100, 'KRW' FROM product",
-            &[&drop],
+            &[&drop, &format!("bench-{drop}@example.test")],
         )
         .await
         .expect("seed drop");
     (pool, drop)
+}
+
+/// Deletes what this run wrote: its purchases, reservations, drop, product and seller.
+async fn cleanup(pool: &Pool, drop: Uuid) {
+    let client = pool.get().await.expect("connection");
+    client
+        .execute(
+            "WITH purchases_gone AS (DELETE FROM purchases WHERE drop_id = $1),
+                  reservations_gone AS (DELETE FROM reservations WHERE drop_id = $1),
+                  drop_gone AS (DELETE FROM drops WHERE id = $1 RETURNING product_id, seller_id),
+                  product_gone AS (DELETE FROM products WHERE id IN (SELECT product_id FROM drop_gone))
+             DELETE FROM members WHERE id IN (SELECT seller_id FROM drop_gone)",
+            &[&drop],
+        )
+        .await
+        .expect("cleanup");
 }
 
 fn purchase_for(drop: Uuid) -> (Purchase, HoldRow) {
@@ -181,7 +194,8 @@ async fn run(path: Path, pool: &Pool, drop_id: Uuid, count: u64) -> Duration {
 
 fn writer(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let (pool, drop_id) = runtime.block_on(setup());
+    // Set up on the first measurement, not here: `--list` (as test runners call it) must not touch the database.
+    let database = std::cell::OnceCell::new();
     let mut group = c.benchmark_group("writer");
     group
         .throughput(Throughput::Elements(1))
@@ -193,10 +207,16 @@ fn writer(c: &mut Criterion) {
         ("transaction_per_purchase", Path::OneTransactionEach),
     ] {
         group.bench_with_input(BenchmarkId::new(name, IN_FLIGHT), &path, |b, &path| {
-            b.iter_custom(|iters| runtime.block_on(run(path, &pool, drop_id, iters)))
+            b.iter_custom(|iters| {
+                let (pool, drop_id) = database.get_or_init(|| runtime.block_on(setup()));
+                runtime.block_on(run(path, pool, *drop_id, iters))
+            })
         });
     }
     group.finish();
+    if let Some((pool, drop_id)) = database.get() {
+        runtime.block_on(cleanup(pool, *drop_id));
+    }
 }
 
 criterion_group!(benches, writer);
