@@ -33,16 +33,7 @@ const DATABASE: &str = "flashsale_bench_writer";
 fn database_url() -> String {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/flashsale".to_owned());
-    let authority_start = url.find("://").map_or(0, |at| at + 3);
-    let (base, query) = match url[authority_start..].find('/') {
-        Some(slash) => {
-            let rest = &url[authority_start + slash..];
-            let query = rest.find('?').map_or("", |at| &rest[at..]);
-            (&url[..authority_start + slash], query)
-        }
-        None => (url.as_str(), ""),
-    };
-    format!("{base}/{DATABASE}{query}")
+    shell_api::db::with_database(&url, DATABASE)
 }
 
 /// Connects, migrates and makes this run's drop for the purchases to point at.

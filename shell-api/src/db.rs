@@ -29,6 +29,20 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.
 const MIGRATION_LOCK_KEY: i64 = 0x666c_6173_6873_616c;
 
+/// `url` (a Postgres URL) with its database name replaced by `name`, keeping user, host, port and query
+/// parameters: the same server, another database.
+pub fn with_database(url: &str, name: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (head, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let authority_end = head[scheme_end..]
+        .find('/')
+        .map_or(head.len(), |i| scheme_end + i);
+    format!("{}/{}{}", &head[..authority_end], name, query)
+}
+
 /// Creates the database if missing, then builds the pool.
 pub async fn connect(args: &DbArgs) -> anyhow::Result<Pool> {
     let config = tokio_postgres::Config::from_str(&args.database_url)

@@ -34,19 +34,6 @@ fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-/// `url` with its database name replaced by `name` (keeps user, host, port and query parameters).
-pub fn with_database(url: &str, name: &str) -> String {
-    let scheme_end = url.find("://").map_or(0, |i| i + 3);
-    let (head, query) = match url.find('?') {
-        Some(q) => (&url[..q], &url[q..]),
-        None => (url, ""),
-    };
-    let authority_end = head[scheme_end..]
-        .find('/')
-        .map_or(head.len(), |i| scheme_end + i);
-    format!("{}/{}{}", &head[..authority_end], name, query)
-}
-
 /// A freshly created, migrated database owned by one test.
 pub struct TestDb {
     pub url: String,
@@ -57,7 +44,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> Self {
         let name = format!("fs_test_{}", Uuid::new_v4().simple());
-        let url = with_database(&server_url(), &name);
+        let url = db::with_database(&server_url(), &name);
         let args = DbArgs {
             database_url: url.clone(),
             db_pool_size: 8,
@@ -76,7 +63,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         self.pool.close();
-        let admin = with_database(&self.url, "postgres");
+        let admin = db::with_database(&self.url, "postgres");
         let name = self.name.clone();
         // Drop runs inside the test's runtime, so the cleanup gets a runtime of its own on a plain thread.
         let cleanup = std::thread::spawn(move || {
