@@ -38,8 +38,18 @@ impl Shard {
         }
     }
 
+    /// The conservation check after every change of units; compiled out of release builds, where `counts` reads
+    /// it back with [`Shard::assert_conserved`].
     pub(super) fn check(&self) {
-        debug_assert_eq!(
+        if cfg!(debug_assertions) {
+            self.assert_conserved();
+        }
+    }
+
+    /// Panics unless `available + held + paid == assigned`: units made or lost must stop the process rather than
+    /// let it oversell.
+    pub(super) fn assert_conserved(&self) {
+        assert_eq!(
             u64::from(self.available) + u64::from(self.held) + u64::from(self.paid),
             u64::from(self.assigned),
             "shard conservation broken: assigned {}, available {}, held {}, paid {}",
