@@ -157,13 +157,15 @@ const CHUNK: usize = 1024;
 /// record: a plain `Vec` would copy every record of the shard, under its lock, each time it doubled.
 #[derive(Debug, Default)]
 pub(super) struct HoldList {
+    /// Every chunk but the last is full.
     chunks: Vec<Vec<HoldView>>,
-    len: usize,
 }
 
 impl HoldList {
     pub(super) fn len(&self) -> usize {
-        self.len
+        self.chunks
+            .last()
+            .map_or(0, |last| (self.chunks.len() - 1) * CHUNK + last.len())
     }
 
     /// Appends a hold; its slot is the length before the call.
@@ -176,7 +178,6 @@ impl HoldList {
                 self.chunks.push(chunk);
             }
         }
-        self.len += 1;
     }
 
     pub(super) fn get(&self, slot: usize) -> Option<&HoldView> {

@@ -899,3 +899,29 @@ fn holds_of_different_drops_never_share_an_id() {
     }
     assert_eq!(ids.len(), 8_000);
 }
+
+#[test]
+fn hold_lists_grow_past_a_chunk_and_every_hold_stays_reachable() {
+    // One shard, so every hold lands in one list: 2500 holds cross two chunk boundaries (1024 each).
+    let book = book(2_500, 1, 1);
+    let holds: Vec<HoldView> = (0..2_500u128)
+        .map(|n| {
+            book.reserve(id(n), id(n << 64 | 1), 1, T0 + n as i64)
+                .unwrap()
+        })
+        .collect();
+    for (slot, hold) in holds.iter().enumerate() {
+        assert_eq!(book.place_of(hold.id), Some((0, slot)));
+        assert_eq!(book.hold(hold.id), Some(*hold));
+    }
+    assert_eq!(book.counts(), counts(2_500, 0, 2_500, 0));
+    // Pay one on each side of a boundary, then expire the rest in two steps that stop inside the second chunk.
+    for hold in [&holds[1023], &holds[1024]] {
+        book.begin_payment(hold.id, hold.member, T0 + 1).unwrap();
+        book.complete_payment(hold.id).unwrap();
+    }
+    let mut out = Vec::new();
+    assert_eq!(book.reap(T0 + HOLD_MS + 1500, &mut out), 1499);
+    assert_eq!(book.reap(T0 + HOLD_MS + 2499, &mut out), 999);
+    assert_eq!(book.counts(), counts(2_500, 2_498, 0, 2));
+}
