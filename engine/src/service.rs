@@ -432,6 +432,12 @@ impl Engine {
             };
             return Ok(Reservation::from_hold(drop, &hold, purchase_id));
         }
+        self.stored(id).await
+    }
+
+    /// A reservation's stored row: the answer for holds the gate does not know, which are those settled before this
+    /// process started (the gate rebuilds only live holds).
+    async fn stored(&self, id: Uuid) -> Result<Reservation, EngineError> {
         let client = self.db.get().await?;
         store::reservation(&**client, id)
             .await?
@@ -555,18 +561,14 @@ impl Engine {
         Ok(purchase)
     }
 
-    /// The stored state of a reservation the gate does not know. The gate rebuilds only live holds at start, so a
-    /// hold paid or released before this process started is known only to Postgres; its row answers for it, so that
-    /// a client retrying a payment across a restart gets the same purchase rather than a 404.
+    /// The stored state of a reservation the gate does not know, for its owner, so that a client retrying a payment
+    /// across a restart gets the same purchase rather than a 404.
     async fn settled_before_start(
         &self,
         reservation: Uuid,
         member: Uuid,
     ) -> Result<HoldState, EngineError> {
-        let client = self.db.get().await?;
-        let stored = store::reservation(&**client, reservation)
-            .await?
-            .ok_or(EngineError::ReservationNotFound)?;
+        let stored = self.stored(reservation).await?;
         if stored.member_id != member {
             return Err(EngineError::NotOwner);
         }
