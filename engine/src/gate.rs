@@ -101,11 +101,11 @@ impl std::fmt::Debug for EmbeddedGate {
 }
 
 impl EmbeddedGate {
-    /// `shards` per drop is rounded up to a power of two.
+    /// `shards` per drop, as `DropParams::shards` (each book rounds it to a power of two within `1..=MAX_SHARDS`).
     pub fn new(shards: usize) -> Self {
         Self {
             books: DashMap::new(),
-            shards: shards.max(1).next_power_of_two(),
+            shards,
         }
     }
 
