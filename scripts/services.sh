@@ -2,14 +2,20 @@
 # Makes PostgreSQL (15+) and Redis (7+) reachable on any machine and prints, on stdout only,
 #   export DATABASE_URL=...
 #   export REDIS_URL=...
+#   export REDIS_SERVER_BIN=...        absolute path of redis-server, for tests that spawn their own servers
 # so callers can `eval "$(scripts/services.sh)"`. Everything else goes to stderr.
 #
 #   scripts/services.sh          use DATABASE_URL / REDIS_URL (or the defaults) if they answer; otherwise start
-#                                private instances under .services/ (installing the servers if missing)
-#   scripts/services.sh stop     stop the private instances (never the machine's own services)
-#   scripts/services.sh status   say what the private instances are doing
+#                                private instances under .services/ (installing the servers if missing; the
+#                                redis-server binary is installed even when REDIS_URL answers)
+#   scripts/services.sh cluster  print only `export REDIS_CLUSTER_URLS=redis://127.0.0.1:P1,...,redis://...:P3`:
+#                                REDIS_CLUSTER_URLS as given if its first node reports cluster_state:ok, else a
+#                                private 3-master Redis Cluster under .services/redis-cluster/ (ports from 27001)
+#   scripts/services.sh stop     stop the private instances and cluster nodes (never the machine's own services)
+#   scripts/services.sh status   say what the private instances and cluster nodes are doing
 #
-# Running it again reuses the private instances; when the URLs already answer it takes well under a second.
+# Running it again reuses the private instances and cluster; when they already answer it takes well under a
+# second. A cluster that lost a node or its slots is recreated empty: it holds scratch data only.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -19,6 +25,8 @@ DEFAULT_REDIS_URL='redis://127.0.0.1:6379'
 # Private instances prefer these ports: below Linux's ephemeral range, away from the usual 5432/6379.
 PG_PORT_BASE=25432
 REDIS_PORT_BASE=26379
+CLUSTER_PORT_BASE=27001
+CLUSTER_BUS_OFFSET=10000 # a cluster node also listens on its port + 10000 (the cluster bus)
 
 # An unexpected failure under set -e would otherwise exit without a word.
 set -E
@@ -145,15 +153,16 @@ probe_redis() {
 
 port_busy() { tcp_open 127.0.0.1 "$1"; }
 
-# pick_port PREFERRED BASE: the preferred port if nothing listens there, else the first quiet port from BASE.
+# pick_port PREFERRED BASE [OFFSET]: the preferred port if nothing listens there, else the first quiet port from
+# BASE. With OFFSET, the port + OFFSET must be quiet too (a cluster node's bus port).
 pick_port() {
-  local p
-  if [ -n "$1" ] && ! port_busy "$1"; then
+  local p off=${3:-}
+  if [ -n "$1" ] && ! port_busy "$1" && { [ -z "$off" ] || ! port_busy $(($1 + off)); }; then
     echo "$1"
     return
   fi
   for ((p = $2; p < $2 + 200; p++)); do
-    if ! port_busy "$p"; then
+    if ! port_busy "$p" && { [ -z "$off" ] || ! port_busy $((p + off)); }; then
       echo "$p"
       return
     fi
@@ -214,6 +223,7 @@ install_servers() {
     case $what in
     pg) pkgs+=("$(apt_pg_package)") ;;
     redis) pkgs+=(redis-server) ;; # depends on redis-tools, which brings redis-cli
+    redis-cli) pkgs+=(redis-tools) ;;
     esac
   done
   log "apt-get install ${pkgs[*]} (log: $aptlog)"
@@ -422,6 +432,12 @@ EOF
 
 R_HOME=$STATE/redis
 
+warn_old_redis() {
+  case $("$REDIS_SERVER" --version 2>/dev/null) in
+  *v=[0-6].*) log "warning: redis-server $("$REDIS_SERVER" --version | cut -d' ' -f3) is older than the 7 flashsale needs" ;;
+  esac
+}
+
 # Sets REDIS_PORT if the private server already runs; removes the pid file of one that is gone.
 redis_reuse() {
   local pid port i
@@ -476,6 +492,218 @@ redis_start() {
   die "could not start the private redis"
 }
 
+# ---------------------------------------------------------------- private Redis Cluster
+
+# .services/redis-cluster/ports holds the three ports of the running cluster (kept as the preferred ones for the
+# next start); .services/redis-cluster/<port>/ holds one node's nodes.conf, pid file and logs.
+C_HOME=$STATE/redis-cluster
+CLUSTER_PORTS=()
+
+# shq VALUE: VALUE as one shell word, bare when it needs no quoting (printf %q would escape a URL list's commas).
+shq() {
+  if [[ $1 =~ ^[A-Za-z0-9_./:,@%+=-]+$ ]]; then printf '%s' "$1"; else printf '%q' "$1"; fi
+}
+
+mask_urls() { printf '%s' "$1" | sed 's#://\([^:@/,]*\):[^@/,]*@#://\1:***@#g'; }
+
+# cluster_info URL: the node's CLUSTER INFO (field:value lines); fails if it does not answer one.
+cluster_info() {
+  local out
+  if have redis-cli; then
+    out=$(with_timeout 3 redis-cli -u "$1" cluster info </dev/null 2>/dev/null) || return 1
+  else
+    parse_url "$1" 6379 || return 1
+    # A RESP bulk string: "$<length>\r\n" then the text. No AUTH here: a password-protected node fails.
+    # shellcheck disable=SC2016 # $0, $1, $h, $n and $b belong to the inner bash
+    out=$(with_timeout 3 env LC_ALL=C bash -c 'exec 4<>"/dev/tcp/$0/$1" || exit 1
+      printf "CLUSTER INFO\r\n" >&4
+      IFS= read -r h <&4 || exit 1
+      n=${h#?} n=${n%?}
+      [[ $h == "\$"* && $n =~ ^[0-9]+$ ]] || exit 1
+      read -r -N "$n" b <&4
+      printf %s "$b"' "$U_HOST" "$U_PORT" 2>/dev/null) || return 1
+  fi
+  out=${out//$'\r'/}
+  [[ $out == *cluster_state:* ]] || return 1
+  printf '%s\n' "$out"
+}
+
+info_field() { sed -n "s/^$2://p" <<<"$1"; } # INFO FIELD
+
+cluster_url_ok() { # URL: the node reports cluster_state:ok
+  local info
+  info=$(cluster_info "$1") && [ "$(info_field "$info" cluster_state)" = ok ]
+}
+
+# cluster_healthy PORT...: every node reports cluster_state:ok, all slots assigned, and knows exactly these nodes.
+cluster_healthy() {
+  local p info
+  for p; do
+    info=$(cluster_info "redis://127.0.0.1:$p") || return 1
+    [ "$(info_field "$info" cluster_state)" = ok ] || return 1
+    [ "$(info_field "$info" cluster_slots_assigned)" = 16384 ] || return 1
+    [ "$(info_field "$info" cluster_known_nodes)" = "$#" ] || return 1
+  done
+}
+
+# cluster_blank PORT...: every node knows only itself and serves no slot (ready for `--cluster create`).
+cluster_blank() {
+  local p info
+  for p; do
+    info=$(cluster_info "redis://127.0.0.1:$p") || return 1
+    [ "$(info_field "$info" cluster_known_nodes)" = 1 ] || return 1
+    [ "$(info_field "$info" cluster_slots_assigned)" = 0 ] || return 1
+  done
+}
+
+cluster_wait() { # SECONDS PORT...: bounded wait until cluster_healthy
+  local end=$((SECONDS + $1))
+  shift
+  while [ "$SECONDS" -lt "$end" ]; do
+    if cluster_healthy "$@"; then return 0; fi
+    sleep 0.25
+  done
+  cluster_healthy "$@"
+}
+
+# cnode_pid PORT: prints the pid of our cluster node on PORT, if it runs. Besides the pid file, the process title
+# (`redis-server 127.0.0.1:PORT [cluster]`) must name the port, so a reused pid is never taken for ours.
+cnode_pid() {
+  local pid cmd
+  pid=$(cat "$C_HOME/$1/redis.pid" 2>/dev/null || true)
+  pid_is "$pid" redis || return 1
+  if [ -r "/proc/$pid/cmdline" ]; then
+    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+    [[ " $cmd " == *":$1 "* ]] || return 1
+  fi
+  printf '%s\n' "$pid"
+}
+
+# cnode_start PORT: 0 = the node answers, 2 = its port or bus port was taken meanwhile, 1 = it failed otherwise.
+cnode_start() {
+  local port=$1 dir=$C_HOME/$1 i
+  mkdir -p "$dir"
+  rm -f "$dir/redis.pid"
+  : >"$dir/redis.log"
+  # Scratch data: no snapshots, no append-only file. nodes.conf lives in --dir.
+  detached "$REDIS_SERVER" --bind 127.0.0.1 --port "$port" --daemonize yes \
+    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir" \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+    --appendonly no --save '' >/dev/null 2>"$dir/redis.err" || true
+  for ((i = 0; i < 100; i++)); do
+    if cnode_pid "$port" >/dev/null && probe_redis "redis://127.0.0.1:$port" >/dev/null 2>&1; then return 0; fi
+    if grep -q 'Address already in use' "$dir/redis.log"; then return 2; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# Stops every cluster node this script started (whatever .services/redis-cluster/<port>/redis.pid names).
+# With `quiet`, says nothing when none runs.
+cluster_stop_nodes() {
+  local d port pid n=0
+  for d in "$C_HOME"/*/; do
+    [ -d "$d" ] || continue
+    port=$(basename "$d")
+    pid=$(cnode_pid "$port") || continue
+    log "stopping redis cluster node 127.0.0.1:$port (pid $pid)"
+    kill -TERM "$pid"
+    wait_gone "$pid" 30 || die "redis cluster node (pid $pid) did not stop within 30s"
+    rm -f "$d/redis.pid"
+    n=$((n + 1))
+  done
+  if [ "$n" -eq 0 ] && [ "${1:-}" != quiet ]; then log "no private redis cluster nodes running"; fi
+}
+
+cluster_fail() {
+  log "error: $*"
+  cluster_stop_nodes quiet
+  exit 1
+}
+
+cluster_create() { # PORT...
+  local nodes=() p
+  for p; do nodes+=("127.0.0.1:$p"); done
+  log "redis-cli --cluster create ${nodes[*]} --cluster-replicas 0 (log: $C_HOME/create.log)"
+  detached with_timeout 60 redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+    >"$C_HOME/create.log" 2>&1 || {
+    tail -n 20 "$C_HOME/create.log" >&2
+    return 1
+  }
+}
+
+# Three new nodes on quiet ports (the remembered ones if free, else upward from CLUSTER_PORT_BASE), joined into
+# one cluster of three masters. Sets CLUSTER_PORTS.
+cluster_fresh() {
+  local prefer=() port base=$CLUSTER_PORT_BASE i attempt rc
+  if [ -f "$C_HOME/ports" ]; then read -r -a prefer <"$C_HOME/ports" || true; fi
+  # An old nodes.conf would make a node rejoin the cluster it was part of.
+  rm -f "$C_HOME/ports"
+  rm -rf "${C_HOME:?}"/[0-9]*
+  mkdir -p "$C_HOME"
+  CLUSTER_PORTS=()
+  for ((i = 0; i < 3; i++)); do
+    rc=1
+    for ((attempt = 1; attempt <= 5; attempt++)); do
+      port=$(pick_port "${prefer[i]:-}" "$base" "$CLUSTER_BUS_OFFSET")
+      log "starting redis cluster node on 127.0.0.1:$port (cluster bus $((port + CLUSTER_BUS_OFFSET)))"
+      rc=0
+      cnode_start "$port" || rc=$?
+      if [ "$rc" -ne 2 ]; then break; fi
+      log "port $port was taken meanwhile; trying another"
+      rm -rf "${C_HOME:?}/$port"
+      prefer[i]=''
+      base=$((port + 1))
+    done
+    if [ "$rc" -ne 0 ]; then
+      tail -n 20 "$C_HOME/$port/redis.err" "$C_HOME/$port/redis.log" >&2 || true
+      cluster_fail "could not start a redis cluster node on 127.0.0.1:$port"
+    fi
+    CLUSTER_PORTS+=("$port")
+    base=$((port + 1))
+  done
+  echo "${CLUSTER_PORTS[*]}" >"$C_HOME/ports.new" && mv "$C_HOME/ports.new" "$C_HOME/ports"
+  cluster_create "${CLUSTER_PORTS[@]}" || cluster_fail "redis-cli --cluster create failed"
+  log "waiting for cluster_state:ok on every node"
+  cluster_wait 30 "${CLUSTER_PORTS[@]}" || cluster_fail "the cluster did not reach cluster_state:ok within 30s"
+}
+
+# Reuses the running private cluster if it is whole and healthy, else starts a new one. Sets CLUSTER_PORTS.
+cluster_up() {
+  local ports=() p alive=0
+  mkdir -p "$C_HOME"
+  if [ -f "$C_HOME/ports" ]; then read -r -a ports <"$C_HOME/ports" || true; fi
+  if [ "${#ports[@]}" -eq 3 ]; then
+    for p in "${ports[@]}"; do
+      if cnode_pid "$p" >/dev/null; then alive=$((alive + 1)); fi
+    done
+  fi
+  if [ "$alive" -eq 3 ]; then
+    if cluster_healthy "${ports[@]}"; then
+      log "private redis cluster already running on ports ${ports[*]}"
+      CLUSTER_PORTS=("${ports[@]}")
+      return 0
+    fi
+    if cluster_blank "${ports[@]}"; then
+      log "private redis cluster nodes on ports ${ports[*]} run but were never joined"
+      if cluster_create "${ports[@]}" && log "waiting for cluster_state:ok on every node" &&
+        cluster_wait 30 "${ports[@]}"; then
+        CLUSTER_PORTS=("${ports[@]}")
+        return 0
+      fi
+    elif cluster_wait 10 "${ports[@]}"; then
+      log "private redis cluster on ports ${ports[*]} is healthy again"
+      CLUSTER_PORTS=("${ports[@]}")
+      return 0
+    fi
+    log "the private redis cluster on ports ${ports[*]} is not healthy; recreating it (it holds scratch data only)"
+  elif [ "$alive" -gt 0 ]; then
+    log "only $alive of the private redis cluster's 3 nodes run; recreating it (it holds scratch data only)"
+  fi
+  cluster_stop_nodes quiet
+  cluster_fresh
+}
+
 # ---------------------------------------------------------------- commands
 
 lock() {
@@ -507,6 +735,7 @@ cmd_stop() {
     log "no private redis running"
   fi
   rm -f "$R_HOME/redis.pid"
+  cluster_stop_nodes
 }
 
 cmd_status() {
@@ -524,11 +753,25 @@ cmd_status() {
   else
     log "private redis: not running"
   fi
+  local d port info state n=0
+  for d in "$C_HOME"/*/; do
+    [ -d "$d" ] || continue
+    port=$(basename "$d")
+    if pid=$(cnode_pid "$port"); then
+      state='not answering'
+      if info=$(cluster_info "redis://127.0.0.1:$port"); then
+        state="cluster_state:$(info_field "$info" cluster_state), $(info_field "$info" cluster_known_nodes) nodes known"
+      fi
+      log "private redis cluster node: pid $pid, redis://127.0.0.1:$port ($state)"
+      n=$((n + 1))
+    fi
+  done
+  if [ "$n" -eq 0 ]; then log "private redis cluster: not running"; fi
 }
 
 cmd_up() {
   local db_url=${DATABASE_URL:-} redis_url=${REDIS_URL:-} db_explicit=1 redis_explicit=1 rc db_name
-  local need_pg=0 need_redis=0 install=()
+  local need_pg=0 need_redis=0 need_bin=0 install=() redis_bin=${REDIS_SERVER_BIN:-}
   if [ -z "$db_url" ]; then db_url=$DEFAULT_DATABASE_URL db_explicit=0; fi
   if [ -z "$redis_url" ]; then redis_url=$DEFAULT_REDIS_URL redis_explicit=0; fi
 
@@ -542,8 +785,14 @@ cmd_up() {
   probe_redis "$redis_url" || rc=$?
   if [ "$rc" -eq 1 ] || { [ "$rc" -eq 2 ] && [ "$redis_explicit" -eq 0 ]; }; then need_redis=1; fi
   if [ "$rc" -eq 2 ] && [ "$redis_explicit" -eq 1 ]; then log "using REDIS_URL as given anyway"; fi
+  # Tests spawn disposable redis-servers of their own: REDIS_SERVER_BIN as given, else the one on PATH.
+  if [ -n "$redis_bin" ] && { [ ! -f "$redis_bin" ] || [ ! -x "$redis_bin" ]; }; then
+    log "REDIS_SERVER_BIN=$redis_bin is no executable; looking for redis-server instead"
+    redis_bin=
+  fi
+  if [ -z "$redis_bin" ] && ! have redis-server; then need_bin=1; fi
 
-  if [ "$need_pg" -eq 1 ] || [ "$need_redis" -eq 1 ]; then
+  if [ "$need_pg" -eq 1 ] || [ "$need_redis" -eq 1 ] || [ "$need_bin" -eq 1 ]; then
     lock
     if [ "$need_pg" -eq 1 ]; then
       log "nothing usable at ${db_url%%\?*}; using a private postgres"
@@ -568,6 +817,16 @@ cmd_up() {
         install+=(redis)
       fi
     fi
+    if [ "$need_bin" -eq 1 ] && [ "$need_redis" -eq 0 ]; then
+      # Only the binary is missing: a failed install costs the tests that need it, not DATABASE_URL/REDIS_URL.
+      if [ "${#install[@]}" -eq 0 ]; then
+        log "no redis-server binary (REDIS_SERVER_BIN); installing it"
+        (install_servers redis) || true
+        hash -r
+      else
+        install+=(redis)
+      fi
+    fi
     if [ "${#install[@]}" -gt 0 ]; then install_servers "${install[@]}"; fi
     if [ "$need_pg" -eq 1 ]; then
       ensure_pg_user
@@ -580,9 +839,7 @@ cmd_up() {
     fi
     if [ "$need_redis" -eq 1 ]; then
       REDIS_SERVER=$(command -v redis-server) || die "no redis-server found"
-      case $("$REDIS_SERVER" --version 2>/dev/null) in
-      *v=[0-6].*) log "warning: redis-server $("$REDIS_SERVER" --version | cut -d' ' -f3) is older than the 7 flashsale needs" ;;
-      esac
+      warn_old_redis
       redis_start
     fi
   fi
@@ -596,12 +853,50 @@ cmd_up() {
   log "DATABASE_URL=$(printf '%s' "$db_url" | sed 's#://\([^:@/]*\):[^@/]*@#://\1:***@#')"
   log "REDIS_URL=$(printf '%s' "$redis_url" | sed 's#://\([^:@/]*\):[^@/]*@#://\1:***@#')"
   printf 'export DATABASE_URL=%q\nexport REDIS_URL=%q\n' "$db_url" "$redis_url" >&3
+  if [ -z "$redis_bin" ] && have redis-server; then redis_bin=$(command -v redis-server); fi
+  if [ -n "$redis_bin" ]; then
+    # Absolute, but symlinks kept: Debian's redis-server links to redis-check-rdb, which acts by its name.
+    case $redis_bin in /*) ;; *) redis_bin=$PWD/$redis_bin ;; esac
+    log "REDIS_SERVER_BIN=$redis_bin"
+    printf 'export REDIS_SERVER_BIN=%s\n' "$(shq "$redis_bin")" >&3
+  else
+    log "warning: no redis-server binary found or installed; REDIS_SERVER_BIN is not set"
+  fi
+}
+
+cmd_cluster() {
+  local urls=${REDIS_CLUSTER_URLS:-} first p
+  if [ -n "$urls" ]; then
+    first=${urls%%,*}
+    first=${first//[[:space:]]/}
+    if cluster_url_ok "$first"; then
+      log "REDIS_CLUSTER_URLS=$(mask_urls "$urls") (cluster_state:ok)"
+      printf 'export REDIS_CLUSTER_URLS=%s\n' "$(shq "$urls")" >&3
+      return 0
+    fi
+    log "REDIS_CLUSTER_URLS: $(mask_urls "$first") does not report cluster_state:ok; using a private redis cluster"
+  fi
+  lock
+  if ! have redis-server; then
+    install_servers redis
+  elif ! have redis-cli; then
+    install_servers redis-cli
+  fi
+  REDIS_SERVER=$(command -v redis-server) || die "no redis-server found"
+  have redis-cli || die "no redis-cli found (Debian package redis-tools)"
+  warn_old_redis
+  cluster_up
+  urls=
+  for p in "${CLUSTER_PORTS[@]}"; do urls+="${urls:+,}redis://127.0.0.1:$p"; done
+  log "REDIS_CLUSTER_URLS=$urls"
+  printf 'export REDIS_CLUSTER_URLS=%s\n' "$(shq "$urls")" >&3
 }
 
 case ${1:-up} in
 up | start) cmd_up ;;
+cluster) cmd_cluster ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
--h | --help | help) sed -n '2,12s/^# \{0,1\}//p' "$0" ;;
-*) die "unknown command '$1' (try: up, stop, status)" ;;
+-h | --help | help) sed -n '2,19s/^# \{0,1\}//p' "$0" ;;
+*) die "unknown command '$1' (try: up, cluster, stop, status)" ;;
 esac

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite against real PostgreSQL and Redis, which scripts/services.sh makes reachable.
+# Runs the whole test suite against real PostgreSQL, Redis and a 3-master Redis Cluster, which
+# scripts/services.sh makes reachable (`scripts/services.sh` and `scripts/services.sh cluster`). The tests get
+# DATABASE_URL, REDIS_URL, REDIS_CLUSTER_URLS and REDIS_SERVER_BIN (a redis-server binary for the fault tests
+# that spawn their own servers); when any of them cannot be provided the run fails instead of skipping tests.
 #
 #   scripts/test.sh [ARGS...]   ARGS go to `cargo nextest run` (or `cargo test` where nextest is missing),
 #                               e.g. scripts/test.sh -p engine   or   scripts/test.sh -E 'test(reserve)'
@@ -17,7 +20,21 @@ services=$("$ROOT/scripts/services.sh") || {
   exit 1
 }
 eval "$services"
-export DATABASE_URL REDIS_URL
+cluster=$("$ROOT/scripts/services.sh" cluster) || {
+  say "scripts/services.sh cluster failed (see above); no Redis Cluster to test against"
+  say "set REDIS_CLUSTER_URLS to a healthy cluster's nodes, or fix what stops the private one (.services/redis-cluster/)"
+  exit 1
+}
+eval "$cluster"
+if [ -z "${REDIS_CLUSTER_URLS:-}" ]; then
+  say "scripts/services.sh cluster printed no REDIS_CLUSTER_URLS; refusing to run the tests without a Redis Cluster"
+  exit 1
+fi
+if [ -z "${REDIS_SERVER_BIN:-}" ] || [ ! -x "$REDIS_SERVER_BIN" ]; then
+  say "no redis-server binary (REDIS_SERVER_BIN='${REDIS_SERVER_BIN:-}') for the fault tests; install redis-server"
+  exit 1
+fi
+export DATABASE_URL REDIS_URL REDIS_CLUSTER_URLS REDIS_SERVER_BIN
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 # Tests create one database each, named fs_test_*, and drop it when they finish; a test that panics or a run
@@ -72,6 +89,8 @@ fi
 mask() { printf '%s' "$1" | sed -E 's#://([^:@/]*):[^@/]*@#://\1:***@#'; }
 say "DATABASE_URL=$(mask "$DATABASE_URL")"
 say "REDIS_URL=$(mask "$REDIS_URL")"
+say "REDIS_CLUSTER_URLS=$(printf '%s' "$REDIS_CLUSTER_URLS" | sed -E 's#://([^:@/,]*):[^@/,]*@#://\1:***@#g')"
+say "REDIS_SERVER_BIN=$REDIS_SERVER_BIN"
 say "$(cargo --version), target dir ${CARGO_TARGET_DIR:-$ROOT/target}"
 cleanup_test_databases || true
 say "running: ${runner[*]} $*"

@@ -165,10 +165,12 @@ async fn run(path: Path, pool: &Pool, drop_id: Uuid, count: u64) -> Duration {
         let (handle, pool) = (handle.clone(), pool.clone());
         acks.push(tokio::spawn(async move {
             match path {
-                Path::Writer => handle
-                    .purchase(purchase, hold)
-                    .await
-                    .expect("purchase stored"),
+                Path::Writer => {
+                    handle
+                        .purchase(purchase, hold)
+                        .await
+                        .expect("purchase stored");
+                }
                 Path::OneTransactionEach => store_alone(&pool, &purchase, &hold).await,
             }
             drop(permit);

@@ -150,8 +150,6 @@ pub struct Engine {
     gateway: Arc<dyn PaymentGateway>,
     clock: Arc<dyn Clock>,
     drops: DashMap<Uuid, Arc<DropSpec>>,
-    /// Which drop a reservation belongs to, so requests by reservation id find their drop without I/O.
-    hold_drop: DashMap<Uuid, Uuid>,
     /// Purchases by reservation, so a repeated payment answers the same body.
     receipts: DashMap<Uuid, Purchase>,
     writer: WriterHandle,
@@ -188,7 +186,6 @@ impl Engine {
             gateway,
             clock,
             drops: DashMap::new(),
-            hold_drop: DashMap::new(),
             receipts: DashMap::new(),
             writer,
             writer_task: Mutex::new(Some(writer_task)),
@@ -226,9 +223,6 @@ impl Engine {
         spec: DropSpec,
         restore: Restore,
     ) -> Result<Arc<DropSpec>, EngineError> {
-        for hold in &restore.held {
-            self.hold_drop.insert(hold.id, spec.id);
-        }
         self.gate.load(&spec, restore).await??;
         let spec = Arc::new(spec);
         Ok(Arc::clone(
@@ -257,6 +251,11 @@ impl Engine {
         to_datetime(self.clock.now_ms())
     }
 
+    /// This instance's sold-out flag for a drop: what a reservation is rejected on without asking the gate.
+    pub fn is_sold_out_locally(&self, drop: Uuid) -> bool {
+        self.gate.is_sold_out(drop)
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
@@ -267,8 +266,9 @@ impl Engine {
 
     /// Stores a new drop and makes it sellable from `opens_at`.
     pub async fn create_drop(&self, new: NewDrop) -> Result<DropInfo, EngineError> {
-        let spec = DropSpec {
+        let mut spec = DropSpec {
             id: Uuid::now_v7(),
+            seq: 0,
             product_id: new.product_id,
             seller_id: new.seller_id,
             stock: new.stock,
@@ -281,7 +281,7 @@ impl Engine {
             created_at: self.now(),
         };
         let client = self.db.get().await?;
-        store::insert_drop(&**client, &spec).await?;
+        spec.seq = store::insert_drop(&**client, &spec).await?;
         let spec = self.install(spec, Restore::default()).await?;
         self.info(&spec).await
     }
@@ -399,25 +399,25 @@ impl Engine {
             }
         };
         bump(&self.stats.reservations);
-        self.hold_drop.insert(hold.id, drop);
-        if let Err(err) = self.writer.hold_created(hold_row(drop, &hold)).await {
-            // Shutting down: the hold stands in memory; its row is lost with this process, and its stock
-            // comes back on restart, which can never oversell.
-            tracing::warn!(error = %err, hold = %hold.id, "hold row not queued");
+        if !self.gate.journals_holds() {
+            if let Err(err) = self.writer.hold_created(hold_row(drop, &hold)).await {
+                // Shutting down: the hold stands in memory; its row is lost with this process, and its stock
+                // comes back on restart, which can never oversell.
+                tracing::warn!(error = %err, hold = %hold.id, "hold row not queued");
+            }
         }
         Ok(Reservation::from_hold(drop, &hold, None))
     }
 
-    /// Which drop a reservation belongs to: memory first, then its stored row.
+    /// Which drop a reservation belongs to: the gate's answer (memory, or the id itself), then its stored row.
     async fn locate(&self, reservation: Uuid) -> Result<Uuid, EngineError> {
-        if let Some(drop) = self.hold_drop.get(&reservation) {
-            return Ok(*drop);
+        if let Some(drop) = self.gate.locate(reservation).await? {
+            return Ok(drop);
         }
         let client = self.db.get().await?;
         let row = store::reservation(&**client, reservation)
             .await?
             .ok_or(EngineError::ReservationNotFound)?;
-        self.hold_drop.insert(reservation, row.drop_id);
         Ok(row.drop_id)
     }
 
@@ -534,20 +534,31 @@ impl Engine {
             currency: spec.currency.clone(),
             paid_at: self.now(),
         };
-        if let Err(err) = self
-            .writer
-            .purchase(purchase.clone(), hold_row(drop, &hold))
-            .await
-        {
-            // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
-            tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
-            self.gateway.refund(reservation).await;
-            self.gate.abort_payment(drop, reservation).await??;
-            return Err(EngineError::StorageUnavailable(err));
-        }
+        // The stored purchase comes back: if an earlier attempt at this reservation (on any instance) stored one
+        // first, that one is the purchase, and its id is the one answered.
+        let purchase = match self.writer.purchase(purchase, hold_row(drop, &hold)).await {
+            Ok(stored) => stored,
+            Err(err) => {
+                // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
+                tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
+                self.gateway.refund(reservation).await;
+                self.gate.abort_payment(drop, reservation).await??;
+                return Err(EngineError::StorageUnavailable(err));
+            }
+        };
         self.receipts.insert(reservation, purchase.clone());
-        let paid = self.gate.complete_payment(drop, reservation).await??;
-        debug_assert_eq!(paid.state, HoldState::Paid);
+        // The purchase is durable from here on, so the answer is 200 whatever the gate says now. A gate that cannot
+        // be reached leaves the hold `paying`, which no reaper expires; the gate settles it from Postgres later.
+        match self.gate.complete_payment(drop, reservation).await {
+            Ok(Ok(paid)) => debug_assert_eq!(paid.state, HoldState::Paid),
+            Ok(Err(TransitionError::AlreadyPaid)) => {}
+            Ok(Err(err)) => {
+                tracing::error!(?err, %reservation, "stored purchase, but the gate refused to mark it paid")
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, %reservation, "stored purchase, gate not told yet")
+            }
+        }
         bump(&self.stats.payments);
         Ok(purchase)
     }
@@ -599,6 +610,9 @@ impl Engine {
     }
 
     async fn queue_release(&self, hold: Uuid, reason: ReleaseReason, at_ms: i64) {
+        if self.gate.journals_holds() {
+            return;
+        }
         if let Err(err) = self
             .writer
             .hold_released(hold, reason, to_datetime(at_ms))
@@ -632,13 +646,15 @@ impl Engine {
         Ok(store::purchases_of(&**client, member, after, limit).await?)
     }
 
-    /// Stops the reaper, then drains the writer: everything acknowledged is committed before this returns.
+    /// Stops the reaper and the gate's background work, then drains the writer: everything acknowledged is
+    /// committed before this returns.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let reaper = self.reaper_task.lock().take();
         if let Some(reaper) = reaper {
             let _ = reaper.await;
         }
+        self.gate.shutdown().await;
         if let Err(err) = self.writer.shutdown().await {
             tracing::warn!(error = %err, "writer already stopped");
         }

@@ -14,6 +14,9 @@ use crate::types::{parse_reason, DropSpec, DropStatus, Purchase, Reservation};
 const DROP_COLUMNS: &str =
     "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
                             price, currency, created_at";
+const DROP_COLUMNS_READ: &str =
+    "id, seq, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, \
+                                 hold_seconds, price, currency, created_at";
 
 fn to_u32(value: i32) -> u32 {
     // Every such column has a CHECK (> 0 or >= 0) in the migration.
@@ -27,6 +30,7 @@ fn to_i32(value: u32) -> i32 {
 fn drop_from_row(row: &Row) -> DropSpec {
     DropSpec {
         id: row.get("id"),
+        seq: row.get("seq"),
         product_id: row.get("product_id"),
         seller_id: row.get("seller_id"),
         stock: to_u32(row.get("stock")),
@@ -40,7 +44,7 @@ fn drop_from_row(row: &Row) -> DropSpec {
     }
 }
 
-fn purchase_from_row(row: &Row) -> Purchase {
+pub(crate) fn purchase_from_row(row: &Row) -> Purchase {
     Purchase {
         id: row.get("id"),
         reservation_id: row.get("reservation_id"),
@@ -54,14 +58,16 @@ fn purchase_from_row(row: &Row) -> Purchase {
     }
 }
 
+/// Stores a new drop; returns the `seq` Postgres gave it.
 pub async fn insert_drop(
     client: &impl GenericClient,
     drop: &DropSpec,
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
+) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
             &format!(
-                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 RETURNING seq"
             ),
             &[
                 &drop.id,
@@ -78,7 +84,7 @@ pub async fn insert_drop(
             ],
         )
         .await?;
-    Ok(())
+    Ok(row.get("seq"))
 }
 
 pub async fn load_drop(
@@ -87,7 +93,7 @@ pub async fn load_drop(
 ) -> Result<Option<DropSpec>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            &format!("SELECT {DROP_COLUMNS} FROM drops WHERE id = $1"),
+            &format!("SELECT {DROP_COLUMNS_READ} FROM drops WHERE id = $1"),
             &[&id],
         )
         .await?;
@@ -98,7 +104,7 @@ pub async fn load_all_drops(
     client: &impl GenericClient,
 ) -> Result<Vec<DropSpec>, tokio_postgres::Error> {
     let rows = client
-        .query(&format!("SELECT {DROP_COLUMNS} FROM drops"), &[])
+        .query(&format!("SELECT {DROP_COLUMNS_READ} FROM drops"), &[])
         .await?;
     Ok(rows.iter().map(drop_from_row).collect())
 }
@@ -122,7 +128,7 @@ pub async fn list_drops(
     let rows = client
         .query(
             &format!(
-                "SELECT {DROP_COLUMNS} FROM drops
+                "SELECT {DROP_COLUMNS_READ} FROM drops
                  WHERE ($1::uuid IS NULL OR id < $1) AND {time_filter} AND $3::timestamptz IS NOT NULL
                  ORDER BY id DESC LIMIT $2"
             ),

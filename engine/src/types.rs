@@ -10,6 +10,9 @@ use crate::core::{Counts, HoldState, HoldView, ReleaseReason};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropSpec {
     pub id: Uuid,
+    /// Assigned by Postgres when the drop is stored: a small number that never repeats (the Redis gate writes it
+    /// into reservation ids).
+    pub seq: i64,
     pub product_id: Uuid,
     pub seller_id: Uuid,
     pub stock: u32,

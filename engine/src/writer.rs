@@ -6,6 +6,7 @@
 //! a payment answer 200 only once the purchase is durable. Every insert is idempotent on its id, so a batch
 //! retried after an unknown outcome stores nothing twice. A `Shutdown` op drains everything queued before it.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,6 +75,13 @@ enum WriteOp {
     Purchase {
         purchase: Purchase,
         hold: HoldRow,
+        ack: oneshot::Sender<Result<Purchase, WriteError>>,
+    },
+    /// Holds and releases that must be known committed (a journal acknowledges its source only then). A release
+    /// carries its hold's row, which is inserted first if missing, so releases may arrive before their holds.
+    Journal {
+        holds: Vec<HoldRow>,
+        released: Vec<(HoldRow, ReleaseReason, DateTime<Utc>)>,
         ack: oneshot::Sender<Result<(), WriteError>>,
     },
     /// Answered once everything queued before it is committed.
@@ -121,12 +129,33 @@ impl WriterHandle {
         self.send(WriteOp::Released { id, reason, at }).await
     }
 
-    /// Stores a purchase (and marks its reservation paid) and returns once that is committed.
-    pub async fn purchase(&self, purchase: Purchase, hold: HoldRow) -> Result<(), WriteError> {
+    /// Stores a purchase (and marks its reservation paid) and returns once that is committed, with the purchase as
+    /// stored: the one given, or the one an earlier attempt at the same reservation stored first.
+    pub async fn purchase(
+        &self,
+        purchase: Purchase,
+        hold: HoldRow,
+    ) -> Result<Purchase, WriteError> {
         let (ack, done) = oneshot::channel();
         self.send(WriteOp::Purchase {
             purchase,
             hold,
+            ack,
+        })
+        .await?;
+        done.await.unwrap_or(Err(WriteError::Closed))
+    }
+
+    /// Stores holds and releases and returns once they are committed.
+    pub async fn journal(
+        &self,
+        holds: Vec<HoldRow>,
+        released: Vec<(HoldRow, ReleaseReason, DateTime<Utc>)>,
+    ) -> Result<(), WriteError> {
+        let (ack, done) = oneshot::channel();
+        self.send(WriteOp::Journal {
+            holds,
+            released,
             ack,
         })
         .await?;
@@ -169,7 +198,8 @@ struct Batch {
     holds: Vec<HoldRow>,
     released: Vec<(Uuid, ReleaseReason, DateTime<Utc>)>,
     purchases: Vec<(Purchase, HoldRow)>,
-    acks: Vec<oneshot::Sender<Result<(), WriteError>>>,
+    acks: Vec<oneshot::Sender<Result<Purchase, WriteError>>>,
+    journal_acks: Vec<oneshot::Sender<Result<(), WriteError>>>,
     flushes: Vec<oneshot::Sender<()>>,
     shutdown: Option<oneshot::Sender<()>>,
 }
@@ -190,6 +220,18 @@ impl Batch {
             } => {
                 self.purchases.push((purchase, hold));
                 self.acks.push(ack);
+            }
+            WriteOp::Journal {
+                holds,
+                released,
+                ack,
+            } => {
+                self.holds.extend(holds);
+                for (hold, reason, at) in released {
+                    self.released.push((hold.id, reason, at));
+                    self.holds.push(hold);
+                }
+                self.journal_acks.push(ack);
             }
             WriteOp::Flush(done) => self.flushes.push(done),
             WriteOp::Shutdown(done) => self.shutdown = Some(done),
@@ -230,12 +272,22 @@ async fn run(
             }
         }
         let result = if batch.rows() == 0 {
-            Ok(())
+            Ok(HashMap::new())
         } else {
             write_with_retries(&pool, &config, &batch, &stats).await
         };
-        for ack in batch.acks.drain(..) {
-            let _ = ack.send(result.clone());
+        for (ack, (purchase, _)) in batch.acks.drain(..).zip(&batch.purchases) {
+            let stored = match &result {
+                Ok(stored) => stored
+                    .get(&purchase.reservation_id)
+                    .cloned()
+                    .ok_or_else(|| WriteError::Failed("purchase not found after commit".into())),
+                Err(err) => Err(err.clone()),
+            };
+            let _ = ack.send(stored);
+        }
+        for ack in batch.journal_acks.drain(..) {
+            let _ = ack.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
         }
         for done in batch.flushes.drain(..) {
             let _ = done.send(());
@@ -254,13 +306,13 @@ async fn write_with_retries(
     config: &WriterConfig,
     batch: &Batch,
     stats: &WriterStats,
-) -> Result<(), WriteError> {
+) -> Result<HashMap<Uuid, Purchase>, WriteError> {
     let mut backoff = Duration::from_millis(25);
     let mut attempt = 1;
     loop {
         let started = Instant::now();
         match write_batch(pool, batch).await {
-            Ok(()) => {
+            Ok(stored) => {
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.rows.fetch_add(batch.rows() as u64, Ordering::Relaxed);
@@ -276,7 +328,7 @@ async fn write_with_retries(
                     micros,
                     "writer batch committed"
                 );
-                return Ok(());
+                return Ok(stored);
             }
             Err(err) if attempt < config.attempts_max => {
                 tracing::warn!(error = %err, attempt, rows = batch.rows(), "writer batch failed; retrying");
@@ -298,7 +350,8 @@ fn quantity(q: u32) -> i32 {
     i32::try_from(q).unwrap_or(i32::MAX)
 }
 
-async fn write_batch(pool: &Pool, batch: &Batch) -> Result<(), String> {
+/// Writes one batch in one transaction; returns the stored purchases by reservation.
+async fn write_batch(pool: &Pool, batch: &Batch) -> Result<HashMap<Uuid, Purchase>, String> {
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
     let tx = client.transaction().await.map_err(|e| e.to_string())?;
 
@@ -324,8 +377,18 @@ async fn write_batch(pool: &Pool, batch: &Batch) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
 
+    let mut stored = HashMap::with_capacity(batch.purchases.len());
     if !batch.purchases.is_empty() {
-        let p = || batch.purchases.iter().map(|(purchase, _)| purchase);
+        // One row per reservation: a second purchase of a reservation in the same batch (two attempts racing)
+        // gets the first's row back, like an attempt that finds an earlier one already stored.
+        let mut seen = HashSet::with_capacity(batch.purchases.len());
+        let unique: Vec<&Purchase> = batch
+            .purchases
+            .iter()
+            .map(|(purchase, _)| purchase)
+            .filter(|purchase| seen.insert(purchase.reservation_id))
+            .collect();
+        let p = || unique.iter().copied();
         let ids: Vec<Uuid> = p().map(|x| x.id).collect();
         let reservations: Vec<Uuid> = p().map(|x| x.reservation_id).collect();
         let drops: Vec<Uuid> = p().map(|x| x.drop_id).collect();
@@ -335,15 +398,23 @@ async fn write_batch(pool: &Pool, batch: &Batch) -> Result<(), String> {
         let amounts: Vec<i64> = p().map(|x| x.amount).collect();
         let currencies: Vec<String> = p().map(|x| x.currency.clone()).collect();
         let paid_at: Vec<DateTime<Utc>> = p().map(|x| x.paid_at).collect();
-        tx.execute(
-            "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::int4[],
-                                  $7::int8[], $8::text[], $9::timestamptz[])
-             ON CONFLICT DO NOTHING",
-            &[&ids, &reservations, &drops, &products, &members, &quantities, &amounts, &currencies, &paid_at],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        // The no-op update makes RETURNING give the row already stored for a reservation paid before, so every
+        // attempt answers with the purchase that is in Postgres.
+        let rows = tx
+            .query(
+                "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::int4[],
+                                      $7::int8[], $8::text[], $9::timestamptz[])
+                 ON CONFLICT (reservation_id) DO UPDATE SET reservation_id = EXCLUDED.reservation_id
+                 RETURNING *",
+                &[&ids, &reservations, &drops, &products, &members, &quantities, &amounts, &currencies, &paid_at],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        for row in &rows {
+            let purchase = crate::store::purchase_from_row(row);
+            stored.insert(purchase.reservation_id, purchase);
+        }
         tx.execute(
             "UPDATE reservations r SET status = 'paid', reason = NULL, updated_at = u.paid_at
              FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, paid_at)
@@ -368,5 +439,6 @@ async fn write_batch(pool: &Pool, batch: &Batch) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
 
-    tx.commit().await.map_err(|e| e.to_string())
+    tx.commit().await.map_err(|e| e.to_string())?;
+    Ok(stored)
 }

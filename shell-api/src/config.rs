@@ -71,9 +71,8 @@ pub struct DbArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub db: DbArgs,
-    /// Redis URL. Unset: the embedded gate (one instance, the in-memory core is the stock authority).
-    #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: SocketAddr,
@@ -97,6 +96,78 @@ pub struct ServeArgs {
     pub shutdown_grace_ms: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// Where Redis is, and the Redis gate's limits. Without a URL the engine runs on its embedded gate.
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL. Unset or empty: the embedded gate (one instance; its in-memory core is the stock authority). Set:
+    /// Redis is the stock authority and any number of instances may serve the same drops. Several comma-separated
+    /// URLs are the seed nodes of a Redis Cluster.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Treat a single REDIS_URL as a Redis Cluster seed node.
+    #[arg(long, env = "REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "flashsale:")]
+    pub redis_key_prefix: String,
+    /// Longest wait for one Redis call; past it reservations are refused with 503 (never granted).
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_timeout_ms: u64,
+    /// Most reservations the Redis gate sends in one script call.
+    #[arg(long, env = "REDIS_BATCH_MAX", default_value_t = 512)]
+    pub redis_batch_max: usize,
+    /// How long a payment in progress owns its hold before another instance may take it over.
+    #[arg(long, env = "PAY_LEASE_SECONDS", default_value_t = 120)]
+    pub pay_lease_seconds: u64,
+}
+
+impl RedisArgs {
+    /// The Redis URLs, if Redis is configured.
+    pub fn urls(&self) -> Option<Vec<String>> {
+        let urls: Vec<String> = self
+            .redis_url
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (!urls.is_empty()).then_some(urls)
+    }
+
+    /// The Redis gate's configuration, if Redis is configured; its journal writes with `writer`.
+    pub fn gate_config(
+        &self,
+        writer: engine::writer::WriterConfig,
+    ) -> Option<engine::gate::redis::RedisGateConfig> {
+        let urls = self.urls()?;
+        Some(engine::gate::redis::RedisGateConfig {
+            cluster: self.redis_cluster,
+            key_prefix: self.redis_key_prefix.clone(),
+            call_timeout: std::time::Duration::from_millis(self.redis_timeout_ms.max(1)),
+            batch_max: self.redis_batch_max.max(1),
+            pay_lease: std::time::Duration::from_secs(self.pay_lease_seconds.max(1)),
+            writer,
+            ..engine::gate::redis::RedisGateConfig::new(urls)
+        })
+    }
+}
+
+impl Default for RedisArgs {
+    /// No Redis: the embedded gate.
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_cluster: false,
+            redis_key_prefix: "flashsale:".into(),
+            redis_timeout_ms: 1000,
+            redis_batch_max: 512,
+            pay_lease_seconds: 120,
+        }
+    }
 }
 
 /// Settings of the drop engine.

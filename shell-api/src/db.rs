@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "member_auth_changes",
         include_str!("../migrations/0005_member_auth_changes.sql"),
     ),
+    (
+        6,
+        "drop_seq",
+        include_str!("../migrations/0006_drop_seq.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

@@ -4,6 +4,11 @@
 //!
 //! Only answers that did something are remembered. Refusals that change nothing and invite a retry (429, 5xx)
 //! are not, so a client that retries with the same key after "overloaded" gets a real second attempt.
+//!
+//! With Redis (many instances), the records live there instead, so a retry that lands on another instance still
+//! gets the first answer: a `SET NX` with a short TTL claims the key while the first request runs, the answer
+//! replaces it with a TTL of a day, and a retry that finds the claim polls until the answer is there (or the
+//! claim lapsed because its instance died, and then runs itself).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -13,6 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use engine::gate::redis::RedisConn;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -42,11 +48,27 @@ enum Slot {
 
 type Key = (Uuid, &'static str, String);
 
-/// Remembered answers per (member, route, key).
+/// Remembered answers per (member, route, key): in this process, or in Redis when instances share it.
 #[derive(Debug, Default)]
 pub struct IdempotencyStore {
     slots: DashMap<Key, Slot>,
+    shared: Option<Shared>,
 }
+
+/// The Redis side of the store.
+#[derive(Debug)]
+struct Shared {
+    conn: RedisConn,
+    prefix: String,
+}
+
+/// How long a claim on a key lasts while its request runs; a request outliving it may be run a second time by a
+/// retry, so it is far above any request's time (the gate and payment calls are bounded well below it).
+const CLAIM_TTL: Duration = Duration::from_secs(60);
+/// How often a retry that found the key claimed looks again.
+const CLAIM_POLL: Duration = Duration::from_millis(10);
+/// Marker stored while the first request runs.
+const RUNNING: &[u8] = b"running";
 
 /// Reads and checks the header: absent is fine, present must be 1..=128 visible ASCII characters.
 pub fn key_from(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -84,6 +106,17 @@ impl Drop for RunningGuard<'_> {
 }
 
 impl IdempotencyStore {
+    /// A store whose records live in Redis under `prefix`, shared by every instance on that Redis.
+    pub fn shared(conn: RedisConn, prefix: &str) -> Self {
+        Self {
+            slots: DashMap::new(),
+            shared: Some(Shared {
+                conn,
+                prefix: format!("{prefix}idem:"),
+            }),
+        }
+    }
+
     /// Runs `handler` once per key; repeats replay its answer.
     pub async fn run<F, Fut>(
         &self,
@@ -99,6 +132,15 @@ impl IdempotencyStore {
         let Some(key) = key else {
             return handler().await;
         };
+        if let Some(shared) = &self.shared {
+            return match shared.run(member, route, &key, handler).await {
+                Ok(response) => response,
+                Err(err) => {
+                    tracing::warn!(error = %err, "idempotency store unreachable");
+                    ApiError::unavailable("gate_unavailable", 1).into_response()
+                }
+            };
+        }
         let key: Key = (member, route, key);
         let tx = loop {
             let waiting = match self.slots.entry(key.clone()) {
@@ -167,6 +209,100 @@ impl IdempotencyStore {
             );
         }
     }
+}
+
+impl Shared {
+    async fn run<F, Fut>(
+        &self,
+        member: Uuid,
+        route: &'static str,
+        key: &str,
+        handler: F,
+    ) -> redis::RedisResult<Response>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Response>,
+    {
+        let redis_key = format!("{}{member}:{route}:{key}", self.prefix);
+        let mut conn = self.conn.clone();
+        let deadline = Instant::now() + CLAIM_TTL;
+        loop {
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(&redis_key)
+                .arg(RUNNING)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(CLAIM_TTL))
+                .query_async(&mut conn)
+                .await?;
+            if claimed.is_some() {
+                break;
+            }
+            let found: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(&redis_key)
+                .query_async(&mut conn)
+                .await?;
+            match found {
+                Some(value) if value != RUNNING => {
+                    if let Some(stored) = decode(&value) {
+                        return Ok(replay(stored));
+                    }
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "timed out waiting for the first request with this key",
+                )));
+            }
+            tokio::time::sleep(CLAIM_POLL).await;
+        }
+        let response = handler().await;
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            let _: () = redis::cmd("DEL")
+                .arg(&redis_key)
+                .query_async(&mut conn)
+                .await?;
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let bytes = match to_bytes(body, BODY_BYTES_MAX).await {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                return Ok(
+                    ApiError::internal(anyhow::anyhow!("buffering response: {err}"))
+                        .into_response(),
+                )
+            }
+        };
+        let mut value = Vec::with_capacity(3 + bytes.len());
+        value.extend_from_slice(status.as_str().as_bytes());
+        value.extend_from_slice(&bytes);
+        let _: () = redis::cmd("SET")
+            .arg(&redis_key)
+            .arg(value)
+            .arg("PX")
+            .arg(millis(ENTRY_TTL))
+            .query_async(&mut conn)
+            .await?;
+        Ok(Response::from_parts(parts, Body::from(bytes)))
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A stored answer: three status digits, then the body.
+fn decode(value: &[u8]) -> Option<Stored> {
+    let status = std::str::from_utf8(value.get(..3)?).ok()?.parse().ok()?;
+    Some(Stored {
+        status: StatusCode::from_u16(status).ok()?,
+        body: axum::body::Bytes::copy_from_slice(value.get(3..)?),
+        at: Instant::now(),
+    })
 }
 
 fn replay(stored: Stored) -> Response {

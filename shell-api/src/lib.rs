@@ -26,6 +26,8 @@ use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use serde_json::json;
 
+use anyhow::Context;
+use engine::gate::redis::{RedisConn, RedisGate};
 use engine::gate::EmbeddedGate;
 use engine::payment::SimulatedGateway;
 use engine::Engine;
@@ -64,30 +66,74 @@ pub struct AppState {
     pub members: Arc<MemberCache>,
     pub engine: Arc<Engine>,
     pub idempotency: Arc<IdempotencyStore>,
+    /// Set when instances share Redis; `/readyz` checks it.
+    pub redis: Option<RedisConn>,
 }
 
 impl AppState {
-    pub fn new(db: Pool, settings: Settings, engine: Arc<Engine>) -> Self {
+    /// State over a started engine; `redis` is where idempotency records live when instances share Redis.
+    pub fn new(db: Pool, settings: Settings, engine: Arc<Engine>, redis: Option<&Redis>) -> Self {
         let tokens = TokenKeys::new(&settings.jwt_secret, settings.access_token_seconds);
+        let idempotency = match redis {
+            Some(redis) => IdempotencyStore::shared(redis.conn.clone(), &redis.key_prefix),
+            None => IdempotencyStore::default(),
+        };
         Self {
             db,
             settings: Arc::new(settings),
             tokens: Arc::new(tokens),
             members: Arc::new(MemberCache::default()),
             engine,
-            idempotency: Arc::new(IdempotencyStore::default()),
+            idempotency: Arc::new(idempotency),
+            redis: redis.map(|redis| redis.conn.clone()),
         }
     }
 }
 
-/// Starts the drop engine over `db` with the embedded gate and the simulated payment gateway.
+/// The shared Redis of a multi-instance deployment, as the HTTP layer uses it.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    pub conn: RedisConn,
+    pub key_prefix: String,
+}
+
+/// A started engine and what the service needs beside it.
+#[derive(Debug)]
+pub struct Started {
+    pub engine: Arc<Engine>,
+    pub gateway: Arc<SimulatedGateway>,
+    /// Set when Redis is the stock authority.
+    pub redis: Option<Redis>,
+}
+
+/// Starts the drop engine over `db` with the simulated payment gateway, on the Redis gate when `redis` names a
+/// Redis and on the embedded gate otherwise.
 pub async fn start_engine(
     db: Pool,
     args: &config::EngineArgs,
+    redis: &config::RedisArgs,
     clock: Arc<dyn engine::clock::Clock>,
-) -> Result<(Arc<Engine>, Arc<SimulatedGateway>), engine::EngineError> {
-    let gate = Arc::new(EmbeddedGate::new(args.engine_shards));
-    start_engine_with_gate(db, args, gate, clock).await
+) -> anyhow::Result<Started> {
+    let Some(gate_config) = redis.gate_config(args.engine_config().writer) else {
+        let gate = Arc::new(EmbeddedGate::new(args.engine_shards));
+        let (engine, gateway) = start_engine_with_gate(db, args, gate, clock).await?;
+        return Ok(Started {
+            engine,
+            gateway,
+            redis: None,
+        });
+    };
+    let key_prefix = gate_config.key_prefix.clone();
+    let gate = RedisGate::connect(gate_config, db.clone())
+        .await
+        .context("connecting to Redis")?;
+    let conn = gate.connection();
+    let (engine, gateway) = start_engine_with_gate(db, args, Arc::new(gate), clock).await?;
+    Ok(Started {
+        engine,
+        gateway,
+        redis: Some(Redis { conn, key_prefix }),
+    })
 }
 
 /// Starts the drop engine over `db` with the given stock authority and the simulated payment gateway.
@@ -123,7 +169,7 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when Postgres answers a query.
+/// Ready when Postgres answers a query, and Redis a PING when it is configured.
 async fn readyz(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -132,6 +178,14 @@ async fn readyz(
         .query_one("SELECT 1", &[])
         .await
         .map_err(|_| ApiError::unavailable("database_unavailable", 1))?;
+    if let Some(mut redis) = state.redis.clone() {
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut redis);
+        match tokio::time::timeout(std::time::Duration::from_secs(1), ping).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(ApiError::unavailable("redis_unavailable", 1)),
+        }
+    }
     Ok(Json(json!({ "status": "ready" })))
 }
 

@@ -30,26 +30,26 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
     };
 
-    if args.redis_url.is_some() {
-        // The Redis gate is not built yet: say so instead of pretending REDIS_URL made Redis the authority.
-        tracing::warn!(
-            "REDIS_URL is set, but this build has only the embedded gate: run ONE instance per database; \
-             the in-memory core of this process is the stock authority"
-        );
-    }
     let pool = db::connect(&args.db).await?;
     let applied = db::migrate(&pool).await?;
     if !applied.is_empty() {
         tracing::info!(?applied, "migrations applied");
     }
-    let (engine, _gateway) = crate::start_engine(
+    let started = crate::start_engine(
         pool.clone(),
         &args.engine,
+        &args.redis,
         Arc::new(engine::clock::SystemClock),
     )
     .await
     .context("starting the drop engine")?;
-    let state = AppState::new(pool, settings, Arc::clone(&engine));
+    let engine = Arc::clone(&started.engine);
+    if started.redis.is_some() {
+        tracing::info!(
+            "Redis is the stock authority; any number of instances may serve these drops"
+        );
+    }
+    let state = AppState::new(pool, settings, Arc::clone(&engine), started.redis.as_ref());
     // Learn credential changes from before this start, then keep polling for other instances' changes.
     state
         .members

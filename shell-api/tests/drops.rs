@@ -12,98 +12,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::http::StatusCode;
 use chrono::Utc;
-use common::{TestApp, TestMember};
+use common::{drop_state, keyed, pay, purchase_rows, reserve, TestApp};
 use engine::clock::ManualClock;
 use engine::core::{Counts, HoldView, ReserveRejection, TransitionError};
 use engine::gate::{EmbeddedGate, Gate, GateResult, GateUnavailable, Restore};
 use engine::types::DropSpec;
-use serde_json::{json, Value};
+use serde_json::json;
 use shell_api::auth::Role;
 use shell_api::config::EngineArgs;
 use uuid::Uuid;
-
-async fn reserve(
-    app: &TestApp,
-    member: &TestMember,
-    drop: &Value,
-    quantity: i64,
-) -> common::TestResponse {
-    let path = format!(
-        "/api/v1/drops/{}/reservations",
-        drop["id"].as_str().unwrap()
-    );
-    app.call(
-        "POST",
-        &path,
-        Some(&member.token),
-        Some(json!({ "quantity": quantity })),
-    )
-    .await
-}
-
-async fn pay(
-    app: &TestApp,
-    member: &TestMember,
-    reservation: &str,
-    token: &str,
-) -> common::TestResponse {
-    let path = format!("/api/v1/reservations/{reservation}/payment");
-    app.call(
-        "POST",
-        &path,
-        Some(&member.token),
-        Some(json!({ "payment_token": token })),
-    )
-    .await
-}
-
-/// A POST carrying an `Idempotency-Key`.
-async fn keyed(
-    app: &TestApp,
-    path: &str,
-    member: &TestMember,
-    key: &str,
-    body: Value,
-) -> common::TestResponse {
-    app.call_with(
-        "POST",
-        path,
-        &member.token,
-        &[("idempotency-key", key)],
-        Some(body),
-    )
-    .await
-}
-
-async fn drop_state(app: &TestApp, drop: &Value) -> Value {
-    let path = format!("/api/v1/drops/{}", drop["id"].as_str().unwrap());
-    let response = app.call("GET", &path, None, None).await;
-    assert_eq!(response.status, StatusCode::OK);
-    let body = response.body;
-    // Conservation, read back where it is served.
-    let (stock, available, held, sold) = (
-        body["stock"].as_u64().unwrap(),
-        body["available"].as_u64().unwrap(),
-        body["held"].as_u64().unwrap(),
-        body["sold"].as_u64().unwrap(),
-    );
-    assert_eq!(available + held + sold, stock, "conservation: {body}");
-    body
-}
-
-async fn purchase_rows(app: &TestApp, reservation: &str) -> i64 {
-    let id: Uuid = reservation.parse().unwrap();
-    app.db
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM purchases WHERE reservation_id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
 
 #[tokio::test]
 async fn a_paid_hold_is_durable_when_the_payment_answers() {
@@ -889,6 +806,9 @@ impl Gate for TestGate {
         self.inner
             .reserve(drop, hold, member, quantity, now_ms)
             .await
+    }
+    async fn locate(&self, hold: Uuid) -> GateResult<Option<Uuid>> {
+        self.inner.locate(hold).await
     }
     async fn begin_payment(
         &self,

@@ -17,7 +17,7 @@ use axum::Router;
 use engine::clock::{Clock, SystemClock};
 use engine::payment::SimulatedGateway;
 use http_body_util::BodyExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 use shell_api::auth::Role;
 use shell_api::config::{DbArgs, EngineArgs};
 use shell_api::{app, db, start_engine_with_gate, AppState, Settings};
@@ -123,11 +123,28 @@ async fn password_hash() -> String {
 
 /// The app in-process, over its own database.
 pub struct TestApp {
-    pub db: TestDb,
+    /// Shared by the instances of a multi-instance test; dropped with the last of them.
+    pub db: Arc<TestDb>,
     pub state: AppState,
     pub router: Router,
     pub gateway: Arc<SimulatedGateway>,
     args: EngineArgs,
+    /// The Redis this instance shares with others, when its gate is the Redis gate.
+    pub redis: Option<shell_api::Redis>,
+    redis_urls: Vec<String>,
+}
+
+/// The Redis the tests use (`REDIS_URL`, default the local one).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A key prefix no other test uses, so tests share one Redis without seeing each other.
+pub fn redis_prefix() -> String {
+    format!("fs_test_{}:", Uuid::new_v4().simple())
 }
 
 impl TestApp {
@@ -156,19 +173,81 @@ impl TestApp {
         gate: Arc<dyn engine::gate::Gate>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self::over(TestDb::new().await, args, gate, clock).await
+        Self::over(Arc::new(TestDb::new().await), args, gate, clock, None).await
+    }
+
+    /// The app on the Redis gate over a fresh database and a fresh key prefix on `REDIS_URL`.
+    pub async fn with_redis(args: EngineArgs) -> Self {
+        Self::redis_instance(
+            Arc::new(TestDb::new().await),
+            args,
+            &[redis_url()],
+            &redis_prefix(),
+        )
+        .await
+    }
+
+    /// One more instance beside `self`: the same database, the same Redis and key prefix, its own engine, gate and
+    /// memory, as another process behind the same load balancer would be.
+    pub async fn another_instance(&self) -> Self {
+        let redis = self
+            .redis
+            .as_ref()
+            .expect("another_instance needs a Redis-gated app");
+        let urls = self.redis_urls.clone();
+        Self::redis_instance(
+            Arc::clone(&self.db),
+            self.args.clone(),
+            &urls,
+            &redis.key_prefix,
+        )
+        .await
+    }
+
+    /// The app on the Redis gate over `urls` (one server, or cluster seeds), under `prefix`.
+    pub async fn redis_instance(
+        db: Arc<TestDb>,
+        args: EngineArgs,
+        urls: &[String],
+        prefix: &str,
+    ) -> Self {
+        let redis_args = shell_api::config::RedisArgs {
+            redis_url: Some(urls.join(",")),
+            redis_key_prefix: prefix.to_owned(),
+            ..shell_api::config::RedisArgs::default()
+        };
+        let config = redis_args
+            .gate_config(args.engine_config().writer)
+            .expect("redis config");
+        let gate = engine::gate::redis::RedisGate::connect(config, db.pool.clone())
+            .await
+            .expect("redis gate");
+        let redis = shell_api::Redis {
+            conn: gate.connection(),
+            key_prefix: prefix.to_owned(),
+        };
+        let mut app =
+            Self::over(db, args, Arc::new(gate), Arc::new(SystemClock), Some(redis)).await;
+        app.redis_urls = urls.to_vec();
+        app
     }
 
     async fn over(
-        db: TestDb,
+        db: Arc<TestDb>,
         args: EngineArgs,
         gate: Arc<dyn engine::gate::Gate>,
         clock: Arc<dyn Clock>,
+        redis: Option<shell_api::Redis>,
     ) -> Self {
         let (engine, gateway) = start_engine_with_gate(db.pool.clone(), &args, gate, clock)
             .await
             .expect("engine");
-        let state = AppState::new(db.pool.clone(), Settings::for_tests(), engine);
+        let state = AppState::new(
+            db.pool.clone(),
+            Settings::for_tests(),
+            engine,
+            redis.as_ref(),
+        );
         let router = app(state.clone());
         Self {
             db,
@@ -176,6 +255,8 @@ impl TestApp {
             router,
             gateway,
             args,
+            redis,
+            redis_urls: Vec::new(),
         }
     }
 
@@ -185,7 +266,7 @@ impl TestApp {
     pub async fn restart(self) -> Self {
         self.state.engine.shutdown().await;
         let gate = Arc::new(engine::gate::EmbeddedGate::new(self.args.engine_shards));
-        Self::over(self.db, self.args, gate, Arc::new(SystemClock)).await
+        Self::over(self.db, self.args, gate, Arc::new(SystemClock), None).await
     }
 
     /// Sends one request through the router. `body` is sent as JSON when given.
@@ -468,4 +549,89 @@ pub async fn purchase_tally(db: &TestDb, drop: Uuid) -> (i64, i64, i64) {
         .await
         .expect("purchase tally");
     (row.get(0), row.get(1), row.get(2))
+}
+
+// ---- drop routes, in-process
+
+pub async fn reserve(
+    app: &TestApp,
+    member: &TestMember,
+    drop: &Value,
+    quantity: i64,
+) -> TestResponse {
+    let path = format!(
+        "/api/v1/drops/{}/reservations",
+        drop["id"].as_str().unwrap()
+    );
+    app.call(
+        "POST",
+        &path,
+        Some(&member.token),
+        Some(json!({ "quantity": quantity })),
+    )
+    .await
+}
+
+pub async fn pay(
+    app: &TestApp,
+    member: &TestMember,
+    reservation: &str,
+    token: &str,
+) -> TestResponse {
+    let path = format!("/api/v1/reservations/{reservation}/payment");
+    app.call(
+        "POST",
+        &path,
+        Some(&member.token),
+        Some(json!({ "payment_token": token })),
+    )
+    .await
+}
+
+/// A POST carrying an `Idempotency-Key`.
+pub async fn keyed(
+    app: &TestApp,
+    path: &str,
+    member: &TestMember,
+    key: &str,
+    body: Value,
+) -> TestResponse {
+    app.call_with(
+        "POST",
+        path,
+        &member.token,
+        &[("idempotency-key", key)],
+        Some(body),
+    )
+    .await
+}
+
+pub async fn drop_state(app: &TestApp, drop: &Value) -> Value {
+    let path = format!("/api/v1/drops/{}", drop["id"].as_str().unwrap());
+    let response = app.call("GET", &path, None, None).await;
+    assert_eq!(response.status, StatusCode::OK);
+    let body = response.body;
+    // Conservation, read back where it is served.
+    let (stock, available, held, sold) = (
+        body["stock"].as_u64().unwrap(),
+        body["available"].as_u64().unwrap(),
+        body["held"].as_u64().unwrap(),
+        body["sold"].as_u64().unwrap(),
+    );
+    assert_eq!(available + held + sold, stock, "conservation: {body}");
+    body
+}
+
+pub async fn purchase_rows(app: &TestApp, reservation: &str) -> i64 {
+    let id: Uuid = reservation.parse().unwrap();
+    app.db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM purchases WHERE reservation_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -1,93 +1,22 @@
-//! The stock authority behind a narrow interface.
-//!
-//! The service asks a `Gate` to reserve, move holds through payment, release and reap; it never touches stock
-//! itself. `EmbeddedGate` is the in-memory core of one instance (used when `REDIS_URL` is unset); a Redis gate
-//! implements the same trait so many instances can share one drop. Outcomes are the core's plain enums; the
-//! outer `Result` is only for "the authority could not be reached", which the service turns into a refusal
-//! (fail closed), never into a grant.
+//! `EmbeddedGate`: one instance's in-memory stock authority, a `core::DropBook` per drop. Used when `REDIS_URL` is
+//! unset; the process that holds the books is the only one that may sell their drops.
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 use std::sync::Arc;
 use uuid::Uuid;
 
+use super::{Gate, GateResult, Restore};
 use crate::core::{
-    Counts, DropBook, DropParams, HoldView, ReserveRejection, RestoreError, RestoredHold,
-    TransitionError,
+    Counts, DropBook, DropParams, HoldView, ReserveRejection, RestoreError, TransitionError,
 };
 use crate::types::DropSpec;
-
-/// The stock authority could not answer (connection lost, timed out). Nothing was granted.
-#[derive(Debug, thiserror::Error)]
-#[error("stock gate unavailable: {0}")]
-pub struct GateUnavailable(pub String);
-
-/// A drop's state rebuilt from Postgres at load time.
-#[derive(Debug, Default)]
-pub struct Restore {
-    /// Units paid per member.
-    pub paid: Vec<(Uuid, u32)>,
-    /// Holds still alive.
-    pub held: Vec<RestoredHold>,
-}
-
-pub type GateResult<T> = Result<T, GateUnavailable>;
-
-#[async_trait]
-pub trait Gate: Send + Sync + 'static {
-    /// Makes a drop known to this gate with its restored state. Loading a drop twice keeps the first. A restored
-    /// state that does not add up (more committed than stock) is refused rather than sold from.
-    async fn load(&self, drop: &DropSpec, restore: Restore)
-        -> GateResult<Result<(), RestoreError>>;
-    /// The local sold-out flag: an answer from memory, no I/O, so a sold-out drop rejects for free.
-    fn is_sold_out(&self, drop: Uuid) -> bool;
-    /// Places a hold. `hold` is a fresh id from the caller; a gate may rewrite its random bits (the embedded gate
-    /// writes the hold's place into them), so the returned view's id is the hold's id from then on.
-    async fn reserve(
-        &self,
-        drop: Uuid,
-        hold: Uuid,
-        member: Uuid,
-        quantity: u32,
-        now_ms: i64,
-    ) -> GateResult<Result<HoldView, ReserveRejection>>;
-    async fn begin_payment(
-        &self,
-        drop: Uuid,
-        hold: Uuid,
-        member: Uuid,
-        now_ms: i64,
-    ) -> GateResult<Result<HoldView, TransitionError>>;
-    async fn complete_payment(
-        &self,
-        drop: Uuid,
-        hold: Uuid,
-    ) -> GateResult<Result<HoldView, TransitionError>>;
-    async fn abort_payment(
-        &self,
-        drop: Uuid,
-        hold: Uuid,
-    ) -> GateResult<Result<HoldView, TransitionError>>;
-    async fn decline_payment(
-        &self,
-        drop: Uuid,
-        hold: Uuid,
-    ) -> GateResult<Result<HoldView, TransitionError>>;
-    async fn cancel(
-        &self,
-        drop: Uuid,
-        hold: Uuid,
-        member: Uuid,
-    ) -> GateResult<Result<HoldView, TransitionError>>;
-    /// Releases expired holds of every drop, appending `(drop, hold)` for each released one.
-    async fn reap(&self, now_ms: i64, out: &mut Vec<(Uuid, HoldView)>) -> GateResult<usize>;
-    async fn hold(&self, drop: Uuid, hold: Uuid) -> GateResult<Option<HoldView>>;
-    async fn counts(&self, drop: Uuid) -> GateResult<Option<Counts>>;
-}
 
 /// One instance's in-memory authority: a `DropBook` per drop.
 pub struct EmbeddedGate {
     books: DashMap<Uuid, Arc<DropBook>>,
+    /// Which drop each hold of this process belongs to, so requests by reservation id find their book without I/O.
+    hold_drop: DashMap<Uuid, Uuid>,
     shards: usize,
 }
 
@@ -105,6 +34,7 @@ impl EmbeddedGate {
     pub fn new(shards: usize) -> Self {
         Self {
             books: DashMap::new(),
+            hold_drop: DashMap::new(),
             shards,
         }
     }
@@ -142,11 +72,17 @@ impl Gate for EmbeddedGate {
             hold_ms: i64::from(drop.hold_seconds) * 1000,
             shards: self.shards,
         };
+        let held: Vec<Uuid> = restore.held.iter().map(|hold| hold.id).collect();
         let book = match DropBook::restore(params, restore.paid, restore.held) {
             Ok(book) => book,
             Err(err) => return Ok(Err(err)),
         };
-        self.books.entry(drop.id).or_insert_with(|| Arc::new(book));
+        if let dashmap::Entry::Vacant(vacant) = self.books.entry(drop.id) {
+            vacant.insert(Arc::new(book));
+            for hold in held {
+                self.hold_drop.insert(hold, drop.id);
+            }
+        }
         Ok(Ok(()))
     }
 
@@ -168,7 +104,15 @@ impl Gate for EmbeddedGate {
         };
         // The book makes the hold's id from this seed, naming the hold's place so that every later call finds it
         // under one lock.
-        Ok(book.reserve(hold, member, quantity, now_ms))
+        let result = book.reserve(hold, member, quantity, now_ms);
+        if let Ok(hold) = &result {
+            self.hold_drop.insert(hold.id, drop);
+        }
+        Ok(result)
+    }
+
+    async fn locate(&self, hold: Uuid) -> GateResult<Option<Uuid>> {
+        Ok(self.hold_drop.get(&hold).map(|drop| *drop))
     }
 
     async fn begin_payment(

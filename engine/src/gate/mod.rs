@@ -1,0 +1,104 @@
+//! The stock authority behind a narrow interface.
+//!
+//! The service asks a `Gate` to reserve, move holds through payment, release and reap; it never touches stock
+//! itself. Two implementations:
+//! - `embedded::EmbeddedGate`: the in-memory core of one instance (used when `REDIS_URL` is unset);
+//! - `redis::RedisGate`: Redis is the authority (batched Lua scripts), so any number of instances share a drop.
+//!
+//! Outcomes are the core's plain enums; the outer `Result` is only for "the authority could not be reached",
+//! which the service turns into a refusal (fail closed), never into a grant.
+
+pub mod embedded;
+pub mod redis;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::core::{
+    Counts, HoldView, ReserveRejection, RestoreError, RestoredHold, TransitionError,
+};
+use crate::types::DropSpec;
+
+pub use embedded::EmbeddedGate;
+
+/// The stock authority could not answer (connection lost, timed out). Nothing was granted.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("stock gate unavailable: {0}")]
+pub struct GateUnavailable(pub String);
+
+/// A drop's state rebuilt from Postgres at load time.
+#[derive(Debug, Default, Clone)]
+pub struct Restore {
+    /// Units paid per member.
+    pub paid: Vec<(Uuid, u32)>,
+    /// Holds still alive.
+    pub held: Vec<RestoredHold>,
+}
+
+pub type GateResult<T> = Result<T, GateUnavailable>;
+
+#[async_trait]
+pub trait Gate: Send + Sync + 'static {
+    /// Makes a drop known to this gate. `restore` is the drop's state as Postgres has it; a gate that already holds
+    /// the drop's state (this process's memory, or a shared Redis another instance filled) keeps its own. A restored
+    /// state that does not add up (more committed than stock) is refused rather than sold from.
+    async fn load(&self, drop: &DropSpec, restore: Restore)
+        -> GateResult<Result<(), RestoreError>>;
+    /// The local sold-out flag: an answer from memory, no I/O, so a sold-out drop rejects for free.
+    fn is_sold_out(&self, drop: Uuid) -> bool;
+    /// Places a hold. `hold` is a fresh id from the caller, which a gate may rewrite (the embedded gate writes the
+    /// hold's place into it, the Redis gate makes the id from the hold's place in the drop's stream), and `now_ms`
+    /// the caller's clock, which a gate with a clock of its own (Redis) ignores. The returned view's id is the hold's
+    /// id from then on.
+    async fn reserve(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+        member: Uuid,
+        quantity: u32,
+        now_ms: i64,
+    ) -> GateResult<Result<HoldView, ReserveRejection>>;
+    /// Which drop a hold belongs to, if the gate can tell without Postgres. `None` sends the caller to the stored
+    /// row.
+    async fn locate(&self, hold: Uuid) -> GateResult<Option<Uuid>>;
+    async fn begin_payment(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+        member: Uuid,
+        now_ms: i64,
+    ) -> GateResult<Result<HoldView, TransitionError>>;
+    async fn complete_payment(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>>;
+    async fn abort_payment(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>>;
+    async fn decline_payment(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>>;
+    async fn cancel(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+        member: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>>;
+    /// Releases expired holds of every drop, appending `(drop, hold)` for each released one.
+    async fn reap(&self, now_ms: i64, out: &mut Vec<(Uuid, HoldView)>) -> GateResult<usize>;
+    async fn hold(&self, drop: Uuid, hold: Uuid) -> GateResult<Option<HoldView>>;
+    async fn counts(&self, drop: Uuid) -> GateResult<Option<Counts>>;
+    /// Whether the gate records holds and releases in Postgres itself. The embedded gate does not (the service
+    /// queues their rows to its writer); the Redis gate appends every change to the drop's stream in the same script
+    /// that makes it, and its journal writes the stream to Postgres, so that a crashed instance loses nothing.
+    fn journals_holds(&self) -> bool {
+        false
+    }
+    /// Stops background work and writes out what it journals; the service calls it before draining its writer.
+    async fn shutdown(&self) {}
+}

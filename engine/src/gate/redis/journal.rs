@@ -1,0 +1,295 @@
+//! The journal: every instance reads each loaded drop's stream through one consumer group and writes what it
+//! reads to Postgres (new holds, releases), acknowledging entries (XACK) only after their batch committed. An
+//! entry delivered to an instance that died stays pending; after `journal_claim_idle` a live instance claims it
+//! (XAUTOCLAIM) and writes it. Every write is idempotent (holds insert-if-missing, releases upsert), so an entry
+//! written twice, or a release written before its hold, stores the same rows.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use redis::Value;
+
+use super::ids::HoldRef;
+use super::{array, parse_member, reason_of, text, Inner, Lane};
+use crate::clock::to_datetime;
+use crate::core::ReleaseReason;
+use crate::writer::HoldRow;
+
+const GROUP: &str = "journal";
+
+/// One stream entry as the journal needs it.
+struct Entry {
+    id: String,
+    fields: Vec<Value>,
+}
+
+/// Rows decoded from a run of entries.
+#[derive(Default)]
+struct Rows {
+    holds: Vec<HoldRow>,
+    released: Vec<(HoldRow, ReleaseReason, DateTime<Utc>)>,
+}
+
+fn row(lane: &Lane, place: HoldRef, member: uuid::Uuid, quantity: u32) -> HoldRow {
+    let created = i64::try_from(place.ms).unwrap_or(i64::MAX);
+    HoldRow {
+        id: place.id(),
+        drop_id: lane.drop,
+        member_id: member,
+        quantity,
+        created_at: to_datetime(created),
+        expires_at: to_datetime(created.saturating_add(lane.hold_ms)),
+    }
+}
+
+/// Decodes entries into rows. Entries of other kinds (paid: the purchase's own transaction wrote it) add nothing;
+/// a malformed record is logged and skipped rather than blocking the journal forever.
+fn decode(lane: &Lane, entries: &[Entry], rows: &mut Rows) {
+    for entry in entries {
+        let (Some(kind), Some(value)) = (
+            entry.fields.first().and_then(text),
+            entry.fields.get(1).and_then(text),
+        ) else {
+            continue;
+        };
+        match kind {
+            "r" => {
+                for (index, record) in value.as_bytes().chunks(36).enumerate() {
+                    let record = std::str::from_utf8(record).unwrap_or("");
+                    let member = record.get(..32).and_then(parse_member);
+                    let quantity = record.get(32..).and_then(|q| q.parse::<u32>().ok());
+                    let place = u32::try_from(index)
+                        .ok()
+                        .and_then(|index| HoldRef::from_entry(lane.seq, &entry.id, index));
+                    match (member, quantity, place) {
+                        (Some(member), Some(quantity), Some(place)) if quantity > 0 => {
+                            rows.holds.push(row(lane, place, member, quantity));
+                        }
+                        (_, Some(0), _) => {}
+                        _ => {
+                            tracing::error!(entry = %entry.id, index, "malformed hold record in the journal")
+                        }
+                    }
+                }
+            }
+            "x" => {
+                let at = entry
+                    .id
+                    .split_once('-')
+                    .and_then(|(ms, _)| ms.parse::<i64>().ok())
+                    .map(to_datetime)
+                    .unwrap_or_else(Utc::now);
+                for record in value.split(';').filter(|record| !record.is_empty()) {
+                    let parts: Vec<&str> = record.split(',').collect();
+                    let decoded = match parts[..] {
+                        [place, member, quantity, reason] => HoldRef::from_ref(lane.seq, place)
+                            .zip(parse_member(member))
+                            .zip(quantity.parse::<u32>().ok())
+                            .map(|((place, member), quantity)| {
+                                (place, member, quantity, reason_of(reason))
+                            }),
+                        _ => None,
+                    };
+                    match decoded {
+                        Some((place, member, quantity, reason)) => {
+                            rows.released
+                                .push((row(lane, place, member, quantity), reason, at));
+                        }
+                        None => {
+                            tracing::error!(entry = %entry.id, record, "malformed release record in the journal")
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Entries from an XREADGROUP reply (`[[key, [[id, [field, value, ...]], ...]]]`) or an XAUTOCLAIM reply's
+/// second element (`[[id, fields], ...]`).
+fn entries_of(list: Value) -> Vec<Entry> {
+    array(list)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|entry| {
+            let mut parts = array(entry)?.into_iter();
+            let id = text(&parts.next()?)?.to_owned();
+            // A claimed entry that was deleted meanwhile comes back with nil fields.
+            let fields = array(parts.next()?).unwrap_or_default();
+            Some(Entry { id, fields })
+        })
+        .collect()
+}
+
+impl Inner {
+    /// Reads up to `journal_batch_max` entries: `start` "0" for this consumer's own pending entries, ">" for new
+    /// ones. `Ok(None)` when the group is gone (Redis lost the drop's data).
+    async fn read_group(&self, lane: &Lane, start: &str) -> super::GateResult<Option<Vec<Entry>>> {
+        let mut conn = self.conn.clone();
+        let reply: Result<Value, _> = self
+            .bounded(
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg("COUNT")
+                    .arg(self.config.journal_batch_max)
+                    .arg("STREAMS")
+                    .arg(&lane.keys[3])
+                    .arg(start)
+                    .query_async(&mut conn),
+            )
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(err) if err.0.contains("NOGROUP") => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let Some(streams) = array(reply) else {
+            return Ok(Some(Vec::new()));
+        };
+        let Some(stream) = streams.into_iter().next().and_then(array) else {
+            return Ok(Some(Vec::new()));
+        };
+        Ok(Some(
+            stream
+                .into_iter()
+                .nth(1)
+                .map(entries_of)
+                .unwrap_or_default(),
+        ))
+    }
+
+    /// Takes over entries another consumer was given and has not acknowledged for `journal_claim_idle`.
+    async fn claim(&self, lane: &Lane) -> super::GateResult<Vec<Entry>> {
+        let mut conn = self.conn.clone();
+        let idle_ms = u64::try_from(self.config.journal_claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let reply: Value = self
+            .bounded(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&lane.keys[3])
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg(idle_ms)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(self.config.journal_batch_max)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(array(reply)
+            .and_then(|parts| parts.into_iter().nth(1))
+            .map(entries_of)
+            .unwrap_or_default())
+    }
+
+    /// Writes entries to Postgres and acknowledges them once committed.
+    async fn write_and_ack(&self, lane: &Lane, entries: &[Entry]) -> super::GateResult<()> {
+        let mut rows = Rows::default();
+        decode(lane, entries, &mut rows);
+        if !rows.holds.is_empty() || !rows.released.is_empty() {
+            self.writer
+                .journal(rows.holds, rows.released)
+                .await
+                .map_err(|err| super::GateUnavailable(format!("journal not stored: {err}")))?;
+        }
+        let ids: Vec<&str> = entries.iter().map(|entry| entry.id.as_str()).collect();
+        let mut conn = self.conn.clone();
+        self.bounded(
+            redis::cmd("XACK")
+                .arg(&lane.keys[3])
+                .arg(GROUP)
+                .arg(&ids)
+                .query_async::<i64>(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// One pass: own pending entries first (left by a failed write), then new ones, then now and then others'
+    /// stale ones. Returns how many entries were written.
+    async fn journal_pass(&self, lane: &Lane, claim_due: bool) -> super::GateResult<usize> {
+        let mut entries = match self.read_group(lane, "0").await? {
+            Some(entries) => entries,
+            None => {
+                self.reload(lane).await?;
+                return Ok(0);
+            }
+        };
+        if entries.is_empty() {
+            entries = self.read_group(lane, ">").await?.unwrap_or_default();
+        }
+        if entries.is_empty() && claim_due {
+            entries = self.claim(lane).await?;
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        self.write_and_ack(lane, &entries).await?;
+        Ok(entries.len())
+    }
+}
+
+/// The journal task of one drop on this instance. On shutdown it writes out what the stream already has, so a
+/// stopping instance leaves nothing of its own pending.
+pub(super) async fn run(inner: Arc<Inner>, lane: Arc<Lane>) {
+    let mut stop = inner.stop.subscribe();
+    let mut last_claim = Instant::now();
+    let mut failures: u32 = 0;
+    loop {
+        let stopping = *stop.borrow();
+        let claim_due = last_claim.elapsed() >= inner.config.journal_claim_idle;
+        if claim_due {
+            last_claim = Instant::now();
+        }
+        let pause = match inner.journal_pass(&lane, claim_due).await {
+            Ok(0) => {
+                failures = 0;
+                if stopping {
+                    return;
+                }
+                inner.config.journal_idle
+            }
+            Ok(_) => {
+                failures = 0;
+                continue;
+            }
+            Err(err) => {
+                failures = failures.saturating_add(1);
+                if stopping && failures >= 3 {
+                    tracing::warn!(error = %err, drop = %lane.drop, "journal stopped with entries unwritten; another instance will write them");
+                    return;
+                }
+                tracing::warn!(error = %err, drop = %lane.drop, failures, "journal pass failed; retrying");
+                (inner.config.journal_idle * 2u32.saturating_pow(failures.min(6)))
+                    .min(std::time::Duration::from_secs(2))
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|stop| *stop), if !stopping => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_decode_from_both_reply_shapes() {
+        let bulk = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        let entry = Value::Array(vec![
+            bulk("17-0"),
+            Value::Array(vec![bulk("p"), bulk("17-0:0")]),
+        ]);
+        let deleted = Value::Array(vec![bulk("18-0"), Value::Nil]);
+        let entries = entries_of(Value::Array(vec![entry, deleted]));
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].id, "17-0");
+        assert_eq!(entries[0].fields.len(), 2);
+        assert!(entries[1].fields.is_empty());
+    }
+}

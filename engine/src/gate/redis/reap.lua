@@ -1,0 +1,39 @@
+-- Releases the expired holds of up to ARGV[1] reserve entries past the reaper's cursor, by Redis's clock, and
+-- moves the cursor. Holds that are paying are left to their payment (abort releases them if expired).
+-- Returns { holds released, entries visited, then ref, member, quantity of each released hold }, or { -1 } when the drop is not loaded.
+local cfg = redis.call('HMGET', C, 'hold_ms', 'reaped')
+if not cfg[1] then return { -1 } end
+local hold_ms, cursor = tonumber(cfg[1]), cfg[2] or '0-0'
+local upto = now_ms() - hold_ms
+if upto < 0 then return { 0, 0 } end
+local entries = redis.call('XRANGE', E, '(' .. cursor, string.format('%d', upto), 'COUNT', tonumber(ARGV[1]))
+local out, recs, units = { 0, #entries }, {}, 0
+for _, entry in ipairs(entries) do
+  local id, f = entry[1], entry[2]
+  if f[1] == 'r' then
+    local rec = f[2]
+    for idx = 0, #rec / REC - 1 do
+      local off = idx * REC
+      local q = tonumber(string.sub(rec, off + 33, off + 36))
+      local ref = id .. ':' .. idx
+      if q and q > 0 and not redis.call('HGET', S, ref) then
+        local member = string.sub(rec, off + 1, off + 32)
+        redis.call('HINCRBY', M, member, -q)
+        units = units + q
+        recs[#recs + 1] = ref .. ',' .. member .. ',' .. q .. ',e;'
+        out[#out + 1] = ref
+        out[#out + 1] = member
+        out[#out + 1] = q
+      end
+    end
+  end
+  cursor = id
+end
+if #entries > 0 then redis.call('HSET', C, 'reaped', cursor) end
+if units > 0 then
+  redis.call('HINCRBY', C, 'avail', units)
+  redis.call('HINCRBY', C, 'held', -units)
+  redis.call('XADD', E, '*', 'x', table.concat(recs))
+end
+out[1] = #recs
+return out

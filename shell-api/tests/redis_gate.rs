@@ -1,0 +1,447 @@
+//! The Redis gate, in-process: two or more engines over one Postgres and one Redis (separate gates, memories and
+//! idempotency stores, as separate processes would have), checked against the guarantees of DESIGN.md that need
+//! many instances: one stock, any instance serves any hold, shared idempotency, one clock for expiry, the sold-out
+//! flag clearing everywhere, the journal reaching Postgres, fail closed, and recovery after Redis lost its data.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use common::{drop_state, keyed, pay, purchase_tally, reserve, TestApp, TestMember};
+use serde_json::{json, Value};
+use shell_api::auth::Role;
+use shell_api::config::EngineArgs;
+use uuid::Uuid;
+
+fn fast_reaper() -> EngineArgs {
+    EngineArgs {
+        reaper_interval_ms: 100,
+        ..EngineArgs::default()
+    }
+}
+
+fn drop_id(drop: &Value) -> Uuid {
+    drop["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// Waits (bounded) until `check` holds.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The reservation rows of a drop by status, as the journal wrote them.
+async fn stored_statuses(app: &TestApp, drop: Uuid) -> Vec<(String, i64)> {
+    app.db
+        .client()
+        .await
+        .query(
+            "SELECT status || COALESCE(':' || reason, ''), count(*) FROM reservations WHERE drop_id = $1
+             GROUP BY 1 ORDER BY 1",
+            &[&drop],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sell_exactly_the_stock_and_keep_the_limit_across_them() {
+    const STOCK: u32 = 60;
+    let a = Arc::new(TestApp::with_redis(EngineArgs::default()).await);
+    let b = Arc::new(a.another_instance().await);
+    let (_, drop) = a
+        .open_drop(STOCK, 100, json!({ "per_member_limit": 2 }))
+        .await;
+    let mut members = Vec::new();
+    for _ in 0..100 {
+        members.push(a.member(Role::Customer).await);
+    }
+    // Every member tries three single units, alternating instances: the limit (2) must hold across both.
+    let mut tasks = Vec::new();
+    for (n, member) in members.iter().enumerate() {
+        for attempt in 0..3 {
+            let app = if (n + attempt) % 2 == 0 {
+                a.clone()
+            } else {
+                b.clone()
+            };
+            let (member, drop) = (member.clone(), drop.clone());
+            tasks.push(tokio::spawn(async move {
+                let response = reserve(&app, &member, &drop, 1).await;
+                (member.id, response.status, response.code().to_owned())
+            }));
+        }
+    }
+    let mut granted = std::collections::HashMap::<Uuid, u32>::new();
+    let mut sold_out = 0;
+    for task in tasks {
+        let (member, status, code) = task.await.unwrap();
+        match status {
+            StatusCode::CREATED => *granted.entry(member).or_default() += 1,
+            StatusCode::CONFLICT if code == "sold_out" => sold_out += 1,
+            StatusCode::CONFLICT if code == "limit_exceeded" => {}
+            other => panic!("unexpected {other} {code}"),
+        }
+    }
+    assert_eq!(
+        granted.values().sum::<u32>(),
+        STOCK,
+        "exactly the stock is held"
+    );
+    assert!(
+        granted.values().all(|&units| units <= 2),
+        "limit across instances"
+    );
+    assert!(sold_out > 0);
+    for app in [&a, &b] {
+        let state = drop_state(app, &drop).await;
+        assert_eq!(
+            (state["available"].as_u64(), state["held"].as_u64()),
+            (Some(0), Some(u64::from(STOCK)))
+        );
+        assert_eq!(state["status"], "sold_out");
+    }
+    // The journal writes every hold to Postgres, whichever instance made it.
+    let id = drop_id(&drop);
+    eventually("every hold stored", Duration::from_secs(10), || async {
+        stored_statuses(&a, id).await == vec![("held".to_owned(), i64::from(STOCK))]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_made_on_one_instance_is_read_paid_and_answered_on_another() {
+    let a = TestApp::with_redis(EngineArgs::default()).await;
+    let b = a.another_instance().await;
+    let (_, drop) = a.open_drop(5, 1500, json!({ "per_member_limit": 2 })).await;
+    let buyer = a.member(Role::Customer).await;
+    let held = reserve(&a, &buyer, &drop, 2).await;
+    assert_eq!(held.status, StatusCode::CREATED, "{:?}", held.body);
+    let id = held.body["id"].as_str().unwrap().to_owned();
+    // Before any Postgres write could have happened, B reads it from Redis.
+    let read = b
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&buyer.token),
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{:?}", read.body);
+    assert_eq!(
+        (read.body["status"].as_str(), read.body["quantity"].as_u64()),
+        (Some("held"), Some(2))
+    );
+    assert_eq!(read.body["expires_at"], held.body["expires_at"]);
+    let stranger = a.member(Role::Customer).await;
+    assert_eq!(
+        pay(&b, &stranger, &id, "tok_ok").await.status,
+        StatusCode::FORBIDDEN
+    );
+    let paid = pay(&b, &buyer, &id, "tok_ok").await;
+    assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+    assert_eq!(paid.body["amount"], 3000);
+    // Paying again through A answers the same purchase, whose id is the one stored.
+    let again = pay(&a, &buyer, &id, "tok_ok").await;
+    assert_eq!((again.status, &again.body), (StatusCode::OK, &paid.body));
+    let stored: Uuid =
+        a.db.client()
+            .await
+            .query_one(
+                "SELECT id FROM purchases WHERE reservation_id = $1",
+                &[&id.parse::<Uuid>().unwrap()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(paid.body["purchase_id"], stored.to_string());
+    assert_eq!(purchase_tally(&a.db, drop_id(&drop)).await, (1, 1, 2));
+    let read = a
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&buyer.token),
+            None,
+        )
+        .await;
+    assert_eq!(read.body["status"], "paid");
+    assert_eq!(read.body["purchase_id"], paid.body["purchase_id"]);
+    assert_eq!(drop_state(&b, &drop).await["sold"], 2);
+    // Cancel through the other instance than the one that reserved.
+    let second = reserve(&b, &stranger, &drop, 1).await;
+    let second_id = second.body["id"].as_str().unwrap();
+    let cancelled = a
+        .call(
+            "DELETE",
+            &format!("/api/v1/reservations/{second_id}"),
+            Some(&stranger.token),
+            None,
+        )
+        .await;
+    assert_eq!(cancelled.status, StatusCode::NO_CONTENT);
+    let read = b
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{second_id}"),
+            Some(&stranger.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (read.body["status"].as_str(), read.body["reason"].as_str()),
+        (Some("released"), Some("cancelled"))
+    );
+    let state = drop_state(&a, &drop).await;
+    assert_eq!(
+        (state["available"].as_u64(), state["sold"].as_u64()),
+        (Some(3), Some(2))
+    );
+    eventually(
+        "journal stored the cancel and the payment",
+        Duration::from_secs(10),
+        || async {
+            stored_statuses(&a, drop_id(&drop)).await
+                == vec![("paid".to_owned(), 1), ("released:cancelled".to_owned(), 1)]
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_another_instance_replays_the_first_answer() {
+    let a = Arc::new(TestApp::with_redis(EngineArgs::default()).await);
+    let b = Arc::new(a.another_instance().await);
+    let (_, drop) = a.open_drop(10, 100, json!({})).await;
+    let buyer = a.member(Role::Customer).await;
+    let path = format!(
+        "/api/v1/drops/{}/reservations",
+        drop["id"].as_str().unwrap()
+    );
+    // Ten concurrent retries with one key, spread over both instances: one hold.
+    let mut tasks = Vec::new();
+    for n in 0..10 {
+        let app = if n % 2 == 0 { a.clone() } else { b.clone() };
+        let (path, buyer) = (path.clone(), buyer.clone());
+        tasks.push(tokio::spawn(async move {
+            keyed(&app, &path, &buyer, "hold-1", json!({ "quantity": 1 })).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        let response = task.await.unwrap();
+        assert_eq!(response.status, StatusCode::CREATED, "{:?}", response.body);
+        answers.push(response.body);
+    }
+    assert!(
+        answers.windows(2).all(|pair| pair[0] == pair[1]),
+        "one answer: {answers:?}"
+    );
+    assert_eq!(drop_state(&a, &drop).await["held"], 1);
+    let id = answers[0]["id"].as_str().unwrap();
+    let pay_path = format!("/api/v1/reservations/{id}/payment");
+    let first = keyed(
+        &b,
+        &pay_path,
+        &buyer,
+        "pay-1",
+        json!({ "payment_token": "tok_ok" }),
+    )
+    .await;
+    let retry = keyed(
+        &a,
+        &pay_path,
+        &buyer,
+        "pay-1",
+        json!({ "payment_token": "tok_ok" }),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!((retry.status, &retry.body), (first.status, &first.body));
+    assert_eq!(retry.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(purchase_tally(&a.db, drop_id(&drop)).await, (1, 1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_expire_by_one_clock_and_their_stock_clears_sold_out_everywhere() {
+    let a = TestApp::with_redis(fast_reaper()).await;
+    let b = a.another_instance().await;
+    let (_, drop) = a.open_drop(1, 100, json!({ "hold_seconds": 1 })).await;
+    let first = a.member(Role::Customer).await;
+    let second = a.member(Role::Customer).await;
+    let held = reserve(&a, &first, &drop, 1).await;
+    assert_eq!(held.status, StatusCode::CREATED);
+    // B learns the drop is sold out from Redis and then rejects from its local flag.
+    assert_eq!(reserve(&b, &second, &drop, 1).await.code(), "sold_out");
+    assert!(b.state.engine.is_sold_out_locally(drop_id(&drop)));
+    // The hold expires by Redis's clock; either instance's reaper returns it, and B's flag clears.
+    let released_at = Instant::now();
+    eventually(
+        "B's sold-out flag cleared",
+        Duration::from_secs(5),
+        || async { !b.state.engine.is_sold_out_locally(drop_id(&drop)) },
+    )
+    .await;
+    let took = released_at.elapsed();
+    assert!(
+        took < Duration::from_millis(1000 + 100 + 300),
+        "flag cleared {took:?} after the hold was placed"
+    );
+    let id = held.body["id"].as_str().unwrap();
+    let late = pay(&b, &first, id, "tok_ok").await;
+    assert_eq!(
+        (late.status, late.code()),
+        (StatusCode::CONFLICT, "already_released")
+    );
+    assert_eq!(
+        reserve(&b, &second, &drop, 1).await.status,
+        StatusCode::CREATED
+    );
+    eventually(
+        "journal stored the expiry",
+        Duration::from_secs(10),
+        || async {
+            stored_statuses(&a, drop_id(&drop)).await
+                == vec![("held".to_owned(), 1), ("released:expired".to_owned(), 1)]
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sold_out_flag_clears_on_every_instance_within_100_ms_of_a_release() {
+    let a = TestApp::with_redis(EngineArgs::default()).await;
+    let b = a.another_instance().await;
+    let (_, drop) = a.open_drop(1, 100, json!({})).await;
+    let holder = a.member(Role::Customer).await;
+    let other = a.member(Role::Customer).await;
+    let held = reserve(&a, &holder, &drop, 1).await;
+    assert_eq!(reserve(&b, &other, &drop, 1).await.code(), "sold_out");
+    let id = held.body["id"].as_str().unwrap();
+    let cancelled_at = Instant::now();
+    let cancel = a
+        .call(
+            "DELETE",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&holder.token),
+            None,
+        )
+        .await;
+    assert_eq!(cancel.status, StatusCode::NO_CONTENT);
+    eventually("B's flag cleared", Duration::from_secs(2), || async {
+        !b.state.engine.is_sold_out_locally(drop_id(&drop))
+    })
+    .await;
+    let took = cancelled_at.elapsed();
+    assert!(took <= Duration::from_millis(100), "cleared after {took:?}");
+    assert_eq!(
+        reserve(&b, &other, &drop, 1).await.status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_refuses_with_503_and_grants_nothing() {
+    let up = TestApp::with_redis(EngineArgs::default()).await;
+    let (_, drop) = up.open_drop(5, 100, json!({})).await;
+    // An instance whose Redis is a port nobody listens on: every reservation is refused, none granted.
+    let dead = TestApp::redis_instance(
+        Arc::clone(&up.db),
+        EngineArgs::default(),
+        &["redis://127.0.0.1:1".to_owned()],
+        &up.redis.as_ref().unwrap().key_prefix,
+    )
+    .await;
+    let buyer = up.member(Role::Customer).await;
+    let refused = reserve(&dead, &buyer, &drop, 1).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "gate_unavailable")
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+    let state = drop_state(&up, &drop).await;
+    assert_eq!(
+        (state["available"].as_u64(), state["held"].as_u64()),
+        (Some(5), Some(0))
+    );
+    assert_eq!(
+        dead.call("GET", "/readyz", None, None).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_lost_a_drop_it_is_rebuilt_from_postgres_and_nothing_paid_is_sold_again() {
+    let a = TestApp::with_redis(EngineArgs::default()).await;
+    let (_, drop) = a.open_drop(3, 100, json!({})).await;
+    let buyers: Vec<TestMember> =
+        futures_util::future::join_all((0..3).map(|_| a.member(Role::Customer))).await;
+    let paid = reserve(&a, &buyers[0], &drop, 1).await;
+    let paid_id = paid.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pay(&a, &buyers[0], &paid_id, "tok_ok").await.status,
+        StatusCode::OK
+    );
+    let held = reserve(&a, &buyers[1], &drop, 1).await;
+    let held_id = held.body["id"].as_str().unwrap().to_owned();
+    let id = drop_id(&drop);
+    eventually(
+        "the hold is in Postgres",
+        Duration::from_secs(10),
+        || async {
+            stored_statuses(&a, id).await == vec![("held".to_owned(), 1), ("paid".to_owned(), 1)]
+        },
+    )
+    .await;
+    // Redis loses everything of the drop.
+    let mut conn = a.redis.as_ref().unwrap().conn.clone();
+    let keys = engine::gate::redis::drop_keys(&a.redis.as_ref().unwrap().key_prefix, id);
+    let _: () = redis::cmd("DEL")
+        .arg(&keys[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The next read rebuilds it from Postgres: the paid unit stays sold, the live hold keeps its id.
+    let state = drop_state(&a, &drop).await;
+    assert_eq!(
+        (
+            state["available"].as_u64(),
+            state["held"].as_u64(),
+            state["sold"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1))
+    );
+    let read = a
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{held_id}"),
+            Some(&buyers[1].token),
+            None,
+        )
+        .await;
+    assert_eq!(read.body["status"], "held", "{:?}", read.body);
+    assert_eq!(
+        pay(&a, &buyers[1], &held_id, "tok_ok").await.status,
+        StatusCode::OK
+    );
+    // One unit left to sell, and no more.
+    assert_eq!(
+        reserve(&a, &buyers[2], &drop, 1).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(reserve(&a, &buyers[0], &drop, 1).await.code(), "sold_out");
+    assert_eq!(purchase_tally(&a.db, id).await, (2, 2, 2));
+}
