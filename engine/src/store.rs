@@ -167,6 +167,19 @@ pub async fn restore(
             .paid
             .push((row.get("member_id"), to_u32(row.get("units"))));
     }
+    let paid_holds = client
+        .query(
+            "SELECT drop_id, reservation_id FROM purchases WHERE ($1::uuid IS NULL OR drop_id = $1)",
+            &[&drop],
+        )
+        .await?;
+    for row in &paid_holds {
+        restored
+            .entry(row.get("drop_id"))
+            .or_default()
+            .paid_holds
+            .push(row.get("reservation_id"));
+    }
     let held = client
         .query(
             "SELECT id, drop_id, member_id, quantity, created_at, expires_at FROM reservations

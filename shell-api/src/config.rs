@@ -22,6 +22,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending SQL migrations and exit.
     Migrate(DbArgs),
+    /// Check each drop's Redis state against Postgres and rebuild it from Postgres where Redis lost data.
+    Reconcile(ReconcileArgs),
     /// Administrative tasks.
     Admin {
         #[command(subcommand)]
@@ -48,6 +50,17 @@ pub struct AdminCreateArgs {
     /// Display name for a newly created admin.
     #[arg(long, default_value = "Admin")]
     pub name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Only this drop (default: every drop).
+    #[arg(long = "drop")]
+    pub drop: Option<uuid::Uuid>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -121,6 +134,10 @@ pub struct RedisArgs {
     /// How long a payment in progress owns its hold before another instance may take it over.
     #[arg(long, env = "PAY_LEASE_SECONDS", default_value_t = 120)]
     pub pay_lease_seconds: u64,
+    /// A journal entry delivered to an instance and not written for this long is written by another (claimed
+    /// from an instance that died).
+    #[arg(long, env = "JOURNAL_CLAIM_IDLE_MS", default_value_t = 5000)]
+    pub journal_claim_idle_ms: u64,
 }
 
 impl RedisArgs {
@@ -150,6 +167,7 @@ impl RedisArgs {
             call_timeout: std::time::Duration::from_millis(self.redis_timeout_ms.max(1)),
             batch_max: self.redis_batch_max.max(1),
             pay_lease: std::time::Duration::from_secs(self.pay_lease_seconds.max(1)),
+            journal_claim_idle: std::time::Duration::from_millis(self.journal_claim_idle_ms.max(1)),
             writer,
             ..engine::gate::redis::RedisGateConfig::new(urls)
         })
@@ -166,6 +184,7 @@ impl Default for RedisArgs {
             redis_timeout_ms: 1000,
             redis_batch_max: 512,
             pay_lease_seconds: 120,
+            journal_claim_idle_ms: 5000,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod extract;
 pub mod feeds;
 pub mod idempotency;
 pub mod members;
+pub mod ops;
 pub mod pagination;
 pub mod products;
 pub mod server;

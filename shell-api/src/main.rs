@@ -1,4 +1,4 @@
-//! The `flashsale` binary: `serve`, `migrate` and `admin create`.
+//! The `flashsale` binary: `serve`, `migrate`, `reconcile` and `admin create`.
 
 use clap::Parser;
 use shell_api::config::{AdminCommand, Cli, Command};
@@ -19,6 +19,10 @@ async fn main() -> anyhow::Result<()> {
             let pool = shell_api::db::connect(&args).await?;
             let applied = shell_api::db::migrate(&pool).await?;
             println!("applied migrations: {applied:?}");
+            Ok(())
+        }
+        Command::Reconcile(args) => {
+            shell_api::ops::reconcile::run(args).await?;
             Ok(())
         }
         Command::Admin {

@@ -31,6 +31,8 @@ pub struct GateUnavailable(pub String);
 pub struct Restore {
     /// Units paid per member.
     pub paid: Vec<(Uuid, u32)>,
+    /// The reservations that were paid.
+    pub paid_holds: Vec<Uuid>,
     /// Holds still alive.
     pub held: Vec<RestoredHold>,
 }

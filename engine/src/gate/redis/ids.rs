@@ -29,6 +29,11 @@ impl HoldRef {
         format!("{}-{}", self.ms, self.seq)
     }
 
+    /// The hold's key in the drop's state hash, `<ms>-<seq>:<index>`, as the scripts write it.
+    pub fn state_ref(&self) -> String {
+        format!("{}-{}:{}", self.ms, self.seq, self.index)
+    }
+
     /// Parses an entry id and an index. `None` for ids the layout cannot carry (never seen in practice: more
     /// than 2^30 entries in one millisecond).
     pub fn from_entry(drop_seq: u32, entry: &str, index: u32) -> Option<Self> {

@@ -1,6 +1,7 @@
 -- Loads a drop's state from Postgres's record, unless Redis already has it. ARGV: stock, limit, hold_ms, paid
--- units, number of paid members N, then N pairs (member, units), then pairs (entry id, records) of live holds in
--- ascending entry order, each written back under its own entry id so its reservation id still finds it.
+-- units, number of paid members N, then N pairs (member, units), then the number of paid hold refs K, then K refs
+-- (marked paid, so a paid reservation reads as paid and is never paid twice), then pairs (entry id, records) of
+-- live holds in ascending entry order, each written back under its own entry id so its reservation id finds it.
 -- Returns 1 when it loaded the drop, 0 when Redis already had it.
 if redis.call('EXISTS', C) == 1 then return 0 end
 redis.call('DEL', M, S, E)
@@ -10,6 +11,12 @@ local i = 6
 for _ = 1, n do
   redis.call('HINCRBY', M, ARGV[i], tonumber(ARGV[i + 1]))
   i = i + 2
+end
+local k = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, k do
+  redis.call('HSET', S, ARGV[i], 'P')
+  i = i + 1
 end
 local held = 0
 while i <= #ARGV do

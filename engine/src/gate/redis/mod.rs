@@ -291,7 +291,120 @@ impl RedisGate {
     }
 }
 
+/// What `reconcile` found for one drop, and did about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Redis agrees with Postgres: its counters add up to the stock and every purchase is paid (or being paid) in
+    /// Redis.
+    Consistent(Counts),
+    /// Redis had nothing of the drop; it was loaded from Postgres.
+    Missing(Counts),
+    /// Redis had lost data; the drop was rebuilt from Postgres.
+    Rebuilt {
+        /// Purchases in Postgres that Redis did not have as paid.
+        lost_purchases: usize,
+        /// Redis's counters before, when they did not add up to the drop's stock.
+        broken_counts: Option<Counts>,
+        after: Counts,
+    },
+}
+
+impl RedisGate {
+    /// Checks a drop's Redis state against Postgres and rebuilds it from Postgres where Redis lost data: keys gone,
+    /// counters that do not add up, or a purchase Redis does not have as paid (the one loss that could sell a unit
+    /// twice). Holds in Redis that Postgres does not have are lost by a rebuild; with data already lost, Postgres
+    /// is the better record.
+    pub async fn reconcile(&self, drop: &DropSpec) -> GateResult<Result<Reconciled, RestoreError>> {
+        let keys = self.keys_of(drop.id);
+        let Some(counts) = self.inner.read_counts(&keys).await? else {
+            if let Err(err) = self.rebuild(drop).await? {
+                return Ok(Err(err));
+            }
+            return Ok(Ok(Reconciled::Missing(self.counts_now(&keys).await?)));
+        };
+        let conserved = counts.stock == drop.stock
+            && u64::from(counts.available) + u64::from(counts.held) + u64::from(counts.paid)
+                == u64::from(drop.stock);
+        let lost_purchases = self.inner.purchases_not_paid(drop, &keys).await?;
+        if conserved && lost_purchases == 0 {
+            return Ok(Ok(Reconciled::Consistent(counts)));
+        }
+        if let Err(err) = self.rebuild(drop).await? {
+            return Ok(Err(err));
+        }
+        Ok(Ok(Reconciled::Rebuilt {
+            lost_purchases,
+            broken_counts: (!conserved).then_some(counts),
+            after: self.counts_now(&keys).await?,
+        }))
+    }
+
+    async fn counts_now(&self, keys: &[String; 4]) -> GateResult<Counts> {
+        self.inner
+            .read_counts(keys)
+            .await?
+            .ok_or_else(|| GateUnavailable("drop state vanished right after a rebuild".into()))
+    }
+}
+
 impl Inner {
+    /// The counters of a drop in Redis, `None` when its keys are gone.
+    async fn read_counts(&self, keys: &[String; 4]) -> GateResult<Option<Counts>> {
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<u32>> = self
+            .bounded(
+                redis::cmd("HMGET")
+                    .arg(&keys[0])
+                    .arg(&["stock", "avail", "held", "paid"])
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(match values[..] {
+            [Some(stock), Some(available), Some(held), Some(paid)] => Some(Counts {
+                stock,
+                available,
+                held,
+                paid,
+            }),
+            _ => None,
+        })
+    }
+
+    /// How many of the drop's purchases in Postgres Redis has neither as paid nor as being paid.
+    async fn purchases_not_paid(&self, drop: &DropSpec, keys: &[String; 4]) -> GateResult<usize> {
+        const CHUNK: usize = 1000;
+        let seq = drop_seq(drop)?;
+        let client = self.db.get().await.map_err(unavailable)?;
+        let rows = client
+            .query(
+                "SELECT reservation_id FROM purchases WHERE drop_id = $1",
+                &[&drop.id],
+            )
+            .await
+            .map_err(unavailable)?;
+        std::mem::drop(client);
+        let refs: Vec<String> = rows
+            .iter()
+            .filter_map(|row| HoldRef::from_id(row.get(0)))
+            .filter(|place| place.drop_seq == seq)
+            .map(|place| place.state_ref())
+            .collect();
+        let mut lost = 0;
+        for chunk in refs.chunks(CHUNK) {
+            let mut pipe = redis::pipe();
+            for state_ref in chunk {
+                pipe.cmd("HGET").arg(&keys[2]).arg(state_ref);
+            }
+            let mut conn = self.conn.clone();
+            let states: Vec<Option<String>> = self.bounded(pipe.query_async(&mut conn)).await?;
+            lost += states
+                .iter()
+                .filter(|state| !state.as_deref().is_some_and(|s| s.starts_with(['P', 'p'])))
+                .count();
+        }
+        Ok(lost)
+    }
+
     /// Runs one Redis call under the call timeout; a failure or a timeout is `GateUnavailable`.
     async fn bounded<T>(
         &self,
@@ -367,6 +480,16 @@ impl Inner {
             .arg(restore.paid.len());
         for (member, units) in &restore.paid {
             invocation.arg(member_hex(*member)).arg(*units);
+        }
+        let paid_refs: Vec<String> = restore
+            .paid_holds
+            .iter()
+            .filter_map(|id| HoldRef::from_id(*id).filter(|place| place.drop_seq == seq))
+            .map(|place| place.state_ref())
+            .collect();
+        invocation.arg(paid_refs.len());
+        for paid_ref in &paid_refs {
+            invocation.arg(paid_ref);
         }
         for ((ms, entry_seq), mut records) in entries {
             records.sort_by_key(|(index, _)| *index);
@@ -702,6 +825,26 @@ impl Gate for RedisGate {
         // A Redis that does not answer now does not keep the drop (or the process) from starting: the lane is
         // registered anyway, its requests are refused (503) while Redis is away, and the first script that runs
         // once it is back finds the drop's keys or loads them from Postgres.
+        // Redis's paid and held units cover every unit Postgres has as paid (a purchase is committed while its hold
+        // is `paying`, which counts as held), unless Redis lost data: then Postgres is the better record.
+        let paid_in_postgres: u64 = restore
+            .paid
+            .iter()
+            .map(|&(_, units)| u64::from(units))
+            .sum();
+        if let Ok(Some(counts)) = inner.read_counts(&keys).await {
+            if u64::from(counts.paid) + u64::from(counts.held) < paid_in_postgres {
+                tracing::warn!(drop = %drop.id, ?counts, paid_in_postgres, "Redis lost paid units; rebuilding the drop from Postgres");
+                let mut conn = inner.conn.clone();
+                inner
+                    .bounded(
+                        redis::cmd("DEL")
+                            .arg(&keys[..])
+                            .query_async::<()>(&mut conn),
+                    )
+                    .await?;
+            }
+        }
         let available = match inner.init(drop, &keys, restore).await {
             Ok(Err(err)) => return Ok(Err(err)),
             Ok(Ok(())) => {
@@ -922,24 +1065,12 @@ impl Gate for RedisGate {
             return Ok(None);
         };
         for _ in 0..2 {
-            let mut conn = self.inner.conn.clone();
-            let values: Vec<Option<u32>> = self
-                .inner
-                .bounded(
-                    redis::cmd("HMGET")
-                        .arg(&lane.keys[0])
-                        .arg(&["stock", "avail", "held", "paid"])
-                        .query_async(&mut conn),
-                )
-                .await?;
-            if let [Some(stock), Some(available), Some(held), Some(paid)] = values[..] {
-                let counts = Counts {
-                    stock,
-                    available,
-                    held,
-                    paid,
-                };
-                debug_assert_eq!(available + held + paid, stock, "conservation in Redis");
+            if let Some(counts) = self.inner.read_counts(&lane.keys).await? {
+                debug_assert_eq!(
+                    counts.available + counts.held + counts.paid,
+                    counts.stock,
+                    "conservation in Redis"
+                );
                 return Ok(Some(counts));
             }
             self.inner.reload(&lane).await?;

@@ -1,0 +1,3 @@
+//! Operations: tools for the people who run flashsale (today `flashsale reconcile`).
+
+pub mod reconcile;

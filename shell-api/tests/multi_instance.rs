@@ -1,0 +1,690 @@
+//! Many instances, end to end: real `flashsale serve` processes on their own ports share one Postgres and one Redis
+//! (a single server, or the three-master Redis Cluster from `scripts/services.sh cluster`), driven concurrently,
+//! with faults: an instance SIGKILLed mid-drop, Redis restarted or stopped, Redis losing its data, Postgres away for
+//! ten seconds. Every test ends with conservation checked in Redis (every instance's counts) and in Postgres.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{
+    purchase_tally, redis_prefix, redis_url, seed_member, seed_product, RedisServer, TcpProxy,
+    TestDb, TestMember, TestServer,
+};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use shell_api::auth::Role;
+use uuid::Uuid;
+
+/// Instances over one database and one Redis key prefix.
+struct Fleet {
+    db: Arc<TestDb>,
+    servers: Vec<TestServer>,
+    http: reqwest::Client,
+    redis_urls: String,
+    prefix: String,
+}
+
+impl Fleet {
+    async fn start(instances: usize, redis_urls: &str, env: &[(&str, &str)]) -> Self {
+        let db = Arc::new(TestDb::new().await);
+        let prefix = redis_prefix();
+        let mut fleet = Self {
+            db,
+            servers: Vec::new(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            redis_urls: redis_urls.to_owned(),
+            prefix,
+        };
+        for _ in 0..instances {
+            fleet.add(env, None).await;
+        }
+        fleet
+    }
+
+    /// Starts one more instance; `database_url` overrides the test database's own URL (to go through a proxy).
+    async fn add(&mut self, env: &[(&str, &str)], database_url: Option<&str>) {
+        let mut all: Vec<(&str, &str)> = vec![
+            ("REDIS_URL", &self.redis_urls),
+            ("REDIS_KEY_PREFIX", &self.prefix),
+        ];
+        all.extend_from_slice(env);
+        let server = TestServer::start(database_url.unwrap_or(&self.db.url), &all).await;
+        self.servers.push(server);
+    }
+
+    fn url(&self, instance: usize, path: &str) -> String {
+        self.servers[instance % self.servers.len()].url(path)
+    }
+
+    async fn post(
+        &self,
+        instance: usize,
+        path: &str,
+        member: &TestMember,
+        key: Option<&str>,
+        body: Value,
+    ) -> Option<(StatusCode, Value)> {
+        let mut request = self
+            .http
+            .post(self.url(instance, path))
+            .bearer_auth(&member.token)
+            .json(&body);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        let response = request.send().await.ok()?;
+        let status = response.status();
+        Some((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    async fn create_drop(&self, stock: u32, extra: Value) -> String {
+        let seller = seed_member(&self.db, Role::Seller).await;
+        let product = seed_product(&self.db, &seller, 1_000).await;
+        let mut body = json!({
+            "product_id": product,
+            "stock": stock,
+            "opens_at": (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339(),
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, drop) = self
+            .post(0, "/api/v1/drops", &seller, None, body)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{drop}");
+        drop["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn members(&self, count: usize) -> Vec<TestMember> {
+        let mut members = Vec::with_capacity(count);
+        for _ in 0..count {
+            members.push(seed_member(&self.db, Role::Customer).await);
+        }
+        members
+    }
+
+    /// The drop as `instance` serves it, conservation checked.
+    async fn counts(&self, instance: usize, drop: &str) -> (u64, u64, u64) {
+        let body: Value = self
+            .http
+            .get(self.url(instance, &format!("/api/v1/drops/{drop}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let n = |k: &str| body[k].as_u64().unwrap_or_else(|| panic!("{k} in {body}"));
+        assert_eq!(
+            n("available") + n("held") + n("sold"),
+            n("stock"),
+            "conservation: {body}"
+        );
+        (n("available"), n("held"), n("sold"))
+    }
+
+    /// Every instance serves the same counts; returns them.
+    async fn agreed_counts(&self, drop: &str) -> (u64, u64, u64) {
+        let first = self.counts(0, drop).await;
+        for instance in 1..self.servers.len() {
+            assert_eq!(
+                self.counts(instance, drop).await,
+                first,
+                "instance {instance} disagrees"
+            );
+        }
+        first
+    }
+
+    /// Postgres's record of the drop: reservation rows by status, and purchases.
+    async fn stored(&self, drop: &str) -> (HashMap<String, i64>, (i64, i64, i64)) {
+        let id: Uuid = drop.parse().unwrap();
+        let rows = self
+            .db
+            .client()
+            .await
+            .query(
+                "SELECT status || COALESCE(':' || reason, ''), count(*) FROM reservations WHERE drop_id = $1 GROUP BY 1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let statuses = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+        (statuses, purchase_tally(&self.db, id).await)
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn cluster_urls() -> String {
+    std::env::var("REDIS_CLUSTER_URLS").expect(
+        "REDIS_CLUSTER_URLS (scripts/test.sh starts a cluster with scripts/services.sh cluster)",
+    )
+}
+
+/// The drop of the issue, at scale N: three instances, 20×N attempts at N units spread over all three, payments
+/// through another instance than the one that reserved, and every request retried with its Idempotency-Key on a
+/// third instance.
+async fn three_instances_sell_exactly_the_stock(redis_urls: &str) {
+    const STOCK: usize = 40;
+    const MEMBERS: usize = 200;
+    const ATTEMPTS_PER_MEMBER: usize = 4; // 20 × STOCK in all
+    let fleet = Arc::new(Fleet::start(3, redis_urls, &[("RESERVE_INFLIGHT_MAX", "100000")]).await);
+    let drop = fleet
+        .create_drop(STOCK as u32, json!({ "per_member_limit": 2 }))
+        .await;
+    let members = fleet.members(MEMBERS).await;
+    let path = format!("/api/v1/drops/{drop}/reservations");
+    let mut tasks = Vec::new();
+    for (m, member) in members.iter().enumerate() {
+        for attempt in 0..ATTEMPTS_PER_MEMBER {
+            let (fleet, member, path) = (fleet.clone(), member.clone(), path.clone());
+            tasks.push(tokio::spawn(async move {
+                let key = format!("reserve-{attempt}");
+                let instance = m + attempt;
+                let first = fleet
+                    .post(instance, &path, &member, Some(&key), json!({}))
+                    .await
+                    .unwrap();
+                let retry = fleet
+                    .post(instance + 1, &path, &member, Some(&key), json!({}))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    first, retry,
+                    "a retry on another instance answers the first answer"
+                );
+                (m, instance, first)
+            }));
+        }
+    }
+    let mut holds = Vec::new();
+    let mut per_member: HashMap<usize, usize> = HashMap::new();
+    for task in tasks {
+        let (m, instance, (status, body)) = task.await.unwrap();
+        match status {
+            StatusCode::CREATED => {
+                *per_member.entry(m).or_default() += 1;
+                holds.push((m, instance, body["id"].as_str().unwrap().to_owned()));
+            }
+            StatusCode::CONFLICT => {
+                let code = body["error"]["code"].as_str().unwrap();
+                assert!(code == "sold_out" || code == "limit_exceeded", "{body}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(holds.len(), STOCK, "exactly the stock is held");
+    assert!(
+        per_member.values().all(|&units| units <= 2),
+        "limit across instances: {per_member:?}"
+    );
+    assert_eq!(fleet.agreed_counts(&drop).await, (0, STOCK as u64, 0));
+    // Pay through another instance, and retry each payment with its key on a third.
+    let mut payments = Vec::new();
+    for (m, instance, id) in holds {
+        let (fleet, member) = (fleet.clone(), members[m].clone());
+        payments.push(tokio::spawn(async move {
+            let path = format!("/api/v1/reservations/{id}/payment");
+            let body = json!({ "payment_token": "tok_ok" });
+            let key = format!("pay-{id}");
+            let first = fleet
+                .post(instance + 1, &path, &member, Some(&key), body.clone())
+                .await
+                .unwrap();
+            let retry = fleet
+                .post(instance + 2, &path, &member, Some(&key), body)
+                .await
+                .unwrap();
+            assert_eq!(first.0, StatusCode::OK, "{}", first.1);
+            assert_eq!(first, retry);
+            first.1["purchase_id"]
+                .as_str()
+                .unwrap()
+                .parse::<Uuid>()
+                .unwrap()
+        }));
+    }
+    let mut purchase_ids = Vec::new();
+    for payment in payments {
+        purchase_ids.push(payment.await.unwrap());
+    }
+    assert_eq!(fleet.agreed_counts(&drop).await, (0, 0, STOCK as u64));
+    // Every answered purchase is the one stored, once.
+    let stored: Vec<Uuid> = fleet
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT id FROM purchases WHERE drop_id = $1",
+            &[&drop.parse::<Uuid>().unwrap()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    purchase_ids.sort();
+    let mut stored_sorted = stored.clone();
+    stored_sorted.sort();
+    assert_eq!(
+        purchase_ids, stored_sorted,
+        "every 200 names a stored purchase, each once"
+    );
+    eventually(
+        "the journal stored every hold as paid",
+        Duration::from_secs(15),
+        || async {
+            let (statuses, tally) = fleet.stored(&drop).await;
+            statuses == HashMap::from([("paid".to_owned(), STOCK as i64)])
+                && tally == (STOCK as i64, STOCK as i64, STOCK as i64)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_one_redis_sell_exactly_the_stock() {
+    three_instances_sell_exactly_the_stock(&redis_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_a_redis_cluster_sell_exactly_the_stock() {
+    three_instances_sell_exactly_the_stock(&cluster_urls()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_holds_expire_and_its_journal_is_written_by_another() {
+    const STOCK: usize = 30;
+    let env = [
+        ("REAPER_INTERVAL_MS", "200"),
+        ("JOURNAL_CLAIM_IDLE_MS", "500"),
+    ];
+    let mut fleet = Fleet::start(3, &redis_url(), &env).await;
+    let drop = fleet
+        .create_drop(STOCK as u32, json!({ "hold_seconds": 2 }))
+        .await;
+    let members = fleet.members(60).await;
+    let path = format!("/api/v1/drops/{drop}/reservations");
+    let fleet_ref = &fleet;
+    let answers = futures_util::future::join_all(
+        members
+            .iter()
+            .enumerate()
+            .map(|(m, member)| fleet_ref.post(m, &path, member, None, json!({}))),
+    )
+    .await;
+    let granted = answers
+        .iter()
+        .filter(|answer| answer.as_ref().unwrap().0 == StatusCode::CREATED)
+        .count();
+    assert_eq!(granted, STOCK);
+    // Instance 0 dies without a word: its holds and whatever of its journal it had not written yet.
+    fleet.servers.remove(0).kill().await;
+    let started = Instant::now();
+    eventually(
+        "the dead instance's holds expired and returned",
+        Duration::from_secs(10),
+        || async { fleet.agreed_counts(&drop).await == (STOCK as u64, 0, 0) },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2 + 2),
+        "returned within hold_seconds + slack"
+    );
+    eventually(
+        "every hold and its expiry stored",
+        Duration::from_secs(15),
+        || async {
+            fleet.stored(&drop).await.0
+                == HashMap::from([("released:expired".to_owned(), STOCK as i64)])
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_refuses_everything_and_a_restart_with_aof_loses_nothing() {
+    const STOCK: usize = 20;
+    let mut redis = RedisServer::start().await;
+    let fleet = Fleet::start(2, &redis.url(), &[("REDIS_TIMEOUT_MS", "300")]).await;
+    let drop = fleet.create_drop(STOCK as u32, json!({})).await;
+    let members = fleet.members(40).await;
+    let path = format!("/api/v1/drops/{drop}/reservations");
+    let mut holds = Vec::new();
+    for (m, member) in members[..12].iter().enumerate() {
+        let (status, body) = fleet.post(m, &path, member, None, json!({})).await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        holds.push((m, body["id"].as_str().unwrap().to_owned()));
+    }
+    for (m, id) in &holds[..6] {
+        let pay = format!("/api/v1/reservations/{id}/payment");
+        let (status, _) = fleet
+            .post(
+                m + 1,
+                &pay,
+                &members[*m],
+                None,
+                json!({ "payment_token": "tok_ok" }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(fleet.agreed_counts(&drop).await, (8, 6, 6));
+
+    // Redis goes away: every reservation is refused with 503, none granted.
+    redis.stop().await;
+    for (m, member) in members[12..20].iter().enumerate() {
+        let (status, body) = fleet.post(m, &path, member, None, json!({})).await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "gate_unavailable");
+    }
+    // It comes back on the same data (the AOF): service resumes by itself, and nothing granted before is lost.
+    redis.restart().await;
+    eventually(
+        "reservations are served again",
+        Duration::from_secs(10),
+        || async {
+            fleet
+                .post(0, &path, &members[12], None, json!({}))
+                .await
+                .unwrap()
+                .0
+                == StatusCode::CREATED
+        },
+    )
+    .await;
+    assert_eq!(fleet.agreed_counts(&drop).await, (7, 7, 6));
+    for (m, id) in &holds[6..] {
+        let pay = format!("/api/v1/reservations/{id}/payment");
+        let (status, body) = fleet
+            .post(
+                m + 1,
+                &pay,
+                &members[*m],
+                None,
+                json!({ "payment_token": "tok_ok" }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    for member in &members[13..] {
+        let _ = fleet.post(1, &path, member, None, json!({})).await.unwrap();
+    }
+    assert_eq!(fleet.agreed_counts(&drop).await, (0, 8, 12));
+    let (_, tally) = fleet.stored(&drop).await;
+    assert_eq!(tally, (12, 12, 12));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_lost_everything_reconcile_rebuilds_it_and_nothing_paid_is_sold_again() {
+    const STOCK: usize = 10;
+    let redis = RedisServer::start().await;
+    let fleet = Fleet::start(2, &redis.url(), &[]).await;
+    let drop = fleet.create_drop(STOCK as u32, json!({})).await;
+    let members = fleet.members(30).await;
+    let path = format!("/api/v1/drops/{drop}/reservations");
+    for (m, member) in members[..6].iter().enumerate() {
+        let (status, body) = fleet.post(m, &path, member, None, json!({})).await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        if m < 4 {
+            let pay = format!(
+                "/api/v1/reservations/{}/payment",
+                body["id"].as_str().unwrap()
+            );
+            let (status, _) = fleet
+                .post(
+                    m + 1,
+                    &pay,
+                    member,
+                    None,
+                    json!({ "payment_token": "tok_ok" }),
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+    eventually(
+        "the journal stored the holds",
+        Duration::from_secs(10),
+        || async {
+            fleet.stored(&drop).await.0
+                == HashMap::from([("paid".to_owned(), 4), ("held".to_owned(), 2)])
+        },
+    )
+    .await;
+    // Data loss: Redis comes back empty.
+    let mut conn = redis.connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args(["reconcile", "--drop", &drop])
+        .env("DATABASE_URL", &fleet.db.url)
+        .env("REDIS_URL", redis.url())
+        .env("REDIS_KEY_PREFIX", &fleet.prefix)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The instances may have noticed the loss first and rebuilt the drop themselves; either way Postgres's record
+    // is back in Redis.
+    assert!(
+        stdout.contains("missing in Redis; loaded from Postgres: available 4 held 2 sold 4 of 10")
+            || stdout.contains("consistent: available 4 held 2 sold 4 of 10"),
+        "{stdout}"
+    );
+    assert_eq!(fleet.agreed_counts(&drop).await, (4, 2, 4));
+    // A loss no instance notices: Redis forgets that one purchase was paid (the counters still add up).
+    let paid: Uuid = fleet
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT reservation_id FROM purchases WHERE drop_id = $1 LIMIT 1",
+            &[&drop.parse::<Uuid>().unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let place = engine::gate::redis::ids::HoldRef::from_id(paid).unwrap();
+    let keys = engine::gate::redis::drop_keys(&fleet.prefix, drop.parse().unwrap());
+    let _: () = redis::pipe()
+        .cmd("HDEL")
+        .arg(&keys[2])
+        .arg(place.state_ref())
+        .cmd("HINCRBY")
+        .arg(&keys[0])
+        .arg("paid")
+        .arg(-1)
+        .cmd("HINCRBY")
+        .arg(&keys[0])
+        .arg("held")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args(["reconcile"])
+        .env("DATABASE_URL", &fleet.db.url)
+        .env("REDIS_URL", redis.url())
+        .env("REDIS_KEY_PREFIX", &fleet.prefix)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("lost data: 1 purchase(s) not paid in Redis; rebuilt from Postgres: available 4 held 2 sold 4 of 10")
+            && stdout.contains("repaired 1"),
+        "{stdout}"
+    );
+    // And once more: nothing left to repair.
+    let again = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args(["reconcile"])
+        .env("DATABASE_URL", &fleet.db.url)
+        .env("REDIS_URL", redis.url())
+        .env("REDIS_KEY_PREFIX", &fleet.prefix)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let again = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.contains("consistent: available 4 held 2 sold 4 of 10")
+            && again.contains("repaired 0"),
+        "{again}"
+    );
+    assert_eq!(fleet.agreed_counts(&drop).await, (4, 2, 4));
+    // Everyone else tries: exactly the 4 available units sell, never a paid one again.
+    let fleet_ref = &fleet;
+    let answers = futures_util::future::join_all(
+        members[6..]
+            .iter()
+            .enumerate()
+            .map(|(m, member)| fleet_ref.post(m, &path, member, None, json!({}))),
+    )
+    .await;
+    let granted = answers
+        .iter()
+        .filter(|answer| answer.as_ref().unwrap().0 == StatusCode::CREATED)
+        .count();
+    assert_eq!(granted, 4);
+    assert_eq!(fleet.agreed_counts(&drop).await, (0, 6, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_away_for_ten_seconds_loses_nothing_acknowledged() {
+    const STOCK: usize = 40;
+    let mut fleet = Fleet::start(0, &redis_url(), &[]).await;
+    // The instances reach Postgres through a proxy the test can cut.
+    let target = {
+        let url: reqwest::Url = fleet.db.url.parse().unwrap();
+        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+    };
+    let proxy = TcpProxy::start(target).await;
+    let proxied = {
+        let mut url: reqwest::Url = fleet.db.url.parse().unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(proxy.port)).unwrap();
+        url.to_string()
+    };
+    let env = [("DB_POOL_WAIT_MS", "1000")];
+    fleet.add(&env, Some(&proxied)).await;
+    fleet.add(&env, Some(&proxied)).await;
+    let drop = fleet.create_drop(STOCK as u32, json!({})).await;
+    let members = fleet.members(STOCK).await;
+    let path = format!("/api/v1/drops/{drop}/reservations");
+    // Buyers reserve and pay one after another while Postgres is cut for ten seconds in the middle.
+    let fleet = Arc::new(fleet);
+    let acknowledged = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let mut buyers = Vec::new();
+    for (m, member) in members.into_iter().enumerate() {
+        let (fleet, path, acknowledged) = (fleet.clone(), path.clone(), acknowledged.clone());
+        buyers.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400 * m as u64)).await;
+            let (status, body) = fleet
+                .post(m, &path, &member, None, json!({}))
+                .await
+                .unwrap();
+            assert_eq!(
+                status,
+                StatusCode::CREATED,
+                "reservations need only Redis: {body}"
+            );
+            let pay = format!(
+                "/api/v1/reservations/{}/payment",
+                body["id"].as_str().unwrap()
+            );
+            loop {
+                let (status, body) = fleet
+                    .post(
+                        m + 1,
+                        &pay,
+                        &member,
+                        None,
+                        json!({ "payment_token": "tok_ok" }),
+                    )
+                    .await
+                    .unwrap();
+                match status {
+                    StatusCode::OK => {
+                        acknowledged.lock().await.push(
+                            body["purchase_id"]
+                                .as_str()
+                                .unwrap()
+                                .parse::<Uuid>()
+                                .unwrap(),
+                        );
+                        return;
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        tokio::time::sleep(Duration::from_millis(500)).await
+                    }
+                    other => panic!("payment answered {other}: {body}"),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    proxy.restore();
+    for buyer in buyers {
+        tokio::time::timeout(Duration::from_secs(60), buyer)
+            .await
+            .expect("buyer finished")
+            .unwrap();
+    }
+    let acknowledged = acknowledged.lock().await.clone();
+    assert_eq!(acknowledged.len(), STOCK);
+    assert_eq!(fleet.agreed_counts(&drop).await, (0, 0, STOCK as u64));
+    // Every 200 is in Postgres, once; the journal caught up with every hold.
+    let stored: std::collections::HashSet<Uuid> = fleet
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT id FROM purchases WHERE drop_id = $1",
+            &[&drop.parse::<Uuid>().unwrap()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(acknowledged.iter().all(|id| stored.contains(id)));
+    eventually("the journal caught up", Duration::from_secs(20), || async {
+        let (statuses, tally) = fleet.stored(&drop).await;
+        statuses == HashMap::from([("paid".to_owned(), STOCK as i64)])
+            && tally == (STOCK as i64, STOCK as i64, STOCK as i64)
+    })
+    .await;
+}
