@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the criterion benchmarks, each beside its naive baseline: the engine core's reservation path
-# (benches/benches/core_reserve.rs) and the batched purchase writer (benches/benches/writer.rs, which needs
-# Postgres, so services.sh brings it up first). Reports land in target/criterion/.
+# (benches/benches/core_reserve.rs), the batched purchase writer (benches/benches/writer.rs, which needs
+# Postgres) and the batched Redis gate (benches/benches/redis_gate.rs, which needs Redis); services.sh brings both
+# up first. Reports land in target/criterion/.
 #
 #   scripts/bench.sh [ARGS...]   ARGS go to `cargo bench -p benches`, e.g. scripts/bench.sh --bench writer
 set -euo pipefail

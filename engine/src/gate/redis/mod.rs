@@ -55,6 +55,8 @@ pub struct RedisGateConfig {
     pub call_timeout: Duration,
     /// Most reservations in one script call.
     pub batch_max: usize,
+    /// Reserve script calls one drop may have in flight at once on this instance.
+    pub calls_in_flight: usize,
     /// How long a `paying` hold belongs to the instance that began the payment; past it another may take it over.
     pub pay_lease: Duration,
     /// How often a sold-out drop's available units are read, to clear the local sold-out flag when stock returns.
@@ -65,6 +67,9 @@ pub struct RedisGateConfig {
     pub journal_claim_idle: Duration,
     /// Most stream entries the journal writes in one go.
     pub journal_batch_max: usize,
+    /// Whether this instance runs the journal (reads the streams into Postgres). Every instance does by default;
+    /// one that does not leaves the writing to the others (and a benchmark measures the gate alone).
+    pub journal: bool,
     /// The journal's own Postgres writer.
     pub writer: WriterConfig,
 }
@@ -77,11 +82,13 @@ impl RedisGateConfig {
             key_prefix: "flashsale:".into(),
             call_timeout: Duration::from_millis(1000),
             batch_max: 512,
+            calls_in_flight: 2,
             pay_lease: Duration::from_secs(120),
             sold_out_poll: Duration::from_millis(50),
             journal_idle: Duration::from_millis(20),
             journal_claim_idle: Duration::from_secs(5),
             journal_batch_max: 512,
+            journal: true,
             writer: WriterConfig::default(),
         }
     }
@@ -100,6 +107,12 @@ struct Scripts {
     transition: Script,
     reap: Script,
     init: Script,
+}
+
+/// The reserve script as the gate runs it, for tools and benchmarks that call it directly (one request per call is
+/// the baseline the batched gate is measured against).
+pub fn reserve_script() -> Script {
+    Script::new(&format!("{PRELUDE}\n{}", include_str!("reserve.lua")))
 }
 
 impl Scripts {
@@ -204,6 +217,21 @@ fn array(value: Value) -> Option<Vec<Value>> {
 
 fn malformed(what: &str) -> GateUnavailable {
     GateUnavailable(format!("malformed reply from Redis ({what})"))
+}
+
+/// Bytes of one hold record in a reserve entry: the member's 32 hex digits and the quantity's 4 digits.
+const RECORD_BYTES: usize = 36;
+
+/// Writes a hold record into `out` and returns it.
+fn write_record(out: &mut [u8; RECORD_BYTES], member: Uuid, quantity: u32) -> &[u8; RECORD_BYTES] {
+    member.simple().encode_lower(&mut out[..32]);
+    // Quantities are at most 9999 (the gate refuses larger ones before a script sees them).
+    let mut q = quantity.min(9999);
+    for digit in out[32..].iter_mut().rev() {
+        *digit = b'0' + (q % 10) as u8;
+        q /= 10;
+    }
+    out
 }
 
 fn member_hex(member: Uuid) -> String {
@@ -459,7 +487,9 @@ impl Inner {
         for hold in &restore.held {
             match HoldRef::from_id(hold.id).filter(|place| place.drop_seq == seq) {
                 Some(place) if (1..=9999).contains(&hold.quantity) => {
-                    let record = format!("{}{:04}", member_hex(hold.member), hold.quantity);
+                    let mut record = [0u8; RECORD_BYTES];
+                    write_record(&mut record, hold.member, hold.quantity);
+                    let record = String::from_utf8_lossy(&record).into_owned();
                     entries
                         .entry((place.ms, place.seq))
                         .or_default()
@@ -564,11 +594,12 @@ impl Inner {
         for key in &lane.keys {
             invocation.key(key);
         }
+        let mut records = Vec::with_capacity(batch.len() * RECORD_BYTES);
+        let mut record = [0u8; RECORD_BYTES];
         for request in batch {
-            invocation
-                .arg(member_hex(request.member))
-                .arg(request.quantity);
+            records.extend_from_slice(write_record(&mut record, request.member, request.quantity));
         }
+        invocation.arg(records);
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = self.bounded(invocation.invoke_async(&mut conn)).await?;
         let mut reply = reply.into_iter();
@@ -590,17 +621,36 @@ impl Inner {
         if available == 0 {
             lane.sold_out.store(true, Ordering::Release);
         }
+        // Every grant of the call is a record of this one entry: parse its id once.
+        let entry = match entry.as_str() {
+            "" => None,
+            id => Some(
+                HoldRef::from_entry(lane.seq, id, 0)
+                    .ok_or_else(|| malformed("reserve entry id"))?,
+            ),
+        };
+        let outcomes = reply.next().ok_or_else(|| malformed("reserve outcomes"))?;
+        let outcomes = text(&outcomes).ok_or_else(|| malformed("reserve outcomes"))?;
+        // '' means every request was granted.
+        let all_granted = vec![b'g'; if outcomes.is_empty() { batch.len() } else { 0 }];
+        let outcomes = if outcomes.is_empty() {
+            &all_granted[..]
+        } else {
+            outcomes.as_bytes()
+        };
+        if outcomes.len() != batch.len() {
+            return Err(malformed("reserve outcome count"));
+        }
         let mut grants = Vec::with_capacity(batch.len());
-        for (request, result) in batch.iter().zip(reply) {
-            let code = int(&result).ok_or_else(|| malformed("reserve result"))?;
-            grants.push(match code {
-                -2 => Err(ReserveRejection::LimitExceeded),
-                code if code < 0 => Err(ReserveRejection::SoldOut),
-                index => {
-                    let place = u32::try_from(index)
-                        .ok()
-                        .and_then(|index| HoldRef::from_entry(lane.seq, &entry, index))
-                        .ok_or_else(|| malformed("reserve entry id"))?;
+        let mut index = 0;
+        for (request, &outcome) in batch.iter().zip(outcomes) {
+            grants.push(match outcome {
+                b'g' => {
+                    let place = entry
+                        .filter(|_| index <= ids::INDEX_MAX)
+                        .map(|entry| HoldRef { index, ..entry })
+                        .ok_or_else(|| malformed("reserve grant"))?;
+                    index += 1;
                     let created = i64::try_from(place.ms).unwrap_or(i64::MAX);
                     Ok(HoldView {
                         id: place.id(),
@@ -611,10 +661,9 @@ impl Inner {
                         expires_at_ms: created.saturating_add(lane.hold_ms),
                     })
                 }
+                b'l' => Err(ReserveRejection::LimitExceeded),
+                _ => Err(ReserveRejection::SoldOut),
             });
-        }
-        if grants.len() != batch.len() {
-            return Err(malformed("reserve result count"));
         }
         Ok(Some(grants))
     }
@@ -733,25 +782,37 @@ fn drop_seq(drop: &DropSpec) -> GateResult<u32> {
         .map_err(|_| GateUnavailable(format!("drop seq {} does not fit a hold id", drop.seq)))
 }
 
-/// Each drop's batcher: takes whatever queued while the previous call was in flight (up to `batch_max`), makes one
-/// script call for it and answers each request.
-async fn run_lane(inner: Arc<Inner>, lane: Arc<Lane>, mut requests: mpsc::Receiver<Request>) {
+/// One of a drop's `calls_in_flight` batchers: takes whatever queued while the other calls were in flight (up to
+/// `batch_max`), makes one script call for it and answers each request. With more than one batcher, one gathers the
+/// next batch while another's call runs, so Redis and this process work at the same time instead of in turn; the
+/// scripts are atomic, so the calls need no order between them.
+async fn run_lane(
+    inner: Arc<Inner>,
+    lane: Arc<Lane>,
+    requests: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
+) {
     let mut stop = inner.stop.subscribe();
     let batch_max = inner.config.batch_max.clamp(1, ids::INDEX_MAX as usize + 1);
     let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
     loop {
-        let first = tokio::select! {
-            request = requests.recv() => match request {
-                Some(request) => request,
-                None => return,
-            },
-            _ = stop.wait_for(|stop| *stop) => return,
-        };
-        batch.push(first);
-        while batch.len() < batch_max {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
+        {
+            let mut requests = tokio::select! {
+                requests = requests.lock() => requests,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            let first = tokio::select! {
+                request = requests.recv() => match request {
+                    Some(request) => request,
+                    None => return,
+                },
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            batch.push(first);
+            while batch.len() < batch_max {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
             }
         }
         match inner.reserve_batch(&lane, &batch).await {
@@ -877,9 +938,19 @@ impl Gate for RedisGate {
             });
             vacant.insert(Arc::clone(&lane));
             inner.seqs.insert(seq, drop.id);
-            let batcher = tokio::spawn(run_lane(Arc::clone(inner), Arc::clone(&lane), receiver));
-            let journal = tokio::spawn(journal::run(Arc::clone(inner), lane));
-            inner.tasks.lock().extend([batcher, journal]);
+            let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+            for _ in 0..inner.config.calls_in_flight.max(1) {
+                let batcher = tokio::spawn(run_lane(
+                    Arc::clone(inner),
+                    Arc::clone(&lane),
+                    Arc::clone(&receiver),
+                ));
+                inner.tasks.lock().push(batcher);
+            }
+            if inner.config.journal {
+                let journal = tokio::spawn(journal::run(Arc::clone(inner), lane));
+                inner.tasks.lock().push(journal);
+            }
         }
         Ok(Ok(()))
     }

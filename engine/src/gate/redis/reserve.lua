@@ -1,35 +1,56 @@
--- Places a batch of holds. ARGV: member (32 hex chars), quantity, member, quantity, ...
--- Returns { 0, entry id ('' when nothing was granted), available after, result per request } where a result is
--- the hold's index in the entry, -1 sold out or -2 limit exceeded; or { -1 } when the drop is not loaded.
--- Per request: one HINCRBY (two when refused). Per call: one HMGET, two HINCRBY and one XADD.
+-- Places a batch of holds. ARGV[1]: the requests' records back to back, each as it will be stored: 32 hex chars
+-- of the member and 4 digits of the quantity.
+-- Returns { 0, entry id ('' when nothing was granted), available after, outcomes } where outcomes is '' when every
+-- request was granted (the entry holds their records in order), else one letter per request: 'g' granted (the hold
+-- is the next record of the entry), 's' sold out, 'l' limit exceeded. Returns { -1 } when the drop is not loaded.
+-- Per request: one HINCRBY (two when refused) and one 32-byte string. Per call: one HMGET, two HINCRBY and one XADD.
 local cfg = redis.call('HMGET', C, 'avail', 'limit')
 if not cfg[1] then return { -1 } end
 local avail, limit = tonumber(cfg[1]), tonumber(cfg[2])
-local out, recs, units = { 0, '', 0 }, {}, 0
-for i = 1, #ARGV, 2 do
-  local member, q = ARGV[i], tonumber(ARGV[i + 1])
+local all = ARGV[1]
+local count = #all / REC
+local outcomes, units, refused = {}, 0, false
+for i = 1, count do
+  local off = (i - 1) * REC
   if avail == 0 then
-    out[#out + 1] = -1
+    outcomes[i] = 's'
+    refused = true
   else
+    local d1, d2, d3, d4 = string.byte(all, off + 33, off + 36)
+    local q = (d1 - 48) * 1000 + (d2 - 48) * 100 + (d3 - 48) * 10 + (d4 - 48)
+    local member = string.sub(all, off + 1, off + 32)
     local n = redis.call('HINCRBY', M, member, q)
     if n > limit then
       redis.call('HINCRBY', M, member, -q)
-      out[#out + 1] = -2
+      outcomes[i] = 'l'
+      refused = true
     elseif q > avail then
       redis.call('HINCRBY', M, member, -q)
-      out[#out + 1] = -1
+      outcomes[i] = 's'
+      refused = true
     else
       avail = avail - q
       units = units + q
-      out[#out + 1] = #recs
-      recs[#recs + 1] = member .. string.format('%04d', q)
+      outcomes[i] = 'g'
     end
   end
 end
+local entry = ''
 if units > 0 then
+  local records = all
+  if refused then
+    local granted = {}
+    for i = 1, count do
+      if outcomes[i] == 'g' then
+        local off = (i - 1) * REC
+        granted[#granted + 1] = string.sub(all, off + 1, off + REC)
+      end
+    end
+    records = table.concat(granted)
+  end
   redis.call('HINCRBY', C, 'avail', -units)
   redis.call('HINCRBY', C, 'held', units)
-  out[2] = redis.call('XADD', E, '*', 'r', table.concat(recs))
+  entry = redis.call('XADD', E, '*', 'r', records)
 end
-out[3] = avail
-return out
+if not refused then return { 0, entry, avail, '' } end
+return { 0, entry, avail, table.concat(outcomes) }
