@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# A demo drop, end to end: a fresh database, a real server on a free port, and `flashsale-load drop` driving
+# A demo drop, end to end: a fresh database, real servers on free ports, and `flashsale-load drop` driving
 # 600 buyers firing 5 attempts each at 120 units; the driver verifies the invariants and writes a report.
 #
-#   scripts/demo.sh [-- DRIVER_ARGS...]   e.g. scripts/demo.sh -- --buyers 2000 --stock 500
+#   scripts/demo.sh [--redis] [--instances N] [-- DRIVER_ARGS...]
+#     e.g. scripts/demo.sh -- --buyers 2000 --stock 500
+#          scripts/demo.sh --redis --instances 3
 #
-# DRIVER_ARGS go to `flashsale-load drop` (see `flashsale-load drop --help`); they override the LOAD_* settings.
+# Without options: one server on the embedded gate (its in-memory core is the stock authority).
+# --redis          the servers use the Redis gate: REDIS_URL from scripts/services.sh, and a key prefix of this
+#                  run's own (REDIS_KEY_PREFIX=demo-<timestamp>-<pid>:) whose keys are deleted at the end.
+# --instances N    start N servers (default 1, at most 16) on one database and one Redis, all selling the same
+#                  drop; N > 1 needs --redis. The driver spreads buyers over them round robin and pays or cancels
+#                  each hold through another instance than the one that granted it; its checks add that every
+#                  instance serves the same counts at the end.
+# DRIVER_ARGS (after --) go to `flashsale-load drop` (see `flashsale-load drop --help`); they override the
+# LOAD_* settings.
 # Settings: DEMO_DB (database name, default flashsale_demo; dropped and recreated on every run),
-# DEMO_SERVER_ENV (extra VAR=value settings for the server, space-separated, e.g. "RESERVE_INFLIGHT_MAX=512"),
+# DEMO_SERVER_ENV (extra VAR=value settings for every server, space-separated, e.g. "RESERVE_INFLIGHT_MAX=512"),
 # and every LOAD_* variable of the driver.
 #
-# Exits with the driver's status: 0 every invariant held, 1 one failed, 2 the run could not be carried out.
+# Exits with the driver's status: 0 every invariant held, 1 one failed, 2 the run could not be carried out
+# (also for bad options).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -18,8 +29,9 @@ ADMIN_PASSWORD=demo-admin-password
 DEMO_DB=${DEMO_DB:-flashsale_demo}
 # The server must print its address within this long (it migrates a fresh database first).
 SERVER_START_SECONDS=60
-# After SIGTERM the server finishes requests and drains its writer (SHUTDOWN_GRACE_MS, 10 s by default).
+# After SIGTERM the servers finish requests and drain their writers (SHUTDOWN_GRACE_MS, 10 s by default).
 SERVER_STOP_SECONDS=20
+INSTANCES_MAX=16
 
 step() { printf '\n==> demo: %s (at %ds)\n' "$*" "$SECONDS" >&2; }
 say() { printf 'demo: %s\n' "$*" >&2; }
@@ -28,7 +40,58 @@ die() {
   exit 2
 }
 
-if [ "${1:-}" = "--" ]; then shift; fi
+usage() {
+  cat <<'USAGE'
+usage: scripts/demo.sh [--redis] [--instances N] [-- DRIVER_ARGS...]
+
+  --redis          use the Redis gate (REDIS_URL from scripts/services.sh) under a fresh REDIS_KEY_PREFIX,
+                   whose keys are deleted at the end
+  --instances N    run N servers on one database and one Redis, selling the same drop (default 1, at most 16;
+                   N > 1 needs --redis)
+  -h, --help       this text
+  DRIVER_ARGS      options of `flashsale-load drop`, e.g. -- --buyers 2000 --stock 500
+
+Settings: DEMO_DB (default flashsale_demo, recreated every run), DEMO_SERVER_ENV (extra VAR=value settings for
+every server), and the driver's LOAD_* variables. Exit status: 0 every invariant held, 1 one failed, 2 the run
+could not be carried out.
+USAGE
+}
+usage_error() {
+  say "error: $*"
+  usage >&2
+  exit 2
+}
+
+USE_REDIS=0
+INSTANCES=1
+while [ $# -gt 0 ]; do
+  case $1 in
+    --redis) USE_REDIS=1 ;;
+    --instances)
+      [ $# -ge 2 ] || usage_error "--instances needs a number"
+      INSTANCES=$2
+      shift
+      ;;
+    --instances=*) INSTANCES=${1#--instances=} ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    --)
+      shift
+      break
+      ;;
+    *) usage_error "unknown option '$1' (options of the driver go after --)" ;;
+  esac
+  shift
+done
+case $INSTANCES in
+  '' | *[!0-9]* | 0*) usage_error "--instances must be a whole number from 1 to $INSTANCES_MAX (got '$INSTANCES')" ;;
+esac
+[ "$INSTANCES" -le "$INSTANCES_MAX" ] || usage_error "--instances must be at most $INSTANCES_MAX (got $INSTANCES)"
+if [ "$INSTANCES" -gt 1 ] && [ "$USE_REDIS" -eq 0 ]; then
+  usage_error "--instances $INSTANCES needs --redis: on the embedded gate each server is the stock authority of its own, so only one may sell a drop"
+fi
 
 case $DEMO_DB in
   '' | *[!a-z0-9_]*) die "DEMO_DB must be a plain lower-case name (got '$DEMO_DB')" ;;
@@ -36,34 +99,75 @@ case $DEMO_DB in
 esac
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/flashsale-demo.XXXXXX")
-SERVER_PID=
-SERVER_STATUS=
-# SIGTERM (the server finishes requests and drains its writer), a bounded wait, then SIGKILL. Sets SERVER_STATUS.
-stop_server() {
-  [ -n "$SERVER_PID" ] || return 0
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
+# The running servers (pids, in instance order; emptied by stop_servers), and how each one ended.
+SERVER_PIDS=()
+SERVER_STATUSES=()
+# Set once the servers may have written keys under it; cleanup deletes them.
+REDIS_PREFIX=
+# SIGTERM to every server (each finishes requests and drains its writer), one bounded wait for all of them, then
+# SIGKILL for any still running. Sets SERVER_STATUSES (exit status, or "killed").
+stop_servers() {
+  [ "${#SERVER_PIDS[@]}" -gt 0 ] || return 0
+  local pid i running
+  for pid in "${SERVER_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
   for _ in $(seq 1 $((SERVER_STOP_SECONDS * 10))); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
+    running=0
+    for pid in "${SERVER_PIDS[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then running=1; fi
+    done
+    [ "$running" -eq 1 ] || break
     sleep 0.1
   done
-  if kill -0 "$SERVER_PID" 2>/dev/null; then
-    say "the server did not stop within ${SERVER_STOP_SECONDS}s; killing it"
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    SERVER_STATUS=killed
-  else
-    SERVER_STATUS=0
-    wait "$SERVER_PID" 2>/dev/null || SERVER_STATUS=$?
-  fi
-  SERVER_PID=
+  SERVER_STATUSES=()
+  for i in "${!SERVER_PIDS[@]}"; do
+    pid=${SERVER_PIDS[$i]}
+    if kill -0 "$pid" 2>/dev/null; then
+      say "server $((i + 1)) (pid $pid) did not stop within ${SERVER_STOP_SECONDS}s; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+      SERVER_STATUSES[i]=killed
+    else
+      SERVER_STATUSES[i]=0
+      wait "$pid" 2>/dev/null || SERVER_STATUSES[i]=$?
+    fi
+  done
+  SERVER_PIDS=()
 }
-# On any exit: no server left behind, no scratch folder.
+# Best effort: the run's Redis keys go (only those under its own prefix), once no server can write them again.
+# shellcheck disable=SC2317 # invoked from cleanup
+delete_redis_keys() {
+  [ -n "$REDIS_PREFIX" ] || return 0
+  case ${REDIS_URL:-} in
+    '') return 0 ;;
+    *,*)
+      say "not deleting Redis keys under '$REDIS_PREFIX': REDIS_URL names several nodes"
+      return 0
+      ;;
+  esac
+  if ! command -v redis-cli >/dev/null 2>&1; then
+    say "no redis-cli: the keys under '$REDIS_PREFIX' stay in Redis"
+    return 0
+  fi
+  local keys deleted
+  if keys=$(timeout 30 redis-cli -u "$REDIS_URL" --scan --pattern "${REDIS_PREFIX}*" 2>/dev/null) &&
+    deleted=$(printf '%s\n' "$keys" | sed '/^$/d' | timeout 30 xargs -r -d '\n' -n 500 redis-cli -u "$REDIS_URL" DEL 2>/dev/null |
+      awk '{ n += $1 } END { print n + 0 }'); then
+    say "deleted $deleted Redis key(s) under '$REDIS_PREFIX'"
+  else
+    say "could not delete the Redis keys under '$REDIS_PREFIX' (best effort; they hold scratch data only)"
+  fi
+}
+# On any exit: no server left behind, no Redis keys of the run, no scratch folder.
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
   local status=$?
-  if [ -n "$SERVER_PID" ]; then
-    say "stopping the server (pid $SERVER_PID)"
-    stop_server
+  if [ "${#SERVER_PIDS[@]}" -gt 0 ]; then
+    say "stopping ${#SERVER_PIDS[@]} server(s) (pids ${SERVER_PIDS[*]})"
+    stop_servers
   fi
+  delete_redis_keys || true
   rm -rf "$WORK"
   exit "$status"
 }
@@ -74,6 +178,9 @@ trap 'exit 143' TERM
 step "services (Postgres, Redis)"
 services=$("$ROOT/scripts/services.sh") || die "scripts/services.sh failed"
 eval "$services"
+if [ "$USE_REDIS" -eq 1 ] && [ -z "${REDIS_URL:-}" ]; then
+  die "--redis: scripts/services.sh exported no REDIS_URL"
+fi
 
 step "release build of flashsale and flashsale-load"
 cargo build --release --manifest-path "$ROOT/Cargo.toml" -p shell-api -p loadtest
@@ -110,36 +217,69 @@ export DATABASE_URL=$DEMO_DATABASE_URL
 step "admin $ADMIN_EMAIL"
 "$FLASHSALE" admin create --email "$ADMIN_EMAIL" --password "$ADMIN_PASSWORD"
 
-step "server on a free port"
 mkdir -p "$ROOT/reports"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-SERVER_LOG=$ROOT/reports/demo-$STAMP.server.log
 export LOAD_REPORT=${LOAD_REPORT:-$ROOT/reports/drop-$STAMP.json}
 read -r -a server_env <<<"${DEMO_SERVER_ENV:-}"
-# The demo runs one instance on the embedded gate; REDIS_URL (exported by services.sh) is for the Redis gate.
-env -u REDIS_URL BIND_ADDR=127.0.0.1:0 JWT_SECRET=flashsale-demo-secret-not-for-production RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1 \
-  "${server_env[@]}" "$FLASHSALE" serve >"$WORK/server.out" 2>"$SERVER_LOG" &
-SERVER_PID=$!
-BASE_URL=
-for _ in $(seq 1 $((SERVER_START_SECONDS * 10))); do
-  BASE_URL=$(sed -n 's#^listening on \(http://[^ ]*\)$#\1#p' "$WORK/server.out" | head -n 1)
-  [ -n "$BASE_URL" ] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || die "the server exited before listening; see $SERVER_LOG"
-  sleep 0.1
+# Every server signs with the same JWT secret, so a token from one is good on all of them.
+common_env=(BIND_ADDR=127.0.0.1:0 JWT_SECRET=flashsale-demo-secret-not-for-production RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1)
+if [ "$USE_REDIS" -eq 1 ]; then
+  # Redis is the stock authority; a prefix of this run's own keeps it apart from other runs and deployments.
+  REDIS_PREFIX="demo-$STAMP-$$:"
+  gate_env=(env "REDIS_KEY_PREFIX=$REDIS_PREFIX")
+  GATE="the Redis gate ($REDIS_URL, keys under '$REDIS_PREFIX')"
+else
+  # One instance on the embedded gate; REDIS_URL (exported by services.sh) is only for the Redis gate.
+  gate_env=(env -u REDIS_URL)
+  GATE="the embedded gate"
+fi
+server_log() {
+  if [ "$INSTANCES" -eq 1 ]; then
+    printf '%s\n' "$ROOT/reports/demo-$STAMP.server.log"
+  else
+    printf '%s\n' "$ROOT/reports/demo-$STAMP.server-$1.log"
+  fi
+}
+
+step "$INSTANCES server(s) on free ports, on $GATE"
+# All start at once (migrations take an advisory lock); then each must print its address.
+for i in $(seq 1 "$INSTANCES"); do
+  "${gate_env[@]}" "${common_env[@]}" "${server_env[@]}" "$FLASHSALE" serve \
+    >"$WORK/server-$i.out" 2>"$(server_log "$i")" &
+  SERVER_PIDS+=("$!")
 done
-[ -n "$BASE_URL" ] || die "the server did not print its address within ${SERVER_START_SECONDS}s; see $SERVER_LOG"
-say "server pid $SERVER_PID listening on $BASE_URL (log: $SERVER_LOG)"
+BASE_URLS=()
+for i in $(seq 1 "$INSTANCES"); do
+  pid=${SERVER_PIDS[$((i - 1))]}
+  log=$(server_log "$i")
+  url=
+  for _ in $(seq 1 $((SERVER_START_SECONDS * 10))); do
+    url=$(sed -n 's#^listening on \(http://[^ ]*\)$#\1#p' "$WORK/server-$i.out" | head -n 1)
+    [ -n "$url" ] && break
+    kill -0 "$pid" 2>/dev/null || die "server $i exited before listening; see $log"
+    sleep 0.1
+  done
+  [ -n "$url" ] || die "server $i did not print its address within ${SERVER_START_SECONDS}s; see $log"
+  BASE_URLS+=("$url")
+  say "server $i pid $pid listening on $url (log: $log)"
+done
+BASE_URL_LIST=$(
+  IFS=,
+  printf '%s' "${BASE_URLS[*]}"
+)
 
 step "flashsale-load drop $*"
 set +e
-LOAD_ADMIN_PASSWORD=$ADMIN_PASSWORD "$LOAD" drop --base-url "$BASE_URL" --database-url "$DATABASE_URL" \
+LOAD_ADMIN_PASSWORD=$ADMIN_PASSWORD "$LOAD" drop --base-url "$BASE_URL_LIST" --database-url "$DATABASE_URL" \
   --admin-email "$ADMIN_EMAIL" "$@"
 LOAD_STATUS=$?
 set -e
 
-step "stopping the server (SIGTERM: finish requests, drain the writer)"
-stop_server
-say "server stopped (exit $SERVER_STATUS); $(tail -n 1 "$SERVER_LOG" 2>/dev/null || true)"
+step "stopping $INSTANCES server(s) (SIGTERM: finish requests, drain the writer)"
+stop_servers
+for i in "${!SERVER_STATUSES[@]}"; do
+  say "server $((i + 1)) stopped (exit ${SERVER_STATUSES[$i]}); $(tail -n 1 "$(server_log $((i + 1)))" 2>/dev/null || true)"
+done
 
 case $LOAD_STATUS in
   0) step "PASS: every invariant held (the report's path is above)" ;;

@@ -1,7 +1,11 @@
 //! One HTTP call to the flashsale API, made the way every scenario makes it: bounded by the driver's in-flight
 //! semaphore, timed, recorded under (phase, endpoint), and, where asked, repeated after a 429/503 once its
 //! `Retry-After` has passed (capped, jittered, a bounded number of times).
+//!
+//! The API may be served by several instances (one Redis, one Postgres): a request names the instance it goes to
+//! (`Request::on`), the reply says which one answered, and a retry of an idempotent request goes to the next one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +25,8 @@ pub struct Request {
     token: Option<String>,
     body: Option<Value>,
     idempotency_key: Option<String>,
+    /// Index of the instance to send to (taken modulo the number of instances).
+    instance: usize,
 }
 
 impl Request {
@@ -47,7 +53,20 @@ impl Request {
             token: None,
             body,
             idempotency_key: None,
+            instance: 0,
         }
+    }
+
+    /// Sends to the `instance`-th base URL (modulo their number; 0, the first, unless told).
+    pub fn on(mut self, instance: usize) -> Self {
+        self.instance = instance;
+        self
+    }
+
+    /// Safe to send again to any instance: it carries an `Idempotency-Key`, or its method is idempotent.
+    fn idempotent(&self) -> bool {
+        self.idempotency_key.is_some()
+            || matches!(self.method, Method::GET | Method::PUT | Method::DELETE)
     }
 
     /// Sends `Authorization: Bearer <token>`.
@@ -63,12 +82,14 @@ impl Request {
     }
 }
 
-/// An answer: the status (0 when there was no HTTP answer), the JSON body (`Null` if none) and `Retry-After`.
+/// An answer: the status (0 when there was no HTTP answer), the JSON body (`Null` if none), `Retry-After`, and
+/// the index of the instance that answered (or was asked, when none did).
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
     pub body: Value,
     pub retry_after: Option<Duration>,
+    pub instance: usize,
 }
 
 impl Reply {
@@ -120,14 +141,23 @@ const RETRY_JITTER_MS_MAX: u64 = 250;
 #[derive(Debug)]
 pub struct Api {
     http: reqwest::Client,
-    base: String,
+    /// One base URL per instance, without a trailing `/`; never empty.
+    bases: Vec<String>,
+    /// Requests sent to each instance (retries included).
+    sent: Vec<AtomicU64>,
     recorder: Arc<Recorder>,
     inflight: Semaphore,
 }
 
 impl Api {
-    /// A client for `base_url` with at most `concurrency` requests in flight and a timeout per request.
-    pub fn new(base_url: &str, concurrency: usize, timeout: Duration) -> anyhow::Result<Self> {
+    /// A client for the instances at `base_urls` (at least one) with at most `concurrency` requests in flight in
+    /// all and a timeout per request.
+    pub fn new(
+        base_urls: &[String],
+        concurrency: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!base_urls.is_empty(), "no base URL");
         let http = reqwest::Client::builder()
             // The target is always local; a proxy from the environment must not get in the way.
             .no_proxy()
@@ -139,7 +169,11 @@ impl Api {
             .context("building the HTTP client")?;
         Ok(Self {
             http,
-            base: base_url.trim_end_matches('/').to_owned(),
+            bases: base_urls
+                .iter()
+                .map(|b| b.trim_end_matches('/').to_owned())
+                .collect(),
+            sent: base_urls.iter().map(|_| AtomicU64::new(0)).collect(),
             recorder: Arc::new(Recorder::default()),
             inflight: Semaphore::new(concurrency),
         })
@@ -147,6 +181,24 @@ impl Api {
 
     pub fn recorder(&self) -> &Recorder {
         &self.recorder
+    }
+
+    /// How many instances serve the API (at least one).
+    pub fn instances(&self) -> usize {
+        self.bases.len()
+    }
+
+    /// The index of the instance `offset` places after `instance`, wrapping around: with one instance, always 0.
+    pub fn next_instance(&self, instance: usize, offset: usize) -> usize {
+        (instance % self.bases.len() + offset) % self.bases.len()
+    }
+
+    /// Requests sent to each instance so far, in `base_urls` order.
+    pub fn sent_per_instance(&self) -> Vec<u64> {
+        self.sent
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Sends once and records the outcome. Time spent waiting for an in-flight slot is not counted as latency:
@@ -162,7 +214,9 @@ impl Api {
         reply
     }
 
-    /// Sends, and repeats after 429/503 up to `policy.retries_max` times, waiting out `Retry-After` (capped).
+    /// Sends, and repeats after 429/503 up to `policy.retries_max` times, waiting out `Retry-After` (capped). An
+    /// idempotent request (an `Idempotency-Key`, or GET/PUT/DELETE) is repeated on the next instance each time, so
+    /// that with several instances no retry goes where the previous try went; others stay on their instance.
     pub async fn send_retrying(
         &self,
         phase: Phase,
@@ -171,6 +225,7 @@ impl Api {
         policy: RetryPolicy,
     ) -> Reply {
         let mut reply = self.send(phase, endpoint, request).await;
+        let mut retry = request.clone();
         for _ in 0..policy.retries_max {
             if !matches!(reply.status, 429 | 503) {
                 break;
@@ -181,13 +236,18 @@ impl Api {
                 .min(policy.retry_after_cap);
             tokio::time::sleep(wait + jitter(RETRY_JITTER_MS_MAX)).await;
             self.recorder.retried(phase, endpoint);
-            reply = self.send(phase, endpoint, request).await;
+            if retry.idempotent() {
+                retry.instance = self.next_instance(retry.instance, 1);
+            }
+            reply = self.send(phase, endpoint, &retry).await;
         }
         reply
     }
 
     async fn send_unrecorded(&self, request: &Request) -> Reply {
-        let url = format!("{}{}", self.base, request.path);
+        let instance = request.instance % self.bases.len();
+        self.sent[instance].fetch_add(1, Ordering::Relaxed);
+        let url = format!("{}{}", self.bases[instance], request.path);
         let mut builder = self.http.request(request.method.clone(), url);
         if let Some(token) = &request.token {
             builder = builder.bearer_auth(token);
@@ -202,6 +262,7 @@ impl Api {
             status: STATUS_TRANSPORT_ERROR,
             body: Value::Null,
             retry_after: None,
+            instance,
         };
         let Ok(response) = builder.send().await else {
             return no_answer;
@@ -220,6 +281,7 @@ impl Api {
             status,
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             retry_after,
+            instance,
         }
     }
 }
@@ -228,4 +290,107 @@ impl Api {
 /// `Send` and must not live across an `.await`.
 pub fn jitter(max_ms: u64) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(0..=max_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A one-trick HTTP server: answers every request with `status` (and `Retry-After: 0`), counting requests.
+    async fn fixed_server(status: u16) -> (String, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&hits);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    // Read the head, then as much body as it announces, then answer and close.
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        let n = socket.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + length {
+                        let n = socket.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\nretry-after: 0\r\ncontent-type: application/json\r\n\
+                         content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        (url, hits)
+    }
+
+    const ONE_RETRY: RetryPolicy = RetryPolicy {
+        retries_max: 1,
+        retry_after_cap: Duration::ZERO,
+    };
+
+    #[tokio::test]
+    async fn idempotent_retries_move_to_the_next_instance() {
+        let (busy, busy_hits) = fixed_server(503).await;
+        let (ok, ok_hits) = fixed_server(201).await;
+        let api = Api::new(&[busy, ok], 4, Duration::from_secs(5)).unwrap();
+        assert_eq!(api.instances(), 2);
+        assert_eq!(api.next_instance(1, 1), 0);
+        assert_eq!(api.next_instance(3, 0), 1);
+
+        let keyed = Request::post("/r", json!({ "quantity": 1 }))
+            .idempotency_key("k".to_owned())
+            .on(0);
+        let reply = api
+            .send_retrying(Phase::Spike, "POST /r", &keyed, ONE_RETRY)
+            .await;
+        assert_eq!((reply.status, reply.instance), (201, 1));
+        assert_eq!(busy_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(ok_hits.load(Ordering::Relaxed), 1);
+
+        // Without a key a POST is retried where it went.
+        let plain = Request::post("/m", json!({})).on(0);
+        let reply = api
+            .send_retrying(Phase::Setup, "POST /m", &plain, ONE_RETRY)
+            .await;
+        assert_eq!((reply.status, reply.instance), (503, 0));
+        assert_eq!(busy_hits.load(Ordering::Relaxed), 3);
+        assert_eq!(ok_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(api.sent_per_instance(), [3, 1]);
+    }
+
+    #[tokio::test]
+    async fn with_one_instance_every_request_goes_there() {
+        let (busy, hits) = fixed_server(503).await;
+        let api = Api::new(&[busy], 4, Duration::from_secs(5)).unwrap();
+        let cancel = Request::delete("/r/1").on(5);
+        let reply = api
+            .send_retrying(Phase::Settle, "DELETE /r/{id}", &cancel, ONE_RETRY)
+            .await;
+        assert_eq!((reply.status, reply.instance), (503, 0));
+        assert_eq!(hits.load(Ordering::Relaxed), 2);
+    }
 }

@@ -27,9 +27,18 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct DropArgs {
-    /// Base URL of the flashsale server. Only loopback hosts are accepted: this driver is for local runs.
-    #[arg(long, env = "LOAD_BASE_URL", default_value = "http://127.0.0.1:8080")]
-    pub base_url: String,
+    /// Base URL of the flashsale server; several instances serving the same drop (sharing one Redis and one
+    /// Postgres) as a comma-separated list or by repeating the flag. Setup goes to the first; buyers are spread
+    /// over them round robin and pay or cancel through another instance than the one that granted the hold.
+    /// Only loopback hosts are accepted: this driver is for local runs.
+    #[arg(
+        long = "base-url",
+        env = "LOAD_BASE_URL",
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub base_urls: Vec<String>,
     /// PostgreSQL URL of the server's database, read after the run to verify purchases.
     #[arg(
         long,
@@ -105,6 +114,8 @@ pub const ATTEMPTS_PER_BUYER_MAX: u32 = 100;
 pub const HOLD_SECONDS_MAX: u32 = 600;
 /// Longest wait before the drop opens.
 pub const OPENS_IN_MS_MAX: u64 = 600_000;
+/// Most instances one run drives.
+pub const INSTANCES_MAX: usize = 64;
 
 impl DropArgs {
     /// Refuses settings that would make the run unbounded or meaningless, and non-loopback targets.
@@ -161,19 +172,97 @@ impl DropArgs {
             (100..=600_000).contains(&self.request_timeout_ms),
             "--request-timeout-ms must be 100..=600000"
         );
-        let url = reqwest::Url::parse(&self.base_url)
-            .with_context(|| format!("--base-url {:?} is not a URL", self.base_url))?;
-        ensure!(url.scheme() == "http", "--base-url must be http://");
-        let host = url.host_str().unwrap_or_default();
-        let loopback = host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        if !loopback {
-            bail!("--base-url must point at a loopback host (127.0.0.1, ::1 or localhost)");
+        ensure!(
+            (1..=INSTANCES_MAX).contains(&self.base_urls.len()),
+            "--base-url must name 1..={INSTANCES_MAX} instances"
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for base in &self.base_urls {
+            check_base_url(base)?;
+            let key = base.trim_end_matches('/');
+            ensure!(
+                seen.insert(key),
+                "--base-url names {key} twice; each instance once"
+            );
         }
         Ok(())
+    }
+}
+
+/// One base URL: `http://` on a loopback host.
+fn check_base_url(base: &str) -> anyhow::Result<()> {
+    let url =
+        reqwest::Url::parse(base).with_context(|| format!("--base-url {base:?} is not a URL"))?;
+    ensure!(
+        url.scheme() == "http",
+        "--base-url must be http:// (got {base:?})"
+    );
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!(
+            "--base-url must point at a loopback host (127.0.0.1, ::1 or localhost), not {base:?}"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<DropArgs> {
+        let argv = ["flashsale-load", "drop", "--admin-password", "x"]
+            .iter()
+            .chain(args);
+        let Command::Drop(args) = Cli::try_parse_from(argv)?.command;
+        args.validate()?;
+        Ok(args)
+    }
+
+    #[test]
+    fn one_base_url_by_default_or_as_given() {
+        // LOAD_BASE_URL in the test environment would change the default; it is not set by the test runner.
+        if std::env::var_os("LOAD_BASE_URL").is_none() {
+            assert_eq!(parse(&[]).unwrap().base_urls, ["http://127.0.0.1:8080"]);
+        }
+        let args = parse(&["--base-url", "http://127.0.0.1:9000/"]).unwrap();
+        assert_eq!(args.base_urls, ["http://127.0.0.1:9000/"]);
+    }
+
+    #[test]
+    fn several_base_urls_comma_separated_or_repeated() {
+        let listed = parse(&[
+            "--base-url",
+            "http://127.0.0.1:1,http://localhost:2,http://[::1]:3",
+        ])
+        .unwrap();
+        let repeated = parse(&[
+            "--base-url",
+            "http://127.0.0.1:1",
+            "--base-url",
+            "http://localhost:2,http://[::1]:3",
+        ])
+        .unwrap();
+        let want = ["http://127.0.0.1:1", "http://localhost:2", "http://[::1]:3"];
+        assert_eq!(listed.base_urls, want);
+        assert_eq!(repeated.base_urls, want);
+    }
+
+    #[test]
+    fn bad_base_urls_are_refused() {
+        for bad in [
+            "http://127.0.0.1:1,http://127.0.0.1:1/",
+            "http://127.0.0.1:1,",
+            "http://127.0.0.1:1,http://10.0.0.1:2",
+            "https://127.0.0.1:1",
+        ] {
+            assert!(parse(&["--base-url", bad]).is_err(), "{bad}");
+        }
     }
 }

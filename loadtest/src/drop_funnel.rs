@@ -7,8 +7,13 @@
 //! 3. settle: each hold is paid, declined, cancelled or abandoned by the configured shares; buyers refused with
 //!    `sold_out` keep retrying (jittered backoff, until a deadline) while that stock comes back, and pay for what
 //!    they get;
-//! 4. verify: wait out the abandoned holds, read the drop, the released reservations and Postgres, and check the
-//!    invariants (`verify::verify`).
+//! 4. verify: wait out the abandoned holds, read the drop (on every instance), the released reservations and
+//!    Postgres, and check the invariants (`verify::verify`).
+//!
+//! With several instances (one Redis, one Postgres), setup goes to the first; buyer `i` signs up, logs in and
+//! reserves on instance `i mod n`; each hold is paid or cancelled on the instance after the one that granted it,
+//! and read back on yet another; retries of idempotent requests move on to the next instance; the poller reads
+//! the drop on every instance.
 //!
 //! Every loop here is bounded by a count or a deadline, so a run ends by itself whatever the server does.
 
@@ -29,7 +34,7 @@ use uuid::Uuid;
 use crate::api::{jitter, Api, Reply, Request, RetryPolicy};
 use crate::config::DropArgs;
 use crate::metrics::Phase;
-use crate::report::{Milestones, PhaseReport, Report};
+use crate::report::{InstanceReport, Milestones, PhaseReport, Report};
 use crate::verify::{self, DbFacts, DropCounts, Observations};
 
 const API: &str = "/api/v1";
@@ -109,6 +114,8 @@ pub fn role_of(k: u64, shares: Shares) -> Role {
 #[derive(Debug, Clone)]
 struct Buyer {
     token: String,
+    /// The instance it signs up, logs in and reserves on.
+    home: usize,
 }
 
 /// A hold as the reservation answer gave it.
@@ -116,6 +123,8 @@ struct Buyer {
 struct Hold {
     id: String,
     expires_at: DateTime<Utc>,
+    /// The instance that granted it.
+    granted_by: usize,
 }
 
 impl Hold {
@@ -123,8 +132,21 @@ impl Hold {
         Some(Self {
             id: reply.str_field("id")?.to_owned(),
             expires_at: reply.str_field("expires_at")?.parse().ok()?,
+            granted_by: reply.instance,
         })
     }
+}
+
+/// A released hold to read back after the run.
+#[derive(Debug, Clone)]
+struct Released {
+    id: String,
+    /// Its owner's token.
+    token: String,
+    /// The reason it must carry.
+    reason: &'static str,
+    /// Where to read it: the instance after the last one that touched it.
+    read_on: usize,
 }
 
 /// What buyers did and were told, beyond the per-endpoint status counts.
@@ -153,8 +175,8 @@ struct Tally {
     outcomes: Outcomes,
     /// `purchase_id`s of 200 payments.
     purchases: Vec<String>,
-    /// Released holds to read back: (reservation id, owner's token, expected reason).
-    released: Vec<(String, String, &'static str)>,
+    /// Released holds to read back.
+    released: Vec<Released>,
     /// The latest expiry of any hold granted, to bound the wait for the reaper.
     latest_expiry: Option<DateTime<Utc>>,
 }
@@ -201,6 +223,17 @@ impl Ctx {
         )
         .auth(&buyer.token)
         .idempotency_key(Uuid::new_v4().to_string())
+        .on(buyer.home)
+    }
+
+    fn release(&self, hold: Hold, buyer: &Buyer, reason: &'static str, last_touched_by: usize) {
+        let released = Released {
+            id: hold.id,
+            token: buyer.token.clone(),
+            reason,
+            read_on: self.api.next_instance(last_touched_by, 1),
+        };
+        self.tally(|t| t.released.push(released));
     }
 }
 
@@ -210,31 +243,36 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
     let started_at = Utc::now();
     let run_started = Instant::now();
     let api = Arc::new(Api::new(
-        &args.base_url,
+        &args.base_urls,
         args.concurrency,
         Duration::from_millis(args.request_timeout_ms),
     )?);
-    let health = api
-        .send(Phase::Setup, EP_HEALTH, &Request::get("/healthz"))
-        .await;
-    if health.status != 200 {
-        bail!(
-            "{} does not answer /healthz (got {})",
-            args.base_url,
-            health.label()
-        );
+    let instances = api.instances();
+    for (i, base) in args.base_urls.iter().enumerate() {
+        let health = api
+            .send(Phase::Setup, EP_HEALTH, &Request::get("/healthz").on(i))
+            .await;
+        if health.status != 200 {
+            bail!("{base} does not answer /healthz (got {})", health.label());
+        }
     }
 
     // ---- setup
     let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
     progress(format!(
-        "setup: admin login, seller, product (run tag {tag})"
+        "setup: admin login, seller, product (run tag {tag}) on {}{}",
+        args.base_urls[0],
+        if instances > 1 {
+            format!("; buyers spread over {instances} instances")
+        } else {
+            String::new()
+        }
     ));
-    let admin = login(&api, &args.admin_email, &args.admin_password)
+    let admin = login(&api, 0, &args.admin_email, &args.admin_password)
         .await
         .context("admin login (was `flashsale admin create` run with these credentials?)")?;
     let seller_email = format!("seller-{tag}@demo.flashsale.local");
-    let seller_id = signup(&api, &seller_email, "Demo seller").await?;
+    let seller_id = signup(&api, 0, &seller_email, "Demo seller").await?;
     let promoted = api
         .send(
             Phase::Setup,
@@ -247,7 +285,7 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
         )
         .await;
     expect(&promoted, 200, "promoting the seller")?;
-    let seller = login(&api, &seller_email, BUYER_PASSWORD).await?;
+    let seller = login(&api, 0, &seller_email, BUYER_PASSWORD).await?;
     let product = api
         .send(
             Phase::Setup,
@@ -276,10 +314,11 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
         .map(|i| {
             let api = &api;
             let email = format!("buyer-{tag}-{i}@demo.flashsale.local");
+            let home = api.next_instance(i as usize, 0);
             async move {
-                signup(api, &email, &format!("Buyer {i}")).await?;
-                let token = login(api, &email, BUYER_PASSWORD).await?;
-                anyhow::Ok(Buyer { token })
+                signup(api, home, &email, &format!("Buyer {i}")).await?;
+                let token = login(api, home, &email, BUYER_PASSWORD).await?;
+                anyhow::Ok(Buyer { token, home })
             }
         })
         .buffer_unordered(args.setup_concurrency)
@@ -324,34 +363,42 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
         opens_at.to_rfc3339_opts(SecondsFormat::Millis, true)
     ));
 
-    // One reservation before opening must be refused; skipped when the opening is too close to tell.
+    // One reservation before opening must be refused, on every instance; skipped when the opening is too close
+    // to tell.
     let early_probe = if opens_at_instant.saturating_duration_since(tokio::time::Instant::now())
         > EARLY_PROBE_MARGIN
     {
         let buyer = &buyers[0];
-        let reply = api
-            .send(
-                Phase::Setup,
-                EP_RESERVE,
-                &Request::post(
-                    format!("{API}/drops/{drop_id}/reservations"),
-                    json!({ "quantity": 1 }),
-                )
-                .auth(&buyer.token),
-            )
-            .await;
-        if reply.status == 201 {
-            // A bug in the server; give the unit back so the rest of the run still means something.
-            if let Some(hold) = Hold::from_reply(&reply) {
-                api.send(
+        let mut answers = Vec::with_capacity(instances);
+        for instance in 0..instances {
+            let reply = api
+                .send(
                     Phase::Setup,
-                    EP_CANCEL,
-                    &Request::delete(format!("{API}/reservations/{}", hold.id)).auth(&buyer.token),
+                    EP_RESERVE,
+                    &Request::post(
+                        format!("{API}/drops/{drop_id}/reservations"),
+                        json!({ "quantity": 1 }),
+                    )
+                    .auth(&buyer.token)
+                    .on(instance),
                 )
                 .await;
+            if reply.status == 201 {
+                // A bug in the server; give the unit back so the rest of the run still means something.
+                if let Some(hold) = Hold::from_reply(&reply) {
+                    api.send(
+                        Phase::Setup,
+                        EP_CANCEL,
+                        &Request::delete(format!("{API}/reservations/{}", hold.id))
+                            .auth(&buyer.token)
+                            .on(instance),
+                    )
+                    .await;
+                }
             }
+            answers.push(reply.label());
         }
-        Some(reply.label())
+        Some(early_probe_answer(&answers))
     } else {
         None
     };
@@ -359,8 +406,10 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
     // Open the connections the spike will use, as real clients would have them open already.
     let total_attempts = args.buyers as usize * args.attempts_per_buyer as usize;
     let warm = args.concurrency.min(total_attempts);
-    let health = Request::get("/healthz");
-    join_all((0..warm).map(|_| api.send(Phase::Setup, EP_HEALTH, &health))).await;
+    let health: Vec<Request> = (0..instances)
+        .map(|i| Request::get("/healthz").on(i))
+        .collect();
+    join_all((0..warm).map(|k| api.send(Phase::Setup, EP_HEALTH, &health[k % instances]))).await;
     let setup_seconds = run_started.elapsed().as_secs_f64();
 
     // ---- spike and settle
@@ -430,10 +479,17 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
     if let Some((counts, status)) = &final_drop {
         timeline.push(Snapshot {
             t_ms: ms_since(opens_at_instant),
+            instance: 0,
             counts: *counts,
             status: status.clone(),
         });
     }
+    // Then every instance must serve the same counts (the first included: read again, after the others' reads).
+    let instance_finals = if instances > 1 {
+        join_all((0..instances).map(|i| read_drop(&api, Phase::Verify, &drop_id, i))).await
+    } else {
+        vec![final_drop.clone()]
+    };
 
     let (outcomes, purchases, released) = ctx.tally(|t| {
         (
@@ -446,6 +502,19 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
     progress("verify: reading purchases from Postgres".to_owned());
     let db = db_facts(args, &drop_id, &purchases).await?;
     let verify_seconds = verify_started.elapsed().as_secs_f64();
+    let sent = api.sent_per_instance();
+    let instance_reports: Vec<InstanceReport> = args
+        .base_urls
+        .iter()
+        .zip(&instance_finals)
+        .zip(sent)
+        .map(|((base, reading), requests)| InstanceReport {
+            base_url: base.clone(),
+            requests,
+            final_state: reading.as_ref().map(|(counts, _)| *counts),
+            final_status: reading.as_ref().map(|(_, status)| status.clone()),
+        })
+        .collect();
 
     let observations = Observations {
         stock: i64::from(args.stock),
@@ -457,6 +526,7 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
         early_probe,
         released_checked,
         released_mismatched,
+        instance_finals: instance_reports.iter().map(|i| i.final_state).collect(),
     };
     let checks = verify::verify(&observations);
     let recorder = api.recorder();
@@ -464,7 +534,8 @@ pub async fn run(args: &DropArgs) -> anyhow::Result<Report> {
     Ok(Report {
         started_at,
         finished_at: Utc::now(),
-        base_url: args.base_url.clone(),
+        base_url: args.base_urls[0].clone(),
+        instances: instance_reports,
         config: args.clone(),
         drop_id,
         opens_at,
@@ -520,23 +591,23 @@ async fn buyer_flow(ctx: Arc<Ctx>, buyer: Buyer) {
 }
 
 /// One attempt at the opening instant: 429/503 retried as the server asks, `not_open` retried briefly in case
-/// the driver's timer fired a hair early.
+/// the driver's timer fired a hair early. Each retry (same `Idempotency-Key`) goes to the next instance.
 async fn spike_attempt(ctx: &Ctx, buyer: &Buyer) -> Reply {
-    let request = ctx.reserve_request(buyer);
-    let mut reply = Reply {
-        status: 0,
-        body: Value::Null,
-        retry_after: None,
-    };
-    for _ in 0..=NOT_OPEN_RETRIES_MAX {
-        reply = ctx
-            .api
-            .send_retrying(Phase::Spike, EP_RESERVE, &request, RetryPolicy::OVERLOAD)
-            .await;
+    let mut request = ctx.reserve_request(buyer);
+    let mut reply = ctx
+        .api
+        .send_retrying(Phase::Spike, EP_RESERVE, &request, RetryPolicy::OVERLOAD)
+        .await;
+    for _ in 0..NOT_OPEN_RETRIES_MAX {
         if reply.error_code() != Some("not_open") {
             break;
         }
         tokio::time::sleep(NOT_OPEN_RETRY_DELAY).await;
+        request = request.on(ctx.api.next_instance(reply.instance, 1));
+        reply = ctx
+            .api
+            .send_retrying(Phase::Spike, EP_RESERVE, &request, RetryPolicy::OVERLOAD)
+            .await;
     }
     reply
 }
@@ -605,13 +676,16 @@ async fn act_on_hold(ctx: &Ctx, buyer: &Buyer, hold: Hold, role: Role, phase: Ph
     ctx.tally(|t| {
         t.latest_expiry = t.latest_expiry.max(Some(hold.expires_at));
     });
+    // Paid or cancelled through another instance than the one that granted the hold (when there are several).
+    let settle_on = ctx.api.next_instance(hold.granted_by, 1);
     let pay = |token: &'static str| {
         let request = Request::post(
             format!("{API}/reservations/{}/payment", hold.id),
             json!({ "payment_token": token }),
         )
         .auth(&buyer.token)
-        .idempotency_key(Uuid::new_v4().to_string());
+        .idempotency_key(Uuid::new_v4().to_string())
+        .on(settle_on);
         async move {
             ctx.api
                 .send_retrying(phase, EP_PAY, &request, RetryPolicy::OVERLOAD)
@@ -644,11 +718,8 @@ async fn act_on_hold(ctx: &Ctx, buyer: &Buyer, hold: Hold, role: Role, phase: Ph
         Role::Decline => {
             let reply = pay("tok_declined").await;
             if reply.status == 402 && reply.error_code() == Some("payment_declined") {
-                ctx.tally(|t| {
-                    t.outcomes.declined += 1;
-                    t.released
-                        .push((hold.id, buyer.token.clone(), "payment_declined"));
-                });
+                ctx.tally(|t| t.outcomes.declined += 1);
+                ctx.release(hold, buyer, "payment_declined", reply.instance);
             } else {
                 ctx.unexpected("pay tok_declined", &reply);
             }
@@ -660,46 +731,52 @@ async fn act_on_hold(ctx: &Ctx, buyer: &Buyer, hold: Hold, role: Role, phase: Ph
                 .send_retrying(
                     phase,
                     EP_CANCEL,
-                    &Request::delete(format!("{API}/reservations/{}", hold.id)).auth(&buyer.token),
+                    &Request::delete(format!("{API}/reservations/{}", hold.id))
+                        .auth(&buyer.token)
+                        .on(settle_on),
                     RetryPolicy::OVERLOAD,
                 )
                 .await;
             if reply.status == 204 {
-                ctx.tally(|t| {
-                    t.outcomes.cancelled += 1;
-                    t.released.push((hold.id, buyer.token.clone(), "cancelled"));
-                });
+                ctx.tally(|t| t.outcomes.cancelled += 1);
+                ctx.release(hold, buyer, "cancelled", reply.instance);
             } else {
                 ctx.unexpected("cancel", &reply);
             }
             false
         }
         Role::Abandon => {
-            ctx.tally(|t| {
-                t.outcomes.abandoned += 1;
-                t.released.push((hold.id, buyer.token.clone(), "expired"));
-            });
+            ctx.tally(|t| t.outcomes.abandoned += 1);
+            let granted_by = hold.granted_by;
+            ctx.release(hold, buyer, "expired", granted_by);
             false
         }
     }
 }
 
-/// One reading of the drop during the run, `t_ms` after `opens_at` (negative before it).
+/// One reading of the drop during the run, `t_ms` after `opens_at` (negative before it), on one instance.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
     pub t_ms: i64,
+    /// Index of the instance read (in `base_urls` order).
+    pub instance: usize,
     #[serde(flatten)]
     pub counts: DropCounts,
     pub status: String,
 }
 
-/// Reads the drop's counters and status.
-async fn read_drop(api: &Api, phase: Phase, drop_id: &str) -> Option<(DropCounts, String)> {
+/// Reads the drop's counters and status on one instance.
+async fn read_drop(
+    api: &Api,
+    phase: Phase,
+    drop_id: &str,
+    instance: usize,
+) -> Option<(DropCounts, String)> {
     let reply = api
         .send(
             phase,
             EP_DROP,
-            &Request::get(format!("{API}/drops/{drop_id}")),
+            &Request::get(format!("{API}/drops/{drop_id}")).on(instance),
         )
         .await;
     if reply.status != 200 {
@@ -717,7 +794,7 @@ async fn read_drop(api: &Api, phase: Phase, drop_id: &str) -> Option<(DropCounts
     ))
 }
 
-/// Polls the drop until told to stop, keeping at most `MONITOR_SNAPSHOTS_MAX` readings.
+/// Polls the drop on every instance until told to stop, keeping at most `MONITOR_SNAPSHOTS_MAX` readings.
 async fn monitor(
     api: Arc<Api>,
     drop_id: String,
@@ -727,12 +804,18 @@ async fn monitor(
     let mut timeline = Vec::new();
     while timeline.len() < MONITOR_SNAPSHOTS_MAX && !*stop.borrow() {
         let t_ms = ms_since(opens_at);
-        if let Some((counts, status)) = read_drop(&api, Phase::Monitor, &drop_id).await {
-            timeline.push(Snapshot {
-                t_ms,
-                counts,
-                status,
-            });
+        let readings =
+            join_all((0..api.instances()).map(|i| read_drop(&api, Phase::Monitor, &drop_id, i)))
+                .await;
+        for (instance, reading) in readings.into_iter().enumerate() {
+            if let Some((counts, status)) = reading {
+                timeline.push(Snapshot {
+                    t_ms,
+                    instance,
+                    counts,
+                    status,
+                });
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(MONITOR_INTERVAL) => {}
@@ -742,14 +825,14 @@ async fn monitor(
     timeline
 }
 
-/// Reads the drop until no unit is held or the deadline passes; the last reading.
+/// Reads the drop on the first instance until no unit is held or the deadline passes; the last reading.
 async fn wait_for_drained(
     api: &Api,
     drop_id: &str,
     deadline: tokio::time::Instant,
 ) -> Option<(DropCounts, String)> {
     loop {
-        let reading = read_drop(api, Phase::Verify, drop_id).await;
+        let reading = read_drop(api, Phase::Verify, drop_id, 0).await;
         let drained = reading.as_ref().is_some_and(|(c, _)| c.held == 0);
         if drained || tokio::time::Instant::now() >= deadline {
             return reading;
@@ -759,20 +842,22 @@ async fn wait_for_drained(
 }
 
 /// Reads back released holds: each must be `released` with the reason its buyer caused. (checked, mismatched)
-async fn check_released(api: &Api, released: &[(String, String, &'static str)]) -> (i64, i64) {
+async fn check_released(api: &Api, released: &[Released]) -> (i64, i64) {
     let sample = &released[..released.len().min(RELEASED_CHECKS_MAX)];
-    let replies = join_all(sample.iter().map(|(id, token, _)| async move {
-        let request = Request::get(format!("{API}/reservations/{id}")).auth(token);
+    let replies = join_all(sample.iter().map(|r| async move {
+        let request = Request::get(format!("{API}/reservations/{}", r.id))
+            .auth(&r.token)
+            .on(r.read_on);
         api.send(Phase::Verify, EP_RESERVATION, &request).await
     }))
     .await;
     let mismatched = sample
         .iter()
         .zip(&replies)
-        .filter(|((_, _, reason), reply)| {
+        .filter(|(r, reply)| {
             reply.status != 200
                 || reply.str_field("status") != Some("released")
-                || reply.str_field("reason") != Some(reason)
+                || reply.str_field("reason") != Some(r.reason)
         })
         .count();
     (
@@ -841,18 +926,31 @@ async fn db_facts(args: &DropArgs, drop_id: &str, purchases: &[String]) -> anyho
     Ok(facts)
 }
 
-async fn signup(api: &Api, email: &str, name: &str) -> anyhow::Result<String> {
+/// The answer of the probe before `opens_at`: the instances' common answer, or each one's when they differ.
+fn early_probe_answer(answers: &[String]) -> String {
+    match answers {
+        [first, rest @ ..] if rest.iter().all(|a| a == first) => first.clone(),
+        _ => answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{a} (instance {})", i + 1))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+async fn signup(api: &Api, instance: usize, email: &str, name: &str) -> anyhow::Result<String> {
     let body = json!({ "email": email, "password": BUYER_PASSWORD, "name": name });
-    let request = Request::post(format!("{API}/members"), body);
+    let request = Request::post(format!("{API}/members"), body).on(instance);
     let reply = api
         .send_retrying(Phase::Setup, EP_SIGNUP, &request, RetryPolicy::OVERLOAD)
         .await;
     expect_field(&reply, 201, "signup", "id")
 }
 
-async fn login(api: &Api, email: &str, password: &str) -> anyhow::Result<String> {
+async fn login(api: &Api, instance: usize, email: &str, password: &str) -> anyhow::Result<String> {
     let body = json!({ "email": email, "password": password });
-    let request = Request::post(format!("{API}/auth/login"), body);
+    let request = Request::post(format!("{API}/auth/login"), body).on(instance);
     let reply = api
         .send_retrying(Phase::Setup, EP_LOGIN, &request, RetryPolicy::OVERLOAD)
         .await;

@@ -42,11 +42,24 @@ impl PhaseReport {
     }
 }
 
+/// One instance the run drove: how many requests it was sent and the drop as it served it after the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceReport {
+    pub base_url: String,
+    /// Requests sent to it, retries included.
+    pub requests: u64,
+    pub final_state: Option<DropCounts>,
+    pub final_status: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// The first instance's base URL, where setup went.
     pub base_url: String,
+    /// Every instance, in `--base-url` order (one entry for a single server).
+    pub instances: Vec<InstanceReport>,
     pub config: DropArgs,
     pub drop_id: String,
     pub opens_at: DateTime<Utc>,
@@ -145,9 +158,22 @@ pub fn render(report: &Report) -> String {
         "flashsale-load drop: {}",
         if report.passed { "PASS" } else { "FAIL" }
     ));
+    let target = if report.instances.len() > 1 {
+        format!(
+            "{} instances {}",
+            report.instances.len(),
+            report
+                .instances
+                .iter()
+                .map(|i| i.base_url.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    } else {
+        report.base_url.clone()
+    };
     line(format!(
-        "  target {}  drop {}  opens_at {}",
-        report.base_url,
+        "  target {target}  drop {}  opens_at {}",
         report.drop_id,
         report.opens_at.to_rfc3339_opts(SecondsFormat::Millis, true)
     ));
@@ -250,6 +276,29 @@ pub fn render(report: &Report) -> String {
         )),
         None => line("final     the drop could not be read".to_owned()),
     }
+    if report.instances.len() > 1 {
+        for (n, i) in report.instances.iter().enumerate() {
+            let state = i.final_state.as_ref().map_or_else(
+                || "the drop could not be read".to_owned(),
+                |f| {
+                    format!(
+                        "available {} + held {} + sold {} ({})",
+                        f.available,
+                        f.held,
+                        f.sold,
+                        i.final_status.as_deref().unwrap_or("?")
+                    )
+                },
+            );
+            line(format!(
+                "{:<9} {} {}: {} requests; after the run {state}",
+                if n == 0 { "instances" } else { "" },
+                n + 1,
+                i.base_url,
+                i.requests
+            ));
+        }
+    }
     line(String::new());
     line("checks".to_owned());
     for check in &report.checks {
@@ -270,6 +319,7 @@ mod tests {
     fn snapshot(t_ms: i64, available: i64, held: i64, sold: i64) -> Snapshot {
         Snapshot {
             t_ms,
+            instance: 0,
             counts: DropCounts {
                 stock: 10,
                 available,

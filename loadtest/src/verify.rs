@@ -56,6 +56,9 @@ pub struct Observations {
     pub released_checked: i64,
     /// Those whose status or reason was not the expected `released` + reason.
     pub released_mismatched: i64,
+    /// The drop as each instance served it after the run, in instance order (`None`: it could not be read there).
+    /// One entry per instance; with one instance, its `final_state`.
+    pub instance_finals: Vec<Option<DropCounts>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -150,6 +153,7 @@ pub fn verify(obs: &Observations) -> Vec<Check> {
         fin.conserved() && fin.stock == obs.stock,
         show(&fin),
     ));
+    checks.push(same_on_every_instance(obs, &fin));
     checks.push(check(
         "holds drained after expiry",
         fin.held == 0 && fin.sold + fin.available == fin.stock,
@@ -245,6 +249,41 @@ pub fn verify(obs: &Observations) -> Vec<Check> {
     checks
 }
 
+/// Every instance serves the drop after the run, conserved, with the counts of the final reading.
+fn same_on_every_instance(obs: &Observations, fin: &DropCounts) -> Check {
+    const NAME: &str = "same counts on every instance";
+    let n = obs.instance_finals.len();
+    if n <= 1 {
+        return skip(NAME, "one instance: see final conservation");
+    }
+    let wrong: Vec<String> = obs
+        .instance_finals
+        .iter()
+        .enumerate()
+        .filter_map(|(i, reading)| match reading {
+            None => Some(format!("instance {}: not readable", i + 1)),
+            Some(c) if !c.conserved() || c.stock != obs.stock || c != fin => {
+                Some(format!("instance {}: {}", i + 1, show(c)))
+            }
+            Some(_) => None,
+        })
+        .collect();
+    check(
+        NAME,
+        wrong.is_empty(),
+        if wrong.is_empty() {
+            format!("{n} instances, each: {}", show(fin))
+        } else {
+            format!(
+                "{} of {n} instances differ from {}: {}",
+                wrong.len(),
+                show(fin),
+                wrong.join("; ")
+            )
+        },
+    )
+}
+
 /// True when no check failed.
 pub fn passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.verdict != Verdict::Fail)
@@ -289,6 +328,7 @@ mod tests {
             early_probe: Some("409 not_open".to_owned()),
             released_checked: 50,
             released_mismatched: 0,
+            instance_finals: vec![Some(counts(0, 0, 200)); 3],
         }
     }
 
@@ -397,6 +437,7 @@ mod tests {
         let mut obs = consistent();
         obs.final_state = Some(counts(10, 0, 190));
         obs.snapshots.push(counts(10, 0, 190));
+        obs.instance_finals = vec![obs.final_state; 3];
         obs.db.purchase_units = 190;
         obs.db.purchase_rows = 190;
         obs.db.distinct_reservations = 190;
@@ -428,6 +469,31 @@ mod tests {
         let mut obs = consistent();
         obs.released_mismatched = 1;
         assert_eq!(failed(&obs), ["released holds carry their reason"]);
+    }
+
+    #[test]
+    fn an_instance_that_serves_other_counts_fails() {
+        let mut obs = consistent();
+        obs.instance_finals[2] = Some(counts(1, 0, 199));
+        assert_eq!(failed(&obs), ["same counts on every instance"]);
+        let mut obs = consistent();
+        obs.instance_finals[1] = None;
+        assert_eq!(failed(&obs), ["same counts on every instance"]);
+        let mut obs = consistent();
+        obs.instance_finals[0] = Some(counts(1, 0, 200));
+        assert_eq!(failed(&obs), ["same counts on every instance"]);
+    }
+
+    #[test]
+    fn one_instance_skips_the_agreement_check() {
+        let mut obs = consistent();
+        obs.instance_finals = vec![obs.final_state];
+        let checks = verify(&obs);
+        assert!(passed(&checks), "{checks:#?}");
+        assert_eq!(
+            verdict(&checks, "same counts on every instance"),
+            Verdict::Skip
+        );
     }
 
     #[test]
