@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use engine::gate::redis::{drop_keys, reserve_script, RedisConn, RedisGate, RedisGateConfig};
+use engine::gate::redis::{
+    drop_keys, reserve_script, DropKeys, RedisConn, RedisGate, RedisGateConfig,
+};
 use engine::gate::{Gate, Restore};
 use engine::types::DropSpec;
 use uuid::Uuid;
@@ -130,7 +132,7 @@ enum Naive {
     Pool(bb8::Pool<redis::Client>),
 }
 
-async fn unbatched(naive: &Naive, keys: Arc<[String; 4]>, count: u64) -> Duration {
+async fn unbatched(naive: &Naive, keys: Arc<DropKeys>, count: u64) -> Duration {
     let script = Arc::new(reserve_script());
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

@@ -35,6 +35,9 @@ pub struct EngineConfig {
     pub pay_inflight_max: usize,
     /// How often the reaper releases expired holds.
     pub reaper_interval: Duration,
+    /// How long a drop whose sale is settled (no holds left, and sold out or closed) stays in memory before it is
+    /// unloaded; reads of it after that come from Postgres.
+    pub settled_retain: Duration,
     pub writer: WriterConfig,
 }
 
@@ -44,6 +47,7 @@ impl Default for EngineConfig {
             reserve_inflight_max: 4096,
             pay_inflight_max: 1024,
             reaper_interval: Duration::from_secs(1),
+            settled_retain: Duration::from_secs(60 * 60),
             writer: WriterConfig::default(),
         }
     }
@@ -150,6 +154,9 @@ pub struct Engine {
     gateway: Arc<dyn PaymentGateway>,
     clock: Arc<dyn Clock>,
     drops: DashMap<Uuid, Arc<DropSpec>>,
+    /// When each loaded drop was first seen settled (unix ms); it is unloaded `settled_retain` later.
+    settled_since: DashMap<Uuid, i64>,
+    settled_retain: Duration,
     /// Purchases by reservation, so a repeated payment answers the same body.
     receipts: DashMap<Uuid, Purchase>,
     writer: WriterHandle,
@@ -186,6 +193,8 @@ impl Engine {
             gateway,
             clock,
             drops: DashMap::new(),
+            settled_since: DashMap::new(),
+            settled_retain: config.settled_retain,
             receipts: DashMap::new(),
             writer,
             writer_task: Mutex::new(Some(writer_task)),
@@ -210,8 +219,19 @@ impl Engine {
         let now = to_datetime(self.clock.now_ms());
         let specs = store::load_all_drops(&**client).await?;
         let mut restored = store::restore(&**client, None, now).await?;
+        let now_ms = self.clock.now_ms();
         for spec in specs {
             let restore = restored.remove(&spec.id).unwrap_or_default();
+            // Drops whose sale is settled stay in Postgres until someone asks for them.
+            let paid: u64 = restore
+                .paid
+                .iter()
+                .map(|&(_, units)| u64::from(units))
+                .sum();
+            let closed = spec.closes_at_ms().is_some_and(|closes| now_ms >= closes);
+            if restore.held.is_empty() && (paid >= u64::from(spec.stock) || closed) {
+                continue;
+            }
             self.install(spec, restore).await?;
         }
         tracing::info!(drops = self.drops.len(), "engine loaded drops");
@@ -635,6 +655,43 @@ impl Engine {
         Ok(count)
     }
 
+    /// Unloads drops that have been settled for `settled_retain`: no holds left, and sold out or closed, so nothing
+    /// about them can change. Their specs, receipts and gate state leave memory; a later request loads them again
+    /// from Postgres. Returns how many were unloaded.
+    pub async fn unload_settled(&self) -> Result<usize, EngineError> {
+        let now_ms = self.clock.now_ms();
+        let specs: Vec<Arc<DropSpec>> = self.drops.iter().map(|spec| Arc::clone(&spec)).collect();
+        let retain_ms = i64::try_from(self.settled_retain.as_millis()).unwrap_or(i64::MAX);
+        let mut unloaded = 0;
+        for spec in specs {
+            let Some(counts) = self.gate.counts(spec.id).await? else {
+                continue;
+            };
+            let closed = spec.closes_at_ms().is_some_and(|closes| now_ms >= closes);
+            if counts.held > 0 || (counts.available > 0 && !closed) {
+                self.settled_since.remove(&spec.id);
+                continue;
+            }
+            let since = *self.settled_since.entry(spec.id).or_insert(now_ms);
+            if now_ms.saturating_sub(since) < retain_ms {
+                continue;
+            }
+            self.drops.remove(&spec.id);
+            self.settled_since.remove(&spec.id);
+            self.receipts
+                .retain(|_, purchase| purchase.drop_id != spec.id);
+            self.gate.unload(spec.id).await;
+            unloaded += 1;
+            tracing::info!(drop = %spec.id, "unloaded a settled drop");
+        }
+        Ok(unloaded)
+    }
+
+    /// Drops loaded in memory now.
+    pub fn loaded_drops(&self) -> usize {
+        self.drops.len()
+    }
+
     /// A member's purchases, newest first.
     pub async fn purchases_of(
         &self,
@@ -683,8 +740,11 @@ async fn reaper(
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    /// How often the reaper also looks for settled drops to unload.
+    const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -697,6 +757,12 @@ async fn reaper(
             Ok(0) => {}
             Ok(count) => tracing::debug!(count, "reaper released expired holds"),
             Err(err) => tracing::warn!(error = %err, "reaper pass failed"),
+        }
+        if last_sweep.elapsed() >= SWEEP_INTERVAL.min(engine.settled_retain) {
+            last_sweep = tokio::time::Instant::now();
+            if let Err(err) = engine.unload_settled().await {
+                tracing::warn!(error = %err, "unloading settled drops failed");
+            }
         }
     }
 }

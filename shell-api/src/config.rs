@@ -204,6 +204,10 @@ pub struct EngineArgs {
     /// How often the reaper releases expired holds.
     #[arg(long, env = "REAPER_INTERVAL_MS", default_value_t = 1000)]
     pub reaper_interval_ms: u64,
+    /// How long a drop whose sale is settled (no holds, and sold out or closed) stays in memory before it is
+    /// unloaded (reads then come from Postgres).
+    #[arg(long, env = "DROP_RETAIN_SECONDS", default_value_t = 3600)]
+    pub drop_retain_seconds: u64,
     /// Most rows the writer commits in one transaction.
     #[arg(long, env = "WRITER_BATCH_ROWS_MAX", default_value_t = 1000)]
     pub writer_batch_rows_max: usize,
@@ -227,6 +231,7 @@ impl EngineArgs {
             reserve_inflight_max: self.reserve_inflight_max,
             pay_inflight_max: self.pay_inflight_max,
             reaper_interval: std::time::Duration::from_millis(self.reaper_interval_ms.max(1)),
+            settled_retain: std::time::Duration::from_secs(self.drop_retain_seconds),
             writer: engine::writer::WriterConfig {
                 batch_rows_max: self.writer_batch_rows_max,
                 channel_capacity: self.writer_channel_capacity,
@@ -252,6 +257,7 @@ impl Default for EngineArgs {
             reserve_inflight_max: 4096,
             pay_inflight_max: 1024,
             reaper_interval_ms: 1000,
+            drop_retain_seconds: 3600,
             writer_batch_rows_max: 1000,
             writer_flush_interval_ms: 0,
             writer_channel_capacity: 16_384,
@@ -275,6 +281,7 @@ mod tests {
             "RESERVE_INFLIGHT_MAX",
             "PAY_INFLIGHT_MAX",
             "REAPER_INTERVAL_MS",
+            "DROP_RETAIN_SECONDS",
             "WRITER_BATCH_ROWS_MAX",
             "WRITER_FLUSH_INTERVAL_MS",
             "WRITER_CHANNEL_CAPACITY",

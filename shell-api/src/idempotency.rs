@@ -28,8 +28,9 @@ use crate::error::ApiError;
 pub const KEY_CHARS_MAX: usize = 128;
 /// How long a key's answer is remembered.
 const ENTRY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-/// Past this many remembered keys, expired ones are swept on the next insert.
-const ENTRIES_SOFT_MAX: usize = 1_000_000;
+/// Most keys remembered in process memory. At the cap, expired ones are swept; if none has expired, a request with
+/// a new key is refused (503, retry later) rather than run without the protection of its key.
+const ENTRIES_MAX: usize = 1_000_000;
 /// Largest body remembered; drop and payment answers are a few hundred bytes.
 const BODY_BYTES_MAX: usize = 64 * 1024;
 
@@ -49,10 +50,18 @@ enum Slot {
 type Key = (Uuid, &'static str, String);
 
 /// Remembered answers per (member, route, key): in this process, or in Redis when instances share it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IdempotencyStore {
     slots: DashMap<Key, Slot>,
     shared: Option<Shared>,
+    /// Most keys kept in process memory (`ENTRIES_MAX` unless a test sets it).
+    cap: usize,
+}
+
+impl Default for IdempotencyStore {
+    fn default() -> Self {
+        Self::with_cap(ENTRIES_MAX)
+    }
 }
 
 /// The Redis side of the store.
@@ -106,14 +115,24 @@ impl Drop for RunningGuard<'_> {
 }
 
 impl IdempotencyStore {
-    /// A store whose records live in Redis under `prefix`, shared by every instance on that Redis.
-    pub fn shared(conn: RedisConn, prefix: &str) -> Self {
+    /// A store in process memory holding at most `cap` keys.
+    pub fn with_cap(cap: usize) -> Self {
         Self {
             slots: DashMap::new(),
+            shared: None,
+            cap,
+        }
+    }
+
+    /// A store whose records live in Redis under `prefix`, shared by every instance on that Redis (each kept a
+    /// day, so Redis bounds them).
+    pub fn shared(conn: RedisConn, prefix: &str) -> Self {
+        Self {
             shared: Some(Shared {
                 conn,
                 prefix: format!("{prefix}idem:"),
             }),
+            ..Self::default()
         }
     }
 
@@ -142,6 +161,9 @@ impl IdempotencyStore {
             };
         }
         let key: Key = (member, route, key);
+        if self.slots.len() >= self.cap && !self.slots.contains_key(&key) && !self.make_room() {
+            return ApiError::unavailable("overloaded", 1).into_response();
+        }
         let tx = loop {
             let waiting = match self.slots.entry(key.clone()) {
                 Entry::Occupied(mut occupied) => match occupied.get() {
@@ -171,7 +193,6 @@ impl IdempotencyStore {
                 return replay(stored);
             }
         };
-        self.sweep_if_large();
         let mut guard = RunningGuard {
             store: self,
             key: Some(key.clone()),
@@ -202,12 +223,12 @@ impl IdempotencyStore {
         Response::from_parts(parts, Body::from(bytes))
     }
 
-    fn sweep_if_large(&self) {
-        if self.slots.len() > ENTRIES_SOFT_MAX {
-            self.slots.retain(
-                |_, slot| !matches!(slot, Slot::Done(stored) if stored.at.elapsed() >= ENTRY_TTL),
-            );
-        }
+    /// Sweeps expired answers; whether there is room for one more key.
+    fn make_room(&self) -> bool {
+        self.slots.retain(
+            |_, slot| !matches!(slot, Slot::Done(stored) if stored.at.elapsed() >= ENTRY_TTL),
+        );
+        self.slots.len() < self.cap
     }
 }
 
@@ -315,4 +336,38 @@ fn replay(stored: Stored) -> Response {
         .headers_mut()
         .insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created() -> Response {
+        (StatusCode::CREATED, "{}").into_response()
+    }
+
+    #[tokio::test]
+    async fn the_store_is_bounded_and_a_full_store_refuses_new_keys_but_replays_old_ones() {
+        let store = IdempotencyStore::with_cap(2);
+        let member = Uuid::now_v7();
+        for key in ["a", "b"] {
+            let response = store
+                .run(member, "reserve", Some(key.into()), || async { created() })
+                .await;
+            assert_eq!(response.status(), StatusCode::CREATED);
+        }
+        let full = store
+            .run(member, "reserve", Some("c".into()), || async { created() })
+            .await;
+        assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(full.headers().contains_key("retry-after"));
+        let replayed = store
+            .run(member, "reserve", Some("a".into()), || async {
+                panic!("a replay runs nothing")
+            })
+            .await;
+        assert_eq!(replayed.status(), StatusCode::CREATED);
+        assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+        assert_eq!(store.slots.len(), 2);
+    }
 }

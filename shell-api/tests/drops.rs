@@ -854,6 +854,9 @@ impl Gate for TestGate {
     async fn hold(&self, drop: Uuid, hold: Uuid) -> GateResult<Option<HoldView>> {
         self.inner.hold(drop, hold).await
     }
+    async fn unload(&self, drop: Uuid) {
+        self.inner.unload(drop).await
+    }
     async fn counts(&self, drop: Uuid) -> GateResult<Option<Counts>> {
         self.inner.counts(drop).await
     }
@@ -932,4 +935,55 @@ async fn past_the_in_flight_bound_reservations_get_429_at_once() {
     assert_eq!(created, 2, "exactly the bound got through");
     assert_eq!(refused, 4);
     assert_eq!(drop_state(&app, &drop).await["held"], 2);
+}
+
+/// A process that sells drops for weeks keeps only live ones: a settled drop leaves memory, and everything about it
+/// is still answered, from Postgres, exactly as before.
+#[tokio::test]
+async fn settled_drops_leave_memory_and_still_answer_the_same() {
+    let args = EngineArgs {
+        drop_retain_seconds: 0,
+        ..EngineArgs::default()
+    };
+    let app = TestApp::with_engine_args(args).await;
+    let (_, live) = app.open_drop(5, 10, json!({})).await;
+    let (_, drop) = app.open_drop(1, 10, json!({})).await;
+    let buyer = app.member(Role::Customer).await;
+    let held = reserve(&app, &buyer, &drop, 1).await;
+    let id = held.body["id"].as_str().unwrap().to_owned();
+    let paid = pay(&app, &buyer, &id, "tok_ok").await;
+    assert_eq!(paid.status, StatusCode::OK);
+    app.state.engine.writer().flush().await.unwrap();
+    let engine = &app.state.engine;
+    assert_eq!(engine.loaded_drops(), 2);
+    // The sold-out drop with no holds is settled; the other still sells.
+    assert_eq!(engine.unload_settled().await.unwrap(), 1);
+    assert_eq!(engine.loaded_drops(), 1);
+    assert_eq!(
+        engine.unload_settled().await.unwrap(),
+        0,
+        "a live drop stays"
+    );
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (state["sold"].as_u64(), state["status"].as_str()),
+        (Some(1), Some("sold_out"))
+    );
+    let again = pay(&app, &buyer, &id, "tok_ok").await;
+    assert_eq!((again.status, &again.body), (StatusCode::OK, &paid.body));
+    let read = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{id}"),
+            Some(&buyer.token),
+            None,
+        )
+        .await;
+    assert_eq!(read.body["status"], "paid");
+    assert_eq!(reserve(&app, &buyer, &drop, 1).await.code(), "sold_out");
+    assert_eq!(
+        reserve(&app, &buyer, &live, 1).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(purchase_rows(&app, &id).await, 1);
 }

@@ -445,3 +445,138 @@ async fn after_redis_lost_a_drop_it_is_rebuilt_from_postgres_and_nothing_paid_is
     assert_eq!(reserve(&a, &buyers[0], &drop, 1).await.code(), "sold_out");
     assert_eq!(purchase_tally(&a.db, id).await, (2, 2, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_left_by_a_dead_instance_are_settled_from_postgres() {
+    let a = TestApp::with_redis(fast_reaper()).await;
+    let (_, drop) = a.open_drop(5, 700, json!({})).await;
+    let id = drop_id(&drop);
+    let committed = a.member(Role::Customer).await;
+    let abandoned = a.member(Role::Customer).await;
+    let first = reserve(&a, &committed, &drop, 1).await.body["id"]
+        .as_str()
+        .unwrap()
+        .parse::<Uuid>()
+        .unwrap();
+    let second = reserve(&a, &abandoned, &drop, 1).await.body["id"]
+        .as_str()
+        .unwrap()
+        .parse::<Uuid>()
+        .unwrap();
+    eventually("holds stored", Duration::from_secs(10), || async {
+        stored_statuses(&a, id).await == vec![("held".to_owned(), 2)]
+    })
+    .await;
+    // Two instances began paying and died: one after committing its purchase, one before. Their leases ran out.
+    let redis = a.redis.as_ref().unwrap();
+    let keys = engine::gate::redis::drop_keys(&redis.key_prefix, id);
+    let mut conn = redis.conn.clone();
+    let lapsed = chrono::Utc::now().timestamp_millis() - 1;
+    for hold in [first, second] {
+        let place = engine::gate::redis::ids::HoldRef::from_id(hold)
+            .unwrap()
+            .state_ref();
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(&keys[2])
+            .arg(&place)
+            .arg(format!("p:{lapsed}"))
+            .cmd("ZADD")
+            .arg(&keys[4])
+            .arg(lapsed)
+            .arg(&place)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let product: Uuid = drop["product_id"].as_str().unwrap().parse().unwrap();
+    a.db.client()
+        .await
+        .execute(
+            "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
+             VALUES ($1, $2, $3, $4, $5, 1, 700, 'KRW', now())",
+            &[&Uuid::now_v7(), &first, &id, &product, &committed.id],
+        )
+        .await
+        .unwrap();
+    // The reaper settles both: the committed one is sold, the other is a hold again (not yet expired).
+    eventually("stale payments settled", Duration::from_secs(5), || async {
+        let state = drop_state(&a, &drop).await;
+        (
+            state["available"].as_u64(),
+            state["held"].as_u64(),
+            state["sold"].as_u64(),
+        ) == (Some(3), Some(1), Some(1))
+    })
+    .await;
+    let read = |hold: Uuid, member: TestMember| {
+        let a = &a;
+        async move {
+            a.call(
+                "GET",
+                &format!("/api/v1/reservations/{hold}"),
+                Some(&member.token),
+                None,
+            )
+            .await
+            .body
+        }
+    };
+    assert_eq!(read(first, committed.clone()).await["status"], "paid");
+    assert_eq!(read(second, abandoned.clone()).await["status"], "held");
+    // The buyer whose payment was lost can pay now.
+    assert_eq!(
+        pay(&a, &abandoned, &second.to_string(), "tok_ok")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(drop_state(&a, &drop).await["sold"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_drop_leaves_memory_and_its_keys_expire_from_redis() {
+    let args = EngineArgs {
+        drop_retain_seconds: 0,
+        ..EngineArgs::default()
+    };
+    let a = TestApp::with_redis(args).await;
+    let (_, drop) = a.open_drop(1, 10, json!({})).await;
+    let buyer = a.member(Role::Customer).await;
+    let id = reserve(&a, &buyer, &drop, 1).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let paid = pay(&a, &buyer, &id, "tok_ok").await;
+    assert_eq!(paid.status, StatusCode::OK);
+    eventually(
+        "journal stored the paid hold",
+        Duration::from_secs(10),
+        || async { stored_statuses(&a, drop_id(&drop)).await == vec![("paid".to_owned(), 1)] },
+    )
+    .await;
+    assert_eq!(a.state.engine.unload_settled().await.unwrap(), 1);
+    assert_eq!(a.state.engine.loaded_drops(), 0);
+    let redis = a.redis.as_ref().unwrap();
+    let keys = engine::gate::redis::drop_keys(&redis.key_prefix, drop_id(&drop));
+    let mut conn = redis.conn.clone();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the settled drop's keys expire: {ttl}");
+    // Still answered the same, after the keys are gone too.
+    let _: () = redis::cmd("DEL")
+        .arg(&keys[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let again = pay(&a, &buyer, &id, "tok_ok").await;
+    assert_eq!((again.status, &again.body), (StatusCode::OK, &paid.body));
+    let state = drop_state(&a, &drop).await;
+    assert_eq!(
+        (state["sold"].as_u64(), state["status"].as_str()),
+        (Some(1), Some("sold_out"))
+    );
+}

@@ -178,6 +178,12 @@ impl Gate for EmbeddedGate {
         Ok(self.book(drop).and_then(|book| book.hold(hold)))
     }
 
+    async fn unload(&self, drop: Uuid) {
+        if self.books.remove(&drop).is_some() {
+            self.hold_drop.retain(|_, of| *of != drop);
+        }
+    }
+
     async fn counts(&self, drop: Uuid) -> GateResult<Option<Counts>> {
         Ok(self.book(drop).map(|book| book.counts()))
     }

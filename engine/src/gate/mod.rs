@@ -101,6 +101,9 @@ pub trait Gate: Send + Sync + 'static {
     fn journals_holds(&self) -> bool {
         false
     }
+    /// Forgets a drop whose sale is settled (nothing about it can change any more), so a process that runs for weeks
+    /// keeps only live drops in memory. A later `load` brings it back from Postgres.
+    async fn unload(&self, drop: Uuid);
     /// Stops background work and writes out what it journals; the service calls it before draining its writer.
     async fn shutdown(&self) {}
 }

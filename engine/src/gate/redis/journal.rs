@@ -137,7 +137,7 @@ impl Inner {
                     .arg("COUNT")
                     .arg(self.config.journal_batch_max)
                     .arg("STREAMS")
-                    .arg(&lane.keys[3])
+                    .arg(&lane.keys[super::STREAM])
                     .arg(start)
                     .query_async(&mut conn),
             )
@@ -169,7 +169,7 @@ impl Inner {
         let reply: Value = self
             .bounded(
                 redis::cmd("XAUTOCLAIM")
-                    .arg(&lane.keys[3])
+                    .arg(&lane.keys[super::STREAM])
                     .arg(GROUP)
                     .arg(&self.consumer)
                     .arg(idle_ms)
@@ -199,7 +199,7 @@ impl Inner {
         let mut conn = self.conn.clone();
         self.bounded(
             redis::cmd("XACK")
-                .arg(&lane.keys[3])
+                .arg(&lane.keys[super::STREAM])
                 .arg(GROUP)
                 .arg(&ids)
                 .query_async::<i64>(&mut conn),
@@ -235,7 +235,7 @@ impl Inner {
 /// The journal task of one drop on this instance. On shutdown it writes out what the stream already has, so a
 /// stopping instance leaves nothing of its own pending.
 pub(super) async fn run(inner: Arc<Inner>, lane: Arc<Lane>) {
-    let mut stop = inner.stop.subscribe();
+    let mut stop = lane.stop.subscribe();
     let mut last_claim = Instant::now();
     let mut failures: u32 = 0;
     loop {

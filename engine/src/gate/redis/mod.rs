@@ -67,6 +67,8 @@ pub struct RedisGateConfig {
     pub journal_claim_idle: Duration,
     /// Most stream entries the journal writes in one go.
     pub journal_batch_max: usize,
+    /// How long the keys of a drop whose sale is over stay in Redis after an instance unloads it.
+    pub settled_ttl: Duration,
     /// Whether this instance runs the journal (reads the streams into Postgres). Every instance does by default;
     /// one that does not leaves the writing to the others (and a benchmark measures the gate alone).
     pub journal: bool,
@@ -89,6 +91,7 @@ impl RedisGateConfig {
             journal_claim_idle: Duration::from_secs(5),
             journal_batch_max: 512,
             journal: true,
+            settled_ttl: Duration::from_secs(7 * 24 * 60 * 60),
             writer: WriterConfig::default(),
         }
     }
@@ -132,10 +135,13 @@ struct Lane {
     drop: Uuid,
     seq: u32,
     hold_ms: i64,
-    /// c, m, s, e (see `prelude.lua`).
-    keys: [String; 4],
+    keys: DropKeys,
     sold_out: AtomicBool,
     requests: mpsc::Sender<Request>,
+    /// Tells the lane's batchers and journal to stop (unload, shutdown); the journal writes out what it has first.
+    stop: watch::Sender<bool>,
+    /// The lane's batchers and journal, awaited at shutdown.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Request {
@@ -179,15 +185,25 @@ fn unavailable(err: impl std::fmt::Display) -> GateUnavailable {
     GateUnavailable(err.to_string())
 }
 
+/// The keys of one drop, in the order the scripts take them (see `prelude.lua`).
+pub type DropKeys = [String; 5];
+/// Index in `DropKeys` of the counters hash.
+const COUNTERS: usize = 0;
+/// Index in `DropKeys` of the hold states hash.
+const STATES: usize = 2;
+/// Index in `DropKeys` of the stream.
+const STREAM: usize = 3;
+
 /// The key names of one drop under `prefix`, all with the hash tag `{drop:<id>}`: counters, members, states,
-/// stream.
-pub fn drop_keys(prefix: &str, drop: Uuid) -> [String; 4] {
+/// stream, payments in progress.
+pub fn drop_keys(prefix: &str, drop: Uuid) -> DropKeys {
     let base = format!("{prefix}{{drop:{drop}}}");
     [
         format!("{base}:c"),
         format!("{base}:m"),
         format!("{base}:s"),
         format!("{base}:e"),
+        format!("{base}:p"),
     ]
 }
 
@@ -298,7 +314,7 @@ impl RedisGate {
     }
 
     /// Key names of a drop under this gate's prefix: counters, members, states, stream.
-    pub fn keys_of(&self, drop: Uuid) -> [String; 4] {
+    pub fn keys_of(&self, drop: Uuid) -> DropKeys {
         drop_keys(&self.inner.config.key_prefix, drop)
     }
 
@@ -367,7 +383,7 @@ impl RedisGate {
         }))
     }
 
-    async fn counts_now(&self, keys: &[String; 4]) -> GateResult<Counts> {
+    async fn counts_now(&self, keys: &DropKeys) -> GateResult<Counts> {
         self.inner
             .read_counts(keys)
             .await?
@@ -377,12 +393,12 @@ impl RedisGate {
 
 impl Inner {
     /// The counters of a drop in Redis, `None` when its keys are gone.
-    async fn read_counts(&self, keys: &[String; 4]) -> GateResult<Option<Counts>> {
+    async fn read_counts(&self, keys: &DropKeys) -> GateResult<Option<Counts>> {
         let mut conn = self.conn.clone();
         let values: Vec<Option<u32>> = self
             .bounded(
                 redis::cmd("HMGET")
-                    .arg(&keys[0])
+                    .arg(&keys[COUNTERS])
                     .arg(&["stock", "avail", "held", "paid"])
                     .query_async(&mut conn),
             )
@@ -399,7 +415,7 @@ impl Inner {
     }
 
     /// How many of the drop's purchases in Postgres Redis has neither as paid nor as being paid.
-    async fn purchases_not_paid(&self, drop: &DropSpec, keys: &[String; 4]) -> GateResult<usize> {
+    async fn purchases_not_paid(&self, drop: &DropSpec, keys: &DropKeys) -> GateResult<usize> {
         const CHUNK: usize = 1000;
         let seq = drop_seq(drop)?;
         let client = self.db.get().await.map_err(unavailable)?;
@@ -421,7 +437,7 @@ impl Inner {
         for chunk in refs.chunks(CHUNK) {
             let mut pipe = redis::pipe();
             for state_ref in chunk {
-                pipe.cmd("HGET").arg(&keys[2]).arg(state_ref);
+                pipe.cmd("HGET").arg(&keys[STATES]).arg(state_ref);
             }
             let mut conn = self.conn.clone();
             let states: Vec<Option<String>> = self.bounded(pipe.query_async(&mut conn)).await?;
@@ -465,7 +481,7 @@ impl Inner {
     async fn init(
         &self,
         drop: &DropSpec,
-        keys: &[String; 4],
+        keys: &DropKeys,
         restore: Restore,
     ) -> GateResult<Result<(), RestoreError>> {
         let seq = drop_seq(drop)?;
@@ -678,6 +694,39 @@ impl Inner {
             .ok_or_else(|| GateUnavailable("drop state vanished again after a reload".into()))
     }
 
+    /// Settles payments whose lease ran out (their instance died between charging and answering): paid when Postgres
+    /// has the purchase (it was committed, so the unit is sold), else back to `held` or, past expiry, released. The
+    /// lease (`pay_lease`) is far longer than a payment's bounded work, so a payment this finds is not running any
+    /// more.
+    async fn settle_stale_payments(&self, lane: &Lane, stale: &[HoldRef]) -> GateResult<()> {
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = stale.iter().map(HoldRef::id).collect();
+        let client = self.db.get().await.map_err(unavailable)?;
+        let paid: std::collections::HashSet<Uuid> = client
+            .query(
+                "SELECT reservation_id FROM purchases WHERE reservation_id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        std::mem::drop(client);
+        for id in ids {
+            let op = if paid.contains(&id) {
+                "settle_paid"
+            } else {
+                "settle_unpaid"
+            };
+            let outcome = self.transition(lane.drop, id, op, None).await?;
+            tracing::warn!(drop = %lane.drop, hold = %id, op, ?outcome, "settled a payment whose instance stopped answering");
+        }
+        Ok(())
+    }
+
     /// One transition script call on the hold `place` of `lane`.
     async fn transition_once(
         &self,
@@ -791,7 +840,7 @@ async fn run_lane(
     lane: Arc<Lane>,
     requests: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
 ) {
-    let mut stop = inner.stop.subscribe();
+    let mut stop = lane.stop.subscribe();
     let batch_max = inner.config.batch_max.clamp(1, ids::INDEX_MAX as usize + 1);
     let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
     loop {
@@ -852,7 +901,7 @@ async fn poll_sold_out(inner: Arc<Inner>) {
             let available: GateResult<Option<i64>> = inner
                 .bounded(
                     redis::cmd("HGET")
-                        .arg(&lane.keys[0])
+                        .arg(&lane.keys[COUNTERS])
                         .arg("avail")
                         .query_async(&mut conn),
                 )
@@ -913,7 +962,7 @@ impl Gate for RedisGate {
                 inner
                     .bounded(
                         redis::cmd("HGET")
-                            .arg(&keys[0])
+                            .arg(&keys[COUNTERS])
                             .arg("avail")
                             .query_async::<Option<i64>>(&mut conn),
                     )
@@ -935,21 +984,25 @@ impl Gate for RedisGate {
                 keys,
                 sold_out: AtomicBool::new(available == Some(0)),
                 requests,
+                stop: watch::channel(false).0,
+                tasks: Mutex::new(Vec::new()),
             });
             vacant.insert(Arc::clone(&lane));
             inner.seqs.insert(seq, drop.id);
             let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+            let mut tasks = lane.tasks.lock();
             for _ in 0..inner.config.calls_in_flight.max(1) {
-                let batcher = tokio::spawn(run_lane(
+                tasks.push(tokio::spawn(run_lane(
                     Arc::clone(inner),
                     Arc::clone(&lane),
                     Arc::clone(&receiver),
-                ));
-                inner.tasks.lock().push(batcher);
+                )));
             }
             if inner.config.journal {
-                let journal = tokio::spawn(journal::run(Arc::clone(inner), lane));
-                inner.tasks.lock().push(journal);
+                tasks.push(tokio::spawn(journal::run(
+                    Arc::clone(inner),
+                    Arc::clone(&lane),
+                )));
             }
         }
         Ok(Ok(()))
@@ -1074,7 +1127,8 @@ impl Gate for RedisGate {
             .collect();
         let mut total = 0;
         for lane in lanes {
-            for _ in 0..CALLS_PER_PASS {
+            let mut stale = Vec::new();
+            for call in 0..CALLS_PER_PASS {
                 let mut invocation = self.inner.scripts.reap.prepare_invoke();
                 for key in &lane.keys {
                     invocation.key(key);
@@ -1091,7 +1145,19 @@ impl Gate for RedisGate {
                     break;
                 }
                 let visited = reply.get(1).and_then(int).unwrap_or(0);
-                for record in reply.get(2..).unwrap_or_default().chunks(3) {
+                if call == 0 {
+                    stale = reply
+                        .get(2)
+                        .cloned()
+                        .and_then(array)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|place| {
+                            text(place).and_then(|place| HoldRef::from_ref(lane.seq, place))
+                        })
+                        .collect();
+                }
+                for record in reply.get(3..).unwrap_or_default().chunks(3) {
                     let [place, member, quantity] = record else {
                         continue;
                     };
@@ -1123,6 +1189,7 @@ impl Gate for RedisGate {
                     break;
                 }
             }
+            self.inner.settle_stale_payments(&lane, &stale).await?;
         }
         Ok(total)
     }
@@ -1155,9 +1222,32 @@ impl Gate for RedisGate {
         true
     }
 
+    async fn unload(&self, drop: Uuid) {
+        let Some((_, lane)) = self.inner.lanes.remove(&drop) else {
+            return;
+        };
+        self.inner.seqs.remove(&lane.seq);
+        let _ = lane.stop.send(true);
+        // Nothing about a settled drop changes any more; its keys leave Redis after `settled_ttl`, and any instance
+        // that needs the drop again loads it from Postgres.
+        let mut conn = self.inner.conn.clone();
+        let ttl_ms = u64::try_from(self.inner.config.settled_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for key in &lane.keys {
+            pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
+        }
+        if let Err(err) = self.inner.bounded(pipe.query_async::<()>(&mut conn)).await {
+            tracing::warn!(error = %err, %drop, "could not set the expiry of a settled drop's keys");
+        }
+    }
+
     async fn shutdown(&self) {
+        let mut tasks: Vec<JoinHandle<()>> = self.inner.tasks.lock().drain(..).collect();
+        for lane in self.inner.lanes.iter() {
+            let _ = lane.stop.send(true);
+            tasks.extend(lane.tasks.lock().drain(..));
+        }
         let _ = self.inner.stop.send(true);
-        let tasks: Vec<JoinHandle<()>> = self.inner.tasks.lock().drain(..).collect();
         for task in tasks {
             let _ = task.await;
         }

@@ -1,13 +1,15 @@
--- Shared by every script of the Redis gate (prepended to each body). KEYS of every script are the same four
+-- Shared by every script of the Redis gate (prepended to each body). KEYS of every script are the same five
 -- keys of one drop, all under the hash tag {drop:<id>} so a script runs on Redis Cluster unchanged:
 --   KEYS[1] c: hash of counters and settings (stock, avail, held, paid, limit, hold_ms, reaped)
 --   KEYS[2] m: hash member -> units held, paying or paid
 --   KEYS[3] s: hash hold ref -> state, for holds that left `held` ("p:<lease until ms>", "P", "x:c|e|d")
 --   KEYS[4] e: the drop's stream: every hold (in reserve entries) and every state change, in order
+--   KEYS[5] p: sorted set hold ref -> lease end (ms) of the holds being paid, so the reaper finds payments whose
+--              instance died
 -- A hold is record `idx` of reserve entry `<ms>-<seq>` (field "r": fixed-width records of 32 hex member chars and
 -- 4 quantity digits). Its ref is "<ms>-<seq>:<idx>". It was created at <ms> (Redis's clock) and expires at
 -- <ms> + hold_ms. A hold with no state that the reaper's cursor has passed was released as expired.
-local C, M, S, E = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local C, M, S, E, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local REC = 36
 
 local function now_ms()
@@ -55,6 +57,7 @@ end
 
 -- Returns a hold's units to sale and records why, in the state hash and in the stream.
 local function release(h, reason)
+  redis.call('ZREM', P, h.ref)
   redis.call('HINCRBY', C, 'avail', h.q)
   redis.call('HINCRBY', C, 'held', -h.q)
   redis.call('HINCRBY', M, h.member, -h.q)

@@ -1,13 +1,17 @@
 -- Releases the expired holds of up to ARGV[1] reserve entries past the reaper's cursor, by Redis's clock, and
 -- moves the cursor. Holds that are paying are left to their payment (abort releases them if expired).
--- Returns { holds released, entries visited, then ref, member, quantity of each released hold }, or { -1 } when the drop is not loaded.
+-- Returns { holds released, entries visited, payments whose lease ran out (refs, at most ARGV[1]), then ref, member,
+-- quantity of each released hold }, or { -1 } when the drop is not loaded.
 local cfg = redis.call('HMGET', C, 'hold_ms', 'reaped')
 if not cfg[1] then return { -1 } end
 local hold_ms, cursor = tonumber(cfg[1]), cfg[2] or '0-0'
 local upto = now_ms() - hold_ms
-if upto < 0 then return { 0, 0 } end
+-- Payments whose lease ran out: their instance died between charging and answering. The caller settles each from
+-- Postgres (paid if its purchase is there, else back to held or expired).
+local stale = redis.call('ZRANGEBYSCORE', P, '-inf', string.format('%d', now_ms()), 'LIMIT', 0, tonumber(ARGV[1]))
+if upto < 0 then return { 0, 0, stale } end
 local entries = redis.call('XRANGE', E, '(' .. cursor, string.format('%d', upto), 'COUNT', tonumber(ARGV[1]))
-local out, recs, units = { 0, #entries }, {}, 0
+local out, recs, units = { 0, #entries, stale }, {}, 0
 for _, entry in ipairs(entries) do
   local id, f = entry[1], entry[2]
   if f[1] == 'r' then

@@ -1,6 +1,8 @@
 -- Moves one hold. ARGV: entry id, index, operation, member (32 hex, '' when not checked), lease_ms.
 -- Operations: begin (held -> paying), complete (paying -> paid), abort (paying -> held, or released as expired when
--- past expiry), decline (paying -> released), cancel (held -> released), read (no change).
+-- past expiry), decline (paying -> released), cancel (held -> released), read (no change), and for a payment whose
+-- lease ran out (its instance died): settle_paid (-> paid: Postgres has its purchase), settle_unpaid (-> as abort:
+-- Postgres has no purchase); both refuse (6) a payment whose lease is still running.
 -- Codes: -1 not loaded, 0 done, 1 not found, 2 not owner, 3 expired (released by this call), 4 already released,
 -- 5 already paid, 6 payment in flight, 7 not paying.
 local h, err = load_hold()
@@ -21,17 +23,28 @@ if op == 'begin' then
   if kind == 'p' and tonumber(string.sub(st, 3)) <= now then
     -- The instance that began this payment stopped answering for longer than its lease; take it over (the
     -- payment gateway is idempotent on the reservation, and the writer keeps the first purchase stored).
-    local lease = 'p:' .. string.format('%d', now + tonumber(ARGV[5]))
+    local lease_end = now + tonumber(ARGV[5])
+    local lease = 'p:' .. string.format("%d", lease_end)
     redis.call('HSET', S, h.ref, lease)
+    redis.call('ZADD', P, lease_end, h.ref)
     return view(0, h, lease)
   end
   if kind ~= 'h' then return refuse() end
   if now >= h.expires then return view(3, h, release(h, 'e')) end
-  local lease = 'p:' .. string.format('%d', now + tonumber(ARGV[5]))
+  local lease_end = now + tonumber(ARGV[5])
+  local lease = 'p:' .. string.format("%d", lease_end)
   redis.call('HSET', S, h.ref, lease)
+  redis.call('ZADD', P, lease_end, h.ref)
   return view(0, h, lease)
-elseif op == 'complete' then
+end
+if (op == 'settle_paid' or op == 'settle_unpaid') then
   if kind ~= 'p' then return refuse() end
+  if tonumber(string.sub(st, 3)) > now then return view(6, h) end
+  if op == 'settle_paid' then op = 'complete' else op = 'abort' end
+end
+if op == 'complete' then
+  if kind ~= 'p' then return refuse() end
+  redis.call('ZREM', P, h.ref)
   redis.call('HSET', S, h.ref, 'P')
   redis.call('HINCRBY', C, 'held', -h.q)
   redis.call('HINCRBY', C, 'paid', h.q)
@@ -40,6 +53,7 @@ elseif op == 'complete' then
 elseif op == 'abort' then
   if kind ~= 'p' then return refuse() end
   if now >= h.expires then return view(0, h, release(h, 'e')) end
+  redis.call('ZREM', P, h.ref)
   redis.call('HDEL', S, h.ref)
   return view(0, h, 'h')
 elseif op == 'decline' then
