@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    purchase_tally, redis_prefix, redis_url, seed_member, seed_product, RedisServer, TcpProxy,
-    TestDb, TestMember, TestServer,
+    eventually, purchase_tally, redis_prefix, redis_url, seed_member, seed_product, RedisServer,
+    TcpProxy, TestDb, TestMember, TestServer,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -59,6 +59,19 @@ impl Fleet {
         all.extend_from_slice(env);
         let server = TestServer::start(database_url.unwrap_or(&self.db.url), &all).await;
         self.servers.push(server);
+    }
+
+    /// Runs a `flashsale` command (such as `reconcile`) against this fleet's database and key prefix.
+    async fn flashsale(&self, redis_url: &str, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .args(args)
+            .env("DATABASE_URL", &self.db.url)
+            .env("REDIS_URL", redis_url)
+            .env("REDIS_KEY_PREFIX", &self.prefix)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .unwrap()
     }
 
     fn url(&self, instance: usize, path: &str) -> String {
@@ -170,18 +183,6 @@ impl Fleet {
             .unwrap();
         let statuses = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
         (statuses, purchase_tally(&self.db, id).await)
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -494,15 +495,9 @@ async fn after_redis_lost_everything_reconcile_rebuilds_it_and_nothing_paid_is_s
     // Data loss: Redis comes back empty.
     let mut conn = redis.connection().await.unwrap();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-        .args(["reconcile", "--drop", &drop])
-        .env("DATABASE_URL", &fleet.db.url)
-        .env("REDIS_URL", redis.url())
-        .env("REDIS_KEY_PREFIX", &fleet.prefix)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
+    let output = fleet
+        .flashsale(&redis.url(), &["reconcile", "--drop", &drop])
+        .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -546,15 +541,7 @@ async fn after_redis_lost_everything_reconcile_rebuilds_it_and_nothing_paid_is_s
         .query_async(&mut conn)
         .await
         .unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-        .args(["reconcile"])
-        .env("DATABASE_URL", &fleet.db.url)
-        .env("REDIS_URL", redis.url())
-        .env("REDIS_KEY_PREFIX", &fleet.prefix)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
+    let output = fleet.flashsale(&redis.url(), &["reconcile"]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("lost data: 1 purchase(s) not paid in Redis; rebuilt from Postgres: available 4 held 2 sold 4 of 10")
@@ -562,15 +549,7 @@ async fn after_redis_lost_everything_reconcile_rebuilds_it_and_nothing_paid_is_s
         "{stdout}"
     );
     // And once more: nothing left to repair.
-    let again = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-        .args(["reconcile"])
-        .env("DATABASE_URL", &fleet.db.url)
-        .env("REDIS_URL", redis.url())
-        .env("REDIS_KEY_PREFIX", &fleet.prefix)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
+    let again = fleet.flashsale(&redis.url(), &["reconcile"]).await;
     let again = String::from_utf8_lossy(&again.stdout);
     assert!(
         again.contains("consistent: available 4 held 2 sold 4 of 10")

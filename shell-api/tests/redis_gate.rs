@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use common::{drop_state, keyed, pay, purchase_tally, reserve, TestApp, TestMember};
+use common::{drop_state, eventually, keyed, pay, purchase_tally, reserve, TestApp, TestMember};
 use serde_json::{json, Value};
 use shell_api::auth::Role;
 use shell_api::config::EngineArgs;
@@ -26,19 +26,6 @@ fn fast_reaper() -> EngineArgs {
 
 fn drop_id(drop: &Value) -> Uuid {
     drop["id"].as_str().unwrap().parse().unwrap()
-}
-
-/// Waits (bounded) until `check` holds.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The reservation rows of a drop by status, as the journal wrote them.

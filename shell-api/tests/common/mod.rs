@@ -798,3 +798,16 @@ impl Drop for TcpProxy {
         self.task.abort();
     }
 }
+
+/// Waits (bounded by `limit`) until `check` holds, polling every 20 ms; fails the test with `what` if it never does.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
