@@ -567,3 +567,52 @@ async fn a_settled_drop_leaves_memory_and_its_keys_expire_from_redis() {
         (Some(1), Some("sold_out"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_entries_a_dead_consumer_left_pending_are_claimed_and_written() {
+    let a = TestApp::with_redis(EngineArgs::default()).await;
+    let (_, drop) = a.open_drop(10, 100, json!({})).await;
+    let id = drop_id(&drop);
+    let redis = a.redis.as_ref().unwrap();
+    let stream = engine::gate::redis::drop_keys(&redis.key_prefix, id)[3].clone();
+    let mut conn = redis.conn.clone();
+    // A consumer of the journal group that takes entries and then dies without writing or acknowledging them.
+    let mut ghost_took = 0;
+    for _ in 0..5 {
+        let buyer = a.member(Role::Customer).await;
+        assert_eq!(
+            reserve(&a, &buyer, &drop, 1).await.status,
+            StatusCode::CREATED
+        );
+        let taken: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("journal")
+            .arg("ghost")
+            .arg("COUNT")
+            .arg(100)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let redis::Value::Array(streams) = taken {
+            ghost_took += streams.len();
+        }
+    }
+    assert!(ghost_took > 0, "the ghost took some entries");
+    // The live journal claims them once idle past JOURNAL_CLAIM_IDLE_MS and writes every hold.
+    eventually("every hold stored", Duration::from_secs(10), || async {
+        stored_statuses(&a, id).await == vec![("held".to_owned(), 5)]
+    })
+    .await;
+    eventually("nothing left pending", Duration::from_secs(5), || async {
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(&stream).arg("journal")
+            .query_async(&mut redis.conn.clone())
+            .await
+            .unwrap();
+        matches!(summary, redis::Value::Array(ref parts) if parts.first() == Some(&redis::Value::Int(0)))
+    })
+    .await;
+}

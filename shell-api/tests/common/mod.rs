@@ -214,6 +214,8 @@ impl TestApp {
         let redis_args = shell_api::config::RedisArgs {
             redis_url: Some(urls.join(",")),
             redis_key_prefix: prefix.to_owned(),
+            // Entries a dead (or fake) consumer left pending are claimed quickly, so tests see it happen.
+            journal_claim_idle_ms: 300,
             ..shell_api::config::RedisArgs::default()
         };
         let config = redis_args

@@ -208,18 +208,52 @@ impl Inner {
         Ok(())
     }
 
-    /// One pass: own pending entries first (left by a failed write), then new ones, then now and then others'
-    /// stale ones. Returns how many entries were written.
-    async fn journal_pass(&self, lane: &Lane, claim_due: bool) -> super::GateResult<usize> {
-        let mut entries = match self.read_group(lane, "0").await? {
-            Some(entries) => entries,
-            None => {
-                self.reload(lane).await?;
-                return Ok(0);
+    /// Makes the drop's keys and its journal group exist again after Redis lost them. The group starts at the
+    /// stream's beginning: whatever is there is written again, which stores nothing twice.
+    async fn recreate_group(&self, lane: &Lane) -> super::GateResult<()> {
+        self.reload(lane).await?;
+        let mut conn = self.conn.clone();
+        let created: Result<(), _> = self
+            .bounded(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&lane.keys[super::STREAM])
+                    .arg(GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut conn),
+            )
+            .await;
+        match created {
+            Err(err) if !err.0.contains("BUSYGROUP") => Err(err),
+            _ => Ok(()),
+        }
+    }
+
+    /// One pass: this consumer's own pending entries when a write of them failed (`own_pending`, cleared once there
+    /// are none), else new ones, then now and then others' stale ones. Returns how many entries were written.
+    async fn journal_pass(
+        &self,
+        lane: &Lane,
+        own_pending: &mut bool,
+        claim_due: bool,
+    ) -> super::GateResult<usize> {
+        let mut entries = Vec::new();
+        for start in ["0", ">"] {
+            if start == "0" && !*own_pending {
+                continue;
             }
-        };
-        if entries.is_empty() {
-            entries = self.read_group(lane, ">").await?.unwrap_or_default();
+            let Some(read) = self.read_group(lane, start).await? else {
+                self.recreate_group(lane).await?;
+                return Ok(0);
+            };
+            if start == "0" && read.is_empty() {
+                *own_pending = false;
+            }
+            if !read.is_empty() {
+                entries = read;
+                break;
+            }
         }
         if entries.is_empty() && claim_due {
             entries = self.claim(lane).await?;
@@ -232,32 +266,42 @@ impl Inner {
     }
 }
 
-/// The journal task of one drop on this instance. On shutdown it writes out what the stream already has, so a
-/// stopping instance leaves nothing of its own pending.
+/// Longest wait between two looks at an idle stream: the wait doubles from `journal_idle` while nothing comes, so
+/// a drop that is not selling costs a few reads a second.
+const IDLE_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The journal task of one drop on this instance. On shutdown (or unload) it writes out what the stream already
+/// has, so a stopping instance leaves nothing of its own pending.
 pub(super) async fn run(inner: Arc<Inner>, lane: Arc<Lane>) {
     let mut stop = lane.stop.subscribe();
     let mut last_claim = Instant::now();
     let mut failures: u32 = 0;
+    let mut own_pending = true;
+    let mut idle = inner.config.journal_idle;
     loop {
         let stopping = *stop.borrow();
         let claim_due = last_claim.elapsed() >= inner.config.journal_claim_idle;
         if claim_due {
             last_claim = Instant::now();
         }
-        let pause = match inner.journal_pass(&lane, claim_due).await {
+        let pause = match inner.journal_pass(&lane, &mut own_pending, claim_due).await {
             Ok(0) => {
                 failures = 0;
                 if stopping {
                     return;
                 }
-                inner.config.journal_idle
+                let pause = idle;
+                idle = (idle * 2).min(IDLE_MAX.max(inner.config.journal_idle));
+                pause
             }
             Ok(_) => {
                 failures = 0;
+                idle = inner.config.journal_idle;
                 continue;
             }
             Err(err) => {
                 failures = failures.saturating_add(1);
+                own_pending = true;
                 if stopping && failures >= 3 {
                     tracing::warn!(error = %err, drop = %lane.drop, "journal stopped with entries unwritten; another instance will write them");
                     return;

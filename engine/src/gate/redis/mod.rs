@@ -815,7 +815,7 @@ impl Inner {
             ));
         };
         let released = match &result {
-            Ok(view) => matches!(view.state, HoldState::Released(_)),
+            Ok(view) => op != "read" && matches!(view.state, HoldState::Released(_)),
             Err(err) => *err == TransitionError::Expired,
         };
         if released {
