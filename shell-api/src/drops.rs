@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::auth::{AuthMember, Role};
 use crate::error::{ApiError, Fields};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::idempotency;
+use crate::idempotency::IdempotencyKey;
 use crate::pagination::{encode_cursor, Page, PageQuery};
 use crate::AppState;
 
@@ -32,15 +32,15 @@ const HOLD_SECONDS_MAX: i64 = 86_400;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/drops", post(create_drop).get(list_drops))
-        .route("/drops/{id}", get(get_drop))
-        .route("/drops/{id}/reservations", post(reserve))
+        .route(api!("/drops"), post(create_drop).get(list_drops))
+        .route(api!("/drops/{id}"), get(get_drop))
+        .route(api!("/drops/{id}/reservations"), post(reserve))
         .route(
-            "/reservations/{id}",
+            api!("/reservations/{id}"),
             get(get_reservation).delete(cancel_reservation),
         )
-        .route("/reservations/{id}/payment", post(pay))
-        .route("/members/me/purchases", get(my_purchases))
+        .route(api!("/reservations/{id}/payment"), post(pay))
+        .route(api!("/members/me/purchases"), get(my_purchases))
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,10 +288,9 @@ async fn reserve(
     State(state): State<AppState>,
     member: AuthMember,
     ApiPath(drop_id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let key = idempotency::key_from(&headers)?;
     let body: ReserveBody = optional_json(&body)?;
     let quantity = body.quantity.unwrap_or(1);
     let quantity = u32::try_from(quantity)
@@ -333,10 +332,9 @@ async fn pay(
     State(state): State<AppState>,
     member: AuthMember,
     ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     ApiJson(body): ApiJson<PayBody>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency::key_from(&headers)?;
     if body.payment_token.is_empty() || body.payment_token.len() > 256 {
         return Err(ApiError::invalid(
             "payment_token",

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 /// An error answer: status, machine code, human message, and optional per-field reasons.
 #[derive(Debug)]
@@ -130,16 +129,45 @@ impl ApiError {
     }
 }
 
+/// The wire form of an error: `{"error": {"code", "message", "fields"?}}`.
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorFields<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorFields<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fields: Option<&'a BTreeMap<String, String>>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Some(source) = &self.source {
             tracing::error!(error = ?source, "internal error");
         }
-        let mut error = json!({ "code": self.code, "message": self.message });
-        if let Some(fields) = self.fields {
-            error["fields"] = json!(fields);
-        }
-        let mut response = (self.status, axum::Json(json!({ "error": error }))).into_response();
+        // Serialized straight from borrowed fields: refusals such as `sold_out` are the hot path's common answer.
+        let body = serde_json::to_vec(&ErrorBody {
+            error: ErrorFields {
+                code: &self.code,
+                message: &self.message,
+                fields: self.fields.as_ref(),
+            },
+        })
+        .unwrap_or_else(|_| {
+            br#"{"error":{"code":"internal","message":"internal server error"}}"#.to_vec()
+        });
+        let mut response = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
         if let Some(seconds) = self.retry_after_seconds {
             response
                 .headers_mut()

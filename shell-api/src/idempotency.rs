@@ -97,6 +97,22 @@ pub fn key_from(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
+/// The `Idempotency-Key` of a request, checked as `key_from` does, read from the headers in place (taking a whole
+/// `HeaderMap` would copy it on every request).
+#[derive(Debug)]
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        key_from(&parts.headers).map(IdempotencyKey)
+    }
+}
+
 /// Removes a `Running` slot if its request is dropped before finishing (client went away), so waiters and later
 /// retries run the request themselves rather than wait forever.
 struct RunningGuard<'a> {

@@ -3,6 +3,14 @@
 //! Only this crate knows HTTP and JSON. `app(state)` builds the whole service, so tests call it in-process as
 //! well as over a real socket (`server::serve`).
 
+/// A route path under the API's base path, `/api/v1`. Routes are declared with their full path rather than nested
+/// under the base, because a nested router rebuilds every request's URI and adds a routing layer to the hot path.
+macro_rules! api {
+    ($path:literal) => {
+        concat!("/api/v1", $path)
+    };
+}
+
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -58,9 +66,20 @@ impl Settings {
     }
 }
 
-/// Everything a handler can reach. Cheap to clone: every field is shared.
+/// Everything a handler can reach. One `Arc`, so the clone axum makes for every request is one atomic increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppInner>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+/// What `AppState` shares.
+pub struct AppInner {
     pub db: Pool,
     pub settings: Arc<Settings>,
     pub tokens: Arc<TokenKeys>,
@@ -79,7 +98,7 @@ impl AppState {
             Some(redis) => IdempotencyStore::shared(redis.conn.clone(), &redis.key_prefix),
             None => IdempotencyStore::default(),
         };
-        Self {
+        Self(Arc::new(AppInner {
             db,
             settings: Arc::new(settings),
             tokens: Arc::new(tokens),
@@ -87,7 +106,7 @@ impl AppState {
             engine,
             idempotency: Arc::new(idempotency),
             redis: redis.map(|redis| redis.conn.clone()),
-        }
+        }))
     }
 }
 
@@ -151,15 +170,13 @@ pub async fn start_engine_with_gate(
 
 /// The whole HTTP service.
 pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .merge(members::router())
-        .merge(products::router())
-        .merge(drops::router())
-        .merge(feeds::router());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .nest("/api/v1", api)
+        .merge(members::router())
+        .merge(products::router())
+        .merge(drops::router())
+        .merge(feeds::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))

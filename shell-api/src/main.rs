@@ -4,6 +4,11 @@ use clap::Parser;
 use shell_api::config::{AdminCommand, Cli, Command};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of the system allocator: the request path allocates and frees many small buffers (headers,
+/// bodies, JSON) across two worker threads, and glibc's malloc/free showed as ~8% of a flat profile of it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

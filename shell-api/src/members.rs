@@ -30,10 +30,13 @@ const MEMBER_COLUMNS: &str = "id, email, name, greeting, role, created_at";
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/members", post(signup_handler))
-        .route("/members/me", get(me_handler).patch(update_me_handler))
-        .route("/members/me/password", put(change_password_handler))
-        .route("/members/{id}/role", put(set_role_handler))
+        .route(api!("/members"), post(signup_handler))
+        .route(
+            api!("/members/me"),
+            get(me_handler).patch(update_me_handler),
+        )
+        .route(api!("/members/me/password"), put(change_password_handler))
+        .route(api!("/members/{id}/role"), put(set_role_handler))
         .merge(sessions::router())
 }
 

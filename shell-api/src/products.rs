@@ -36,10 +36,10 @@ const PRODUCT_COLUMNS: &str =
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/products", post(create_handler).get(list_handler))
-        .route("/products/bulk", post(bulk_create_handler))
+        .route(api!("/products"), post(create_handler).get(list_handler))
+        .route(api!("/products/bulk"), post(bulk_create_handler))
         .route(
-            "/products/{id}",
+            api!("/products/{id}"),
             get(get_handler)
                 .patch(update_handler)
                 .delete(delete_handler),

@@ -28,10 +28,10 @@ const REFRESH_TOKEN_BYTES: usize = 32;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/auth/login", post(login_handler))
-        .route("/auth/refresh", post(refresh_handler))
-        .route("/auth/logout", post(logout_handler))
-        .route("/auth/logout-all", post(logout_all_handler))
+        .route(api!("/auth/login"), post(login_handler))
+        .route(api!("/auth/refresh"), post(refresh_handler))
+        .route(api!("/auth/logout"), post(logout_handler))
+        .route(api!("/auth/logout-all"), post(logout_all_handler))
 }
 
 #[derive(Debug, Deserialize)]

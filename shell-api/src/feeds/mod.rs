@@ -38,38 +38,38 @@ pub const COMMENT_CHARS_MAX: usize = 2_000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/posts", post(posts::create_post))
+        .route(api!("/posts"), post(posts::create_post))
         .route(
-            "/posts/{id}",
+            api!("/posts/{id}"),
             get(posts::get_post)
                 .patch(posts::update_post)
                 .delete(posts::delete_post),
         )
         .route(
-            "/posts/{id}/comments",
+            api!("/posts/{id}/comments"),
             post(posts::create_comment).get(posts::list_comments),
         )
         .route(
-            "/comments/{id}",
+            api!("/comments/{id}"),
             axum::routing::delete(posts::delete_comment),
         )
         .route(
-            "/posts/{id}/like",
+            api!("/posts/{id}/like"),
             put(social::post_like).delete(social::post_like),
         )
         .route(
-            "/comments/{id}/like",
+            api!("/comments/{id}/like"),
             put(social::comment_like).delete(social::comment_like),
         )
         .route(
-            "/members/{id}/follow",
+            api!("/members/{id}/follow"),
             put(social::follow).delete(social::follow),
         )
-        .route("/members/{id}/followers", get(social::list_followers))
-        .route("/members/{id}/following", get(social::list_following))
-        .route("/members/{id}/posts", get(posts::list_member_posts))
-        .route("/feed", get(feed::get_feed))
-        .route("/activity", get(activity::get_activity))
+        .route(api!("/members/{id}/followers"), get(social::list_followers))
+        .route(api!("/members/{id}/following"), get(social::list_following))
+        .route(api!("/members/{id}/posts"), get(posts::list_member_posts))
+        .route(api!("/feed"), get(feed::get_feed))
+        .route(api!("/activity"), get(activity::get_activity))
 }
 
 /// The columns of `Post`, in the order `Post::from_row` reads them; `p` is the posts alias. A macro so that

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The hot path at wire speed: wrk against a release `flashsale serve` on this machine, side by side in one run:
+#   healthz    GET /healthz (the floor: hyper, the kernel, wrk)
+#   reserve    POST /api/v1/drops/{id}/reservations while stock lasts (a new buyer per request, rotating tokens)
+#   sold_out   the same POST on a sold-out drop (rejected from the local flag)
+# Prints one line per path with req/s and its ratio to healthz, and writes them to $WIRE_OUT (default
+# target/wire.tsv). Each run is `wrk -t1 -c64 -d${WIRE_SECONDS}s` (the issue's method); the generator is
+# measured too (`cpu%` of wrk) to show it is not the bottleneck.
+#
+#   scripts/wire.sh [--redis]    --redis: the server uses the Redis gate (REDIS_URL from services.sh)
+#
+# Settings: WIRE_MEMBERS (buyers, default 1000), WIRE_SECONDS (per path, default 5), WIRE_CONNECTIONS (64).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+cd "$ROOT"
+MEMBERS=${WIRE_MEMBERS:-1000}
+SECONDS_PER_RUN=${WIRE_SECONDS:-5}
+CONNECTIONS=${WIRE_CONNECTIONS:-64}
+OUT=${WIRE_OUT:-$ROOT/target/wire.tsv}
+DB=flashsale_wire
+REDIS=0
+if [ "${1:-}" = "--redis" ]; then REDIS=1; fi
+
+say() { printf 'wire: %s\n' "$*" >&2; }
+die() {
+  say "error: $*"
+  exit 2
+}
+
+command -v wrk >/dev/null 2>&1 || {
+  say "installing wrk"
+  apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1; } ||
+    die "wrk is missing and could not be installed"
+}
+eval "$("$ROOT/scripts/services.sh")"
+cargo build --release -q -p shell-api --bin flashsale
+BIN="$ROOT/target/release/flashsale"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/flashsale-wire.XXXXXX")
+SERVER_PID=
+cleanup() {
+  if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+admin_url=$(printf '%s' "$DATABASE_URL" | sed -E 's#^([a-zA-Z][a-zA-Z0-9+.-]*://[^/?]*)(/[^?]*)?#\1/postgres#')
+psql -X -q -d "$admin_url" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+db_url=$(printf '%s' "$DATABASE_URL" | sed -E "s#^([a-zA-Z][a-zA-Z0-9+.-]*://[^/?]*)(/[^?]*)?#\1/$DB#")
+
+env_args=(DATABASE_URL="$db_url" BIND_ADDR=127.0.0.1:0 JWT_SECRET=wire-bench-secret RUST_LOG=warn
+  RESERVE_INFLIGHT_MAX=100000 ACCESS_TOKEN_SECONDS=3600)
+if [ "$REDIS" = 1 ]; then
+  env_args+=(REDIS_URL="$REDIS_URL" REDIS_KEY_PREFIX="wire-$$-$(date +%s):")
+else
+  env_args+=(REDIS_URL=)
+fi
+env "${env_args[@]}" "$BIN" migrate >/dev/null
+env "${env_args[@]}" "$BIN" admin create --email admin@wire.local --password wire-admin-password >/dev/null
+env "${env_args[@]}" "$BIN" serve >"$WORK/server.out" 2>"$WORK/server.err" &
+SERVER_PID=$!
+for _ in $(seq 1 600); do
+  grep -q '^listening on ' "$WORK/server.out" 2>/dev/null && break
+  kill -0 "$SERVER_PID" 2>/dev/null || die "server exited: $(tail -5 "$WORK/server.err")"
+  sleep 0.1
+done
+BASE=$(sed -n 's/^listening on //p' "$WORK/server.out" | head -1)
+[ -n "$BASE" ] || die "server did not start"
+say "server at $BASE ($([ "$REDIS" = 1 ] && echo 'Redis gate' || echo 'embedded gate'))"
+
+json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+post() { curl -fsS -X POST "$BASE$1" -H 'content-type: application/json' ${3:+-H "authorization: Bearer $3"} -d "$2"; }
+admin=$(post /api/v1/auth/login '{"email":"admin@wire.local","password":"wire-admin-password"}' | json '["access_token"]')
+product=$(post /api/v1/products '{"name":"Wire sneakers","price":1000,"kind":"preorder"}' "$admin" | json '["id"]')
+opens=$(date -u -d '-1 second' +%Y-%m-%dT%H:%M:%SZ)
+live=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":10000000,\"opens_at\":\"$opens\",\"per_member_limit\":1000}" "$admin" | json '["id"]')
+gone=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":1,\"opens_at\":\"$opens\"}" "$admin" | json '["id"]')
+post "/api/v1/drops/$gone/reservations" '{}' "$admin" >/dev/null
+
+say "signing up and logging in $MEMBERS buyers"
+seq 1 "$MEMBERS" | xargs -P 8 -I{} sh -c '
+  curl -fsS -X POST "$0/api/v1/members" -H "content-type: application/json" \
+    -d "{\"email\":\"buyer{}@wire.local\",\"password\":\"wire-buyer-password\",\"name\":\"Buyer {}\"}" >/dev/null &&
+  curl -fsS -X POST "$0/api/v1/auth/login" -H "content-type: application/json" \
+    -d "{\"email\":\"buyer{}@wire.local\",\"password\":\"wire-buyer-password\"}"' "$BASE" |
+  python3 -c 'import sys,json
+for line in sys.stdin.read().replace("}{","}\n{").splitlines():
+    print(json.loads(line)["access_token"])' >"$WORK/tokens"
+[ "$(wc -l <"$WORK/tokens")" -eq "$MEMBERS" ] || die "expected $MEMBERS tokens, got $(wc -l <"$WORK/tokens")"
+
+# One wrk run; prints "req/s wrk_cpu% statuses". With WIRE_PERF=<name>, the server is profiled (perf record)
+# during the run of that name, into target/wire-<name>.perf.data (the whole machine with WIRE_PERF_ALL=1).
+run() {
+  local name=$1 path=$2 method=$3 out perf_pid=
+  if [ "${WIRE_PERF:-}" = "$name" ]; then
+    local scope=(-p "$SERVER_PID")
+    if [ -n "${WIRE_PERF_ALL:-}" ]; then scope=(-a); fi
+    perf record -F 999 -g "${scope[@]}" -o "$ROOT/target/wire-$name.perf.data" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
+  # The server's CPU time over the run (perf's task-clock, all its threads): CPU per request does not depend on
+  # what else the machine is doing the way req/s does.
+  perf stat -e task-clock -p "$SERVER_PID" -o "$WORK/stat-$name" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+  local stat_pid=$!
+  out=$(WRK_TOKENS="$WORK/tokens" WRK_PATH="$path" WRK_METHOD="$method" \
+    /usr/bin/time -f 'cpu %P' wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" -s "$ROOT/benches/wrk/rotate.lua" "$BASE" 2>&1)
+  wait "$stat_pid" || true
+  local rps cpu statuses requests server_ms
+  rps=$(printf '%s\n' "$out" | awk '/Requests\/sec/ {print $2}')
+  requests=$(printf '%s\n' "$out" | awk '/requests in/ {print $1}')
+  server_ms=$(awk '/task-clock/ {gsub(",", "", $1); print $1}' "$WORK/stat-$name")
+  cpu=$(printf '%s\n' "$out" | awk '/^cpu / {print $2}')
+  statuses=$(printf '%s\n' "$out" | grep '^status ' | tr '\n' ' ' || true)
+  if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; fi
+  printf '%s\t%s\t%s\t%s\n' "$rps" "$cpu" "$(python3 -c "print(f'{$server_ms*1000/$requests:.1f}')")" "$statuses"
+}
+
+healthz=$(run healthz /healthz GET)
+reserve=$(run reserve "/api/v1/drops/$live/reservations" POST)
+sold_out=$(run sold_out "/api/v1/drops/$gone/reservations" POST)
+base=$(printf '%s' "$healthz" | cut -f1)
+{
+  printf 'path\treq_per_s\tratio_to_healthz\twrk_cpu\tserver_cpu_us_per_req\tstatuses\n'
+  for row in "healthz	$healthz" "reserve	$reserve" "sold_out	$sold_out"; do
+    name=$(printf '%s' "$row" | cut -f1)
+    rps=$(printf '%s' "$row" | cut -f2)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rps" "$(python3 -c "print(f'{$rps/$base:.2f}')")" \
+      "$(printf '%s' "$row" | cut -f3)" "$(printf '%s' "$row" | cut -f4)" "$(printf '%s' "$row" | cut -f5)"
+  done
+} | tee "$OUT"
