@@ -9,6 +9,8 @@
 #
 #   scripts/wire.sh [--redis]    --redis: the server uses the Redis gate (REDIS_URL from services.sh)
 #
+# Then it sells a drop of WIRE_SELL_UNITS (default 100000) end to end, reserve and pay, with
+# `shell-api/examples/sell_out.rs` (128 concurrent buyers), and reports the seconds it took.
 # Settings: WIRE_MEMBERS (buyers, default 1000), WIRE_SECONDS (per path, default 5), WIRE_CONNECTIONS (64).
 set -euo pipefail
 
@@ -34,7 +36,7 @@ command -v wrk >/dev/null 2>&1 || {
     die "wrk is missing and could not be installed"
 }
 eval "$("$ROOT/scripts/services.sh")"
-cargo build --release -q -p shell-api --bin flashsale
+cargo build --release -q -p shell-api --bin flashsale --example sell_out
 BIN="$ROOT/target/release/flashsale"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/flashsale-wire.XXXXXX")
@@ -119,6 +121,13 @@ run() {
 healthz=$(run healthz /healthz GET)
 reserve=$(run reserve "/api/v1/drops/$live/reservations" POST)
 sold_out=$(run sold_out "/api/v1/drops/$gone/reservations" POST)
+sell_units=${WIRE_SELL_UNITS:-100000}
+sell_drop=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":$sell_units,\"opens_at\":\"$opens\",\"per_member_limit\":1000}" "$admin" | json '["id"]')
+say "selling $sell_units units end to end"
+sell=$("$ROOT/target/release/examples/sell_out" "$BASE" "$sell_drop" "$WORK/tokens" 128)
+say "$sell"
+sell_seconds=$(printf '%s' "$sell" | awk '{print $5}')
+sell_rate=$(printf '%s' "$sell" | sed -E 's/.*\(([0-9]+) units\/s\).*/\1/')
 base=$(printf '%s' "$healthz" | cut -f1)
 {
   printf 'path\treq_per_s\tratio_to_healthz\twrk_cpu\tserver_cpu_us_per_req\tstatuses\n'
@@ -128,4 +137,5 @@ base=$(printf '%s' "$healthz" | cut -f1)
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rps" "$(python3 -c "print(f'{$rps/$base:.2f}')")" \
       "$(printf '%s' "$row" | cut -f3)" "$(printf '%s' "$row" | cut -f4)" "$(printf '%s' "$row" | cut -f5)"
   done
+  printf 'sell_%s\t%s\t\t\t\tseconds %s\n' "$sell_units" "$sell_rate" "$sell_seconds"
 } | tee "$OUT"

@@ -186,6 +186,7 @@ impl Engine {
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, EngineError> {
         let (writer, writer_task) = writer::spawn(db.clone(), config.writer);
+        gate.use_writer(writer.clone());
         let (stop, stop_rx) = watch::channel(false);
         let engine = Arc::new(Self {
             db,

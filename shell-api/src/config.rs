@@ -155,11 +155,8 @@ impl RedisArgs {
         (!urls.is_empty()).then_some(urls)
     }
 
-    /// The Redis gate's configuration, if Redis is configured; its journal writes with `writer`.
-    pub fn gate_config(
-        &self,
-        writer: engine::writer::WriterConfig,
-    ) -> Option<engine::gate::redis::RedisGateConfig> {
+    /// The Redis gate's configuration, if Redis is configured.
+    pub fn gate_config(&self) -> Option<engine::gate::redis::RedisGateConfig> {
         let urls = self.urls()?;
         Some(engine::gate::redis::RedisGateConfig {
             cluster: self.redis_cluster,
@@ -168,7 +165,6 @@ impl RedisArgs {
             batch_max: self.redis_batch_max.max(1),
             pay_lease: std::time::Duration::from_secs(self.pay_lease_seconds.max(1)),
             journal_claim_idle: std::time::Duration::from_millis(self.journal_claim_idle_ms.max(1)),
-            writer,
             ..engine::gate::redis::RedisGateConfig::new(urls)
         })
     }

@@ -134,7 +134,7 @@ pub async fn start_engine(
     redis: &config::RedisArgs,
     clock: Arc<dyn engine::clock::Clock>,
 ) -> anyhow::Result<Started> {
-    let Some(gate_config) = redis.gate_config(args.engine_config().writer) else {
+    let Some(gate_config) = redis.gate_config() else {
         let gate = Arc::new(EmbeddedGate::new(args.engine_shards));
         let (engine, gateway) = start_engine_with_gate(db, args, gate, clock).await?;
         return Ok(Started {

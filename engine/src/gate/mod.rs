@@ -104,6 +104,9 @@ pub trait Gate: Send + Sync + 'static {
     /// Forgets a drop whose sale is settled (nothing about it can change any more), so a process that runs for weeks
     /// keeps only live drops in memory. A later `load` brings it back from Postgres.
     async fn unload(&self, drop: Uuid);
+    /// Gives the gate the service's writer. A gate that journals writes through it, so every Postgres write of the
+    /// engine shares one group commit: two writers storing the same reservations wait on each other's transactions.
+    fn use_writer(&self, _writer: crate::writer::WriterHandle) {}
     /// Stops background work and writes out what it journals; the service calls it before draining its writer.
     async fn shutdown(&self) {}
 }

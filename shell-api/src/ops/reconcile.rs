@@ -10,10 +10,7 @@ use crate::db;
 
 /// Runs the check; returns how many drops were repaired.
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<usize> {
-    let Some(config) = args
-        .redis
-        .gate_config(engine::writer::WriterConfig::default())
-    else {
+    let Some(config) = args.redis.gate_config() else {
         anyhow::bail!("reconcile checks Redis against Postgres: set REDIS_URL");
     };
     let pool = db::connect(&args.db).await?;
@@ -27,9 +24,13 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<usize> {
             None => engine::store::load_all_drops(&**client).await?,
         }
     };
-    let gate = RedisGate::connect(config, pool)
+    let gate = RedisGate::connect(config, pool.clone())
         .await
         .context("connecting to Redis")?;
+    // A rebuild releases holds the gate cannot restore, through a writer of its own.
+    let (writer, writer_task) =
+        engine::writer::spawn(pool, engine::writer::WriterConfig::default());
+    gate.use_writer(writer.clone());
     let mut repaired = 0;
     for drop in &drops {
         let outcome = gate
@@ -74,5 +75,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<usize> {
     }
     println!("reconciled {} drop(s), repaired {repaired}", drops.len());
     gate.shutdown().await;
+    writer.shutdown().await.context("draining the writer")?;
+    writer_task.await.context("writer task")?;
     Ok(repaired)
 }

@@ -218,9 +218,7 @@ impl TestApp {
             journal_claim_idle_ms: 300,
             ..shell_api::config::RedisArgs::default()
         };
-        let config = redis_args
-            .gate_config(args.engine_config().writer)
-            .expect("redis config");
+        let config = redis_args.gate_config().expect("redis config");
         let gate = engine::gate::redis::RedisGate::connect(config, db.pool.clone())
             .await
             .expect("redis gate");

@@ -190,7 +190,7 @@ impl Inner {
         let mut rows = Rows::default();
         decode(lane, entries, &mut rows);
         if !rows.holds.is_empty() || !rows.released.is_empty() {
-            self.writer
+            self.writer()?
                 .journal(rows.holds, rows.released)
                 .await
                 .map_err(|err| super::GateUnavailable(format!("journal not stored: {err}")))?;

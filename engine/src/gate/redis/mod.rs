@@ -38,7 +38,7 @@ use crate::core::{
     Counts, HoldState, HoldView, ReleaseReason, ReserveRejection, RestoreError, TransitionError,
 };
 use crate::types::DropSpec;
-use crate::writer::{self, WriterConfig, WriterHandle};
+use crate::writer::{self, WriterHandle};
 
 const PRELUDE: &str = include_str!("prelude.lua");
 
@@ -72,8 +72,6 @@ pub struct RedisGateConfig {
     /// Whether this instance runs the journal (reads the streams into Postgres). Every instance does by default;
     /// one that does not leaves the writing to the others (and a benchmark measures the gate alone).
     pub journal: bool,
-    /// The journal's own Postgres writer.
-    pub writer: WriterConfig,
 }
 
 impl RedisGateConfig {
@@ -92,7 +90,6 @@ impl RedisGateConfig {
             journal_batch_max: 512,
             journal: true,
             settled_ttl: Duration::from_secs(7 * 24 * 60 * 60),
-            writer: WriterConfig::default(),
         }
     }
 }
@@ -161,7 +158,9 @@ struct Inner {
     seqs: DashMap<u32, Uuid>,
     /// This instance's consumer name in every drop's journal group.
     consumer: String,
-    writer: WriterHandle,
+    /// The service's writer (`Gate::use_writer`): the journal writes through it, so every Postgres write of the
+    /// engine goes through one group commit.
+    writer: std::sync::OnceLock<WriterHandle>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -169,7 +168,6 @@ struct Inner {
 /// Redis as the stock authority; see the module documentation.
 pub struct RedisGate {
     inner: Arc<Inner>,
-    writer_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for RedisGate {
@@ -282,11 +280,10 @@ enum Moved {
 }
 
 impl RedisGate {
-    /// Connects (lazily for a single server) and starts the journal's writer and the sold-out poller. `db` is
-    /// where dropped Redis state is rebuilt from and where the journal writes.
+    /// Connects (lazily for a single server) and starts the sold-out poller. `db` is where lost Redis state is
+    /// rebuilt from; the journal writes through the writer given to `use_writer`.
     pub async fn connect(config: RedisGateConfig, db: Pool) -> Result<Self, RedisGateError> {
         let conn = RedisConn::connect(&config.urls, config.cluster, config.call_timeout).await?;
-        let (writer, writer_task) = writer::spawn(db.clone(), config.writer);
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             conn,
@@ -295,17 +292,14 @@ impl RedisGate {
             lanes: DashMap::new(),
             seqs: DashMap::new(),
             consumer: format!("instance-{}", Uuid::now_v7().simple()),
-            writer,
+            writer: std::sync::OnceLock::new(),
             stop,
             tasks: Mutex::new(Vec::new()),
             config,
         });
         let poller = tokio::spawn(poll_sold_out(Arc::clone(&inner)));
         inner.tasks.lock().push(poller);
-        Ok(Self {
-            inner,
-            writer_task: Mutex::new(Some(writer_task)),
-        })
+        Ok(Self { inner })
     }
 
     /// The connection, for tools that inspect or repair Redis state (reconcile, tests).
@@ -449,6 +443,13 @@ impl Inner {
         Ok(lost)
     }
 
+    /// The writer the journal writes through.
+    fn writer(&self) -> GateResult<&WriterHandle> {
+        self.writer
+            .get()
+            .ok_or_else(|| GateUnavailable("no writer given to the Redis gate".into()))
+    }
+
     /// Runs one Redis call under the call timeout; a failure or a timeout is `GateUnavailable`.
     async fn bounded<T>(
         &self,
@@ -579,7 +580,14 @@ impl Inner {
                     (row, ReleaseReason::Expired, now)
                 })
                 .collect();
-            if let Err(err) = self.writer.journal(Vec::new(), released).await {
+            let stored = match self.writer() {
+                Ok(writer) => writer
+                    .journal(Vec::new(), released)
+                    .await
+                    .map_err(|err| err.to_string()),
+                Err(err) => Err(err.to_string()),
+            };
+            if let Err(err) = stored {
                 tracing::warn!(error = %err, drop = %drop.id, "holds of another gate not released in Postgres");
             }
         }
@@ -1222,6 +1230,10 @@ impl Gate for RedisGate {
         true
     }
 
+    fn use_writer(&self, writer: WriterHandle) {
+        let _ = self.inner.writer.set(writer);
+    }
+
     async fn unload(&self, drop: Uuid) {
         let Some((_, lane)) = self.inner.lanes.remove(&drop) else {
             return;
@@ -1250,13 +1262,6 @@ impl Gate for RedisGate {
         let _ = self.inner.stop.send(true);
         for task in tasks {
             let _ = task.await;
-        }
-        if let Err(err) = self.inner.writer.shutdown().await {
-            tracing::warn!(error = %err, "journal writer already stopped");
-        }
-        let writer = self.writer_task.lock().take();
-        if let Some(writer) = writer {
-            let _ = writer.await;
         }
     }
 }
