@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# A demo drop, end to end: a fresh database, real servers on free ports, and `flashsale-load drop` driving
-# 600 buyers firing 5 attempts each at 120 units; the driver verifies the invariants and writes a report.
+# A demo drop, end to end: a fresh database, real servers on free ports, and the goose drop scenario
+# (`flashsale-load drop`): 600 buyers with 5 tabs each reserve at once when a 120-unit drop opens; of the holders 20%
+# abandon (cancel, or let the hold expire), 20% of the rest are declined, the others pay; refused buyers retry while
+# stock comes back. Goose writes its HTML report; the harness then verifies the invariants through the API and in
+# Postgres and prints its summary.
 #
 #   scripts/demo.sh [--redis] [--instances N] [-- DRIVER_ARGS...]
 #     e.g. scripts/demo.sh -- --buyers 2000 --stock 500
+#          scripts/demo.sh -- --threshold "p99<500ms" --threshold "error-rate<1%"
 #          scripts/demo.sh --redis --instances 3
 #
 # Without options: one server on the embedded gate (its in-memory core is the stock authority).
 # --redis          the servers use the Redis gate: REDIS_URL from scripts/services.sh, and a key prefix of this
 #                  run's own (REDIS_KEY_PREFIX=demo-<timestamp>-<pid>:) whose keys are deleted at the end.
 # --instances N    start N servers (default 1, at most 16) on one database and one Redis, all selling the same
-#                  drop; N > 1 needs --redis. The driver spreads buyers over them round robin and pays or cancels
+#                  drop; N > 1 needs --redis. The harness spreads buyers over them round robin and pays or cancels
 #                  each hold through another instance than the one that granted it; its checks add that every
 #                  instance serves the same counts at the end.
-# DRIVER_ARGS (after --) go to `flashsale-load drop` (see `flashsale-load drop --help`); they override the
-# LOAD_* settings.
+# DRIVER_ARGS (after --) go to `flashsale-load drop` (see `flashsale-load drop --help`: the funnel's settings and
+# goose's options, such as --threshold); they override the LOAD_* settings.
 # Settings: DEMO_DB (database name, default flashsale_demo; dropped and recreated on every run),
 # DEMO_SERVER_ENV (extra VAR=value settings for every server, space-separated, e.g. "RESERVE_INFLIGHT_MAX=512"),
-# and every LOAD_* variable of the driver.
+# and every LOAD_* variable of the harness.
 #
-# Exits with the driver's status: 0 every invariant held, 1 one failed, 2 the run could not be carried out
-# (also for bad options).
+# Exits with the harness's status: 0 every invariant (and threshold) held, 1 one failed, 2 the run could not be
+# carried out (also for bad options).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -49,11 +53,12 @@ usage: scripts/demo.sh [--redis] [--instances N] [-- DRIVER_ARGS...]
   --instances N    run N servers on one database and one Redis, selling the same drop (default 1, at most 16;
                    N > 1 needs --redis)
   -h, --help       this text
-  DRIVER_ARGS      options of `flashsale-load drop`, e.g. -- --buyers 2000 --stock 500
+  DRIVER_ARGS      options of `flashsale-load drop` and goose, e.g. -- --buyers 2000 --stock 500
+                   or -- --threshold "p99<500ms"
 
 Settings: DEMO_DB (default flashsale_demo, recreated every run), DEMO_SERVER_ENV (extra VAR=value settings for
-every server), and the driver's LOAD_* variables. Exit status: 0 every invariant held, 1 one failed, 2 the run
-could not be carried out.
+every server), and the harness's LOAD_* variables. Exit status: 0 every invariant (and threshold) held, 1 one
+failed, 2 the run could not be carried out.
 USAGE
 }
 usage_error() {
@@ -81,7 +86,7 @@ while [ $# -gt 0 ]; do
       shift
       break
       ;;
-    *) usage_error "unknown option '$1' (options of the driver go after --)" ;;
+    *) usage_error "unknown option '$1' (options of the harness go after --)" ;;
   esac
   shift
 done
@@ -219,7 +224,10 @@ step "admin $ADMIN_EMAIL"
 
 mkdir -p "$ROOT/reports"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-export LOAD_REPORT=${LOAD_REPORT:-$ROOT/reports/drop-$STAMP.json}
+# Goose's reports (HTML for people, JSON for tools) and the harness's summary of the funnel and its checks.
+HTML_REPORT=$ROOT/reports/drop-$STAMP.html
+JSON_REPORT=$ROOT/reports/drop-$STAMP.json
+SUMMARY=$ROOT/reports/drop-$STAMP.summary.json
 read -r -a server_env <<<"${DEMO_SERVER_ENV:-}"
 # Every server signs with the same JWT secret, so a token from one is good on all of them.
 common_env=(BIND_ADDR=127.0.0.1:0 JWT_SECRET=flashsale-demo-secret-not-for-production RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1)
@@ -268,10 +276,11 @@ BASE_URL_LIST=$(
   printf '%s' "${BASE_URLS[*]}"
 )
 
-step "flashsale-load drop $*"
+step "flashsale-load drop (goose) $*"
 set +e
 LOAD_ADMIN_PASSWORD=$ADMIN_PASSWORD "$LOAD" drop --base-url "$BASE_URL_LIST" --database-url "$DATABASE_URL" \
-  --admin-email "$ADMIN_EMAIL" "$@"
+  --admin-email "$ADMIN_EMAIL" --report-file "$HTML_REPORT" --report-file "$JSON_REPORT" \
+  --summary-file "$SUMMARY" "$@"
 LOAD_STATUS=$?
 set -e
 
@@ -281,9 +290,22 @@ for i in "${!SERVER_STATUSES[@]}"; do
   say "server $((i + 1)) stopped (exit ${SERVER_STATUSES[$i]}); $(tail -n 1 "$(server_log $((i + 1)))" 2>/dev/null || true)"
 done
 
+report_line() {
+  if [ -s "$HTML_REPORT" ]; then
+    say "goose's HTML report: $HTML_REPORT ($(wc -c <"$HTML_REPORT") bytes); JSON: $JSON_REPORT; summary: $SUMMARY"
+  else
+    say "goose wrote no HTML report at $HTML_REPORT"
+  fi
+}
 case $LOAD_STATUS in
-  0) step "PASS: every invariant held (the report's path is above)" ;;
-  1) step "FAIL: an invariant did not hold (the report's path is above)" ;;
-  *) step "ERROR: the driver could not finish (exit $LOAD_STATUS)" ;;
+  0)
+    step "PASS: every invariant held"
+    report_line
+    ;;
+  1)
+    step "FAIL: an invariant or a threshold did not hold (see the checks above)"
+    report_line
+    ;;
+  *) step "ERROR: the harness could not finish (exit $LOAD_STATUS)" ;;
 esac
 exit "$LOAD_STATUS"

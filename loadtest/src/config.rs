@@ -1,17 +1,22 @@
-//! The `flashsale-load` command line: one typed config per subcommand; every setting is also read from the
-//! environment (`LOAD_*`, plus the usual `DATABASE_URL`).
+//! The `flashsale-load` command line: one typed config per subcommand. The goose scenarios (`drop`, `browse`,
+//! `feed`, `mixed`) take goose's own options too (`--report-file`, `--threshold`, `-u`, `-t`, ...), flattened in
+//! from `GooseConfiguration`; `rate` drives a constant arrival rate without goose. Every setting of ours is also
+//! read from the environment (`LOAD_*`, plus the usual `DATABASE_URL`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use clap::{Args, Parser, Subcommand};
+use goose::config::GooseConfiguration;
 use serde::Serialize;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "flashsale-load",
     version,
-    about = "Load driver for flashsale: runs a scenario against a server, verifies the invariants, writes a report"
+    about = "Load harness for flashsale: goose scenarios against one or several servers, verified afterwards, \
+             and a constant-arrival-rate mode for latency without coordinated omission"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -20,17 +25,30 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// The drop funnel: buyers sign up, wait for a drop to open, reserve all at once, then pay, decline, cancel
-    /// or abandon; refused buyers retry while stock comes back. Exits 1 if an invariant fails, 2 on errors.
+    /// The drop funnel: at `opens_at` every buyer tries to reserve; of the holders some abandon (cancel or let the
+    /// hold expire), some are declined, the rest pay; refused buyers retry while stock comes back. Then the
+    /// invariants are verified through the API and in Postgres. Exits 1 if an invariant or a threshold fails, 2
+    /// when the run could not be carried out.
     Drop(DropArgs),
+    /// Shop browsing: the product list, search and product pages, anonymously, for `-t` (default 30 s).
+    Browse(BrowseArgs),
+    /// Feeds: members read the newsfeed (recent and popular), post, like and comment, for `-t` (default 30 s).
+    Feed(FeedArgs),
+    /// A realistic blend: the drop funnel while shoppers browse and members read and write the feeds; the run ends
+    /// when the funnel is done, and the drop's invariants are verified as for `drop`.
+    Mixed(MixedArgs),
+    /// A constant arrival rate over raw HTTP/1.1 connections: requests are scheduled at fixed intended times and
+    /// their latency counts from that time, so a stalled server shows in every request it delayed.
+    Rate(RateArgs),
 }
 
+/// Where the servers are and how to set a run up; shared by every subcommand that talks to the API.
 #[derive(Debug, Clone, Args, Serialize)]
-pub struct DropArgs {
-    /// Base URL of the flashsale server; several instances serving the same drop (sharing one Redis and one
-    /// Postgres) as a comma-separated list or by repeating the flag. Setup goes to the first; buyers are spread
-    /// over them round robin and pay or cancel through another instance than the one that granted the hold.
-    /// Only loopback hosts are accepted: this driver is for local runs.
+pub struct TargetArgs {
+    /// Base URL of the flashsale server; several instances serving the same data (one Postgres, and one Redis for
+    /// drops) as a comma-separated list or by repeating the flag. Setup goes to the first; users are spread over
+    /// them round robin, and a hold is paid or cancelled through another instance than the one that granted it.
+    /// Only loopback hosts are accepted: this harness is for local runs.
     #[arg(
         long = "base-url",
         env = "LOAD_BASE_URL",
@@ -39,7 +57,7 @@ pub struct DropArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub base_urls: Vec<String>,
-    /// PostgreSQL URL of the server's database, read after the run to verify purchases.
+    /// PostgreSQL URL of the server's database, read after a drop run to verify purchases.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -48,7 +66,7 @@ pub struct DropArgs {
     )]
     #[serde(skip)]
     pub database_url: String,
-    /// Email of an existing admin (`flashsale admin create`); it promotes the demo seller.
+    /// Email of an existing admin (`flashsale admin create`); it promotes the run's seller.
     #[arg(
         long,
         env = "LOAD_ADMIN_EMAIL",
@@ -56,10 +74,24 @@ pub struct DropArgs {
     )]
     pub admin_email: String,
     /// Password of that admin.
-    #[arg(long, env = "LOAD_ADMIN_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LOAD_ADMIN_PASSWORD",
+        hide_env_values = true,
+        default_value = ""
+    )]
     #[serde(skip)]
     pub admin_password: String,
-    /// Buyers to sign up; each fires its attempts when the drop opens.
+    /// Most signups/logins in flight during setup (argon2 makes each cost the server 10-30 ms of CPU).
+    #[arg(long, env = "LOAD_SETUP_CONCURRENCY", default_value_t = 16)]
+    pub setup_concurrency: usize,
+}
+
+/// The drop funnel's settings. Rates are funnel rates: `abandon_rate` of the holders abandon, and
+/// `decline_rate` of the others pay with `tok_declined`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct FunnelArgs {
+    /// Members who try to buy; each gets `--attempts-per-buyer` goose users (its tabs).
     #[arg(long, env = "LOAD_BUYERS", default_value_t = 600)]
     pub buyers: u32,
     /// Units the drop sells.
@@ -68,110 +100,146 @@ pub struct DropArgs {
     /// Units one member may buy.
     #[arg(long, env = "LOAD_PER_MEMBER_LIMIT", default_value_t = 1)]
     pub per_member_limit: u32,
-    /// Concurrent reservation attempts (one unit each) per buyer at the opening instant.
+    /// Tabs per buyer: goose users of one member that each fire one reservation at the opening instant.
     #[arg(long, env = "LOAD_ATTEMPTS_PER_BUYER", default_value_t = 5)]
     pub attempts_per_buyer: u32,
     /// Seconds a hold lasts before the reaper may release it.
     #[arg(long, env = "LOAD_HOLD_SECONDS", default_value_t = 10)]
     pub hold_seconds: u32,
-    /// The drop opens this long after it is created (after every buyer is signed in).
-    #[arg(long, env = "LOAD_OPENS_IN_MS", default_value_t = 3000)]
+    /// The drop opens this long after it is created, once every buyer is signed in. Goose must start every user
+    /// within it (they start at `--attempts-per-buyer` x `--buyers` a second).
+    #[arg(long, env = "LOAD_OPENS_IN_MS", default_value_t = 4000)]
     pub opens_in_ms: u64,
-    /// Share of holds paid with `tok_declined` (the gateway declines; the unit returns to sale).
-    #[arg(long, env = "LOAD_DECLINE_SHARE", default_value_t = 0.1)]
-    pub decline_share: f64,
-    /// Share of holds cancelled by their buyer.
-    #[arg(long, env = "LOAD_CANCEL_SHARE", default_value_t = 0.1)]
+    /// Share of holders who abandon their hold (cancel it, or let it expire).
+    #[arg(long, env = "LOAD_ABANDON_RATE", default_value_t = 0.2)]
+    pub abandon_rate: f64,
+    /// Of those who abandon, the share who cancel; the others let the hold expire.
+    #[arg(long, env = "LOAD_CANCEL_SHARE", default_value_t = 0.5)]
     pub cancel_share: f64,
-    /// Share of holds never paid nor cancelled, left for the reaper.
-    #[arg(long, env = "LOAD_ABANDON_SHARE", default_value_t = 0.05)]
-    pub abandon_share: f64,
-    /// Most requests in flight from the driver at once.
-    #[arg(long, env = "LOAD_CONCURRENCY", default_value_t = 512)]
-    pub concurrency: usize,
-    /// Most signups/logins in flight during setup (argon2 makes each cost the server 10-30 ms of CPU).
-    #[arg(long, env = "LOAD_SETUP_CONCURRENCY", default_value_t = 16)]
-    pub setup_concurrency: usize,
-    /// The server's REAPER_INTERVAL_MS; it only bounds how long the driver waits for expired holds to return.
+    /// Of the holders who do not abandon, the share who pay with `tok_declined`; the others pay with `tok_ok`.
+    #[arg(long, env = "LOAD_DECLINE_RATE", default_value_t = 0.2)]
+    pub decline_rate: f64,
+    /// The server's REAPER_INTERVAL_MS; it only bounds how long the harness waits for expired holds to return.
     #[arg(long, env = "LOAD_REAPER_INTERVAL_MS", default_value_t = 1000)]
     pub reaper_interval_ms: u64,
     /// Seconds refused buyers keep retrying after the spike, on top of `hold_seconds`.
     #[arg(long, env = "LOAD_RESTOCK_SLACK_SECONDS", default_value_t = 5)]
     pub restock_slack_seconds: u64,
-    /// Timeout of one HTTP request.
-    #[arg(long, env = "LOAD_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
-    pub request_timeout_ms: u64,
-    /// Where to write the JSON report (default `reports/drop-<timestamp>.json`).
-    #[arg(long, env = "LOAD_REPORT")]
-    pub report: Option<PathBuf>,
+    /// Also write the summary (funnel, timeline, checks) as JSON here.
+    #[arg(long, env = "LOAD_SUMMARY_FILE")]
+    pub summary_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DropArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub funnel: FunnelArgs,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CatalogArgs {
+    /// Regular products created for the run (bulk), which shoppers list, search and open.
+    #[arg(long, env = "LOAD_PRODUCTS", default_value_t = 200)]
+    pub products: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BrowseArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct SocialArgs {
+    /// Members created for the run (signed up and logged in during setup); feed users take their tokens in turn.
+    #[arg(long, env = "LOAD_MEMBERS", default_value_t = 50)]
+    pub members: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FeedArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub social: SocialArgs,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MixedArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub funnel: FunnelArgs,
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+    #[command(flatten)]
+    pub social: SocialArgs,
+    /// Goose users browsing the shop beside the drop's buyers.
+    #[arg(long, env = "LOAD_SHOPPERS", default_value_t = 40)]
+    pub shoppers: usize,
+    /// Goose users reading and writing the feeds beside the drop's buyers.
+    #[arg(long, env = "LOAD_READERS", default_value_t = 40)]
+    pub readers: usize,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RateArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Requests offered per second, evenly spaced.
+    #[arg(long, env = "LOAD_RATE_RPS", default_value_t = 1000)]
+    pub rps: u32,
+    /// How long to offer them, in seconds.
+    #[arg(long, env = "LOAD_RATE_SECONDS", default_value_t = 10)]
+    pub seconds: u32,
+    /// HTTP/1.1 connections per instance, each carrying one request at a time.
+    #[arg(long, env = "LOAD_RATE_CONNECTIONS", default_value_t = 64)]
+    pub connections: usize,
+    /// The path to GET (ignored with --reserve).
+    #[arg(long, env = "LOAD_RATE_PATH", default_value = "/healthz")]
+    pub path: String,
+    /// Reserve instead: sets up an open drop (stock 10,000,000) and `--members` members, then POSTs
+    /// reservations at the rate, rotating the members' tokens.
+    #[arg(long)]
+    pub reserve: bool,
+    /// Members whose tokens `--reserve` rotates (each can hold up to 1000 units).
+    #[arg(long, env = "LOAD_RATE_MEMBERS", default_value_t = 200)]
+    pub members: u32,
+    /// Timeout of one request, in milliseconds; a request past it counts as an error.
+    #[arg(long, env = "LOAD_RATE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
 }
 
 /// Most buyers one run signs up: each costs the server two argon2 hashes.
 pub const BUYERS_MAX: u32 = 100_000;
-/// Most attempts one buyer fires at the opening instant.
+/// Most tabs (goose users) per buyer.
 pub const ATTEMPTS_PER_BUYER_MAX: u32 = 100;
-/// Longest hold the driver will wait out.
+/// Longest hold the harness will wait out.
 pub const HOLD_SECONDS_MAX: u32 = 600;
 /// Longest wait before the drop opens.
 pub const OPENS_IN_MS_MAX: u64 = 600_000;
 /// Most instances one run drives.
 pub const INSTANCES_MAX: usize = 64;
+/// Most members or products one run creates for browsing and feeds.
+pub const FIXTURES_MAX: u32 = 10_000;
+/// Most requests one `rate` run offers.
+pub const RATE_REQUESTS_MAX: u64 = 20_000_000;
 
-impl DropArgs {
-    /// Refuses settings that would make the run unbounded or meaningless, and non-loopback targets.
+impl TargetArgs {
+    /// Refuses non-loopback targets and settings that would make setup unbounded.
     pub fn validate(&self) -> anyhow::Result<()> {
-        ensure!(
-            (1..=BUYERS_MAX).contains(&self.buyers),
-            "--buyers must be 1..={BUYERS_MAX}"
-        );
-        ensure!(self.stock >= 1, "--stock must be at least 1");
-        ensure!(
-            self.per_member_limit >= 1,
-            "--per-member-limit must be at least 1"
-        );
-        ensure!(
-            (1..=ATTEMPTS_PER_BUYER_MAX).contains(&self.attempts_per_buyer),
-            "--attempts-per-buyer must be 1..={ATTEMPTS_PER_BUYER_MAX}"
-        );
-        ensure!(
-            (1..=HOLD_SECONDS_MAX).contains(&self.hold_seconds),
-            "--hold-seconds must be 1..={HOLD_SECONDS_MAX}"
-        );
-        ensure!(
-            self.opens_in_ms <= OPENS_IN_MS_MAX,
-            "--opens-in-ms must be at most {OPENS_IN_MS_MAX}"
-        );
-        for (name, share) in [
-            ("--decline-share", self.decline_share),
-            ("--cancel-share", self.cancel_share),
-            ("--abandon-share", self.abandon_share),
-        ] {
-            ensure!((0.0..=1.0).contains(&share), "{name} must be 0.0..=1.0");
-        }
-        ensure!(
-            self.decline_share + self.cancel_share + self.abandon_share <= 1.0,
-            "--decline-share + --cancel-share + --abandon-share must not exceed 1.0"
-        );
-        ensure!(
-            (1..=10_000).contains(&self.concurrency),
-            "--concurrency must be 1..=10000"
-        );
-        ensure!(
-            (1..=1_000).contains(&self.setup_concurrency),
-            "--setup-concurrency must be 1..=1000"
-        );
-        ensure!(
-            self.reaper_interval_ms <= 60_000,
-            "--reaper-interval-ms must be at most 60000"
-        );
-        ensure!(
-            self.restock_slack_seconds <= 600,
-            "--restock-slack-seconds must be at most 600"
-        );
-        ensure!(
-            (100..=600_000).contains(&self.request_timeout_ms),
-            "--request-timeout-ms must be 100..=600000"
-        );
         ensure!(
             (1..=INSTANCES_MAX).contains(&self.base_urls.len()),
             "--base-url must name 1..={INSTANCES_MAX} instances"
@@ -185,14 +253,168 @@ impl DropArgs {
                 "--base-url names {key} twice; each instance once"
             );
         }
+        ensure!(
+            (1..=1_000).contains(&self.setup_concurrency),
+            "--setup-concurrency must be 1..=1000"
+        );
+        Ok(())
+    }
+
+    /// The base URLs without trailing `/`.
+    pub fn bases(&self) -> Vec<String> {
+        self.base_urls
+            .iter()
+            .map(|b| b.trim_end_matches('/').to_owned())
+            .collect()
+    }
+}
+
+/// The flat shares of holds that end each way, derived from the funnel rates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Shares {
+    pub cancel: f64,
+    pub expire: f64,
+    pub decline: f64,
+}
+
+impl FunnelArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (1..=BUYERS_MAX).contains(&self.buyers),
+            "--buyers must be 1..={BUYERS_MAX}"
+        );
+        ensure!(self.stock >= 1, "--stock must be at least 1");
+        ensure!(
+            (1..=1000).contains(&self.per_member_limit),
+            "--per-member-limit must be 1..=1000"
+        );
+        ensure!(
+            (1..=ATTEMPTS_PER_BUYER_MAX).contains(&self.attempts_per_buyer),
+            "--attempts-per-buyer must be 1..={ATTEMPTS_PER_BUYER_MAX}"
+        );
+        ensure!(
+            u64::from(self.buyers) * u64::from(self.attempts_per_buyer) <= u64::from(BUYERS_MAX),
+            "--buyers x --attempts-per-buyer must be at most {BUYERS_MAX} goose users"
+        );
+        ensure!(
+            (1..=HOLD_SECONDS_MAX).contains(&self.hold_seconds),
+            "--hold-seconds must be 1..={HOLD_SECONDS_MAX}"
+        );
+        ensure!(
+            (500..=OPENS_IN_MS_MAX).contains(&self.opens_in_ms),
+            "--opens-in-ms must be 500..={OPENS_IN_MS_MAX}"
+        );
+        for (name, rate) in [
+            ("--abandon-rate", self.abandon_rate),
+            ("--cancel-share", self.cancel_share),
+            ("--decline-rate", self.decline_rate),
+        ] {
+            ensure!((0.0..=1.0).contains(&rate), "{name} must be 0.0..=1.0");
+        }
+        ensure!(
+            self.reaper_interval_ms <= 60_000,
+            "--reaper-interval-ms must be at most 60000"
+        );
+        ensure!(
+            self.restock_slack_seconds <= 600,
+            "--restock-slack-seconds must be at most 600"
+        );
+        Ok(())
+    }
+
+    /// Goose users of the funnel: one per tab of every buyer.
+    pub fn users(&self) -> usize {
+        self.buyers as usize * self.attempts_per_buyer as usize
+    }
+
+    /// The funnel rates as flat shares of all holds.
+    pub fn shares(&self) -> Shares {
+        Shares {
+            cancel: self.abandon_rate * self.cancel_share,
+            expire: self.abandon_rate * (1.0 - self.cancel_share),
+            decline: (1.0 - self.abandon_rate) * self.decline_rate,
+        }
+    }
+
+    /// How long refused buyers keep trying for stock that comes back.
+    pub fn restock_window(&self) -> Duration {
+        Duration::from_secs(u64::from(self.hold_seconds) + self.restock_slack_seconds)
+    }
+}
+
+impl CatalogArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (1..=FIXTURES_MAX).contains(&self.products),
+            "--products must be 1..={FIXTURES_MAX}"
+        );
         Ok(())
     }
 }
 
+impl SocialArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (1..=FIXTURES_MAX).contains(&self.members),
+            "--members must be 1..={FIXTURES_MAX}"
+        );
+        Ok(())
+    }
+}
+
+impl RateArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.target.validate()?;
+        ensure!(
+            (1..=1_000_000).contains(&self.rps),
+            "--rps must be 1..=1000000"
+        );
+        ensure!(
+            (1..=3600).contains(&self.seconds),
+            "--seconds must be 1..=3600"
+        );
+        ensure!(
+            self.requests() <= RATE_REQUESTS_MAX,
+            "--rps x --seconds must be at most {RATE_REQUESTS_MAX} requests"
+        );
+        ensure!(
+            (1..=10_000).contains(&self.connections),
+            "--connections must be 1..=10000"
+        );
+        ensure!(self.path.starts_with('/'), "--path must start with /");
+        ensure!(
+            (1..=FIXTURES_MAX).contains(&self.members),
+            "--members must be 1..={FIXTURES_MAX}"
+        );
+        ensure!(
+            (10..=600_000).contains(&self.timeout_ms),
+            "--timeout-ms must be 10..=600000"
+        );
+        Ok(())
+    }
+
+    /// Requests the run offers in all.
+    pub fn requests(&self) -> u64 {
+        u64::from(self.rps) * u64::from(self.seconds)
+    }
+}
+
+/// Goose options a scenario sets itself from its own settings, refused when given by hand.
+pub fn refuse_goose_options(goose: &GooseConfiguration, what: &str) -> anyhow::Result<()> {
+    for (given, option) in [
+        (goose.host.is_some(), "--host (use --base-url)"),
+        (goose.users.is_some(), "--users"),
+        (goose.iterations.is_some(), "--iterations"),
+        (goose.scenarios.is_some(), "--scenarios"),
+    ] {
+        ensure!(!given, "{what} sets {option} itself");
+    }
+    Ok(())
+}
+
 /// One base URL: `http://` on a loopback host.
 fn check_base_url(base: &str) -> anyhow::Result<()> {
-    let url =
-        reqwest::Url::parse(base).with_context(|| format!("--base-url {base:?} is not a URL"))?;
+    let url = url::Url::parse(base).with_context(|| format!("--base-url {base:?} is not a URL"))?;
     ensure!(
         url.scheme() == "http",
         "--base-url must be http:// (got {base:?})"
@@ -215,24 +437,55 @@ fn check_base_url(base: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> anyhow::Result<DropArgs> {
-        let argv = ["flashsale-load", "drop", "--admin-password", "x"]
-            .iter()
-            .chain(args);
-        let Command::Drop(args) = Cli::try_parse_from(argv)?.command;
-        args.validate()?;
+        let argv = ["flashsale-load", "drop"].iter().chain(args);
+        let Command::Drop(args) = Cli::try_parse_from(argv)?.command else {
+            unreachable!("parsed the drop subcommand")
+        };
+        args.target.validate()?;
+        args.funnel.validate()?;
         Ok(args)
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn goose_options_sit_beside_ours() {
+        let args = parse(&[
+            "--buyers",
+            "7",
+            "--report-file",
+            "r.html",
+            "--threshold",
+            "p99<200ms",
+            "--threshold",
+            "error-rate<1%",
+        ])
+        .unwrap();
+        assert_eq!(args.funnel.buyers, 7);
+        assert_eq!(args.goose.report_file, ["r.html"]);
+        assert_eq!(args.goose.threshold, ["p99<200ms", "error-rate<1%"]);
+        assert!(refuse_goose_options(&args.goose, "drop").is_ok());
+        let users = parse(&["--users", "5"]).unwrap();
+        assert!(refuse_goose_options(&users.goose, "drop").is_err());
     }
 
     #[test]
     fn one_base_url_by_default_or_as_given() {
         // LOAD_BASE_URL in the test environment would change the default; it is not set by the test runner.
         if std::env::var_os("LOAD_BASE_URL").is_none() {
-            assert_eq!(parse(&[]).unwrap().base_urls, ["http://127.0.0.1:8080"]);
+            assert_eq!(
+                parse(&[]).unwrap().target.base_urls,
+                ["http://127.0.0.1:8080"]
+            );
         }
         let args = parse(&["--base-url", "http://127.0.0.1:9000/"]).unwrap();
-        assert_eq!(args.base_urls, ["http://127.0.0.1:9000/"]);
+        assert_eq!(args.target.bases(), ["http://127.0.0.1:9000"]);
     }
 
     #[test]
@@ -250,8 +503,8 @@ mod tests {
         ])
         .unwrap();
         let want = ["http://127.0.0.1:1", "http://localhost:2", "http://[::1]:3"];
-        assert_eq!(listed.base_urls, want);
-        assert_eq!(repeated.base_urls, want);
+        assert_eq!(listed.target.base_urls, want);
+        assert_eq!(repeated.target.base_urls, want);
     }
 
     #[test]
@@ -264,5 +517,16 @@ mod tests {
         ] {
             assert!(parse(&["--base-url", bad]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn funnel_rates_become_shares_of_all_holds() {
+        let args = parse(&[]).unwrap();
+        let shares = args.funnel.shares();
+        // 20% abandon, half of them cancel; 20% of the other 80% are declined; 64% pay.
+        assert!((shares.cancel - 0.1).abs() < 1e-9);
+        assert!((shares.expire - 0.1).abs() < 1e-9);
+        assert!((shares.decline - 0.16).abs() < 1e-9);
+        assert!(parse(&["--abandon-rate", "1.5"]).is_err());
     }
 }

@@ -1,13 +1,21 @@
-//! The flashsale load driver: plain tokio + reqwest scenarios that drive the HTTP API the way buyers do, measure
-//! every request, then verify the engine's invariants from the API and from Postgres and write a report.
+//! The flashsale load harness, on goose: scenarios that drive the HTTP API the way buyers, shoppers and readers
+//! do, with goose measuring every request, writing its HTML/JSON report and judging `--threshold` rules; after a
+//! drop run the engine's invariants are verified from the API and from Postgres. Beside goose, `rate` offers a
+//! constant arrival rate over raw hyper connections, for latency without coordinated omission.
 //!
-//! The parts are kept apart so a later goose harness can take them over one by one: `api` (one HTTP call,
-//! measured and bounded), `metrics` (samples to percentiles), `drop_funnel` (the scenario), `verify` (pure
-//! invariant checks over observed numbers) and `report` (the table on stdout and the JSON file).
+//! `client` (one API call through a goose user), `setup` (members, products, drops, before anything is
+//! measured), the scenarios `drop_funnel`, `browse` and `feed`, `attack` (goose's options and run), `verify`
+//! (pure invariant checks), `summary` (what we print after goose's report), `rate`, and `run` (one function per
+//! subcommand).
 
-pub mod api;
+pub mod attack;
+pub mod browse;
+pub mod client;
 pub mod config;
 pub mod drop_funnel;
-pub mod metrics;
-pub mod report;
+pub mod feed;
+pub mod rate;
+pub mod run;
+pub mod setup;
+pub mod summary;
 pub mod verify;

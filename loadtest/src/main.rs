@@ -1,35 +1,52 @@
-//! The `flashsale-load` binary: runs one scenario, prints the report, writes it as JSON, and exits 0 when every
-//! invariant held, 1 when one failed, 2 when the run itself could not be carried out.
+//! The `flashsale-load` binary: runs one subcommand, prints goose's tables and our summary, and exits 0 when every
+//! invariant and threshold held, 1 when one failed, 2 when the run itself could not be carried out.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use loadtest::config::{Cli, Command};
-use loadtest::{drop_funnel, report};
+use loadtest::run;
+use loadtest::summary::{self, threshold_line};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Drop(args) => match run_drop(&args).await {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::from(1),
-            Err(err) => {
-                eprintln!("flashsale-load: error: {err:#}");
-                ExitCode::from(2)
-            }
-        },
+    let outcome = match cli.command {
+        Command::Drop(args) => run::drop(args).await.map(|o| drop_verdict(&o)),
+        Command::Mixed(args) => run::mixed(args).await.map(|o| drop_verdict(&o)),
+        Command::Browse(args) => run::browse(args).await.map(|e| goose_verdict("browse", &e)),
+        Command::Feed(args) => run::feed(args).await.map(|e| goose_verdict("feed", &e)),
+        Command::Rate(args) => run::rate(args).await.map(|report| {
+            print!("{}", report.render());
+            report.errors() == 0
+        }),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("flashsale-load: error: {err:#}");
+            ExitCode::from(2)
+        }
     }
 }
 
-async fn run_drop(args: &loadtest::config::DropArgs) -> anyhow::Result<bool> {
-    let report = drop_funnel::run(args).await?;
-    print!("{}", report::render(&report));
-    let path = args
-        .report
-        .clone()
-        .unwrap_or_else(|| report::default_path(report.started_at));
-    report::write_json(&report, &path)?;
-    println!("report: {}", path.display());
-    Ok(report.passed)
+fn drop_verdict(outcome: &run::DropOutcome) -> bool {
+    print!("{}", summary::render(&outcome.summary));
+    outcome.summary.passed
+}
+
+fn goose_verdict(name: &str, ended: &loadtest::attack::Ended) -> bool {
+    let passed = ended.thresholds_failed.is_empty();
+    println!(
+        "\nflashsale-load {name}: {}",
+        if passed { "PASS" } else { "FAIL" }
+    );
+    for rule in &ended.thresholds_failed {
+        println!("  FAIL  threshold {}", threshold_line(rule));
+    }
+    for file in &ended.report_files {
+        println!("goose report: {file}");
+    }
+    passed
 }

@@ -1,5 +1,5 @@
 //! The invariant checks of a drop run, as a pure function of what was observed (drop states read from the API,
-//! facts read from Postgres, the driver's own tallies). No I/O here, so the checks themselves are unit-tested
+//! facts read from Postgres, the harness's own tallies). No I/O here, so the checks themselves are unit-tested
 //! against fabricated numbers: a consistent run passes, an oversold or undersold one fails.
 
 use serde::Serialize;
@@ -48,7 +48,7 @@ pub struct Observations {
     pub db: DbFacts,
     /// Units the driver was told were paid (200), counted once per reservation.
     pub units_acknowledged: i64,
-    /// Buyers still short of the units they wanted when the driver stopped retrying (they saw `sold_out`).
+    /// Tabs of buyers still short of the units they wanted when they stopped retrying (they saw `sold_out`).
     pub unserved_buyers: i64,
     /// The answer to a reservation attempted before `opens_at` (`None` if the probe was skipped).
     pub early_probe: Option<String>,
@@ -59,6 +59,8 @@ pub struct Observations {
     /// The drop as each instance served it after the run, in instance order (`None`: it could not be read there).
     /// One entry per instance; with one instance, its `final_state`.
     pub instance_finals: Vec<Option<DropCounts>>,
+    /// Server errors (5xx other than back-pressure with `Retry-After`) and calls that got no answer.
+    pub server_failures: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -163,8 +165,8 @@ pub fn verify(obs: &Observations) -> Vec<Check> {
         ),
     ));
     checks.push(check(
-        "no oversell (acknowledged payments)",
-        obs.units_acknowledged <= obs.stock && obs.units_acknowledged <= fin.sold,
+        "sold == min(stock, 200 payments)",
+        obs.units_acknowledged <= obs.stock && fin.sold == obs.stock.min(obs.units_acknowledged),
         format!(
             "{} units paid with 200, sold {}, stock {}",
             obs.units_acknowledged, fin.sold, obs.stock
@@ -217,6 +219,15 @@ pub fn verify(obs: &Observations) -> Vec<Check> {
             "demand did not exceed stock: no buyer was turned away",
         )
     });
+
+    checks.push(check(
+        "no unexpected 5xx",
+        obs.server_failures == 0,
+        format!(
+            "{} server error(s) or unanswered call(s) (429/503 with Retry-After is back-pressure, retried)",
+            obs.server_failures
+        ),
+    ));
 
     checks.push(match &obs.early_probe {
         Some(answer) => check(
@@ -329,6 +340,7 @@ mod tests {
             released_checked: 50,
             released_mismatched: 0,
             instance_finals: vec![Some(counts(0, 0, 200)); 3],
+            server_failures: 0,
         }
     }
 
@@ -379,7 +391,10 @@ mod tests {
     fn more_acknowledged_payments_than_stock_fail() {
         let mut obs = consistent();
         obs.units_acknowledged = STOCK + 1;
-        assert_eq!(failed(&obs), ["no oversell (acknowledged payments)"]);
+        assert_eq!(failed(&obs), ["sold == min(stock, 200 payments)"]);
+        // Fewer 200s than units sold: a sale nobody was told of.
+        obs.units_acknowledged = STOCK - 1;
+        assert_eq!(failed(&obs), ["sold == min(stock, 200 payments)"]);
     }
 
     #[test]
@@ -462,6 +477,13 @@ mod tests {
             verdict(&verify(&obs), "closed before opens_at"),
             Verdict::Skip
         );
+    }
+
+    #[test]
+    fn an_unexpected_server_error_fails() {
+        let mut obs = consistent();
+        obs.server_failures = 1;
+        assert_eq!(failed(&obs), ["no unexpected 5xx"]);
     }
 
     #[test]
