@@ -1,0 +1,124 @@
+//! The load harness against the real binary: a short goose drop run must pass every check, write goose's HTML
+//! report, and, once a purchase row is deleted behind the server's back, the same verification must fail.
+//!
+//! It lives here rather than in `loadtest/` because it needs `flashsale` itself (`CARGO_BIN_EXE_flashsale`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use clap::Parser;
+use common::{TestDb, TestServer};
+use loadtest::config::{Cli, Command};
+use loadtest::verify::{self, Verdict};
+
+const ADMIN_EMAIL: &str = "admin@load.test";
+const ADMIN_PASSWORD: &str = "load-test-admin-password";
+
+/// `flashsale admin create` against the test database, as the demo does.
+async fn create_admin(db: &TestDb) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args([
+            "admin",
+            "create",
+            "--email",
+            ADMIN_EMAIL,
+            "--password",
+            ADMIN_PASSWORD,
+        ])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "admin create: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_run_passes_and_a_deleted_purchase_fails_its_verification() {
+    let db = TestDb::new().await;
+    create_admin(&db).await;
+    let server = TestServer::start(&db.url, &[("REAPER_INTERVAL_MS", "200")]).await;
+    let reports = std::env::temp_dir().join(format!("fs-load-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&reports).unwrap();
+    let html = reports.join("drop.html");
+
+    // 12 buyers x 3 tabs for 6 units: it sells out, holds are abandoned, declined and paid, refused buyers wait.
+    let cli = Cli::try_parse_from([
+        "flashsale-load",
+        "drop",
+        "--base-url",
+        &server.base_url,
+        "--database-url",
+        &db.url,
+        "--admin-email",
+        ADMIN_EMAIL,
+        "--admin-password",
+        ADMIN_PASSWORD,
+        "--buyers",
+        "12",
+        "--attempts-per-buyer",
+        "3",
+        "--stock",
+        "6",
+        "--hold-seconds",
+        "2",
+        "--opens-in-ms",
+        "1500",
+        "--restock-slack-seconds",
+        "2",
+        "--reaper-interval-ms",
+        "200",
+        "--report-file",
+        html.to_str().unwrap(),
+        "--threshold",
+        "error-rate<1%",
+        "--quiet",
+    ])
+    .unwrap();
+    let Command::Drop(args) = cli.command else {
+        unreachable!("parsed the drop subcommand")
+    };
+    let mut outcome = loadtest::run::drop(args).await.unwrap();
+    let summary = &outcome.summary;
+    let report = loadtest::summary::render(summary);
+    assert!(summary.passed, "{report}");
+    assert_eq!(summary.final_state.unwrap().sold, 6, "{report}");
+    assert_eq!(summary.outcomes.paid, 6, "{report}");
+    assert!(summary.outcomes.holds_at_opening >= 6, "{report}");
+    assert!(summary.checks.iter().all(|c| c.verdict != Verdict::Fail));
+    let html_len = std::fs::metadata(&html).unwrap().len();
+    assert!(html_len > 10_000, "goose's HTML report is {html_len} bytes");
+
+    // Plant a violation: one acknowledged purchase disappears from Postgres.
+    let purchase: uuid::Uuid = outcome.run.purchases[0].parse().unwrap();
+    let deleted = db
+        .client()
+        .await
+        .execute("DELETE FROM purchases WHERE id = $1", &[&purchase])
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let checks = loadtest::run::reverify(&mut outcome.run, &db.url)
+        .await
+        .unwrap();
+    assert!(!verify::passed(&checks));
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .map(|c| c.name)
+        .collect();
+    assert!(
+        failed.contains(&"purchases in Postgres == sold"),
+        "{failed:?}"
+    );
+    assert!(
+        failed.contains(&"every 200 payment is durable"),
+        "{failed:?}"
+    );
+
+    let _ = std::fs::remove_dir_all(&reports);
+    assert!(server.terminate(std::time::Duration::from_secs(15)).await);
+}
