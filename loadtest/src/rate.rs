@@ -114,6 +114,9 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The resolution of tokio's timer.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// What one connection's worker measured.
 #[derive(Default)]
 struct Samples {
@@ -188,8 +191,13 @@ async fn worker(addr: String, plan: Plan, next: Arc<AtomicU64>, start: Instant) 
             return samples;
         }
         let intended = start + intended_offset(k, plan.rps);
-        tokio::time::sleep_until(intended).await;
-        if Instant::now() > intended + Duration::from_millis(1) {
+        // Tokio's timer fires on the first millisecond tick at or after its deadline, so a sleep until `intended`
+        // would send up to a millisecond late and add that to every latency. Waking up to a tick early and
+        // counting from the earlier of the intended and the actual send time keeps that slop out, while a send
+        // held back by busy connections still counts from its intended time.
+        tokio::time::sleep_until(intended.checked_sub(TIMER_TICK).unwrap_or(intended)).await;
+        let sent = Instant::now();
+        if sent > intended + TIMER_TICK {
             samples.sent_late += 1;
         }
         let request = (plan.make_request)(k);
@@ -204,7 +212,7 @@ async fn worker(addr: String, plan: Plan, next: Arc<AtomicU64>, start: Instant) 
                     0
                 }
             };
-        let latency = Instant::now().saturating_duration_since(intended);
+        let latency = Instant::now().saturating_duration_since(intended.min(sent));
         samples
             .latencies_us
             .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
