@@ -1,20 +1,43 @@
 #!/usr/bin/env bash
-# Runs the criterion benchmarks, each beside its naive baseline: the engine core's reservation path
-# (benches/benches/core_reserve.rs), the batched purchase writer (benches/benches/writer.rs, which needs
-# Postgres) and the batched Redis gate (benches/benches/redis_gate.rs, which needs Redis); services.sh brings both
-# up first. Reports land in target/criterion/.
+# Benchmarks, each beside a naive baseline, measured side by side in one run, and the benchmark sheet.
 #
-#   scripts/bench.sh [ARGS...]   ARGS go to `cargo bench -p benches`, e.g. scripts/bench.sh --bench writer
+#   scripts/bench.sh             everything, then writes docs/BENCHMARKS.md:
+#                                  criterion: the engine core (core_reserve), the batched writer (writer) and the
+#                                  batched Redis gate (redis_gate), each beside its baseline;
+#                                  scripts/wire.sh on the embedded gate and on the Redis gate: wrk against a release
+#                                  server (reserve and sold-out beside /healthz), 100,000 units sold end to end, and
+#                                  reserve latency at a fixed offered rate.
+#   scripts/bench.sh ARGS...     only `cargo bench -p benches ARGS` (e.g. --bench writer); no sheet.
+#
+# services.sh brings Postgres and Redis up first. Criterion's reports land in target/criterion/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$ROOT"
 
 services=$("$ROOT/scripts/services.sh") || {
-  echo "bench.sh: scripts/services.sh failed; no Postgres to benchmark the writer against" >&2
+  echo "bench.sh: scripts/services.sh failed; no Postgres/Redis to benchmark against" >&2
   exit 1
 }
 eval "$services"
 export DATABASE_URL REDIS_URL
 
-exec cargo bench -p benches "$@"
+if [ $# -gt 0 ]; then
+  exec cargo bench -p benches "$@"
+fi
+
+say() { printf '\n==> bench: %s (at %ds)\n' "$*" "$SECONDS" >&2; }
+started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+rm -rf "$ROOT/target/criterion"
+say "criterion benchmarks"
+cargo bench -p benches
+say "wire, embedded gate"
+WIRE_OUT="$ROOT/target/wire-embedded.tsv" "$ROOT/scripts/wire.sh"
+say "wire, Redis gate"
+WIRE_OUT="$ROOT/target/wire-redis.tsv" "$ROOT/scripts/wire.sh" --redis
+
+say "writing docs/BENCHMARKS.md"
+mkdir -p "$ROOT/docs"
+python3 "$ROOT/scripts/benchmarks_sheet.py" "$ROOT" "$started" >"$ROOT/docs/BENCHMARKS.md"
+say "done: docs/BENCHMARKS.md"
+cat "$ROOT/docs/BENCHMARKS.md" | head -20 >&2
