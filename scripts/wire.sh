@@ -124,6 +124,11 @@ run() {
 healthz=$(run healthz /healthz GET)
 reserve=$(run reserve "/api/v1/drops/$live/reservations" POST)
 sold_out=$(run sold_out "/api/v1/drops/$gone/reservations" POST)
+if [ -n "${WIRE_POST_FLOOR:-}" ]; then
+  # The same POST (headers and body) to /healthz, answered 405 by the router's fallback: what a POST costs the
+  # server before any handler runs.
+  run post_floor /healthz POST | sed 's/^/post_floor\t/' >&2
+fi
 sell_units=${WIRE_SELL_UNITS:-100000}
 sell_drop=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":$sell_units,\"opens_at\":\"$opens\",\"per_member_limit\":1000}" "$admin" | json '["id"]')
 say "selling $sell_units units end to end"

@@ -75,15 +75,24 @@ pub struct TokenKeys {
     decoding: DecodingKey,
     validation: Validation,
     pub access_token_seconds: u64,
-    /// Tokens whose signature was checked, with their claims: a buyer sends the same token with every request of a
-    /// drop, and checking it again (base64, HMAC-SHA256, JSON) is the largest part of a refused reservation. Keyed
-    /// by the whole token, so only a byte-for-byte copy of a verified token hits; expiry is still checked on every
-    /// use. Bounded: cleared when full.
-    verified: DashMap<Box<str>, Claims, rustc_hash::FxBuildHasher>,
+    /// Names these keys in each thread's cache of verified tokens (`VERIFIED`), so keys with another secret (tests
+    /// run several apps in one process) never take each other's entries.
+    id: u64,
 }
 
-/// Most verified tokens remembered.
-const VERIFIED_TOKENS_MAX: usize = 200_000;
+/// Most verified tokens each worker thread remembers.
+const VERIFIED_TOKENS_MAX: usize = 100_000;
+
+/// A thread's verified tokens: token -> (id of the keys that checked it, its claims).
+type VerifiedTokens = std::collections::HashMap<Box<str>, (u64, Claims), rustc_hash::FxBuildHasher>;
+
+thread_local! {
+    /// Tokens whose signature this thread checked: a buyer sends the same token with every request of a drop, and
+    /// checking it again (base64, HMAC-SHA256, JSON) was the largest part of a refused reservation. Keyed by the
+    /// whole token, so only a byte-for-byte copy of a verified token hits; expiry is still checked on every use.
+    /// Per thread, so two cores never share its cache lines; bounded: cleared when full.
+    static VERIFIED: std::cell::RefCell<VerifiedTokens> = std::cell::RefCell::default();
+}
 
 impl std::fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,7 +109,10 @@ impl TokenKeys {
             decoding: DecodingKey::from_secret(secret),
             validation,
             access_token_seconds,
-            verified: DashMap::default(),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         }
     }
 
@@ -118,21 +130,30 @@ impl TokenKeys {
     }
 
     fn verify(&self, token: &str) -> Result<Claims, ApiError> {
-        if let Some(claims) = self.verified.get(token).map(|claims| *claims) {
+        let cached = VERIFIED.with(|verified| {
+            verified
+                .borrow()
+                .get(token)
+                .filter(|(keys, _)| *keys == self.id)
+                .map(|(_, claims)| *claims)
+        });
+        if let Some(claims) = cached {
             if claims.exp > Utc::now().timestamp() {
                 return Ok(claims);
             }
-            self.verified.remove(token);
             return Err(ApiError::unauthorized(
                 "token_expired",
                 "access token expired",
             ));
         }
         let claims = self.verify_signature(token)?;
-        if self.verified.len() >= VERIFIED_TOKENS_MAX {
-            self.verified.clear();
-        }
-        self.verified.insert(token.into(), claims);
+        VERIFIED.with(|verified| {
+            let mut verified = verified.borrow_mut();
+            if verified.len() >= VERIFIED_TOKENS_MAX {
+                verified.clear();
+            }
+            verified.insert(token.into(), (self.id, claims));
+        });
         Ok(claims)
     }
 
