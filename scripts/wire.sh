@@ -40,7 +40,8 @@ command -v wrk >/dev/null 2>&1 || {
 eval "$("$ROOT/scripts/services.sh")"
 cargo build --release -q -p shell-api --bin flashsale --example sell_out
 cargo build --release -q -p loadtest
-BIN="$ROOT/target/release/flashsale"
+# WIRE_BIN: another flashsale binary to measure (e.g. an older build, for a before/after in one sitting).
+BIN="${WIRE_BIN:-$ROOT/target/release/flashsale}"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/flashsale-wire.XXXXXX")
 SERVER_PID=
