@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use common::{drop_state, eventually, keyed, pay, purchase_tally, reserve, TestApp, TestMember};
+use common::{
+    cancel, drop_state, eventually, keyed, pay, purchase_tally, read_reservation, reserve, TestApp,
+    TestMember,
+};
 use serde_json::{json, Value};
 use shell_api::auth::Role;
 use shell_api::config::EngineArgs;
@@ -120,14 +123,7 @@ async fn a_hold_made_on_one_instance_is_read_paid_and_answered_on_another() {
     assert_eq!(held.status, StatusCode::CREATED, "{:?}", held.body);
     let id = held.body["id"].as_str().unwrap().to_owned();
     // Before any Postgres write could have happened, B reads it from Redis.
-    let read = b
-        .call(
-            "GET",
-            &format!("/api/v1/reservations/{id}"),
-            Some(&buyer.token),
-            None,
-        )
-        .await;
+    let read = read_reservation(&b, &buyer, &id.to_string()).await;
     assert_eq!(read.status, StatusCode::OK, "{:?}", read.body);
     assert_eq!(
         (read.body["status"].as_str(), read.body["quantity"].as_u64()),
@@ -157,37 +153,16 @@ async fn a_hold_made_on_one_instance_is_read_paid_and_answered_on_another() {
             .get(0);
     assert_eq!(paid.body["purchase_id"], stored.to_string());
     assert_eq!(purchase_tally(&a.db, drop_id(&drop)).await, (1, 1, 2));
-    let read = a
-        .call(
-            "GET",
-            &format!("/api/v1/reservations/{id}"),
-            Some(&buyer.token),
-            None,
-        )
-        .await;
+    let read = read_reservation(&a, &buyer, &id.to_string()).await;
     assert_eq!(read.body["status"], "paid");
     assert_eq!(read.body["purchase_id"], paid.body["purchase_id"]);
     assert_eq!(drop_state(&b, &drop).await["sold"], 2);
     // Cancel through the other instance than the one that reserved.
     let second = reserve(&b, &stranger, &drop, 1).await;
     let second_id = second.body["id"].as_str().unwrap();
-    let cancelled = a
-        .call(
-            "DELETE",
-            &format!("/api/v1/reservations/{second_id}"),
-            Some(&stranger.token),
-            None,
-        )
-        .await;
+    let cancelled = cancel(&a, &stranger, second_id).await;
     assert_eq!(cancelled.status, StatusCode::NO_CONTENT);
-    let read = b
-        .call(
-            "GET",
-            &format!("/api/v1/reservations/{second_id}"),
-            Some(&stranger.token),
-            None,
-        )
-        .await;
+    let read = read_reservation(&b, &stranger, second_id).await;
     assert_eq!(
         (read.body["status"].as_str(), read.body["reason"].as_str()),
         (Some("released"), Some("cancelled"))
@@ -319,14 +294,7 @@ async fn a_sold_out_flag_clears_on_every_instance_within_100_ms_of_a_release() {
     assert_eq!(reserve(&b, &other, &drop, 1).await.code(), "sold_out");
     let id = held.body["id"].as_str().unwrap();
     let cancelled_at = Instant::now();
-    let cancel = a
-        .call(
-            "DELETE",
-            &format!("/api/v1/reservations/{id}"),
-            Some(&holder.token),
-            None,
-        )
-        .await;
+    let cancel = cancel(&a, &holder, id).await;
     assert_eq!(cancel.status, StatusCode::NO_CONTENT);
     eventually("B's flag cleared", Duration::from_secs(2), || async {
         !b.state.engine.is_sold_out_locally(drop_id(&drop))
@@ -496,21 +464,10 @@ async fn payments_left_by_a_dead_instance_are_settled_from_postgres() {
         ) == (Some(3), Some(1), Some(1))
     })
     .await;
-    let read = |hold: Uuid, member: TestMember| {
-        let a = &a;
-        async move {
-            a.call(
-                "GET",
-                &format!("/api/v1/reservations/{hold}"),
-                Some(&member.token),
-                None,
-            )
-            .await
-            .body
-        }
-    };
-    assert_eq!(read(first, committed.clone()).await["status"], "paid");
-    assert_eq!(read(second, abandoned.clone()).await["status"], "held");
+    let paid = read_reservation(&a, &committed, &first.to_string()).await;
+    assert_eq!(paid.body["status"], "paid");
+    let held = read_reservation(&a, &abandoned, &second.to_string()).await;
+    assert_eq!(held.body["status"], "held");
     // The buyer whose payment was lost can pay now.
     assert_eq!(
         pay(&a, &abandoned, &second.to_string(), "tok_ok")

@@ -588,6 +588,28 @@ pub async fn pay(
     .await
 }
 
+/// `GET /reservations/{id}` as `member`.
+pub async fn read_reservation(app: &TestApp, member: &TestMember, id: &str) -> TestResponse {
+    app.call(
+        "GET",
+        &format!("/api/v1/reservations/{id}"),
+        Some(&member.token),
+        None,
+    )
+    .await
+}
+
+/// `DELETE /reservations/{id}` as `member`.
+pub async fn cancel(app: &TestApp, member: &TestMember, id: &str) -> TestResponse {
+    app.call(
+        "DELETE",
+        &format!("/api/v1/reservations/{id}"),
+        Some(&member.token),
+        None,
+    )
+    .await
+}
+
 /// A POST carrying an `Idempotency-Key`.
 pub async fn keyed(
     app: &TestApp,
