@@ -391,3 +391,24 @@ pub async fn verify_password(password: String, hash: String) -> Result<bool, Api
 
 /// Shared so handlers can clone it cheaply.
 pub type SharedTokenKeys = Arc<TokenKeys>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-thread cache of verified tokens never outlives a token's expiry, and never serves one key's token
+    /// to another key.
+    #[test]
+    fn a_cached_token_still_expires_and_belongs_to_its_keys() {
+        let keys = TokenKeys::new(b"first secret", 1);
+        let member = Uuid::now_v7();
+        let token = keys.issue(member, Role::Customer, 3).unwrap();
+        assert_eq!(keys.verify(&token).unwrap().sub, member);
+        // Cached now: the second check takes the cache's answer.
+        assert_eq!(keys.verify(&token).unwrap().ver, 3);
+        let other = TokenKeys::new(b"second secret", 1);
+        assert_eq!(other.verify(&token).unwrap_err().code(), "invalid_token");
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(keys.verify(&token).unwrap_err().code(), "token_expired");
+    }
+}
