@@ -168,6 +168,20 @@ impl Fleet {
         first
     }
 
+    /// The ids of the drop's purchases in Postgres.
+    async fn purchase_ids(&self, drop: &str) -> Vec<Uuid> {
+        let id: Uuid = drop.parse().unwrap();
+        self.db
+            .client()
+            .await
+            .query("SELECT id FROM purchases WHERE drop_id = $1", &[&id])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
     /// Postgres's record of the drop: reservation rows by status, and purchases.
     async fn stored(&self, drop: &str) -> (HashMap<String, i64>, (i64, i64, i64)) {
         let id: Uuid = drop.parse().unwrap();
@@ -281,19 +295,7 @@ async fn three_instances_sell_exactly_the_stock(redis_urls: &str) {
     }
     assert_eq!(fleet.agreed_counts(&drop).await, (0, 0, STOCK as u64));
     // Every answered purchase is the one stored, once.
-    let stored: Vec<Uuid> = fleet
-        .db
-        .client()
-        .await
-        .query(
-            "SELECT id FROM purchases WHERE drop_id = $1",
-            &[&drop.parse::<Uuid>().unwrap()],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let stored = fleet.purchase_ids(&drop).await;
     purchase_ids.sort();
     let mut stored_sorted = stored.clone();
     stored_sorted.sort();
@@ -661,19 +663,8 @@ async fn postgres_away_for_ten_seconds_loses_nothing_acknowledged() {
     assert_eq!(acknowledged.len(), STOCK);
     assert_eq!(fleet.agreed_counts(&drop).await, (0, 0, STOCK as u64));
     // Every 200 is in Postgres, once; the journal caught up with every hold.
-    let stored: std::collections::HashSet<Uuid> = fleet
-        .db
-        .client()
-        .await
-        .query(
-            "SELECT id FROM purchases WHERE drop_id = $1",
-            &[&drop.parse::<Uuid>().unwrap()],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let stored: std::collections::HashSet<Uuid> =
+        fleet.purchase_ids(&drop).await.into_iter().collect();
     assert!(acknowledged.iter().all(|id| stored.contains(id)));
     eventually("the journal caught up", Duration::from_secs(20), || async {
         let (statuses, tally) = fleet.stored(&drop).await;
