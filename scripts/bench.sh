@@ -28,13 +28,13 @@ fi
 
 say() { printf '\n==> bench: %s (at %ds)\n' "$*" "$SECONDS" >&2; }
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-rm -rf "$ROOT/target/criterion"
+rm -rf "${CARGO_TARGET_DIR:-$ROOT/target}/criterion"
 say "criterion benchmarks"
 cargo bench -p benches
 say "wire, embedded gate"
-WIRE_OUT="$ROOT/target/wire-embedded.tsv" "$ROOT/scripts/wire.sh"
+WIRE_OUT="${CARGO_TARGET_DIR:-$ROOT/target}/wire-embedded.tsv" "$ROOT/scripts/wire.sh"
 say "wire, Redis gate"
-WIRE_OUT="$ROOT/target/wire-redis.tsv" "$ROOT/scripts/wire.sh" --redis
+WIRE_OUT="${CARGO_TARGET_DIR:-$ROOT/target}/wire-redis.tsv" "$ROOT/scripts/wire.sh" --redis
 
 say "writing docs/BENCHMARKS.md"
 mkdir -p "$ROOT/docs"

@@ -13,7 +13,8 @@
 # `shell-api/examples/sell_out.rs` (128 concurrent buyers), and reports the seconds it took.
 # Last, reserve latency at a fixed offered rate (WIRE_RATE_RPS, default 10000, for 10 s) from `flashsale-load
 # rate --reserve`, which counts each request's latency from its intended send time (no coordinated omission).
-# Settings: WIRE_MEMBERS (buyers, default 1000), WIRE_SECONDS (per path, default 5), WIRE_CONNECTIONS (64).
+# Settings: WIRE_MEMBERS (buyers, default 1000), WIRE_SECONDS (per path, default 5), WIRE_CONNECTIONS (64);
+# WIRE_QUICK=1 stops after the three wrk rows (for profiles and before/after runs).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -21,7 +22,8 @@ cd "$ROOT"
 MEMBERS=${WIRE_MEMBERS:-1000}
 SECONDS_PER_RUN=${WIRE_SECONDS:-5}
 CONNECTIONS=${WIRE_CONNECTIONS:-64}
-OUT=${WIRE_OUT:-$ROOT/target/wire.tsv}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=${WIRE_OUT:-$TARGET/wire.tsv}
 DB=flashsale_wire
 REDIS=0
 if [ "${1:-}" = "--redis" ]; then REDIS=1; fi
@@ -41,7 +43,7 @@ eval "$("$ROOT/scripts/services.sh")"
 cargo build --release -q -p shell-api --bin flashsale --example sell_out
 cargo build --release -q -p loadtest
 # WIRE_BIN: another flashsale binary to measure (e.g. an older build, for a before/after in one sitting).
-BIN="${WIRE_BIN:-$ROOT/target/release/flashsale}"
+BIN="${WIRE_BIN:-$TARGET/release/flashsale}"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/flashsale-wire.XXXXXX")
 SERVER_PID=
@@ -102,12 +104,12 @@ run() {
   if [ "${WIRE_PERF:-}" = "$name" ]; then
     local scope=(-p "$SERVER_PID")
     if [ -n "${WIRE_PERF_ALL:-}" ]; then scope=(-a); fi
-    perf record -F 999 -g "${scope[@]}" -o "$ROOT/target/wire-$name.perf.data" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+    perf record -F 999 -g "${scope[@]}" -o "$TARGET/wire-$name.perf.data" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
     perf_pid=$!
   fi
   # The server's CPU time over the run (perf's task-clock, all its threads): CPU per request does not depend on
   # what else the machine is doing the way req/s does.
-  perf stat -e task-clock -p "$SERVER_PID" -o "$WORK/stat-$name" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+  perf stat -e task-clock,context-switches,raw_syscalls:sys_enter -p "$SERVER_PID" -o "$WORK/stat-$name" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
   local stat_pid=$!
   out=$(WRK_TOKENS="$WORK/tokens" WRK_PATH="$path" WRK_METHOD="$method" \
     /usr/bin/time -f 'cpu %P' wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" -s "$ROOT/benches/wrk/rotate.lua" "$BASE" 2>&1)
@@ -119,6 +121,11 @@ run() {
   cpu=$(printf '%s\n' "$out" | awk '/^cpu / {print $2}')
   statuses=$(printf '%s\n' "$out" | grep '^status ' | tr '\n' ' ' || true)
   if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; fi
+  # Syscalls and context switches per request, to stderr: where the kernel's share of a request comes from.
+  awk -v n="$requests" -v name="$name" '/context-switches/ {gsub(",", "", $1); cs=$1}
+    /raw_syscalls/ {gsub(",", "", $1); sc=$1}
+    END {if (n > 0) printf "wire: %s: %.2f syscalls and %.3f context switches per request\n", name, sc/n, cs/n}' \
+    "$WORK/stat-$name" >&2
   printf '%s\t%s\t%s\t%s\n' "$rps" "$cpu" "$(python3 -c "print(f'{$server_ms*1000/$requests:.1f}')")" "$statuses"
 }
 
@@ -130,16 +137,25 @@ if [ -n "${WIRE_POST_FLOOR:-}" ]; then
   # server before any handler runs.
   run post_floor /healthz POST | sed 's/^/post_floor\t/' >&2
 fi
+if [ -n "${WIRE_QUICK:-}" ]; then
+  # Only the three wrk rows (for profiling and before/after runs of the request path).
+  base=$(printf '%s' "$healthz" | cut -f1)
+  for row in "healthz	$healthz" "reserve	$reserve" "sold_out	$sold_out"; do
+    rps=$(printf '%s' "$row" | cut -f2)
+    printf '%s\t%s\n' "$row" "$(python3 -c "print(f'{$rps/$base:.2f}')")"
+  done
+  exit 0
+fi
 sell_units=${WIRE_SELL_UNITS:-100000}
 sell_drop=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":$sell_units,\"opens_at\":\"$opens\",\"per_member_limit\":1000}" "$admin" | json '["id"]')
 say "selling $sell_units units end to end"
-sell=$("$ROOT/target/release/examples/sell_out" "$BASE" "$sell_drop" "$WORK/tokens" 128)
+sell=$("$TARGET/release/examples/sell_out" "$BASE" "$sell_drop" "$WORK/tokens" 128)
 say "$sell"
 sell_seconds=$(printf '%s' "$sell" | awk '{print $5}')
 sell_rate=$(printf '%s' "$sell" | sed -E 's/.*\(([0-9]+) units\/s\).*/\1/')
 rate_rps=${WIRE_RATE_RPS:-10000}
 say "reserve latency at $rate_rps req/s offered"
-"$ROOT/target/release/flashsale-load" rate --base-url "$BASE" --admin-email admin@wire.local \
+"$TARGET/release/flashsale-load" rate --base-url "$BASE" --admin-email admin@wire.local \
   --admin-password wire-admin-password --rps "$rate_rps" --seconds 10 --reserve --members 200 >"$WORK/rate.out" 2>&1 ||
   die "rate run failed: $(tail -5 "$WORK/rate.out")"
 cat "$WORK/rate.out" >&2

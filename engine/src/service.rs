@@ -559,8 +559,10 @@ impl Engine {
             Err(TransitionError::Expired) => {
                 // begin_payment released it as expired; record that like the reaper would.
                 bump(&self.stats.released_expired);
-                self.queue_release(reservation, ReleaseReason::Expired, now_ms)
-                    .await;
+                if let Some(view) = self.gate.hold(drop, reservation).await? {
+                    self.queue_release(drop, &view, ReleaseReason::Expired, now_ms)
+                        .await;
+                }
                 return Err(EngineError::HoldExpired);
             }
             Err(err) => return Err(err.into()),
@@ -577,9 +579,10 @@ impl Engine {
             ChargeOutcome::Approved { .. } => {}
             ChargeOutcome::Declined => {
                 bump(&self.stats.payments_declined);
-                self.gate.decline_payment(drop, reservation).await??;
+                let released = self.gate.decline_payment(drop, reservation).await??;
                 self.queue_release(
-                    reservation,
+                    drop,
+                    &released,
                     ReleaseReason::PaymentDeclined,
                     self.clock.now_ms(),
                 )
@@ -659,8 +662,8 @@ impl Engine {
     pub async fn cancel(&self, reservation: Uuid, member: Uuid) -> Result<(), EngineError> {
         let drop = self.locate(reservation).await?;
         self.spec(drop).await?;
-        match self.gate.cancel(drop, reservation, member).await? {
-            Ok(_) => {}
+        let released = match self.gate.cancel(drop, reservation, member).await? {
+            Ok(released) => released,
             Err(TransitionError::NotFound) => {
                 return Err(
                     match self.settled_before_start(reservation, member).await? {
@@ -671,23 +674,28 @@ impl Engine {
                 );
             }
             Err(err) => return Err(err.into()),
-        }
+        };
         bump(&self.stats.released_cancelled);
-        self.queue_release(reservation, ReleaseReason::Cancelled, self.clock.now_ms())
-            .await;
+        self.queue_release(
+            drop,
+            &released,
+            ReleaseReason::Cancelled,
+            self.clock.now_ms(),
+        )
+        .await;
         Ok(())
     }
 
-    async fn queue_release(&self, hold: Uuid, reason: ReleaseReason, at_ms: i64) {
+    async fn queue_release(&self, drop: Uuid, hold: &HoldView, reason: ReleaseReason, at_ms: i64) {
         if self.gate.journals_holds() {
             return;
         }
         if let Err(err) = self
             .writer
-            .hold_released(hold, reason, to_datetime(at_ms))
+            .hold_released(hold_row(drop, hold), reason, to_datetime(at_ms))
             .await
         {
-            tracing::warn!(error = %err, %hold, "release row not queued");
+            tracing::warn!(error = %err, hold = %hold.id, "release row not queued");
         }
     }
 
@@ -696,9 +704,9 @@ impl Engine {
         let now_ms = self.clock.now_ms();
         let mut released = Vec::new();
         let count = self.gate.reap(now_ms, &mut released).await?;
-        for (_, hold) in &released {
+        for (drop, hold) in &released {
             bump(&self.stats.released_expired);
-            self.queue_release(hold.id, ReleaseReason::Expired, now_ms)
+            self.queue_release(*drop, hold, ReleaseReason::Expired, now_ms)
                 .await;
         }
         Ok(count)
@@ -730,10 +738,26 @@ impl Engine {
             self.receipts
                 .retain(|_, purchase| purchase.drop_id != spec.id);
             self.gate.unload(spec.id).await;
+            // Its holds are all settled and stored as rows; the journal of its new holds can go.
+            if let Err(err) = self.forget_journal(spec.id).await {
+                tracing::warn!(error = %err, drop = %spec.id, "journal of an unloaded drop not cleared");
+            }
             unloaded += 1;
             tracing::info!(drop = %spec.id, "unloaded a settled drop");
         }
         Ok(unloaded)
+    }
+
+    /// Materializes an unloaded drop's journaled holds. Every one of them settled (the drop had none left), so its
+    /// row is there already unless its release was still queued; after the writer's flush it is.
+    async fn forget_journal(&self, drop: Uuid) -> Result<(), EngineError> {
+        self.writer
+            .flush()
+            .await
+            .map_err(EngineError::StorageUnavailable)?;
+        let client = self.db.get().await?;
+        store::materialize_holds(&**client, Some(drop)).await?;
+        Ok(())
     }
 
     /// Drops loaded in memory now.

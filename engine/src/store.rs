@@ -145,6 +145,7 @@ pub async fn restore(
     drop: Option<Uuid>,
     now: DateTime<Utc>,
 ) -> Result<HashMap<Uuid, Restore>, tokio_postgres::Error> {
+    materialize_holds(client, drop).await?;
     client
         .execute(
             "UPDATE reservations SET status = 'released', reason = 'expired', updated_at = $2
@@ -203,6 +204,27 @@ pub async fn restore(
             });
     }
     Ok(restored)
+}
+
+/// Gives every journaled hold of the drop (or of every drop) its own `reservations` row, as `held` unless it has a
+/// row already (it settled: paid or released), and deletes the journal batches. One statement, so batches another
+/// writer commits meanwhile stay for the next call rather than being deleted unread. Returns the holds written.
+pub async fn materialize_holds(
+    client: &impl GenericClient,
+    drop: Option<Uuid>,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "WITH gone AS (DELETE FROM hold_batches WHERE $1::uuid IS NULL OR drop_id = $1 RETURNING *)
+             INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
+             SELECT h.id, g.drop_id, h.member_id, h.quantity, 'held', h.created_at, h.expires_at, h.created_at
+             FROM gone g
+             CROSS JOIN LATERAL unnest(g.ids, g.member_ids, g.quantities, g.created_at, g.expires_at)
+                 AS h(id, member_id, quantity, created_at, expires_at)
+             ON CONFLICT (id) DO NOTHING",
+            &[&drop],
+        )
+        .await
 }
 
 pub async fn purchase_by_reservation(

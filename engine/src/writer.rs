@@ -1,10 +1,17 @@
 //! The asynchronous, batched Postgres writer (group commit).
 //!
-//! Reservation rows, their releases and purchases flow through one bounded channel to one task. It takes
-//! whatever has queued up (up to `batch_rows_max`), optionally lingers `linger` for more, and writes the lot in
-//! one transaction with `UNNEST` inserts. A purchase's sender awaits the commit of its batch: that is what lets
-//! a payment answer 200 only once the purchase is durable. Every insert is idempotent on its id, so a batch
-//! retried after an unknown outcome stores nothing twice. A `Shutdown` op drains everything queued before it.
+//! New holds, their releases and purchases flow through one bounded channel to one task. It takes whatever has
+//! queued up (up to `batch_rows_max`), optionally lingers `linger` for more, and writes the lot in one transaction.
+//! A purchase's sender awaits the commit of its batch: that is what lets a payment answer 200 only once the
+//! purchase is durable. A `Shutdown` op drains everything queued before it.
+//!
+//! A new hold of the embedded gate is journaled compactly: the holds of one batch and drop are one row of
+//! `hold_batches` (arrays of ids, members, quantities and times), because a row per hold cost Postgres about as much
+//! CPU as the whole reservation cost the server. A hold gets its own `reservations` row when it settles: the
+//! purchase upserts it as `paid`, a release upserts it as `released` (each carries the hold's row, so it need not
+//! exist yet). `store::materialize_holds` turns journaled holds into rows when a drop is loaded or unloaded.
+//! Every write is idempotent (upserts on ids; a journal batch written twice names the same holds twice, which
+//! materializing folds), so a batch retried after an unknown outcome stores nothing twice.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,7 +75,7 @@ pub enum WriteError {
 enum WriteOp {
     Hold(HoldRow),
     Released {
-        id: Uuid,
+        hold: HoldRow,
         reason: ReleaseReason,
         at: DateTime<Utc>,
     },
@@ -119,14 +126,15 @@ impl WriterHandle {
         self.send(WriteOp::Hold(row)).await
     }
 
-    /// Queues a release.
+    /// Queues a release; the hold's row comes along, as its row may not be stored yet (new holds are journaled
+    /// compactly, see the module docs).
     pub async fn hold_released(
         &self,
-        id: Uuid,
+        hold: HoldRow,
         reason: ReleaseReason,
         at: DateTime<Utc>,
     ) -> Result<(), WriteError> {
-        self.send(WriteOp::Released { id, reason, at }).await
+        self.send(WriteOp::Released { hold, reason, at }).await
     }
 
     /// Stores a purchase (and marks its reservation paid) and returns once that is committed, with the purchase as
@@ -195,8 +203,11 @@ pub fn spawn(pool: Pool, config: WriterConfig) -> (WriterHandle, JoinHandle<()>)
 
 #[derive(Default)]
 struct Batch {
+    /// New holds of the embedded gate, journaled compactly (`hold_batches`).
+    journaled: Vec<HoldRow>,
+    /// New holds from a gate's journal (`Journal`), stored as rows.
     holds: Vec<HoldRow>,
-    released: Vec<(Uuid, ReleaseReason, DateTime<Utc>)>,
+    released: Vec<(HoldRow, ReleaseReason, DateTime<Utc>)>,
     purchases: Vec<(Purchase, HoldRow)>,
     acks: Vec<oneshot::Sender<Result<Purchase, WriteError>>>,
     journal_acks: Vec<oneshot::Sender<Result<(), WriteError>>>,
@@ -206,13 +217,13 @@ struct Batch {
 
 impl Batch {
     fn rows(&self) -> usize {
-        self.holds.len() + self.released.len() + self.purchases.len()
+        self.journaled.len() + self.holds.len() + self.released.len() + self.purchases.len()
     }
 
     fn push(&mut self, op: WriteOp) {
         match op {
-            WriteOp::Hold(row) => self.holds.push(row),
-            WriteOp::Released { id, reason, at } => self.released.push((id, reason, at)),
+            WriteOp::Hold(row) => self.journaled.push(row),
+            WriteOp::Released { hold, reason, at } => self.released.push((hold, reason, at)),
             WriteOp::Purchase {
                 purchase,
                 hold,
@@ -227,10 +238,7 @@ impl Batch {
                 ack,
             } => {
                 self.holds.extend(holds);
-                for (hold, reason, at) in released {
-                    self.released.push((hold.id, reason, at));
-                    self.holds.push(hold);
-                }
+                self.released.extend(released);
                 self.journal_acks.push(ack);
             }
             WriteOp::Flush(done) => self.flushes.push(done),
@@ -354,27 +362,64 @@ fn quantity(q: u32) -> i32 {
 async fn write_batch(pool: &Pool, batch: &Batch) -> Result<HashMap<Uuid, Purchase>, String> {
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
     let tx = client.transaction().await.map_err(|e| e.to_string())?;
+    let text = |e: tokio_postgres::Error| e.to_string();
 
-    // Holds first, so releases and purchases in the same batch find their rows.
-    let mut holds: Vec<&HoldRow> = batch.holds.iter().collect();
-    holds.extend(batch.purchases.iter().map(|(_, hold)| hold));
-    if !holds.is_empty() {
-        let ids: Vec<Uuid> = holds.iter().map(|h| h.id).collect();
-        let drops: Vec<Uuid> = holds.iter().map(|h| h.drop_id).collect();
-        let members: Vec<Uuid> = holds.iter().map(|h| h.member_id).collect();
-        let quantities: Vec<i32> = holds.iter().map(|h| quantity(h.quantity)).collect();
-        let created: Vec<DateTime<Utc>> = holds.iter().map(|h| h.created_at).collect();
-        let expires: Vec<DateTime<Utc>> = holds.iter().map(|h| h.expires_at).collect();
+    // The journal: one row per drop of this batch, however many holds it has.
+    if !batch.journaled.is_empty() {
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO hold_batches (drop_id, ids, member_ids, quantities, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await
+            .map_err(text)?;
+        let mut by_drop: HashMap<Uuid, Vec<&HoldRow>> = HashMap::new();
+        for hold in &batch.journaled {
+            by_drop.entry(hold.drop_id).or_default().push(hold);
+        }
+        for (drop, holds) in by_drop {
+            let columns = HoldColumns::of(holds.iter().copied());
+            tx.execute(
+                &insert,
+                &[
+                    &drop,
+                    &columns.ids,
+                    &columns.members,
+                    &columns.quantities,
+                    &columns.created,
+                    &columns.expires,
+                ],
+            )
+            .await
+            .map_err(text)?;
+        }
+    }
+
+    if !batch.holds.is_empty() {
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
+                 SELECT u.id, u.drop_id, u.member_id, u.quantity, 'held', u.created_at, u.expires_at, u.created_at
+                 FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[])
+                      AS u(id, drop_id, member_id, quantity, created_at, expires_at)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .await
+            .map_err(text)?;
+        let c = HoldColumns::of(batch.holds.iter());
         tx.execute(
-            "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
-             SELECT u.id, u.drop_id, u.member_id, u.quantity, 'held', u.created_at, u.expires_at, u.created_at
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[])
-                  AS u(id, drop_id, member_id, quantity, created_at, expires_at)
-             ON CONFLICT (id) DO NOTHING",
-            &[&ids, &drops, &members, &quantities, &created, &expires],
+            &insert,
+            &[
+                &c.ids,
+                &c.drops,
+                &c.members,
+                &c.quantities,
+                &c.created,
+                &c.expires,
+            ],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(text)?;
     }
 
     let mut stored = HashMap::with_capacity(batch.purchases.len());
@@ -382,13 +427,41 @@ async fn write_batch(pool: &Pool, batch: &Batch) -> Result<HashMap<Uuid, Purchas
         // One row per reservation: a second purchase of a reservation in the same batch (two attempts racing)
         // gets the first's row back, like an attempt that finds an earlier one already stored.
         let mut seen = HashSet::with_capacity(batch.purchases.len());
-        let unique: Vec<&Purchase> = batch
+        let unique: Vec<&(Purchase, HoldRow)> = batch
             .purchases
             .iter()
-            .map(|(purchase, _)| purchase)
-            .filter(|purchase| seen.insert(purchase.reservation_id))
+            .filter(|(purchase, _)| seen.insert(purchase.reservation_id))
             .collect();
-        let p = || unique.iter().copied();
+        let paid_at: Vec<DateTime<Utc>> = unique.iter().map(|(p, _)| p.paid_at).collect();
+        // The reservation's row, as paid: one upsert, whether or not a row for the hold was stored before.
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
+                 SELECT u.id, u.drop_id, u.member_id, u.quantity, 'paid', u.created_at, u.expires_at, u.paid_at
+                 FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[],
+                             $7::timestamptz[])
+                      AS u(id, drop_id, member_id, quantity, created_at, expires_at, paid_at)
+                 ON CONFLICT (id) DO UPDATE SET status = 'paid', reason = NULL, updated_at = EXCLUDED.updated_at",
+            )
+            .await
+            .map_err(text)?;
+        let c = HoldColumns::of(unique.iter().map(|(_, hold)| hold));
+        tx.execute(
+            &upsert,
+            &[
+                &c.ids,
+                &c.drops,
+                &c.members,
+                &c.quantities,
+                &c.created,
+                &c.expires,
+                &paid_at,
+            ],
+        )
+        .await
+        .map_err(text)?;
+
+        let p = || unique.iter().map(|(purchase, _)| purchase);
         let ids: Vec<Uuid> = p().map(|x| x.id).collect();
         let reservations: Vec<Uuid> = p().map(|x| x.reservation_id).collect();
         let drops: Vec<Uuid> = p().map(|x| x.drop_id).collect();
@@ -396,49 +469,117 @@ async fn write_batch(pool: &Pool, batch: &Batch) -> Result<HashMap<Uuid, Purchas
         let members: Vec<Uuid> = p().map(|x| x.member_id).collect();
         let quantities: Vec<i32> = p().map(|x| quantity(x.quantity)).collect();
         let amounts: Vec<i64> = p().map(|x| x.amount).collect();
-        let currencies: Vec<String> = p().map(|x| x.currency.clone()).collect();
-        let paid_at: Vec<DateTime<Utc>> = p().map(|x| x.paid_at).collect();
+        let currencies: Vec<&str> = p().map(|x| x.currency.as_str()).collect();
         // The no-op update makes RETURNING give the row already stored for a reservation paid before, so every
         // attempt answers with the purchase that is in Postgres.
-        let rows = tx
-            .query(
+        let insert = tx
+            .prepare_cached(
                 "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
                  SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::int4[],
                                       $7::int8[], $8::text[], $9::timestamptz[])
                  ON CONFLICT (reservation_id) DO UPDATE SET reservation_id = EXCLUDED.reservation_id
                  RETURNING *",
-                &[&ids, &reservations, &drops, &products, &members, &quantities, &amounts, &currencies, &paid_at],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(text)?;
+        let rows = tx
+            .query(
+                &insert,
+                &[
+                    &ids,
+                    &reservations,
+                    &drops,
+                    &products,
+                    &members,
+                    &quantities,
+                    &amounts,
+                    &currencies,
+                    &paid_at,
+                ],
+            )
+            .await
+            .map_err(text)?;
         for row in &rows {
             let purchase = crate::store::purchase_from_row(row);
             stored.insert(purchase.reservation_id, purchase);
         }
-        tx.execute(
-            "UPDATE reservations r SET status = 'paid', reason = NULL, updated_at = u.paid_at
-             FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, paid_at)
-             WHERE r.id = u.id",
-            &[&reservations, &paid_at],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
     }
 
     if !batch.released.is_empty() {
-        let ids: Vec<Uuid> = batch.released.iter().map(|r| r.0).collect();
-        let reasons: Vec<&str> = batch.released.iter().map(|r| reason_name(r.1)).collect();
-        let at: Vec<DateTime<Utc>> = batch.released.iter().map(|r| r.2).collect();
+        // One row per hold (a journal replay can name a release twice; an upsert may touch a row only once).
+        let mut seen = HashSet::with_capacity(batch.released.len());
+        let unique: Vec<&(HoldRow, ReleaseReason, DateTime<Utc>)> = batch
+            .released
+            .iter()
+            .filter(|(hold, _, _)| seen.insert(hold.id))
+            .collect();
+        let c = HoldColumns::of(unique.iter().map(|(hold, _, _)| hold));
+        let reasons: Vec<&str> = unique.iter().map(|r| reason_name(r.1)).collect();
+        let at: Vec<DateTime<Utc>> = unique.iter().map(|r| r.2).collect();
+        // A paid hold is never released: the guard keeps a late or replayed release from touching it.
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO reservations (id, drop_id, member_id, quantity, status, reason, created_at, expires_at, updated_at)
+                 SELECT u.id, u.drop_id, u.member_id, u.quantity, 'released', u.reason, u.created_at, u.expires_at, u.at
+                 FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[],
+                             $7::text[], $8::timestamptz[])
+                      AS u(id, drop_id, member_id, quantity, created_at, expires_at, reason, at)
+                 ON CONFLICT (id) DO UPDATE SET status = 'released', reason = EXCLUDED.reason,
+                                                updated_at = EXCLUDED.updated_at
+                 WHERE reservations.status <> 'paid'",
+            )
+            .await
+            .map_err(text)?;
         tx.execute(
-            "UPDATE reservations r SET status = 'released', reason = u.reason, updated_at = u.at
-             FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, reason, at)
-             WHERE r.id = u.id AND r.status <> 'paid'",
-            &[&ids, &reasons, &at],
+            &upsert,
+            &[
+                &c.ids,
+                &c.drops,
+                &c.members,
+                &c.quantities,
+                &c.created,
+                &c.expires,
+                &reasons,
+                &at,
+            ],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(text)?;
     }
 
-    tx.commit().await.map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(text)?;
     Ok(stored)
+}
+
+/// Holds as the column arrays the statements above take.
+struct HoldColumns {
+    ids: Vec<Uuid>,
+    drops: Vec<Uuid>,
+    members: Vec<Uuid>,
+    quantities: Vec<i32>,
+    created: Vec<DateTime<Utc>>,
+    expires: Vec<DateTime<Utc>>,
+}
+
+impl HoldColumns {
+    fn of<'a>(holds: impl ExactSizeIterator<Item = &'a HoldRow>) -> Self {
+        let n = holds.len();
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            drops: Vec::with_capacity(n),
+            members: Vec::with_capacity(n),
+            quantities: Vec::with_capacity(n),
+            created: Vec::with_capacity(n),
+            expires: Vec::with_capacity(n),
+        };
+        for hold in holds {
+            c.ids.push(hold.id);
+            c.drops.push(hold.drop_id);
+            c.members.push(hold.member_id);
+            c.quantities.push(quantity(hold.quantity));
+            c.created.push(hold.created_at);
+            c.expires.push(hold.expires_at);
+        }
+        c
+    }
 }

@@ -29,6 +29,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "drop_seq",
         include_str!("../migrations/0006_drop_seq.sql"),
     ),
+    (
+        7,
+        "drop_reservations_member_idx",
+        include_str!("../migrations/0007_drop_reservations_member_idx.sql"),
+    ),
+    (
+        10,
+        "hold_batches",
+        include_str!("../migrations/0010_hold_batches.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.
@@ -100,9 +110,11 @@ async fn ensure_database(config: &tokio_postgres::Config) -> anyhow::Result<()> 
             .await
         {
             Ok(()) => tracing::info!(database = %name, "created database"),
-            // Another instance created it at the same moment.
+            // Another instance created it at the same moment: Postgres says so with duplicate_database, or, when
+            // the two CREATEs race inside the catalog, with a unique violation on pg_database's name index.
             Err(err)
-                if err.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+                if err.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                    || err.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {}
             Err(err) => return Err(err).context("creating the database"),
         }
     }

@@ -249,7 +249,7 @@ async fn sigterm_drains_the_writer_before_the_process_exits() {
     let stored: HashSet<Uuid> = db
         .client()
         .await
-        .query("SELECT id FROM reservations WHERE status = 'held'", &[])
+        .query("SELECT id FROM stored_holds WHERE status = 'held'", &[])
         .await
         .unwrap()
         .iter()
