@@ -17,7 +17,7 @@ use engine::clock::ManualClock;
 use engine::core::{Counts, HoldView, ReserveRejection, TransitionError};
 use engine::gate::{EmbeddedGate, Gate, GateResult, GateUnavailable, Restore};
 use engine::types::DropSpec;
-use serde_json::json;
+use serde_json::{json, Value};
 use shell_api::auth::Role;
 use shell_api::config::EngineArgs;
 use uuid::Uuid;
@@ -943,6 +943,8 @@ async fn past_the_in_flight_bound_reservations_get_429_at_once() {
 async fn settled_drops_leave_memory_and_still_answer_the_same() {
     let args = EngineArgs {
         drop_retain_seconds: 0,
+        // The test unloads by hand; the reaper's own sweeps (every tick at a retention of 0) would race it.
+        reaper_interval_ms: 3_600_000,
         ..EngineArgs::default()
     };
     let app = TestApp::with_engine_args(args).await;
@@ -956,9 +958,31 @@ async fn settled_drops_leave_memory_and_still_answer_the_same() {
     app.state.engine.writer().flush().await.unwrap();
     let engine = &app.state.engine;
     assert_eq!(engine.loaded_drops(), 2);
+    let journal_rows = |drop: &Value| {
+        let drop: Uuid = drop["id"].as_str().unwrap().parse().unwrap();
+        let db = &app.db;
+        async move {
+            let row = db
+                .client()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM hold_batches WHERE drop_id = $1",
+                    &[&drop],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0)
+        }
+    };
+    assert_eq!(journal_rows(&drop).await, 1, "the hold was journaled");
     // The sold-out drop with no holds is settled; the other still sells.
     assert_eq!(engine.unload_settled().await.unwrap(), 1);
     assert_eq!(engine.loaded_drops(), 1);
+    assert_eq!(
+        journal_rows(&drop).await,
+        0,
+        "an unloaded drop's journal is gone"
+    );
     assert_eq!(
         engine.unload_settled().await.unwrap(),
         0,
