@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "drop_seq",
         include_str!("../migrations/0006_drop_seq.sql"),
     ),
+    (8, "shop", include_str!("../migrations/0008_shop.sql")),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.
