@@ -265,11 +265,33 @@ async fn charge_points(
             created_at: entry.created_at,
         }),
         Err(err) => {
+            // A commit whose answer was lost may still have committed: then the points stand, and so does the charge.
+            if let Some(entry) = stored_entry(state, id).await {
+                return Ok(ChargeBody {
+                    id: entry.id,
+                    amount: entry.amount,
+                    balance: entry.balance,
+                    created_at: entry.created_at,
+                });
+            }
             tracing::warn!(code = err.code(), charge = %id, "points not credited; refunding the card charge");
             gateway.refund(id).await;
             Err(err)
         }
     }
+}
+
+/// The ledger entry `id`, if it is stored. A failed look counts as not stored.
+async fn stored_entry(state: &AppState, id: Uuid) -> Option<Entry> {
+    let client = state.db.get().await.ok()?;
+    let row = client
+        .query_opt(
+            &format!("SELECT {ENTRY_COLUMNS} FROM balance_entries WHERE id = $1"),
+            &[&id],
+        )
+        .await
+        .ok()??;
+    Entry::from_row(&row).ok()
 }
 
 /// `GET /members/me/balance/history`: the ledger, newest first.

@@ -210,12 +210,37 @@ pub async fn place_order(
         state, member, order_id, &lines, &seen, &payment, total, &currency, from_cart,
     )
     .await;
-    if stored.is_err() && matches!(payment, Payment::Card { .. }) {
+    let err = match stored {
+        Ok(order) => return Ok(order),
+        Err(err) => err,
+    };
+    if matches!(payment, Payment::Card { .. }) {
+        // A commit whose answer was lost may still have committed: then the order stands, and so does its charge.
+        if committed(state, order_id).await {
+            tracing::warn!(order = %order_id, "the order committed although its commit failed to answer");
+            let client = state.db.get().await?;
+            let owner = AuthMember {
+                id: member,
+                role: crate::auth::Role::Customer,
+            };
+            return load_order(&client, &owner, order_id).await;
+        }
         // Nothing of the order was committed, so nothing was sold: the charge goes back.
-        tracing::info!(order = %order_id, "order not stored; refunding its card charge");
+        tracing::info!(order = %order_id, code = err.code(), "order not stored; refunding its card charge");
         gateway.refund(order_id).await;
     }
-    stored
+    Err(err)
+}
+
+/// Whether the order is stored. A failed look counts as not stored: the transaction most likely never committed.
+async fn committed(state: &AppState, order_id: Uuid) -> bool {
+    let Ok(client) = state.db.get().await else {
+        return false;
+    };
+    client
+        .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&order_id])
+        .await
+        .is_ok_and(|row| row.is_some())
 }
 
 /// The transaction of an order. `seen` is the first look at the products; if anything the charge was computed
