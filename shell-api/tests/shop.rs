@@ -721,7 +721,7 @@ async fn settlement_rewrites_the_same_rows_from_sales_refunds_and_fee() {
         StatusCode::OK,
     );
     // A drop purchase of 5000 of the same seller.
-    let preorder = app.product(&seller, 5_000).await;
+    let preorder = app.product(&seller, 5_001).await;
     let drop = app
         .drop(
             &seller,
@@ -753,6 +753,39 @@ async fn settlement_rewrites_the_same_rows_from_sales_refunds_and_fee() {
         .map(|sale| sale["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["drop", "order"], "{}", sales.body);
+    assert_eq!(sales.body["items"][0]["amount"], 5_001);
+    // Paged by keyset: one at a time, the same two sales.
+    let first = app
+        .call(
+            "GET",
+            "/api/v1/sellers/me/sales?limit=1",
+            Some(&seller.token),
+            None,
+        )
+        .await;
+    assert_eq!(first.body["items"][0], sales.body["items"][0]);
+    let cursor = first.body["next_cursor"].as_str().unwrap();
+    let second = app
+        .call(
+            "GET",
+            &format!("/api/v1/sellers/me/sales?limit=1&cursor={cursor}"),
+            Some(&seller.token),
+            None,
+        )
+        .await;
+    assert_eq!(second.body["items"][0], sales.body["items"][1]);
+    assert!(second.body["next_cursor"].is_null());
+    refused(
+        &app.call(
+            "GET",
+            "/api/v1/sellers/me/sales?from=2020-01-02T00:00:00Z&to=2020-01-01T00:00:00Z",
+            Some(&seller.token),
+            None,
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation",
+    );
     // Bounds: nothing sold before yesterday.
     let old = app
         .call(
@@ -785,8 +818,9 @@ async fn settlement_rewrites_the_same_rows_from_sales_refunds_and_fee() {
     );
     assert_eq!(first.len(), 2, "one row per seller");
     let mine = first.iter().find(|row| row.0 == seller.id).unwrap();
-    // gross 3000 + 5000; refunds 1000; fee 3% of 8000 = 240; net 6760; one order and one drop purchase.
-    assert_eq!(mine.3, [2, 8_000, 1_000, 240, 6_760]);
+    // gross 3000 + 5001; refunds 1000; fee 3% of 8001 = 240.03, rounded down; net 6761; one order and one drop
+    // purchase.
+    assert_eq!(mine.3, [2, 8_001, 1_000, 240, 6_761]);
 
     let listed = app
         .call(
@@ -799,8 +833,8 @@ async fn settlement_rewrites_the_same_rows_from_sales_refunds_and_fee() {
     expect(&listed, StatusCode::OK);
     assert_eq!(
         listed.body["items"][0],
-        json!({ "date": today.to_string(), "currency": "KRW", "orders": 2, "gross": 8000,
-                "refunds": 1000, "fee": 240, "net": 6760 })
+        json!({ "date": today.to_string(), "currency": "KRW", "orders": 2, "gross": 8001,
+                "refunds": 1000, "fee": 240, "net": 6761 })
     );
 
     let dashboard = app
@@ -812,7 +846,7 @@ async fn settlement_rewrites_the_same_rows_from_sales_refunds_and_fee() {
         )
         .await;
     expect(&dashboard, StatusCode::OK);
-    assert_eq!(dashboard.body["revenue"]["today"], 8_000);
+    assert_eq!(dashboard.body["revenue"]["today"], 8_001);
     assert_eq!(dashboard.body["orders_today"], 2);
     assert_eq!(dashboard.body["refunds_pending"], 0);
     assert_eq!(dashboard.body["drops"][0]["sold"], 1);
@@ -1070,6 +1104,28 @@ async fn bad_orders_are_refused_with_their_code_and_leave_nothing() {
         )
         .await;
     assert_eq!(pending.body["items"][0]["id"], refund_id);
+    refused(
+        &app.call(
+            "GET",
+            "/api/v1/sellers/me/refunds?status=maybe",
+            Some(&seller.token),
+            None,
+        )
+        .await,
+        v,
+        "validation",
+    );
+    refused(
+        &app.call(
+            "GET",
+            "/api/v1/sellers/me/refunds",
+            Some(&buyer.token),
+            None,
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
     // Refused decisions moved nothing.
     assert_eq!(shelf(&app, item).await, (3, 2, 0));
 
