@@ -188,3 +188,17 @@ pub async fn list_settlements(
         |s: &Settlement| (s.date, s.currency.clone()),
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daily run waits until just past the next UTC midnight: never more than a day and the margin.
+    #[test]
+    fn the_next_run_is_just_after_the_next_midnight() {
+        let wait = until_next_run();
+        assert!(wait > AFTER_MIDNIGHT);
+        assert!(wait <= Duration::from_secs(24 * 60 * 60) + AFTER_MIDNIGHT);
+        assert_eq!(yesterday().succ_opt(), Some(Utc::now().date_naive()));
+    }
+}
