@@ -30,11 +30,29 @@ pub enum ChargeOutcome {
     Unavailable,
 }
 
+/// A refund of part (or all) of an approved charge, named by the charge's idempotency key. `refund_id` is the
+/// refund's own idempotency key: a retried refund is paid once.
+#[derive(Debug, Clone)]
+pub struct RefundRequest {
+    pub charge_key: Uuid,
+    pub refund_id: Uuid,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundOutcome {
+    Refunded,
+    /// The gateway could not refund now; nothing was refunded. The caller may retry with the same `refund_id`.
+    Unavailable,
+}
+
 #[async_trait]
 pub trait PaymentGateway: Send + Sync + 'static {
     async fn charge(&self, request: &ChargeRequest) -> ChargeOutcome;
     /// Gives an approved charge back (used when the purchase could not be stored).
     async fn refund(&self, reservation_id: Uuid);
+    /// Gives `amount` of an approved charge back, once per `refund_id` (the shop's seller-accepted refunds).
+    async fn refund_amount(&self, request: &RefundRequest) -> RefundOutcome;
 }
 
 /// Settings of the simulated gateway.
@@ -54,6 +72,21 @@ pub struct SimulatedGateway {
     /// Approved charges by reservation: the idempotency record.
     charges: DashMap<Uuid, ChargeRecord>,
     refunds: AtomicU64,
+    /// What happened to each charge key, kept after a full refund so tests can count charges and refunds.
+    history: DashMap<Uuid, ChargeHistory>,
+    /// Refund ids already paid: the idempotency record of `refund_amount`.
+    refund_ids: DashMap<Uuid, i64>,
+}
+
+/// What the simulated gateway did for one charge key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChargeHistory {
+    /// Charges approved (a replay of an approved charge is not a new one).
+    pub approved: u32,
+    pub approved_amount: i64,
+    /// Refunds paid, full (`refund`) and partial (`refund_amount`).
+    pub refunds: u32,
+    pub refunded_amount: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +124,25 @@ impl SimulatedGateway {
     pub fn refunds(&self) -> u64 {
         self.refunds.load(Ordering::Relaxed)
     }
+
+    /// Charges and refunds of one charge key (a reservation, an order, a balance charge).
+    pub fn history(&self, charge_key: Uuid) -> ChargeHistory {
+        self.history
+            .get(&charge_key)
+            .map_or_else(ChargeHistory::default, |history| *history)
+    }
+
+    /// Sums over every charge key: (charges approved, amount approved, refunds paid, amount refunded).
+    pub fn totals(&self) -> ChargeHistory {
+        self.history
+            .iter()
+            .fold(ChargeHistory::default(), |sum, entry| ChargeHistory {
+                approved: sum.approved + entry.approved,
+                approved_amount: sum.approved_amount + entry.approved_amount,
+                refunds: sum.refunds + entry.refunds,
+                refunded_amount: sum.refunded_amount + entry.refunded_amount,
+            })
+    }
 }
 
 #[async_trait]
@@ -119,10 +171,15 @@ impl PaymentGateway for SimulatedGateway {
         let record = self
             .charges
             .entry(request.reservation_id)
-            .or_insert_with(|| ChargeRecord {
-                charge_id: format!("ch_{}", Uuid::now_v7().simple()),
-                amount: request.amount,
-                times_asked: 0,
+            .or_insert_with(|| {
+                let mut history = self.history.entry(request.reservation_id).or_default();
+                history.approved += 1;
+                history.approved_amount += request.amount;
+                ChargeRecord {
+                    charge_id: format!("ch_{}", Uuid::now_v7().simple()),
+                    amount: request.amount,
+                    times_asked: 0,
+                }
             });
         ChargeOutcome::Approved {
             charge_id: record.charge_id.clone(),
@@ -130,8 +187,27 @@ impl PaymentGateway for SimulatedGateway {
     }
 
     async fn refund(&self, reservation_id: Uuid) {
-        if self.charges.remove(&reservation_id).is_some() {
+        if let Some((_, record)) = self.charges.remove(&reservation_id) {
             self.refunds.fetch_add(1, Ordering::Relaxed);
+            let mut history = self.history.entry(reservation_id).or_default();
+            history.refunds += 1;
+            history.refunded_amount += record.amount;
         }
+    }
+
+    async fn refund_amount(&self, request: &RefundRequest) -> RefundOutcome {
+        if !self.config.latency.is_zero() {
+            tokio::time::sleep(self.config.latency).await;
+        }
+        if let dashmap::mapref::entry::Entry::Vacant(vacant) =
+            self.refund_ids.entry(request.refund_id)
+        {
+            vacant.insert(request.amount);
+            self.refunds.fetch_add(1, Ordering::Relaxed);
+            let mut history = self.history.entry(request.charge_key).or_default();
+            history.refunds += 1;
+            history.refunded_amount += request.amount;
+        }
+        RefundOutcome::Refunded
     }
 }

@@ -304,6 +304,11 @@ impl Engine {
         &self.stats
     }
 
+    /// The payment gateway, for the shell's other payments (the regular shop's orders, charges and refunds).
+    pub fn gateway(&self) -> &Arc<dyn PaymentGateway> {
+        &self.gateway
+    }
+
     pub fn writer(&self) -> &WriterHandle {
         &self.writer
     }

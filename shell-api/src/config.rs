@@ -24,6 +24,9 @@ pub enum Command {
     Migrate(DbArgs),
     /// Check each drop's Redis state against Postgres and rebuild it from Postgres where Redis lost data.
     Reconcile(ReconcileArgs),
+    /// Settle one UTC day of the regular shop per seller (gross, refunds, fee, net); running it again rewrites
+    /// the same rows.
+    Settle(SettleArgs),
     /// Administrative tasks.
     Admin {
         #[command(subcommand)]
@@ -61,6 +64,26 @@ pub struct ReconcileArgs {
     /// Only this drop (default: every drop).
     #[arg(long = "drop")]
     pub drop: Option<uuid::Uuid>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SettleArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub shop: ShopArgs,
+    /// The UTC day to settle, YYYY-MM-DD (default: yesterday).
+    #[arg(long)]
+    pub date: Option<chrono::NaiveDate>,
+}
+
+/// Settings of the regular shop.
+#[derive(Debug, Clone, Args)]
+pub struct ShopArgs {
+    /// The marketplace fee taken in the daily settlement, in basis points of gross sales (300 = 3%), rounded
+    /// down; at most 10000.
+    #[arg(long, env = "SETTLEMENT_FEE_BPS", default_value_t = 300, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub settlement_fee_bps: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -109,6 +132,8 @@ pub struct ServeArgs {
     pub shutdown_grace_ms: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub shop: ShopArgs,
 }
 
 /// Where Redis is, and the Redis gate's limits. Without a URL the engine runs on its embedded gate.

@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "drop_reservations_member_idx",
         include_str!("../migrations/0007_drop_reservations_member_idx.sql"),
     ),
+    (8, "shop", include_str!("../migrations/0008_shop.sql")),
     (
         10,
         "hold_batches",

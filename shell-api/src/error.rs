@@ -115,6 +115,12 @@ impl ApiError {
         err
     }
 
+    /// Names the fields (or ids) an error is about, as a 409 `out_of_stock` names the products short of stock.
+    pub fn with_fields(mut self, fields: BTreeMap<String, String>) -> Self {
+        self.fields = Some(fields);
+        self
+    }
+
     pub fn with_message(mut self, message: impl Into<Cow<'static, str>>) -> Self {
         self.message = message.into();
         self

@@ -25,6 +25,7 @@ pub mod pagination;
 pub mod products;
 pub mod server;
 pub mod sessions;
+pub mod shop;
 
 use std::sync::Arc;
 
@@ -177,6 +178,7 @@ pub fn app(state: AppState) -> Router {
         .merge(products::router())
         .merge(drops::router())
         .merge(feeds::router())
+        .merge(shop::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))

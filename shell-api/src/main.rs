@@ -1,4 +1,4 @@
-//! The `flashsale` binary: `serve`, `migrate`, `reconcile` and `admin create`.
+//! The `flashsale` binary: `serve`, `migrate`, `reconcile`, `settle` and `admin create`.
 
 use clap::Parser;
 use shell_api::config::{AdminCommand, Cli, Command};
@@ -30,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
             shell_api::ops::reconcile::run(args).await?;
             Ok(())
         }
+        Command::Settle(args) => shell_api::shop::settlement::run(args).await,
         Command::Admin {
             command: AdminCommand::Create(args),
         } => shell_api::members::admin_create(args).await,

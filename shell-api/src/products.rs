@@ -314,11 +314,19 @@ async fn bulk_create_handler(
     Ok((StatusCode::CREATED, Json(BulkCreated { items })))
 }
 
+/// A signed-in member's search (`q`) is remembered for the shop's search terms, after the list is read and off
+/// the request path (`shop::search::record`).
 async fn list_handler(
     State(state): State<AppState>,
+    crate::shop::search::MaybeMember(member): crate::shop::search::MaybeMember,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Page<ProductBody>>, ApiError> {
-    list_products(&state, query).await.map(Json)
+    let q = query.q.clone();
+    let page = list_products(&state, query).await?;
+    if let (Some(member), Some(q)) = (member, q) {
+        crate::shop::search::record(&state, member.id, &q);
+    }
+    Ok(Json(page))
 }
 
 async fn get_handler(

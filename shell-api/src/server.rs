@@ -57,6 +57,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|err| anyhow::anyhow!("reading credential changes: {}", err.code()))?;
     tokio::spawn(crate::auth::poll_changes_forever(state.clone()));
+    tokio::spawn(crate::shop::settlement::run_daily(
+        state.db.clone(),
+        args.shop.settlement_fee_bps,
+    ));
 
     let listener = TcpListener::bind(args.bind_addr)
         .await
