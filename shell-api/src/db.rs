@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "drop_seq",
         include_str!("../migrations/0006_drop_seq.sql"),
     ),
+    (9, "live", include_str!("../migrations/0009_live.sql")),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.
