@@ -18,8 +18,9 @@
 //! **The stream sees every instance's notifications.** Rather than LISTEN/NOTIFY (a dedicated connection per
 //! instance, and one query per notified member on a big drop_open), the notifier reads, on each tick and only while
 //! someone is connected, the new rows of the members with an open stream on this instance: one query per tick,
-//! `member_id = ANY(connected) AND created_at > high water - overlap`. The overlap re-reads recent rows so that a
-//! transaction that committed late is not missed; rows already delivered are skipped by id. Each member's streams
+//! `member_id = ANY(connected) AND created_at > last poll - overlap`. The overlap (5 s) re-reads recent rows so that a
+//! transaction that committed up to that late is not missed; rows already delivered are skipped by id. (A row whose
+//! transaction took longer than the overlap reaches the list but not the open streams.) Each member's streams
 //! share a bounded broadcast channel; a stream that falls behind skips what it missed (the list has everything).
 
 use std::collections::HashMap;
@@ -396,6 +397,8 @@ impl Subscribers {
         }
         let overlap = chrono::Duration::from_std(DELIVERY_OVERLAP).unwrap_or_default();
         let since = self.delivered.lock().high_water.unwrap_or_else(Utc::now) - overlap;
+        // The next poll starts from here even when no row came, so each poll reads about one tick plus the overlap.
+        let polled_at = Utc::now();
         let client = state.db.get().await?;
         let rows = client
             .query(
@@ -427,9 +430,11 @@ impl Subscribers {
                 let _ = sender.send(Arc::new(notification));
             }
         }
-        if delivered.high_water.is_none() {
-            delivered.high_water = Some(since + overlap);
-        }
+        delivered.high_water = Some(
+            delivered
+                .high_water
+                .map_or(polled_at, |at| at.max(polled_at)),
+        );
         delivered.ids.retain(|_, at| *at > since);
         Ok(())
     }
