@@ -777,3 +777,64 @@ async fn refund_decided_is_written_once_per_refund() {
     assert_eq!(list["items"][0]["refund_id"], refund.to_string());
     assert!(list["items"][0].get("drop_id").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_instances_drop_open_is_written_once_and_streamed_by_the_other_instance() {
+    let a = TestApp::with_redis(fast_reaper()).await;
+    let b = a.another_instance().await;
+    // Both instances run the notifier, as two `flashsale serve` would.
+    let notifiers = [
+        tokio::spawn(shell_api::live::notifications::notify_forever(
+            a.state.clone(),
+        )),
+        tokio::spawn(shell_api::live::notifications::notify_forever(
+            b.state.clone(),
+        )),
+    ];
+    let seller = a.member(Role::Seller).await;
+    let product = a.product(&seller, 1000).await;
+    let mut fans = Vec::new();
+    for _ in 0..5 {
+        let fan = a.member(Role::Customer).await;
+        assert_eq!(heart(&a, &fan, product, true).await, StatusCode::NO_CONTENT);
+        fans.push(fan);
+    }
+    // The first fan listens on B; the drop is created on A.
+    let mut stream = SseStream::open(
+        &b.router,
+        "/api/v1/members/me/notifications/stream",
+        Some(&fans[0].token),
+    )
+    .await
+    .2
+    .unwrap();
+    let opens_at = chrono::Utc::now() + chrono::Duration::milliseconds(1000);
+    a.drop(
+        &seller,
+        json!({ "product_id": product, "stock": 3, "opens_at": opens_at.to_rfc3339() }),
+    )
+    .await;
+    for fan in &fans {
+        eventually("both notifications", Duration::from_secs(10), || async {
+            kinds(&notifications(&b, fan).await) == ["drop_scheduled", "drop_open"]
+        })
+        .await;
+    }
+    // Another few ticks of both notifiers change nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for fan in &fans {
+        assert_eq!(
+            kinds(&notifications(&a, fan).await),
+            ["drop_scheduled", "drop_open"]
+        );
+    }
+    let mut streamed = Vec::new();
+    while let Some(event) = stream.next(Duration::from_secs(2)).await {
+        let body: Value = serde_json::from_str(&event.data).unwrap();
+        streamed.push(body["kind"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(streamed, ["drop_scheduled", "drop_open"]);
+    for notifier in notifiers {
+        notifier.abort();
+    }
+}
