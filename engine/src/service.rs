@@ -770,6 +770,12 @@ impl Engine {
         self.drops.len()
     }
 
+    /// Whether this instance has the drop in memory: only a loaded drop can change (a settled one is unloaded), so
+    /// watchers of counts (the live notifier) read only these and never load a drop back just to look at it.
+    pub fn is_loaded(&self, drop: Uuid) -> bool {
+        self.drops.contains_key(&drop)
+    }
+
     /// A member's purchases, newest first.
     pub async fn purchases_of(
         &self,

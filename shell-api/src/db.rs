@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0007_drop_reservations_member_idx.sql"),
     ),
     (8, "shop", include_str!("../migrations/0008_shop.sql")),
+    (9, "live", include_str!("../migrations/0009_live.sql")),
     (
         10,
         "hold_batches",

@@ -55,8 +55,9 @@ struct CreateDrop {
     price: Option<i64>,
 }
 
+/// A drop on the wire; also the body of every `event: drop` of the drop's event stream (`live/events.rs`).
 #[derive(Debug, Serialize)]
-struct DropJson {
+pub(crate) struct DropJson {
     id: Uuid,
     product_id: Uuid,
     stock: u32,

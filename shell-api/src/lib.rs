@@ -19,6 +19,7 @@ pub mod error;
 pub mod extract;
 pub mod feeds;
 pub mod idempotency;
+pub mod live;
 pub mod members;
 pub mod ops;
 pub mod pagination;
@@ -53,6 +54,7 @@ pub struct Settings {
     pub access_token_seconds: u64,
     pub refresh_token_seconds: u64,
     pub max_body_bytes: usize,
+    pub live: live::LiveConfig,
 }
 
 impl Settings {
@@ -63,6 +65,7 @@ impl Settings {
             access_token_seconds: 900,
             refresh_token_seconds: 1_209_600,
             max_body_bytes: 1_048_576,
+            live: live::LiveConfig::default(),
         }
     }
 }
@@ -89,12 +92,15 @@ pub struct AppInner {
     pub idempotency: Arc<IdempotencyStore>,
     /// Set when instances share Redis; `/readyz` checks it.
     pub redis: Option<RedisConn>,
+    /// Event streams, their producers and the notifier's subscribers (`live/`).
+    pub live: Arc<live::Live>,
 }
 
 impl AppState {
     /// State over a started engine; `redis` is where idempotency records live when instances share Redis.
     pub fn new(db: Pool, settings: Settings, engine: Arc<Engine>, redis: Option<&Redis>) -> Self {
         let tokens = TokenKeys::new(&settings.jwt_secret, settings.access_token_seconds);
+        let settings_live = settings.live;
         let idempotency = match redis {
             Some(redis) => IdempotencyStore::shared(redis.conn.clone(), &redis.key_prefix),
             None => IdempotencyStore::default(),
@@ -107,6 +113,7 @@ impl AppState {
             engine,
             idempotency: Arc::new(idempotency),
             redis: redis.map(|redis| redis.conn.clone()),
+            live: Arc::new(live::Live::new(settings_live)),
         }))
     }
 }
@@ -179,6 +186,7 @@ pub fn app(state: AppState) -> Router {
         .merge(drops::router())
         .merge(feeds::router())
         .merge(shop::router())
+        .merge(live::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))

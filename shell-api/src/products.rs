@@ -31,8 +31,9 @@ pub const BULK_ITEMS_MAX: usize = 1000;
 pub const SEARCH_CHARS_MAX: usize = 100;
 pub const CURRENCY_DEFAULT: &str = "KRW";
 
-const PRODUCT_COLUMNS: &str =
-    "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at";
+/// Every column `ProductBody::from_row` reads, in its order (`heart_count`: see `live/hearts.rs`).
+pub(crate) const PRODUCT_COLUMNS: &str =
+    "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at, heart_count";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -89,11 +90,13 @@ pub struct ProductBody {
     pub stock: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Members who hearted it, exact (moved in the heart's transaction, see `live/hearts.rs`).
+    pub heart_count: i32,
 }
 
 impl ProductBody {
     /// From a row selected with `PRODUCT_COLUMNS`.
-    fn from_row(row: &Row) -> Result<Self, ApiError> {
+    pub(crate) fn from_row(row: &Row) -> Result<Self, ApiError> {
         Ok(Self {
             id: row.get(0),
             seller_id: row.get(1),
@@ -105,6 +108,7 @@ impl ProductBody {
             stock: row.get(7),
             created_at: row.get(8),
             updated_at: row.get(9),
+            heart_count: row.get(10),
         })
     }
 }

@@ -28,6 +28,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         access_token_seconds: args.access_token_seconds,
         refresh_token_seconds: args.refresh_token_seconds,
         max_body_bytes: args.max_body_bytes,
+        live: args.live.live_config(),
     };
 
     let pool = db::connect(&args.db).await?;
@@ -61,6 +62,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state.db.clone(),
         args.shop.settlement_fee_bps,
     ));
+    tokio::spawn(crate::live::notifications::notify_forever(state.clone()));
+    let live = Arc::clone(&state.live);
 
     let listener = TcpListener::bind(args.bind_addr)
         .await
@@ -87,6 +90,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         () = shutdown_signal() => {}
     }
     tracing::info!("shutting down: finishing in-flight requests");
+    // Event streams never finish by themselves; end them so graceful shutdown does not wait out its grace.
+    live.shutdown();
     let _ = stop_tx.send(true);
     let grace = Duration::from_millis(args.shutdown_grace_ms);
     match tokio::time::timeout(grace, &mut server).await {

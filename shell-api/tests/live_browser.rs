@@ -1,0 +1,402 @@
+//! The live drop page in a real browser: headless Chromium (installed with apt-get when missing) loads
+//! `/live/drops/{id}` from the app on a real socket while buyers reserve, pay and cancel, and the test reads the
+//! page's numbers through the DevTools protocol: they must change during the drop without a reload and end at the
+//! drop's final counts. A phone-sized screenshot mid-drop goes to `reports/live-drop-mid.png`.
+//!
+//! Chromium is driven over `--remote-debugging-pipe` (DevTools messages on fds 3 and 4, NUL-separated), which a
+//! `bash -c 'exec chromium ... 3<&0 4>&1'` maps to the child's stdin and stdout: no websocket client needed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{drop_state, pay, reserve, TestApp};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use shell_api::auth::Role;
+use shell_api::config::EngineArgs;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::oneshot;
+
+/// The whole test must end within this (browser start included).
+const TEST_LIMIT: Duration = Duration::from_secs(90);
+
+/// Chromium's binary: `CHROMIUM_BIN`, else Debian's, installed when missing and we may.
+fn chromium() -> String {
+    if let Ok(bin) = std::env::var("CHROMIUM_BIN") {
+        return bin;
+    }
+    for bin in ["/usr/lib/chromium/chromium", "/usr/bin/chromium"] {
+        if std::path::Path::new(bin).exists() {
+            return bin.to_owned();
+        }
+    }
+    let status = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
+        ])
+        .status()
+        .expect("running apt-get");
+    assert!(
+        status.success(),
+        "apt-get install chromium failed (needs root)"
+    );
+    "/usr/lib/chromium/chromium".to_owned()
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+
+/// A DevTools session with one page.
+struct Browser {
+    child: tokio::process::Child,
+    stdin: tokio::sync::Mutex<tokio::process::ChildStdin>,
+    pending: Pending,
+    next_id: AtomicU64,
+    session: String,
+    _profile: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Browser {
+    async fn launch() -> Self {
+        let bin = chromium();
+        let profile =
+            std::env::temp_dir().join(format!("fs-chromium-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&profile).unwrap();
+        let script = format!(
+            "exec '{bin}' --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+             --disable-background-networking --disable-component-update --disable-sync \
+             --disable-dev-shm-usage --remote-debugging-pipe --user-data-dir='{}' about:blank \
+             3<&0 4>&1 0</dev/null 1>/dev/null 2>/dev/null",
+            profile.display()
+        );
+        let mut child = tokio::process::Command::new("bash")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn chromium");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let pending: Pending = Arc::default();
+        let routes = Arc::clone(&pending);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout);
+            let mut message = Vec::new();
+            loop {
+                message.clear();
+                match reader.read_until(0, &mut message).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if message.last() == Some(&0) {
+                    message.pop();
+                }
+                let Ok(value) = serde_json::from_slice::<Value>(&message) else {
+                    continue;
+                };
+                if let Some(id) = value["id"].as_u64() {
+                    if let Some(reply) = routes.lock().remove(&id) {
+                        let _ = reply.send(value);
+                    }
+                }
+            }
+        });
+        let mut browser = Self {
+            child,
+            stdin: tokio::sync::Mutex::new(stdin),
+            pending,
+            next_id: AtomicU64::new(1),
+            session: String::new(),
+            _profile: TempDir(profile),
+        };
+        let target = browser
+            .call(
+                "Target.createTarget",
+                json!({ "url": "about:blank" }),
+                false,
+            )
+            .await;
+        let target = target["targetId"].as_str().unwrap().to_owned();
+        let attached = browser
+            .call(
+                "Target.attachToTarget",
+                json!({ "targetId": target, "flatten": true }),
+                false,
+            )
+            .await;
+        browser.session = attached["sessionId"].as_str().unwrap().to_owned();
+        // A phone: 412 x 915 CSS pixels.
+        browser
+            .call(
+                "Emulation.setDeviceMetricsOverride",
+                json!({ "width": 412, "height": 915, "deviceScaleFactor": 2, "mobile": true }),
+                true,
+            )
+            .await;
+        browser
+    }
+
+    /// Sends one command (to the page when `page`) and returns its `result`.
+    async fn call(&self, method: &str, params: Value, page: bool) -> Value {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut message = json!({ "id": id, "method": method, "params": params });
+        if page {
+            message["sessionId"] = json!(self.session);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.pending.lock().insert(id, reply);
+        let mut bytes = serde_json::to_vec(&message).unwrap();
+        bytes.push(0);
+        {
+            let mut stdin = self.stdin.lock().await;
+            stdin.write_all(&bytes).await.unwrap();
+            stdin.flush().await.unwrap();
+        }
+        let value = tokio::time::timeout(Duration::from_secs(20), answer)
+            .await
+            .unwrap_or_else(|_| panic!("chromium did not answer {method}"))
+            .unwrap();
+        assert!(value.get("error").is_none(), "{method}: {value}");
+        value["result"].clone()
+    }
+
+    async fn eval(&self, expression: &str) -> Value {
+        let result = self
+            .call(
+                "Runtime.evaluate",
+                json!({ "expression": expression, "returnByValue": true }),
+                true,
+            )
+            .await;
+        result["result"]["value"].clone()
+    }
+
+    /// The numbers the page shows now.
+    async fn numbers(&self) -> Value {
+        self.eval(
+            "(() => { const t = (id) => document.getElementById(id).textContent;
+               return { available: t('available'), held: t('held'), sold: t('sold'), stock: t('stock'),
+                        countdown: t('countdown'), label: t('countdown-label'), rate: t('rate'), eta: t('eta'),
+                        events: Number(document.body.dataset.events || 0), status: document.body.dataset.status,
+                        link: t('link-text') }; })()",
+        )
+        .await
+    }
+
+    async fn screenshot(&self, path: &std::path::Path) {
+        let shot = self
+            .call("Page.captureScreenshot", json!({ "format": "png" }), true)
+            .await;
+        let png = base64_decode(shot["data"].as_str().unwrap());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+
+    async fn close(mut self) {
+        let _ = self.call("Browser.close", json!({}), false).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+/// Standard base64 (the screenshot's encoding), without a dependency for one test.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = text
+        .bytes()
+        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n: u32 = 0;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= u32::from(value(c)) << (18 - 6 * i);
+        }
+        let [_, a, b, c] = n.to_be_bytes();
+        out.push(a);
+        if chunk.len() > 2 {
+            out.push(b);
+        }
+        if chunk.len() > 3 {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn as_number(text: &Value) -> u64 {
+    text.as_str().unwrap().replace(',', "").parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_page_follows_a_drop_in_headless_chromium() {
+    tokio::time::timeout(TEST_LIMIT, run())
+        .await
+        .expect("browser test took too long");
+}
+
+async fn run() {
+    let app = Arc::new(
+        TestApp::with_engine_args(EngineArgs {
+            reaper_interval_ms: 100,
+            ..EngineArgs::default()
+        })
+        .await,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = app.router.clone();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    const STOCK: u32 = 40;
+    let seller = app.member(Role::Seller).await;
+    let product = app.product(&seller, 59_000).await;
+    let opens_at = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let drop = TestApp::drop(
+        &app,
+        &seller,
+        json!({ "product_id": product, "stock": STOCK, "opens_at": opens_at.to_rfc3339(),
+                    "per_member_limit": 1, "hold_seconds": 60 }),
+    )
+    .await;
+    let id = drop["id"].as_str().unwrap().to_owned();
+
+    let browser = Browser::launch().await;
+    browser
+        .call(
+            "Page.navigate",
+            json!({ "url": format!("{base}/live/drops/{id}") }),
+            true,
+        )
+        .await;
+    // Before the opening: the countdown runs and the stream is live.
+    let started = Instant::now();
+    let before = loop {
+        let numbers = browser.numbers().await;
+        if numbers["link"] == "live" && numbers["events"].as_u64() >= Some(1) {
+            break numbers;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the page never went live: {numbers}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(before["status"], "scheduled", "{before}");
+    assert_eq!(before["label"], "Opens in");
+    assert_eq!(as_number(&before["available"]), u64::from(STOCK));
+    assert_eq!(as_number(&before["stock"]), u64::from(STOCK));
+
+    // The drop: a buyer every 60 ms from the opening; most pay, every fifth cancels.
+    let buyers = {
+        let mut buyers = Vec::new();
+        for _ in 0..STOCK + 5 {
+            buyers.push(app.member(Role::Customer).await);
+        }
+        buyers
+    };
+    let wait = (opens_at - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(100)).await;
+    let sale = {
+        let (app, drop) = (Arc::clone(&app), drop.clone());
+        tokio::spawn(async move {
+            for (n, buyer) in buyers.iter().enumerate() {
+                let held = reserve(&app, buyer, &drop, 1).await;
+                if held.status == axum::http::StatusCode::CREATED {
+                    let hold = held.body["id"].as_str().unwrap().to_owned();
+                    if n % 5 == 4 {
+                        common::cancel(&app, buyer, &hold).await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        pay(&app, buyer, &hold, "tok_ok").await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        })
+    };
+    // Sample the page while it sells; one screenshot mid-drop.
+    let mut seen_sold = std::collections::BTreeSet::new();
+    let mut shot = false;
+    let screenshot =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../reports/live-drop-mid.png");
+    while !sale.is_finished() {
+        let numbers = browser.numbers().await;
+        let sold = as_number(&numbers["sold"]);
+        let available = as_number(&numbers["available"]);
+        let held = as_number(&numbers["held"]);
+        assert_eq!(
+            available + held + sold,
+            u64::from(STOCK),
+            "conservation on the page: {numbers}"
+        );
+        seen_sold.insert(sold);
+        if !shot && sold >= u64::from(STOCK) / 3 {
+            browser.screenshot(&screenshot).await;
+            shot = true;
+            eprintln!("mid-drop page: {numbers}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sale.await.unwrap();
+    assert!(shot, "a screenshot mid-drop");
+    assert!(
+        seen_sold.len() >= 4,
+        "the page's numbers changed as it sold: {seen_sold:?}"
+    );
+
+    // The end: the page shows the drop's final counts, without a reload.
+    let last = drop_state(&app, &drop).await;
+    let want = (
+        last["available"].as_u64().unwrap(),
+        last["held"].as_u64().unwrap(),
+        last["sold"].as_u64().unwrap(),
+    );
+    assert_eq!(want.1, 0, "every hold paid or cancelled");
+    let started = Instant::now();
+    let end = loop {
+        let numbers = browser.numbers().await;
+        let got = (
+            as_number(&numbers["available"]),
+            as_number(&numbers["held"]),
+            as_number(&numbers["sold"]),
+        );
+        if got == want {
+            break numbers;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "page stuck at {numbers}, drop at {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("final page: {end}");
+    assert_eq!(end["status"], last["status"]);
+    let navigations = browser
+        .eval("performance.getEntriesByType('navigation').length")
+        .await;
+    assert_eq!(navigations, 1, "no reload");
+    browser.close().await;
+}
