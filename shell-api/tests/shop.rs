@@ -461,6 +461,24 @@ async fn a_refund_is_decided_once_and_paid_once() {
     );
     assert_eq!(shelf(&app, item).await, (9, 3, 2));
     assert_eq!(balance(&app, &buyer).await, 10_000 - 3_000 + 2_000);
+    // The buyer is told once, however often the decision is asked for.
+    let told = app
+        .call(
+            "GET",
+            "/api/v1/members/me/notifications",
+            Some(&buyer.token),
+            None,
+        )
+        .await;
+    expect(&told, StatusCode::OK);
+    let decided: Vec<&serde_json::Value> = told.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["kind"] == "refund_decided")
+        .collect();
+    assert_eq!(decided.len(), 1, "{:?}", told.body);
+    assert_eq!(decided[0]["refund_id"], id.as_str());
     let (row, sum, _) = ledger(&app, &buyer).await;
     assert_eq!(row, sum);
     // One more unit may be asked back, not two.
@@ -511,6 +529,17 @@ async fn a_refund_is_decided_once_and_paid_once() {
             }
         }
         assert_eq!(winners.len(), 1, "one decision: {winners:?}");
+        assert_eq!(
+            count(
+                &app,
+                &format!(
+                    "SELECT count(*) FROM notifications WHERE kind = 'refund_decided' AND refund_id = '{id}'"
+                )
+            )
+            .await,
+            1,
+            "one notification of the one decision"
+        );
         let accepted = winners.contains("accept");
         assert_eq!(
             shelf(&app, item).await,

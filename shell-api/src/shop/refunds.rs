@@ -399,6 +399,8 @@ pub async fn accept_refund(
         .await?
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("a credit found no balance row")))?;
     }
+    // In the deciding transaction: the buyer's notification exists exactly when the decision does.
+    crate::live::notifications::refund_decided(&tx, buyer, id).await?;
     let refund = find_refund(&tx, id).await?;
     tx.commit().await?;
     Ok(Json(refund))
@@ -433,7 +435,7 @@ pub async fn reject_refund(
         .query_opt(
             "UPDATE refunds SET status = 'rejected', decided_at = now(), decision_reason = $2
              WHERE id = $1 AND status = 'requested'
-             RETURNING order_id",
+             RETURNING order_id, member_id",
             &[&id, &reason],
         )
         .await?;
@@ -461,6 +463,8 @@ pub async fn reject_refund(
         &[&order_id, &id],
     )
     .await?;
+    let buyer: Uuid = decided.get(1);
+    crate::live::notifications::refund_decided(&tx, buyer, id).await?;
     let refund = find_refund(&tx, id).await?;
     tx.commit().await?;
     Ok(Json(refund))
