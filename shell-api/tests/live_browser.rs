@@ -270,6 +270,9 @@ async fn run() {
     let router = app.router.clone();
     tokio::spawn(async move { axum::serve(listener, router).await });
 
+    // The browser first: on a fresh machine this installs Chromium, which can take longer than the countdown.
+    let browser = Browser::launch().await;
+
     const STOCK: u32 = 40;
     let seller = app.member(Role::Seller).await;
     let product = app.product(&seller, 59_000).await;
@@ -283,7 +286,6 @@ async fn run() {
     .await;
     let id = drop["id"].as_str().unwrap().to_owned();
 
-    let browser = Browser::launch().await;
     browser
         .call(
             "Page.navigate",
