@@ -13,6 +13,7 @@ use crate::browse::Shop;
 use crate::drop_funnel::Funnel;
 use crate::feed::Social;
 use crate::setup::progress;
+use crate::shopping::Shoppers;
 
 /// The scenarios of a run, each with its goose users (the funnel counts its own: one per tab).
 #[derive(Debug, Default, Clone)]
@@ -20,6 +21,7 @@ pub struct Parts {
     pub funnel: Option<Arc<Funnel>>,
     pub shop: Option<(Arc<Shop>, usize)>,
     pub social: Option<(Arc<Social>, usize)>,
+    pub shelf: Option<(Arc<Shoppers>, usize)>,
     pub setup_concurrency: usize,
 }
 
@@ -28,6 +30,7 @@ impl Parts {
         self.funnel.as_ref().map_or(0, |f| f.users())
             + self.shop.as_ref().map_or(0, |(_, n)| *n)
             + self.social.as_ref().map_or(0, |(_, n)| *n)
+            + self.shelf.as_ref().map_or(0, |(_, n)| *n)
     }
 
     /// Everything the scenarios need, catalog and members first: the drop opens a fixed time after its setup.
@@ -37,6 +40,9 @@ impl Parts {
         }
         if let Some((social, _)) = &self.social {
             social.setup(user, self.setup_concurrency).await?;
+        }
+        if let Some((shelf, _)) = &self.shelf {
+            shelf.setup(user, self.setup_concurrency).await?;
         }
         if let Some(funnel) = &self.funnel {
             funnel.setup(user).await?;
@@ -148,6 +154,16 @@ pub async fn run(
         if *n > 0 {
             attack = attack.register_scenario(
                 social
+                    .scenario()
+                    .and_then(|s| s.set_weight(*n))
+                    .map_err(goose_error)?,
+            );
+        }
+    }
+    if let Some((shelf, n)) = &parts.shelf {
+        if *n > 0 {
+            attack = attack.register_scenario(
+                shelf
                     .scenario()
                     .and_then(|s| s.set_weight(*n))
                     .map_err(goose_error)?,

@@ -12,6 +12,8 @@ use crate::client::{send, success, Call, Targets};
 use crate::config::{CatalogArgs, TargetArgs};
 use crate::setup::{self, progress, API, CATALOG_WORDS};
 
+/// Shelf stock of each browsed product (nobody buys them here).
+const CATALOG_STOCK: u32 = 1_000;
 /// A shopper's pause between clicks.
 const THINK_MIN: Duration = Duration::from_millis(100);
 const THINK_MAX: Duration = Duration::from_millis(500);
@@ -51,7 +53,15 @@ impl Shop {
             &tag,
         )
         .await?;
-        let ids = setup::catalog(user, &self.targets, &seller, &tag, self.args.products).await?;
+        let ids = setup::catalog(
+            user,
+            &self.targets,
+            &seller,
+            &tag,
+            self.args.products,
+            CATALOG_STOCK,
+        )
+        .await?;
         anyhow::ensure!(self.products.set(ids).is_ok(), "the shop was set up twice");
         Ok(())
     }

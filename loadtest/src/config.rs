@@ -1,5 +1,5 @@
 //! The `flashsale-load` command line: one typed config per subcommand. The goose scenarios (`drop`, `browse`,
-//! `feed`, `mixed`) take goose's own options too (`--report-file`, `--threshold`, `-u`, `-t`, ...), flattened in
+//! `feed`, `shop`, `mixed`) take goose's own options too (`--report-file`, `--threshold`, `-u`, `-t`, ...), flattened in
 //! from `GooseConfiguration`; `rate` drives a constant arrival rate without goose. Every setting of ours is also
 //! read from the environment (`LOAD_*`, plus the usual `DATABASE_URL`).
 
@@ -34,8 +34,12 @@ pub enum Command {
     Browse(BrowseArgs),
     /// Feeds: members read the newsfeed (recent and popular), post, like and comment, for `-t` (default 30 s).
     Feed(FeedArgs),
-    /// A realistic blend: the drop funnel while shoppers browse and members read and write the feeds; the run ends
-    /// when the funnel is done, and the drop's invariants are verified as for `drop`.
+    /// The regular shop: members charge points, fill carts, order (points or card), ask for refunds that the
+    /// seller decides, for `-t` (default 30 s); then the shop's guarantees are verified in Postgres. Exits 1 if
+    /// one or a threshold fails.
+    Shop(ShopArgs),
+    /// A realistic blend: the drop funnel while shoppers browse, members read and write the feeds and others buy
+    /// from the shelf; the run ends when the funnel is done, and the drop's and the shop's invariants are verified.
     Mixed(MixedArgs),
     /// A constant arrival rate over raw HTTP/1.1 connections: requests are scheduled at fixed intended times and
     /// their latency counts from that time, so a stalled server shows in every request it delayed.
@@ -174,6 +178,32 @@ pub struct FeedArgs {
     pub goose: GooseConfiguration,
 }
 
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ShelfArgs {
+    /// Regular products on the shelf for shop runs (few, so that orders contend for the last units).
+    #[arg(long, env = "LOAD_SHELF_PRODUCTS", default_value_t = 20)]
+    pub shelf_products: u32,
+    /// Shelf stock of each of those products at the start.
+    #[arg(long, env = "LOAD_SHELF_STOCK", default_value_t = 200)]
+    pub shelf_stock: u32,
+    /// Members who shop (signed up, logged in and given points during setup).
+    #[arg(long, env = "LOAD_SHOP_MEMBERS", default_value_t = 50)]
+    pub shop_members: u32,
+    /// Points charged to each of them during setup (KRW; a product costs 10,000-59,000).
+    #[arg(long, env = "LOAD_SHOP_POINTS", default_value_t = 300_000)]
+    pub points: i64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShopArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub shelf: ShelfArgs,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct MixedArgs {
     #[command(flatten)]
@@ -184,12 +214,17 @@ pub struct MixedArgs {
     pub catalog: CatalogArgs,
     #[command(flatten)]
     pub social: SocialArgs,
+    #[command(flatten)]
+    pub shelf: ShelfArgs,
     /// Goose users browsing the shop beside the drop's buyers.
     #[arg(long, env = "LOAD_SHOPPERS", default_value_t = 40)]
     pub shoppers: usize,
     /// Goose users reading and writing the feeds beside the drop's buyers.
     #[arg(long, env = "LOAD_READERS", default_value_t = 40)]
     pub readers: usize,
+    /// Goose users buying from the shelf (cart, orders, refunds) beside the drop's buyers.
+    #[arg(long, env = "LOAD_SHELF_SHOPPERS", default_value_t = 20)]
+    pub shelf_shoppers: usize,
     #[command(flatten)]
     pub goose: GooseConfiguration,
 }
@@ -347,6 +382,28 @@ impl CatalogArgs {
         ensure!(
             (1..=FIXTURES_MAX).contains(&self.products),
             "--products must be 1..={FIXTURES_MAX}"
+        );
+        Ok(())
+    }
+}
+
+impl ShelfArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (1..=FIXTURES_MAX).contains(&self.shelf_products),
+            "--shelf-products must be 1..={FIXTURES_MAX}"
+        );
+        ensure!(
+            (1..=1_000_000).contains(&self.shelf_stock),
+            "--shelf-stock must be 1..=1000000"
+        );
+        ensure!(
+            (1..=FIXTURES_MAX).contains(&self.shop_members),
+            "--shop-members must be 1..={FIXTURES_MAX}"
+        );
+        ensure!(
+            (0..=1_000_000_000).contains(&self.points),
+            "--points must be 0..=1000000000"
         );
         Ok(())
     }

@@ -4,7 +4,8 @@
 //! constant arrival rate over raw hyper connections, for latency without coordinated omission.
 //!
 //! `client` (one API call through a goose user), `setup` (members, products, drops, before anything is
-//! measured), the scenarios `drop_funnel`, `browse` and `feed`, `attack` (goose's options and run), `verify`
+//! measured), the scenarios `drop_funnel`, `browse`, `feed`
+//! and `shopping` (with the shop's own checks), `attack` (goose's options and run), `verify`
 //! (pure invariant checks), `summary` (what we print after goose's report), `rate`, and `run` (one function per
 //! subcommand).
 
@@ -17,5 +18,6 @@ pub mod feed;
 pub mod rate;
 pub mod run;
 pub mod setup;
+pub mod shopping;
 pub mod summary;
 pub mod verify;

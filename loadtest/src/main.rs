@@ -16,6 +16,7 @@ async fn main() -> ExitCode {
         Command::Mixed(args) => run::mixed(args).await.map(|o| drop_verdict(&o)),
         Command::Browse(args) => run::browse(args).await.map(|e| goose_verdict("browse", &e)),
         Command::Feed(args) => run::feed(args).await.map(|e| goose_verdict("feed", &e)),
+        Command::Shop(args) => run::shop(args).await.map(|o| shop_verdict(&o)),
         Command::Rate(args) => run::rate(args).await.map(|report| {
             print!("{}", report.render());
             report.errors() == 0
@@ -34,6 +35,12 @@ async fn main() -> ExitCode {
 fn drop_verdict(outcome: &run::DropOutcome) -> bool {
     print!("{}", summary::render(&outcome.summary));
     outcome.summary.passed
+}
+
+fn shop_verdict(outcome: &run::ShopOutcome) -> bool {
+    println!("\nshop checks");
+    print!("{}", summary::render_checks(&outcome.checks));
+    goose_verdict("shop", &outcome.ended) && outcome.passed()
 }
 
 fn goose_verdict(name: &str, ended: &loadtest::attack::Ended) -> bool {

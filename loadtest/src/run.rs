@@ -15,12 +15,13 @@ use crate::browse::Shop;
 use crate::client::{plain_user, Targets};
 use crate::config::{
     refuse_goose_options, BrowseArgs, DropArgs, FeedArgs, FunnelArgs, MixedArgs, RateArgs,
-    TargetArgs,
+    ShopArgs, TargetArgs,
 };
 use crate::drop_funnel::{Funnel, FunnelRun};
 use crate::feed::Social;
 use crate::rate::{self, RateReport};
 use crate::setup::{self, progress};
+use crate::shopping::{self, ShopRun, Shoppers};
 use crate::summary::{threshold_line, Milestones, Summary};
 use crate::verify::{self, Check};
 
@@ -65,7 +66,15 @@ pub async fn drop(args: DropArgs) -> anyhow::Result<DropOutcome> {
         run_time_default: None,
     };
     let ended = attack::run(args.goose, parts, shape).await?;
-    finish_drop("drop", &funnel, &args.funnel, &args.target, ended).await
+    finish_drop(
+        "drop",
+        &funnel,
+        &args.funnel,
+        &args.target,
+        ended,
+        Vec::new(),
+    )
+    .await
 }
 
 /// `flashsale-load mixed`: the funnel, shoppers and readers at once, until the funnel is done.
@@ -78,7 +87,9 @@ pub async fn mixed(args: MixedArgs) -> anyhow::Result<DropOutcome> {
     args.funnel.validate()?;
     args.catalog.validate()?;
     args.social.validate()?;
+    args.shelf.validate()?;
     let targets = targets(&args.target)?;
+    let shoppers = Shoppers::new(args.shelf, args.target.clone(), Arc::clone(&targets));
     let funnel = Funnel::new(
         args.funnel.clone(),
         args.target.clone(),
@@ -92,6 +103,7 @@ pub async fn mixed(args: MixedArgs) -> anyhow::Result<DropOutcome> {
             args.shoppers,
         )),
         social: Some((Social::new(args.social, Arc::clone(&targets)), args.readers)),
+        shelf: Some((Arc::clone(&shoppers), args.shelf_shoppers)),
         setup_concurrency: args.target.setup_concurrency,
     };
     // A cap in case the funnel never reports done (goose started fewer tabs than asked): the opening, every hold
@@ -107,7 +119,21 @@ pub async fn mixed(args: MixedArgs) -> anyhow::Result<DropOutcome> {
         run_time_default: Some(format!("{cap_seconds}s")),
     };
     let ended = attack::run(args.goose, parts, shape).await?;
-    finish_drop("mixed", &funnel, &args.funnel, &args.target, ended).await
+    let shop_checks = match shoppers.run() {
+        Some(run) if args.shelf_shoppers > 0 => {
+            reverify_shop(&run, &args.target.database_url).await?
+        }
+        _ => Vec::new(),
+    };
+    finish_drop(
+        "mixed",
+        &funnel,
+        &args.funnel,
+        &args.target,
+        ended,
+        shop_checks,
+    )
+    .await
 }
 
 /// `flashsale-load browse`.
@@ -141,6 +167,46 @@ pub async fn feed(mut args: FeedArgs) -> anyhow::Result<Ended> {
     attack::run(args.goose, parts, time_boxed("feed", &targets)).await
 }
 
+/// A finished shop run: goose's end, the shop's checks, and what the run did, to verify again.
+#[derive(Debug)]
+pub struct ShopOutcome {
+    pub ended: Ended,
+    pub checks: Vec<Check>,
+    pub run: ShopRun,
+}
+
+impl ShopOutcome {
+    /// Every check and every threshold held.
+    pub fn passed(&self) -> bool {
+        verify::passed(&self.checks) && self.ended.thresholds_failed.is_empty()
+    }
+}
+
+/// `flashsale-load shop`: shoppers for `-t`, then the shop's guarantees checked in Postgres.
+pub async fn shop(mut args: ShopArgs) -> anyhow::Result<ShopOutcome> {
+    args.shelf.validate()?;
+    let targets = targets(&args.target)?;
+    let users = args.goose.users.unwrap_or(USERS_DEFAULT);
+    args.goose.users = Some(users);
+    let shoppers = Shoppers::new(args.shelf, args.target.clone(), Arc::clone(&targets));
+    let parts = Parts {
+        shelf: Some((Arc::clone(&shoppers), users)),
+        setup_concurrency: args.target.setup_concurrency,
+        ..Parts::default()
+    };
+    let ended = attack::run(args.goose, parts, time_boxed("shop", &targets)).await?;
+    let run = shoppers.run().context("the shop was never set up")?;
+    let checks = reverify_shop(&run, &args.target.database_url).await?;
+    Ok(ShopOutcome { ended, checks, run })
+}
+
+/// Reads Postgres again for a finished shop run and judges it: after a fault is planted behind the server's back,
+/// the checks must catch it.
+pub async fn reverify_shop(run: &ShopRun, database_url: &str) -> anyhow::Result<Vec<Check>> {
+    let facts = shopping::shop_facts(database_url, run).await?;
+    Ok(shopping::verify_shop(&facts))
+}
+
 fn time_boxed(name: &'static str, targets: &Targets) -> Shape {
     Shape {
         name,
@@ -157,13 +223,15 @@ async fn finish_drop(
     args: &FunnelArgs,
     target: &TargetArgs,
     ended: Ended,
+    more_checks: Vec<Check>,
 ) -> anyhow::Result<DropOutcome> {
     let mut run = funnel
         .collect()
         .await?
         .ok_or_else(|| anyhow::anyhow!("the drop was never set up"))?;
     let (observations, instances) = run.observe(&target.database_url).await?;
-    let checks = verify::verify(&observations);
+    let mut checks = verify::verify(&observations);
+    checks.extend(more_checks);
     let thresholds_failed: Vec<String> =
         ended.thresholds_failed.iter().map(threshold_line).collect();
     let summary = Summary {

@@ -139,13 +139,15 @@ pub const CATALOG_WORDS: [&str; 8] = [
     "sneaker", "hoodie", "poster", "vinyl", "ticket", "mug", "cap", "tote",
 ];
 
-/// `count` regular products of the seller, created in bulk (at most 1000 a call); their ids.
+/// `count` regular products of the seller with `stock` units on the shelf each, created in bulk (at most 1000 a
+/// call); their ids.
 pub async fn catalog(
     user: &mut GooseUser,
     targets: &Targets,
     seller: &str,
     tag: &str,
     count: u32,
+    stock: u32,
 ) -> anyhow::Result<Vec<String>> {
     const BULK_MAX: u32 = 1000;
     let mut ids = Vec::with_capacity(count as usize);
@@ -161,7 +163,7 @@ pub async fn catalog(
                     "price": 10_000 + i64::from(i % 50) * 1_000,
                     "currency": "KRW",
                     "kind": "regular",
-                    "stock": 1_000,
+                    "stock": stock,
                 })
             })
             .collect();

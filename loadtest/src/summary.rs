@@ -187,19 +187,27 @@ pub fn render(s: &Summary) -> String {
         ));
     }
     line("checks".to_owned());
-    for check in &s.checks {
-        let verdict = match check.verdict {
-            Verdict::Pass => "PASS",
-            Verdict::Fail => "FAIL",
-            Verdict::Skip => "SKIP",
-        };
-        line(format!("  {verdict}  {:<36} {}", check.name, check.detail));
-    }
+    line(render_checks(&s.checks).trim_end().to_owned());
     for rule in &s.thresholds_failed {
         line(format!("  FAIL  threshold {rule}"));
     }
     for file in &s.report_files {
         line(format!("goose report: {file}"));
+    }
+    out
+}
+
+/// One line per check: verdict, name, detail.
+pub fn render_checks(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for check in checks {
+        let verdict = match check.verdict {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "SKIP",
+        };
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "  {verdict}  {:<36} {}", check.name, check.detail);
     }
     out
 }

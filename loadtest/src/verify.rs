@@ -79,7 +79,7 @@ pub struct Check {
     pub detail: String,
 }
 
-fn check(name: &'static str, ok: bool, detail: String) -> Check {
+pub(crate) fn check(name: &'static str, ok: bool, detail: String) -> Check {
     Check {
         name,
         verdict: if ok { Verdict::Pass } else { Verdict::Fail },

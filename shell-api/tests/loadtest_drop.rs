@@ -1,5 +1,6 @@
 //! The load harness against the real binary: a short goose drop run must pass every check, write goose's HTML
-//! report, and, once a purchase row is deleted behind the server's back, the same verification must fail.
+//! report, and, once a purchase row is deleted behind the server's back, the same verification must fail. A short
+//! shop run likewise passes, and fails once a shelf's stock or a balance is changed behind the server's back.
 //!
 //! It lives here rather than in `loadtest/` because it needs `flashsale` itself (`CARGO_BIN_EXE_flashsale`).
 #![allow(clippy::unwrap_used)]
@@ -118,6 +119,113 @@ async fn a_drop_run_passes_and_a_deleted_purchase_fails_its_verification() {
         failed.contains(&"every 200 payment is durable"),
         "{failed:?}"
     );
+
+    let _ = std::fs::remove_dir_all(&reports);
+    assert!(server.terminate(std::time::Duration::from_secs(15)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shop_run_passes_and_a_tampered_shelf_or_balance_fails_its_verification() {
+    let db = TestDb::new().await;
+    create_admin(&db).await;
+    let server = TestServer::start(&db.url, &[]).await;
+    let reports = std::env::temp_dir().join(format!("fs-load-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&reports).unwrap();
+    let html = reports.join("shop.html");
+
+    // 3 products of 15 units for 10 shoppers over 8 s: shelves run out, balances run low, refunds are decided.
+    let cli = Cli::try_parse_from([
+        "flashsale-load",
+        "shop",
+        "--base-url",
+        &server.base_url,
+        "--database-url",
+        &db.url,
+        "--admin-email",
+        ADMIN_EMAIL,
+        "--admin-password",
+        ADMIN_PASSWORD,
+        "--shelf-products",
+        "3",
+        "--shelf-stock",
+        "15",
+        "--shop-members",
+        "10",
+        "--points",
+        "150000",
+        "-u",
+        "10",
+        "-t",
+        "8s",
+        "--report-file",
+        html.to_str().unwrap(),
+        "--quiet",
+    ])
+    .unwrap();
+    let Command::Shop(args) = cli.command else {
+        unreachable!("parsed the shop subcommand")
+    };
+    let outcome = loadtest::run::shop(args).await.unwrap();
+    let report = loadtest::summary::render_checks(&outcome.checks);
+    assert!(outcome.passed(), "{report}");
+    assert!(
+        !outcome.run.orders.is_empty(),
+        "no order was placed: {report}"
+    );
+    let ordered: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT COALESCE(sum(quantity), 0)::bigint FROM order_items WHERE product_id::text = ANY($1)",
+            &[&outcome.run.products],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ordered > 0, "{report}");
+    let html_len = std::fs::metadata(&html).unwrap().len();
+    assert!(html_len > 10_000, "goose's HTML report is {html_len} bytes");
+
+    // Plant violations: a unit appears on a shelf, and a point in a balance, without an order or a ledger entry.
+    let client = db.client().await;
+    let product: uuid::Uuid = outcome.run.products[0].parse().unwrap();
+    let member: uuid::Uuid = outcome.run.members[0].parse().unwrap();
+    client
+        .execute(
+            "UPDATE products SET stock = stock + 1 WHERE id = $1",
+            &[&product],
+        )
+        .await
+        .unwrap();
+    let checks = loadtest::run::reverify_shop(&outcome.run, &db.url)
+        .await
+        .unwrap();
+    let failed = |checks: &[verify::Check]| -> Vec<&'static str> {
+        checks
+            .iter()
+            .filter(|c| c.verdict == Verdict::Fail)
+            .map(|c| c.name)
+            .collect()
+    };
+    assert_eq!(failed(&checks), vec!["shelf stock conserved"]);
+    client
+        .execute(
+            "UPDATE products SET stock = stock - 1 WHERE id = $1",
+            &[&product],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE balances SET balance = balance + 1 WHERE member_id = $1",
+            &[&member],
+        )
+        .await
+        .unwrap();
+    let checks = loadtest::run::reverify_shop(&outcome.run, &db.url)
+        .await
+        .unwrap();
+    assert_eq!(failed(&checks), vec!["balances equal their ledgers"]);
 
     let _ = std::fs::remove_dir_all(&reports);
     assert!(server.terminate(std::time::Duration::from_secs(15)).await);
