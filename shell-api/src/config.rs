@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply migrations, then serve the HTTP API until SIGTERM or Ctrl-C.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply pending SQL migrations and exit.
     Migrate(DbArgs),
     /// Check each drop's Redis state against Postgres and rebuild it from Postgres where Redis lost data.
@@ -127,6 +127,9 @@ pub struct ServeArgs {
     /// Largest accepted request body; larger bodies get 413.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1_048_576)]
     pub max_body_bytes: usize,
+    /// How long a request may take to get its answer (the head; event streams go on) before a 503.
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub request_timeout_ms: u64,
     /// How long graceful shutdown waits for in-flight requests and the writer's last flush.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,

@@ -342,24 +342,29 @@ async fn pay(
             "must be 1 to 256 characters",
         ));
     }
-    let engine = &state.engine;
-    Ok(state
-        .idempotency
-        .run(member.id, "pay", key, || async move {
-            match engine.pay(id, member.id, &body.payment_token).await {
-                Ok(purchase) => Json(PaymentJson {
-                    reservation_id: purchase.reservation_id,
-                    purchase_id: purchase.id,
-                    status: "paid",
-                    amount: purchase.amount,
-                    currency: purchase.currency,
-                    paid_at: purchase.paid_at,
-                })
-                .into_response(),
-                Err(err) => ApiError::from(err).into_response(),
-            }
-        })
-        .await)
+    // In a task of its own: a payment the client stops waiting for still ends paid or back to held, never
+    // stranded `paying` (the embedded gate has no lease to settle it later).
+    crate::guard::run_to_completion(async move {
+        let engine = &state.engine;
+        Ok(state
+            .idempotency
+            .run(member.id, "pay", key, || async move {
+                match engine.pay(id, member.id, &body.payment_token).await {
+                    Ok(purchase) => Json(PaymentJson {
+                        reservation_id: purchase.reservation_id,
+                        purchase_id: purchase.id,
+                        status: "paid",
+                        amount: purchase.amount,
+                        currency: purchase.currency,
+                        paid_at: purchase.paid_at,
+                    })
+                    .into_response(),
+                    Err(err) => ApiError::from(err).into_response(),
+                }
+            })
+            .await)
+    })
+    .await
 }
 
 async fn cancel_reservation(

@@ -18,6 +18,7 @@ pub mod drops;
 pub mod error;
 pub mod extract;
 pub mod feeds;
+pub mod guard;
 pub mod idempotency;
 pub mod live;
 pub mod members;
@@ -54,6 +55,8 @@ pub struct Settings {
     pub access_token_seconds: u64,
     pub refresh_token_seconds: u64,
     pub max_body_bytes: usize,
+    /// How long a request may take to get its response head (`guard`).
+    pub request_timeout: std::time::Duration,
     pub live: live::LiveConfig,
 }
 
@@ -65,6 +68,7 @@ impl Settings {
             access_token_seconds: 900,
             refresh_token_seconds: 1_209_600,
             max_body_bytes: 1_048_576,
+            request_timeout: std::time::Duration::from_secs(30),
             live: live::LiveConfig::default(),
         }
     }
@@ -190,6 +194,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(guard::GuardLayer::new(guard::GuardConfig {
+            max_body_bytes: state.settings.max_body_bytes,
+            request_timeout: state.settings.request_timeout,
+        }))
         .with_state(state)
 }
 

@@ -11,15 +11,25 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // LOG_FORMAT=json: one JSON object per line, with the request's span (its id) on every line of a request.
+    match std::env::var("LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().with_current_span(true).init(),
+        Ok("text") | Err(_) => logs.init(),
+        Ok(other) => {
+            logs.init();
+            tracing::warn!(
+                LOG_FORMAT = other,
+                "unknown LOG_FORMAT (json or text); logging text"
+            );
+        }
+    }
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => shell_api::server::serve(args).await,
+        Command::Serve(args) => shell_api::server::serve(*args).await,
         Command::Migrate(args) => {
             let pool = shell_api::db::connect(&args).await?;
             let applied = shell_api::db::migrate(&pool).await?;

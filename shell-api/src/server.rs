@@ -28,6 +28,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         access_token_seconds: args.access_token_seconds,
         refresh_token_seconds: args.refresh_token_seconds,
         max_body_bytes: args.max_body_bytes,
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
         live: args.live.live_config(),
     };
 

@@ -203,16 +203,20 @@ pub async fn charge(
     );
     let token = fields.take("payment_token", check_token(input.payment_token.as_deref()));
     let (amount, token) = fields.into_result(amount.zip(token))?;
-    let state = &state;
-    Ok(state
-        .idempotency
-        .run(member.id, "balance_charge", key, || async move {
-            match charge_points(state, member.id, amount, token).await {
-                Ok(body) => (StatusCode::CREATED, Json(body)).into_response(),
-                Err(err) => err.into_response(),
-            }
-        })
-        .await)
+    // In a task of its own: a card charged is never left without its points or its refund.
+    crate::guard::run_to_completion(async move {
+        let state = &state;
+        Ok(state
+            .idempotency
+            .run(member.id, "balance_charge", key, || async move {
+                match charge_points(state, member.id, amount, token).await {
+                    Ok(body) => (StatusCode::CREATED, Json(body)).into_response(),
+                    Err(err) => err.into_response(),
+                }
+            })
+            .await)
+    })
+    .await
 }
 
 /// Charges the card, then credits the balance in one transaction; if that transaction fails, the card charge is

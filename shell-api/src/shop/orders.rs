@@ -122,16 +122,20 @@ pub async fn create_order(
     ApiJson(input): ApiJson<OrderInput>,
 ) -> Result<Response, ApiError> {
     let (lines, payment) = check_order(input)?;
-    let state = &state;
-    Ok(state
-        .idempotency
-        .run(member.id, "order", key, || async move {
-            match place_order(state, member.id, lines, payment).await {
-                Ok(order) => (StatusCode::CREATED, Json(order)).into_response(),
-                Err(err) => err.into_response(),
-            }
-        })
-        .await)
+    // In a task of its own: a card charged is never left without its order or its refund.
+    crate::guard::run_to_completion(async move {
+        let state = &state;
+        Ok(state
+            .idempotency
+            .run(member.id, "order", key, || async move {
+                match place_order(state, member.id, lines, payment).await {
+                    Ok(order) => (StatusCode::CREATED, Json(order)).into_response(),
+                    Err(err) => err.into_response(),
+                }
+            })
+            .await)
+    })
+    .await
 }
 
 /// The order's items (`None`: the cart) and payment, or every validation failure at once.

@@ -314,8 +314,14 @@ pub async fn accept_refund(
     member: AuthMember,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Refund>, ApiError> {
+    // In a task of its own: a card refunded is never left with its refund undecided.
+    crate::guard::run_to_completion(async move { accept(&state, &member, id).await.map(Json) })
+        .await
+}
+
+async fn accept(state: &AppState, member: &AuthMember, id: Uuid) -> Result<Refund, ApiError> {
     let mut client = state.db.get().await?;
-    decidable(&client, &member, id).await?;
+    decidable(&client, member, id).await?;
     let tx = client.transaction().await?;
     let decided = tx
         .query_opt(
@@ -330,7 +336,7 @@ pub async fn accept_refund(
         drop(tx);
         let refund = find_refund(&client, id).await?;
         return match refund.status {
-            RefundStatus::Accepted => Ok(Json(refund)),
+            RefundStatus::Accepted => Ok(refund),
             status => Err(already_decided(status)),
         };
     };
@@ -403,7 +409,7 @@ pub async fn accept_refund(
     crate::live::notifications::refund_decided(&tx, buyer, id).await?;
     let refund = find_refund(&tx, id).await?;
     tx.commit().await?;
-    Ok(Json(refund))
+    Ok(refund)
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,0 +1,193 @@
+//! The layer around every route: a request id, the body read (bounded) before any handler can answer, and a
+//! deadline for the answer.
+//!
+//! - **Request id**: `x-request-id` is taken from the request when it is 1..=128 visible ASCII characters, made
+//!   otherwise (a UUIDv7), echoed on the response, and recorded on the request's span, so every log line written
+//!   while the request runs carries it.
+//! - **Keep-alive survives every error.** A handler may answer before reading the body (401 for a missing token,
+//!   404, 409): hyper then cannot reuse the connection, and closes it after the response without saying so, so a
+//!   pooled client's next request on it fails. Here the body is read to its end first (it is bounded by
+//!   `MAX_BODY_BYTES`, so this is what the JSON extractors would read anyway), and a body over the bound is answered
+//!   413 with `Connection: close` at once, without reading it.
+//! - **Deadline**: a response head not ready within `REQUEST_TIMEOUT_MS` is answered 503 `request_timeout` with
+//!   `Retry-After`. Only the head: event streams go on. Work that must not stop halfway (a payment, an order) runs
+//!   in its own task (`run_to_completion`), so neither a deadline nor a client that goes away cuts it short.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use axum::http::{HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Limited};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::error::ApiError;
+
+pub const REQUEST_ID: &str = "x-request-id";
+/// Longest request id taken from a client.
+pub const REQUEST_ID_CHARS_MAX: usize = 128;
+
+#[derive(Debug, Clone, Copy)]
+pub struct GuardConfig {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct GuardLayer(Arc<GuardConfig>);
+
+impl GuardLayer {
+    pub fn new(config: GuardConfig) -> Self {
+        Self(Arc::new(config))
+    }
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard {
+            inner,
+            config: Arc::clone(&self.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Guard<S> {
+    inner: S,
+    config: Arc<GuardConfig>,
+}
+
+impl<S> Service<Request<Body>> for Guard<S>
+where
+    S: Service<Request<Body>, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        // The clone that was made ready serves this request; the fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = Arc::clone(&self.config);
+        let id = request_id(&request);
+        let span = tracing::info_span!(
+            "request",
+            id = %id.to_str().unwrap_or_default(),
+            method = %request.method(),
+            path = %request.uri().path(),
+        );
+        Box::pin(
+            async move {
+                let mut response = match read_body(request, config.max_body_bytes).await {
+                    Ok(request) => {
+                        match tokio::time::timeout(config.request_timeout, inner.call(request))
+                            .await
+                        {
+                            Ok(Ok(response)) => response,
+                            Ok(Err(never)) => match never {},
+                            Err(_) => {
+                                tracing::warn!("no answer within the request timeout");
+                                ApiError::unavailable("request_timeout", 1)
+                                    .with_message("the request took too long; try again")
+                                    .into_response()
+                            }
+                        }
+                    }
+                    Err(refusal) => refusal,
+                };
+                response.headers_mut().insert(REQUEST_ID, id);
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// The client's request id when it is usable, a new one otherwise.
+fn request_id(request: &Request<Body>) -> HeaderValue {
+    if let Some(id) = request.headers().get(REQUEST_ID) {
+        let bytes = id.as_bytes();
+        if (1..=REQUEST_ID_CHARS_MAX).contains(&bytes.len())
+            && bytes.iter().all(|b| b.is_ascii_graphic())
+        {
+            return id.clone();
+        }
+    }
+    let mut buf = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::now_v7().simple().encode_lower(&mut buf);
+    // A UUID's hex digits are always a valid header value.
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The request with its body read to the end, or the answer that refuses it (with `Connection: close`, since the
+/// rest of the body is left unread on the connection).
+async fn read_body(request: Request<Body>, max_bytes: usize) -> Result<Request<Body>, Response> {
+    let headers = request.headers();
+    let length = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = headers.contains_key(TRANSFER_ENCODING);
+    match length {
+        Some(0) | None if !chunked => return Ok(request),
+        Some(n) if n > max_bytes as u64 => return Err(closing(too_large())),
+        _ => {}
+    }
+    let (parts, body) = request.into_parts();
+    match Limited::new(body, max_bytes).collect().await {
+        Ok(collected) => Ok(Request::from_parts(parts, Body::from(collected.to_bytes()))),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(closing(too_large())),
+        Err(_) => Err(closing(
+            ApiError::bad_request("the request body could not be read").into_response(),
+        )),
+    }
+}
+
+fn too_large() -> Response {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "request body too large",
+    )
+    .into_response()
+}
+
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Runs `work` in a task of its own and waits for it: if the caller stops waiting (the client went away, the
+/// request's deadline passed), the work still finishes, so a charge is never left without its order or refund,
+/// nor a hold left `paying`.
+pub async fn run_to_completion<T, F>(work: F) -> Result<T, ApiError>
+where
+    F: Future<Output = Result<T, ApiError>> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::spawn(work.in_current_span()).await {
+        Ok(result) => result,
+        Err(err) => Err(ApiError::internal(anyhow::anyhow!(
+            "a task that had to finish did not: {err}"
+        ))),
+    }
+}
