@@ -188,7 +188,11 @@ pub struct Engine {
     stop: watch::Sender<bool>,
     reserve_permits: Semaphore,
     pay_permits: Semaphore,
+    reserve_permits_max: usize,
+    pay_permits_max: usize,
     stats: EngineStats,
+    /// How long the gate takes to decide a reservation (a no-op handle when no metrics recorder is installed).
+    gate_reserve_seconds: metrics::Histogram,
 }
 
 impl std::fmt::Debug for Engine {
@@ -226,7 +230,10 @@ impl Engine {
             stop,
             reserve_permits: Semaphore::new(config.reserve_inflight_max.max(1)),
             pay_permits: Semaphore::new(config.pay_inflight_max.max(1)),
+            reserve_permits_max: config.reserve_inflight_max.max(1),
+            pay_permits_max: config.pay_inflight_max.max(1),
             stats: EngineStats::default(),
+            gate_reserve_seconds: metrics::histogram!("flashsale_gate_call_seconds", "call" => "reserve"),
         });
         engine.load_all().await?;
         let reaper = tokio::spawn(reaper(
@@ -302,6 +309,24 @@ impl Engine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Reservations and payments in flight (holding a permit), for the metrics.
+    pub fn in_flight(&self) -> (usize, usize) {
+        (
+            self.reserve_permits_max - self.reserve_permits.available_permits(),
+            self.pay_permits_max - self.pay_permits.available_permits(),
+        )
+    }
+
+    /// In-flight permits (`RESERVE_INFLIGHT_MAX`, `PAY_INFLIGHT_MAX`).
+    pub fn in_flight_max(&self) -> (usize, usize) {
+        (self.reserve_permits_max, self.pay_permits_max)
+    }
+
+    /// Writes queued for the writer and not yet taken, for the metrics.
+    pub fn writer_queue_depth(&self) -> usize {
+        self.writer.queue_depth()
     }
 
     /// The payment gateway, for the shell's other payments (the regular shop's orders, charges and refunds).
@@ -437,11 +462,14 @@ impl Engine {
             return Err(EngineError::Overloaded);
         };
         let hold_id = Uuid::now_v7();
-        let hold = match self
+        let asked = std::time::Instant::now();
+        let decided = self
             .gate
             .reserve(drop, hold_id, member, quantity, now_ms)
-            .await?
-        {
+            .await;
+        self.gate_reserve_seconds
+            .record(asked.elapsed().as_secs_f64());
+        let hold = match decided? {
             Ok(hold) => hold,
             Err(rejection) => {
                 match rejection {

@@ -188,6 +188,11 @@ impl WriterHandle {
         &self.stats
     }
 
+    /// Operations queued and not yet taken by the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     async fn send(&self, op: WriteOp) -> Result<(), WriteError> {
         self.tx.send(op).await.map_err(|_| WriteError::Closed)
     }
@@ -330,6 +335,9 @@ async fn write_with_retries(
                 stats
                     .flush_micros_total
                     .fetch_add(micros, Ordering::Relaxed);
+                metrics::histogram!("flashsale_writer_batch_rows").record(batch.rows() as f64);
+                metrics::histogram!("flashsale_writer_flush_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 tracing::debug!(
                     rows = batch.rows(),
                     purchases = batch.purchases.len(),
@@ -346,6 +354,7 @@ async fn write_with_retries(
             }
             Err(err) => {
                 stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("flashsale_writer_failed_batches_total").increment(1);
                 tracing::error!(error = %err, rows = batch.rows(), "writer batch failed; giving up");
                 return Err(WriteError::Failed(err));
             }

@@ -130,6 +130,9 @@ pub struct ServeArgs {
     /// How long a request may take to get its answer (the head; event streams go on) before a 503.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub request_timeout_ms: u64,
+    /// Record metrics and serve them at `GET /metrics` (Prometheus text format); `false` leaves both out.
+    #[arg(long, env = "METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
     /// How long graceful shutdown waits for in-flight requests and the writer's last flush.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,

@@ -17,9 +17,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::MatchedPath;
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use axum::http::{HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -87,6 +88,14 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
         let id = request_id(&request);
+        // Timed only when metrics are on; the route template and method are taken before the request moves on.
+        let timed = crate::metrics::enabled().then(|| {
+            (
+                Instant::now(),
+                request.extensions().get::<MatchedPath>().cloned(),
+                request.method().clone(),
+            )
+        });
         let span = tracing::info_span!(
             "request",
             id = %id.to_str().unwrap_or_default(),
@@ -113,6 +122,14 @@ where
                     Err(refusal) => refusal,
                 };
                 response.headers_mut().insert(REQUEST_ID, id);
+                if let Some((started, route, method)) = timed {
+                    crate::metrics::record_request(
+                        route.as_ref(),
+                        &method,
+                        response.status().as_u16(),
+                        started.elapsed(),
+                    );
+                }
                 Ok(response)
             }
             .instrument(span),

@@ -22,6 +22,7 @@ pub mod guard;
 pub mod idempotency;
 pub mod live;
 pub mod members;
+pub mod metrics;
 pub mod ops;
 pub mod pagination;
 pub mod products;
@@ -185,6 +186,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::scrape))
         .merge(members::router())
         .merge(products::router())
         .merge(drops::router())

@@ -32,6 +32,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         live: args.live.live_config(),
     };
 
+    if args.metrics {
+        // Before the engine starts: it takes its metric handles at start.
+        crate::metrics::install().context("installing the metrics recorder")?;
+    }
     let pool = db::connect(&args.db).await?;
     let applied = db::migrate(&pool).await?;
     if !applied.is_empty() {
