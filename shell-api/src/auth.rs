@@ -360,33 +360,34 @@ impl FromRequestParts<AppState> for AuthMember {
     }
 }
 
-/// Hashes a password with argon2id (default parameters) off the async threads: it is deliberately slow.
+/// Hashes a password with argon2id (default parameters) off the async threads, within the process's hashing bound
+/// (`abuse::hashing`): it is deliberately slow.
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
-        let salt = SaltString::generate(&mut OsRng);
-        argon2::Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|hash| hash.to_string())
-            .map_err(|err| ApiError::internal(anyhow::anyhow!("hashing password: {err}")))
-    })
-    .await
-    .map_err(ApiError::internal)?
+    crate::abuse::hashing()
+        .run(move || {
+            use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+            let salt = SaltString::generate(&mut OsRng);
+            argon2::Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|hash| hash.to_string())
+                .map_err(|err| ApiError::internal(anyhow::anyhow!("hashing password: {err}")))
+        })
+        .await?
 }
 
 /// Checks a password against a stored argon2 hash, off the async threads.
 pub async fn verify_password(password: String, hash: String) -> Result<bool, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        use argon2::password_hash::{PasswordHash, PasswordVerifier};
-        let Ok(parsed) = PasswordHash::new(&hash) else {
-            return false;
-        };
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
-    })
-    .await
-    .map_err(ApiError::internal)
+    crate::abuse::hashing()
+        .run(move || {
+            use argon2::password_hash::{PasswordHash, PasswordVerifier};
+            let Ok(parsed) = PasswordHash::new(&hash) else {
+                return false;
+            };
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .await
 }
 
 /// Shared so handlers can clone it cheaply.

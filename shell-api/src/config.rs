@@ -130,6 +130,23 @@ pub struct ServeArgs {
     /// How long a request may take to get its answer (the head; event streams go on) before a 503.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub request_timeout_ms: u64,
+    /// Password hashes (argon2) running at once, at most; 0: half the cores, at least one. The rest of the cores
+    /// stay free for reservations during a login storm.
+    #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
+    pub password_hash_concurrency: usize,
+    /// Sign-ins waiting for a hashing slot, at most; past it, and after PASSWORD_HASH_WAIT_MS of waiting, 429.
+    #[arg(long, env = "PASSWORD_HASH_QUEUE_MAX", default_value_t = 1024)]
+    pub password_hash_queue_max: usize,
+    #[arg(long, env = "PASSWORD_HASH_WAIT_MS", default_value_t = 10_000)]
+    pub password_hash_wait_ms: u64,
+    /// Failed logins per account, then per client address, within LOGIN_FAILURE_WINDOW_SECONDS; past either,
+    /// logins answer 429 `too_many_attempts` with `Retry-After` until the window ends.
+    #[arg(long, env = "LOGIN_FAILURES_PER_ACCOUNT", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_failures_per_account: u32,
+    #[arg(long, env = "LOGIN_FAILURES_PER_ADDRESS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_failures_per_address: u32,
+    #[arg(long, env = "LOGIN_FAILURE_WINDOW_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub login_failure_window_seconds: u64,
     /// Record metrics and serve them at `GET /metrics` (Prometheus text format); `false` leaves both out.
     #[arg(long, env = "METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,

@@ -133,6 +133,12 @@ impl ApiError {
     pub fn code(&self) -> &str {
         &self.code
     }
+
+    /// Replaces the code (for an error built by a constructor of the right status, such as a 429 with its
+    /// `Retry-After`).
+    pub fn set_code(&mut self, code: impl Into<Cow<'static, str>>) {
+        self.code = code.into();
+    }
 }
 
 /// The wire form of an error: `{"error": {"code", "message", "fields"?}}`.

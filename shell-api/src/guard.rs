@@ -96,12 +96,8 @@ where
                 request.method().clone(),
             )
         });
-        let span = tracing::info_span!(
-            "request",
-            id = %id.to_str().unwrap_or_default(),
-            method = %request.method(),
-            path = %request.uri().path(),
-        );
+        // Only the id: fields are formatted when the span opens, on every request.
+        let span = tracing::info_span!("request", id = %id.to_str().unwrap_or_default());
         Box::pin(
             async move {
                 let mut response = match read_body(request, config.max_body_bytes).await {

@@ -11,6 +11,7 @@ macro_rules! api {
     };
 }
 
+pub mod abuse;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -58,6 +59,7 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// How long a request may take to get its response head (`guard`).
     pub request_timeout: std::time::Duration,
+    pub login_limits: abuse::LoginLimits,
     pub live: live::LiveConfig,
 }
 
@@ -70,6 +72,7 @@ impl Settings {
             refresh_token_seconds: 1_209_600,
             max_body_bytes: 1_048_576,
             request_timeout: std::time::Duration::from_secs(30),
+            login_limits: abuse::LoginLimits::default(),
             live: live::LiveConfig::default(),
         }
     }
@@ -99,6 +102,8 @@ pub struct AppInner {
     pub redis: Option<RedisConn>,
     /// Event streams, their producers and the notifier's subscribers (`live/`).
     pub live: Arc<live::Live>,
+    /// Failed logins per account and per address (`abuse`).
+    pub login_limiter: abuse::LoginLimiter,
 }
 
 impl AppState {
@@ -106,6 +111,7 @@ impl AppState {
     pub fn new(db: Pool, settings: Settings, engine: Arc<Engine>, redis: Option<&Redis>) -> Self {
         let tokens = TokenKeys::new(&settings.jwt_secret, settings.access_token_seconds);
         let settings_live = settings.live;
+        let login_limits = settings.login_limits;
         let idempotency = match redis {
             Some(redis) => IdempotencyStore::shared(redis.conn.clone(), &redis.key_prefix),
             None => IdempotencyStore::default(),
@@ -119,6 +125,7 @@ impl AppState {
             idempotency: Arc::new(idempotency),
             redis: redis.map(|redis| redis.conn.clone()),
             live: Arc::new(live::Live::new(settings_live)),
+            login_limiter: abuse::LoginLimiter::new(login_limits),
         }))
     }
 }

@@ -130,6 +130,10 @@ fn describe() {
     );
     describe_gauge!("flashsale_db_pool_max", "Postgres pool size limit");
     describe_gauge!(
+        "flashsale_password_hashes",
+        "Password hashes by state (running, waiting, limit)"
+    );
+    describe_gauge!(
         "flashsale_db_pool_waiting",
         "Requests waiting for a Postgres connection"
     );
@@ -242,6 +246,13 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
     metrics::gauge!("flashsale_db_pool_connections", "state" => "idle").set(pool.available as f64);
     metrics::gauge!("flashsale_db_pool_max").set(pool.max_size as f64);
     metrics::gauge!("flashsale_db_pool_waiting").set(pool.waiting as f64);
+    let hashing = crate::abuse::hashing();
+    metrics::gauge!("flashsale_password_hashes", "state" => "running")
+        .set(hashing.in_flight().0 as f64);
+    metrics::gauge!("flashsale_password_hashes", "state" => "waiting")
+        .set(hashing.waiting() as f64);
+    metrics::gauge!("flashsale_password_hashes", "state" => "limit")
+        .set(hashing.concurrency() as f64);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         handle.render(),

@@ -29,9 +29,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         refresh_token_seconds: args.refresh_token_seconds,
         max_body_bytes: args.max_body_bytes,
         request_timeout: Duration::from_millis(args.request_timeout_ms),
+        login_limits: crate::abuse::LoginLimits {
+            failures_per_account: args.login_failures_per_account,
+            failures_per_address: args.login_failures_per_address,
+            window: Duration::from_secs(args.login_failure_window_seconds),
+        },
         live: args.live.live_config(),
     };
 
+    let mut hashing = crate::abuse::HashingConfig {
+        queue_max: args.password_hash_queue_max,
+        wait_max: Duration::from_millis(args.password_hash_wait_ms),
+        ..crate::abuse::HashingConfig::default()
+    };
+    if args.password_hash_concurrency > 0 {
+        hashing.concurrency = args.password_hash_concurrency;
+    }
+    crate::abuse::configure_hashing(hashing);
     if args.metrics {
         // Before the engine starts: it takes its metric handles at start.
         crate::metrics::install().context("installing the metrics recorder")?;
@@ -80,11 +94,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server = tokio::spawn(async move {
         let mut stop_rx = stop_rx;
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .await
+        // With connection info: failed logins are also counted per client address.
+        axum::serve(
+            listener,
+            app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        })
+        .await
     });
 
     tokio::select! {

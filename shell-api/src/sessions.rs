@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
+use crate::abuse::ClientAddr;
 use crate::auth::{self, AuthMember, Role};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
@@ -57,9 +58,24 @@ pub struct TokenPair {
 
 async fn login_handler(
     State(state): State<AppState>,
+    ClientAddr(address): ClientAddr,
     ApiJson(body): ApiJson<LoginBody>,
 ) -> Result<Json<TokenPair>, ApiError> {
-    login(&state, &body.email, body.password).await.map(Json)
+    let email = body.email.trim().to_lowercase();
+    // Refused before any hashing: a locked account or address costs the server nothing.
+    state.login_limiter.check(&email, address)?;
+    match login(&state, &email, body.password).await {
+        Ok(pair) => {
+            state.login_limiter.succeeded(&email);
+            Ok(Json(pair))
+        }
+        Err(err) => {
+            if err.code() == "invalid_credentials" {
+                state.login_limiter.failed(&email, address);
+            }
+            Err(err)
+        }
+    }
 }
 
 async fn refresh_handler(

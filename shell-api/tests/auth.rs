@@ -294,3 +294,84 @@ async fn password_change_checks_the_old_one_and_ends_every_session() {
         StatusCode::OK
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_lock_the_account_with_429_and_retry_after() {
+    let app = TestApp::new().await;
+    let member = app.member(Role::Customer).await;
+    let other = app.member(Role::Customer).await;
+    // The default limit: 5 failures per account per window.
+    for _ in 0..5 {
+        let wrong = login(&app, &member.email, "not the password").await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    }
+    // Now even the right password is refused, before any hashing, until the window ends.
+    let locked = login(&app, &member.email, PASSWORD).await;
+    assert_eq!(
+        locked.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        locked.body
+    );
+    assert_eq!(locked.code(), "too_many_attempts");
+    let retry: u64 = locked.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=301).contains(&retry), "Retry-After {retry}");
+    // The same email in other case is the same account.
+    let shouting = login(&app, &member.email.to_uppercase(), PASSWORD).await;
+    assert_eq!(shouting.status, StatusCode::TOO_MANY_REQUESTS);
+    // Another account is not affected.
+    session(&app, &other).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_from_one_address_are_limited_across_accounts() {
+    let db = common::TestDb::new().await;
+    let server = common::TestServer::start(&db.url, &[("LOGIN_FAILURES_PER_ADDRESS", "3")]).await;
+    let member = common::seed_member(&db, Role::Customer).await;
+    let http = reqwest::Client::new();
+    let attempt = |email: String| {
+        let http = http.clone();
+        let url = server.url("/api/v1/auth/login");
+        async move {
+            http.post(url)
+                .json(&json!({ "email": email, "password": "guess" }))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Three accounts guessed once each from 127.0.0.1 (none reaches the per-account limit) ...
+    for i in 0..3 {
+        let answer = attempt(format!("nobody-{i}@example.test")).await;
+        assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+    }
+    // ... and the address is locked, for a fourth account too.
+    let answer = attempt(member.email.clone()).await;
+    assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(answer.headers().contains_key("retry-after"));
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_attempts");
+    assert!(server.terminate(std::time::Duration::from_secs(15)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn password_hashing_never_runs_past_its_bound() {
+    let hashing = shell_api::abuse::hashing();
+    let bound = hashing.concurrency();
+    // Many sign-ups' worth of hashes at once (each test runs in its own process under nextest, so the peak is
+    // this test's).
+    let hashes: Vec<_> = (0..4 * bound + 4)
+        .map(|i| tokio::spawn(shell_api::auth::hash_password(format!("password {i}"))))
+        .collect();
+    for hash in hashes {
+        assert!(hash.await.unwrap().unwrap().starts_with("$argon2"));
+    }
+    let (running, peak) = hashing.in_flight();
+    assert_eq!(running, 0);
+    assert!(peak >= 1);
+    assert!(peak <= bound, "{peak} hashes ran at once, bound {bound}");
+}
