@@ -7,7 +7,6 @@
 //! have expired anyway): this instance marks a member it changes at once (`evict`, then one lookup), and
 //! `poll_changes` learns of changes made by other instances within `AUTH_POLL_INTERVAL`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
@@ -29,7 +28,7 @@ const AUTH_POLL_OVERLAP: Duration = Duration::from_secs(5);
 /// Bound on remembered changes; past it the oldest half is dropped after a full reload.
 const CHANGED_ENTRIES_MAX: usize = 1_000_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Customer,
@@ -46,6 +45,7 @@ impl Role {
         }
     }
 
+    /// A role as a client writes it; `None` for anything else.
     pub fn parse(text: &str) -> Option<Role> {
         match text {
             "customer" => Some(Role::Customer),
@@ -53,6 +53,13 @@ impl Role {
             "admin" => Some(Role::Admin),
             _ => None,
         }
+    }
+
+    /// A role as `members.role` stores it. An unknown one is a fault of ours (500, logged), never quietly taken
+    /// for some other role.
+    pub fn from_db(text: &str) -> Result<Role, ApiError> {
+        Role::parse(text)
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("unknown role {text:?} in members")))
     }
 }
 
@@ -216,7 +223,7 @@ impl MemberCache {
                     return Ok(None);
                 };
                 let version: i32 = row.get(0);
-                let role = Role::parse(row.get(1)).unwrap_or(Role::Customer);
+                let role = Role::from_db(row.get(1))?;
                 let changed_at: DateTime<Utc> = row.get(2);
                 self.changed.insert(
                     claims.sub,
@@ -258,7 +265,7 @@ impl MemberCache {
             newest = newest.max(changed_at);
             let known = Known::Current {
                 version: row.get(1),
-                role: Role::parse(row.get(2)).unwrap_or(Role::Customer),
+                role: Role::from_db(row.get(2))?,
                 changed_at,
             };
             self.changed.insert(row.get(0), known);
@@ -390,12 +397,20 @@ pub async fn verify_password(password: String, hash: String) -> Result<bool, Api
         .await
 }
 
-/// Shared so handlers can clone it cheaply.
-pub type SharedTokenKeys = Arc<TokenKeys>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_role_reads_back_as_itself_and_an_unknown_one_is_an_error_not_a_customer() {
+        for role in [Role::Customer, Role::Seller, Role::Admin] {
+            assert_eq!(Role::from_db(role.as_str()).ok(), Some(role));
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+        let err = Role::from_db("superuser").expect_err("unknown role");
+        assert_eq!(err.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(Role::parse("Admin"), None);
+    }
 
     /// The per-thread cache of verified tokens never outlives a token's expiry, and never serves one key's token
     /// to another key.

@@ -1,37 +1,44 @@
 //! Drop routes: thin handlers over `engine::Engine` (create and read drops, reserve, pay, cancel, purchases).
 //! Wire types live here and convert from engine types; the engine never sees JSON.
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use engine::core::HoldState;
 use engine::types::{
     reason_name, state_name, DropInfo, DropStatus, NewDrop, Purchase, Reservation,
 };
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::{AuthMember, Role};
 use crate::error::{ApiError, Fields};
-use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson};
 use crate::idempotency::IdempotencyKey;
 use crate::pagination::{encode_cursor, Page, PageQuery};
 use crate::AppState;
 
-/// Largest stock one drop may sell.
-const STOCK_MAX: i64 = 10_000_000;
+/// Largest stock one drop may sell: a drop's units live in the gate's memory (and its Redis hash), so it is
+/// bounded far below a shelf's `products::SHELF_STOCK_MAX`, which is one Postgres column.
+pub const DROP_STOCK_MAX: i64 = 10_000_000;
 /// Largest per-member limit.
 const PER_MEMBER_LIMIT_MAX: i64 = 1_000;
 /// Longest hold: a day.
 const HOLD_SECONDS_MAX: i64 = 86_400;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(create_drop, list_drops, get_drop, reserve, get_reservation, cancel_reservation, pay, my_purchases),
+    tags((name = "drops", description = "Timed drops: holds, payments and purchases (the engine)"))
+)]
+pub struct Doc;
+
+pub fn router() -> crate::Routes {
+    crate::Routes::new()
         .route(api!("/drops"), post(create_drop).get(list_drops))
         .route(api!("/drops/{id}"), get(get_drop))
         .route(api!("/drops/{id}/reservations"), post(reserve))
@@ -43,20 +50,61 @@ pub fn router() -> Router<AppState> {
         .route(api!("/members/me/purchases"), get(my_purchases))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateDrop {
+    /// A product of the caller's (or any, for an admin).
     product_id: Uuid,
+    #[schema(minimum = 1, maximum = 10_000_000)]
     stock: i64,
     opens_at: DateTime<Utc>,
+    /// After `opens_at`; none: open until sold out.
     closes_at: Option<DateTime<Utc>>,
+    /// Default 1.
+    #[schema(minimum = 1, maximum = 1_000)]
     per_member_limit: Option<i64>,
+    /// How long a hold waits for payment; default 300.
+    #[schema(minimum = 1, maximum = 86_400)]
     hold_seconds: Option<i64>,
+    /// Default: the product's price.
+    #[schema(minimum = 0)]
     price: Option<i64>,
 }
 
+/// A drop's state, as `status` names it (documentation only: the engine's `DropStatus` names itself).
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum DropStatusName {
+    Scheduled,
+    Open,
+    SoldOut,
+    Closed,
+}
+
+/// A hold's state and why it was released, as `status` and `reason` name them (documentation only).
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum HoldStatusName {
+    Held,
+    Paying,
+    Paid,
+    Released,
+}
+
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum ReleaseReasonName {
+    Cancelled,
+    Expired,
+    PaymentDeclined,
+}
+
 /// A drop on the wire; also the body of every `event: drop` of the drop's event stream (`live/events.rs`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Drop)]
 pub(crate) struct DropJson {
     id: Uuid,
     product_id: Uuid,
@@ -70,6 +118,7 @@ pub(crate) struct DropJson {
     hold_seconds: u32,
     price: i64,
     currency: String,
+    #[schema(value_type = DropStatusName)]
     status: &'static str,
 }
 
@@ -94,15 +143,19 @@ impl From<DropInfo> for DropJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Reservation)]
 struct ReservationJson {
     id: Uuid,
     drop_id: Uuid,
     member_id: Uuid,
     quantity: u32,
+    #[schema(value_type = HoldStatusName)]
     status: &'static str,
     expires_at: DateTime<Utc>,
+    /// When `status` is `released`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = ReleaseReasonName)]
     reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     purchase_id: Option<Uuid>,
@@ -127,17 +180,21 @@ impl From<Reservation> for ReservationJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Payment)]
 struct PaymentJson {
     reservation_id: Uuid,
     purchase_id: Uuid,
+    /// Always `paid`.
+    #[schema(value_type = String, example = "paid")]
     status: &'static str,
     amount: i64,
     currency: String,
     paid_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Purchase)]
 struct PurchaseJson {
     id: Uuid,
     reservation_id: Uuid,
@@ -164,6 +221,12 @@ impl From<Purchase> for PurchaseJson {
     }
 }
 
+/// Schedules a drop of one of the caller's products (seller, admin).
+#[utoipa::path(post, path = "/api/v1/drops", tag = "drops", security(("bearer" = [])), request_body = CreateDrop,
+    responses((status = 201, description = "The drop", body = DropJson),
+        (status = 403, description = "`forbidden`: not a seller, or not the product's seller", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: bounds, `closes_at` before `opens_at`, no such product",
+            body = crate::openapi::ErrorBody)))]
 async fn create_drop(
     State(state): State<AppState>,
     member: AuthMember,
@@ -175,7 +238,7 @@ async fn create_drop(
     let mut fields = Fields::default();
     fields
         .check(
-            (1..=STOCK_MAX).contains(&body.stock),
+            (1..=DROP_STOCK_MAX).contains(&body.stock),
             "stock",
             "must be between 1 and 10000000",
         )
@@ -227,6 +290,10 @@ async fn create_drop(
     Ok((StatusCode::CREATED, Json(info.into())))
 }
 
+/// A drop with its live counts (`available + held + sold == stock`).
+#[utoipa::path(get, path = "/api/v1/drops/{id}", tag = "drops", params(("id" = Uuid, Path, description = "The drop")),
+    responses((status = 200, description = "The drop", body = DropJson),
+        (status = 404, description = "`drop_not_found`", body = crate::openapi::ErrorBody)))]
 async fn get_drop(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -241,6 +308,11 @@ struct DropListQuery {
     cursor: Option<String>,
 }
 
+/// Drops, oldest first.
+#[utoipa::path(get, path = "/api/v1/drops", tag = "drops",
+    params(("status" = Option<DropStatusName>, Query, description = "Only drops in this state"),
+        crate::openapi::PageParams),
+    responses((status = 200, description = "A page of drops", body = Page<DropJson>)))]
 async fn list_drops(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<DropListQuery>,
@@ -265,34 +337,34 @@ async fn list_drops(
     Ok(Json(page))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReserveBody {
+    /// Default 1; at most the drop's per-member limit.
+    #[schema(minimum = 1)]
     quantity: Option<i64>,
 }
 
-/// Parses an optional JSON body: empty means the defaults.
-fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body).map_err(|err| {
-        if err.is_data() {
-            ApiError::invalid("body", err.to_string())
-        } else {
-            ApiError::bad_request("malformed JSON body")
-        }
-    })
-}
-
+/// Holds units of an open drop for `hold_seconds`, to be paid or released. The body is optional.
+#[utoipa::path(post, path = "/api/v1/drops/{id}/reservations", tag = "drops", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The drop"), crate::openapi::IdempotencyParams),
+    request_body = Option<ReserveBody>,
+    responses((status = 201, description = "The hold", body = ReservationJson),
+        (status = 404, description = "`drop_not_found`", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`not_open`, `closed`, `sold_out` or `limit_exceeded`", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: a quantity that is not positive or is over the limit",
+            body = crate::openapi::ErrorBody),
+        (status = 429, description = "`overloaded`: too many reservations in flight; see `Retry-After`",
+            body = crate::openapi::ErrorBody),
+        (status = 503, description = "`gate_unavailable`: the stock authority cannot be reached (nothing was \
+reserved); also `request_timeout`, `database_unavailable`", body = crate::openapi::ErrorBody)))]
 async fn reserve(
     State(state): State<AppState>,
     member: AuthMember,
     ApiPath(drop_id): ApiPath<Uuid>,
     IdempotencyKey(key): IdempotencyKey,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<ReserveBody>,
 ) -> Result<Response, ApiError> {
-    let body: ReserveBody = optional_json(&body)?;
     let quantity = body.quantity.unwrap_or(1);
     let quantity = u32::try_from(quantity)
         .ok()
@@ -314,6 +386,12 @@ async fn reserve(
         .await)
 }
 
+/// A hold and what became of it (owner, admin).
+#[utoipa::path(get, path = "/api/v1/reservations/{id}", tag = "drops", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The reservation")),
+    responses((status = 200, description = "The reservation", body = ReservationJson),
+        (status = 403, description = "`forbidden`: someone else's", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`reservation_not_found`", body = crate::openapi::ErrorBody)))]
 async fn get_reservation(
     State(state): State<AppState>,
     member: AuthMember,
@@ -324,11 +402,25 @@ async fn get_reservation(
     Ok(Json(reservation.into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct PayBody {
+    /// The simulated gateway declines `tok_declined`, answers 503 for `tok_unavailable` and accepts any other
+    /// `tok_*`.
+    #[schema(min_length = 1, max_length = 256, example = "tok_ok")]
     payment_token: String,
 }
 
+/// Pays a hold (owner). Paying a paid reservation again answers the same 200 body.
+#[utoipa::path(post, path = "/api/v1/reservations/{id}/payment", tag = "drops", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The reservation"), crate::openapi::IdempotencyParams),
+    request_body = PayBody,
+    responses((status = 200, description = "Paid", body = PaymentJson),
+        (status = 402, description = "`payment_declined`: the hold is released", body = crate::openapi::ErrorBody),
+        (status = 403, description = "`forbidden`: someone else's", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`reservation_not_found`", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`hold_expired`, `already_released` or `payment_in_progress`", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`payment_unavailable` (the hold is kept) or `storage_unavailable` (nothing \
+was charged); also `request_timeout`, `database_unavailable`", body = crate::openapi::ErrorBody)))]
 async fn pay(
     State(state): State<AppState>,
     member: AuthMember,
@@ -367,6 +459,13 @@ async fn pay(
     .await
 }
 
+/// Releases a hold (owner), with reason `cancelled`.
+#[utoipa::path(delete, path = "/api/v1/reservations/{id}", tag = "drops", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The reservation")),
+    responses((status = 204, description = "Released"),
+        (status = 403, description = "`forbidden`: someone else's", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`reservation_not_found`", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`already_paid`, `already_released` or `payment_in_progress`", body = crate::openapi::ErrorBody)))]
 async fn cancel_reservation(
     State(state): State<AppState>,
     member: AuthMember,
@@ -376,6 +475,10 @@ async fn cancel_reservation(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The signed-in member's drop purchases, newest first.
+#[utoipa::path(get, path = "/api/v1/members/me/purchases", tag = "drops", security(("bearer" = [])),
+    params(crate::openapi::PageParams),
+    responses((status = 200, description = "A page of purchases", body = Page<PurchaseJson>)))]
 async fn my_purchases(
     State(state): State<AppState>,
     member: AuthMember,

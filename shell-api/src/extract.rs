@@ -44,6 +44,43 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     }
 }
 
+/// An optional JSON body: empty (or only whitespace) means `T::default()`; otherwise as `ApiJson`, except that the
+/// Content-Type is not required (clients post an empty body without one).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OptionalJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for OptionalJson<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = match axum::body::Bytes::from_request(req, state).await {
+            Ok(body) => body,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body too large",
+                ))
+            }
+            Err(rejection) => return Err(ApiError::bad_request(rejection.body_text())),
+        };
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(T::default()));
+        }
+        serde_json::from_slice(&body).map(Self).map_err(|err| {
+            if err.is_data() {
+                ApiError::invalid("body", err.to_string())
+            } else {
+                ApiError::bad_request("malformed JSON body")
+            }
+        })
+    }
+}
+
 /// Path parameters: an id that does not parse (not a UUID) names no resource, so it is 404.
 #[derive(Debug, Clone, Copy)]
 pub struct ApiPath<T>(pub T);

@@ -24,6 +24,7 @@ pub mod idempotency;
 pub mod live;
 pub mod members;
 pub mod metrics;
+pub mod openapi;
 pub mod ops;
 pub mod pagination;
 pub mod products;
@@ -35,7 +36,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use serde_json::json;
@@ -188,18 +189,62 @@ pub async fn start_engine_with_gate(
     Ok((engine, gateway))
 }
 
-/// The whole HTTP service.
-pub fn app(state: AppState) -> Router {
-    Router::new()
+/// The service's routes, each path kept beside the router: `tests/openapi.rs` compares them with the OpenAPI
+/// document, which axum's `Router` cannot list.
+#[derive(Default)]
+pub struct Routes {
+    router: Router<AppState>,
+    paths: Vec<&'static str>,
+}
+
+impl Routes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn route(mut self, path: &'static str, methods: MethodRouter<AppState>) -> Self {
+        self.router = self.router.route(path, methods);
+        self.paths.push(path);
+        self
+    }
+
+    pub fn merge(mut self, other: Routes) -> Self {
+        self.router = self.router.merge(other.router);
+        self.paths.extend(other.paths);
+        self
+    }
+
+    /// Every route's path template, as given to `route`.
+    pub fn paths(&self) -> &[&'static str] {
+        &self.paths
+    }
+}
+
+/// Every route of the service.
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::scrape))
+        .route(api!("/openapi.json"), get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs_page))
         .merge(members::router())
         .merge(products::router())
         .merge(drops::router())
         .merge(feeds::router())
         .merge(shop::router())
         .merge(live::router())
+}
+
+/// The whole HTTP service.
+pub fn app(state: AppState) -> Router {
+    app_from(routes(), state)
+}
+
+/// The service over the given routes (tests add one to see the OpenAPI coverage check catch it).
+pub fn app_from(routes: Routes, state: AppState) -> Router {
+    routes
+        .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
@@ -210,12 +255,18 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> Json<serde_json::Value> {
+/// Up: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`", body = serde_json::Value)))]
+pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// Ready when Postgres answers a query, and Redis a PING when it is configured.
-async fn readyz(
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ready\"}`", body = serde_json::Value),
+        (status = 503, description = "`database_unavailable` or `redis_unavailable`", body = openapi::ErrorBody)))]
+pub async fn readyz(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let client = state.db.get().await?;

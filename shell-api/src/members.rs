@@ -7,7 +7,7 @@ use anyhow::Context;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
@@ -28,8 +28,16 @@ pub const PASSWORD_CHARS_MAX: usize = 128;
 
 const MEMBER_COLUMNS: &str = "id, email, name, greeting, role, created_at";
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(signup_handler, me_handler, update_me_handler, change_password_handler, set_role_handler),
+    tags((name = "members", description = "Signup, profile, password and roles"))
+)]
+pub struct Doc;
+
+pub fn router() -> crate::Routes {
+    crate::Routes::new()
         .route(api!("/members"), post(signup_handler))
         .route(
             api!("/members/me"),
@@ -41,7 +49,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// A member as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MemberBody {
     pub id: Uuid,
     pub email: String,
@@ -59,40 +67,59 @@ impl MemberBody {
             email: row.get(1),
             name: row.get(2),
             greeting: row.get(3),
-            role: role_from_db(row.get(4))?,
+            role: Role::from_db(row.get(4))?,
             created_at: row.get(5),
         })
     }
 }
 
 /// Fields are optional here so that a missing one is reported by name (422 `fields.<name>`), like a bad one.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct SignupBody {
+    #[schema(value_type = String, required = true, max_length = 254, example = "buyer@example.com")]
     pub email: Option<String>,
+    /// 8 to 128 characters.
+    #[schema(value_type = String, required = true, min_length = 8, max_length = 128)]
     pub password: Option<String>,
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 100)]
     pub name: Option<String>,
+    #[schema(max_length = 500)]
     pub greeting: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ProfilePatch {
+    #[schema(value_type = String, min_length = 1, max_length = 100)]
     pub name: Option<String>,
     /// Absent: unchanged; `null` or blank: cleared.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 500)]
     pub greeting: Option<Option<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PasswordChange {
+    #[schema(value_type = String, required = true)]
     pub current_password: Option<String>,
+    #[schema(value_type = String, required = true, min_length = 8, max_length = 128)]
     pub new_password: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct RoleChange {
+    #[schema(value_type = Role, required = true)]
     pub role: Option<String>,
 }
 
+/// Signs up a new member (role `customer`).
+#[utoipa::path(post, path = "/api/v1/members", tag = "members", request_body = SignupBody,
+    responses(
+        (status = 201, description = "The new member", body = MemberBody),
+        (status = 409, description = "`email_taken`", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: a malformed email, a short password, a missing name",
+            body = crate::openapi::ErrorBody),
+        (status = 429, description = "`overloaded`: too many passwords being hashed", body = crate::openapi::ErrorBody),
+    ))]
 async fn signup_handler(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<SignupBody>,
@@ -101,6 +128,10 @@ async fn signup_handler(
     Ok((StatusCode::CREATED, Json(member)))
 }
 
+/// The signed-in member.
+#[utoipa::path(get, path = "/api/v1/members/me", tag = "members", security(("bearer" = [])),
+    responses((status = 200, description = "The member", body = MemberBody),
+        (status = 404, description = "`member_not_found`: the member was deleted", body = crate::openapi::ErrorBody)))]
 async fn me_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -111,6 +142,11 @@ async fn me_handler(
         .ok_or_else(|| ApiError::not_found("member_not_found"))
 }
 
+/// Changes the signed-in member's name or greeting.
+#[utoipa::path(patch, path = "/api/v1/members/me", tag = "members", security(("bearer" = [])),
+    request_body = ProfilePatch,
+    responses((status = 200, description = "The member", body = MemberBody),
+        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
 async fn update_me_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -119,6 +155,14 @@ async fn update_me_handler(
     update_profile(&state, caller.id, patch).await.map(Json)
 }
 
+/// Changes the password; every session of the member ends (as logout-all).
+#[utoipa::path(put, path = "/api/v1/members/me/password", tag = "members", security(("bearer" = [])),
+    request_body = PasswordChange,
+    responses((status = 204, description = "Changed; sign in again"),
+        (status = 403, description = "`wrong_password`: the current password is wrong",
+            body = crate::openapi::ErrorBody),
+        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody),
+        (status = 429, description = "`overloaded`: too many passwords being hashed", body = crate::openapi::ErrorBody)))]
 async fn change_password_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -128,6 +172,12 @@ async fn change_password_handler(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Sets a member's role (admin only).
+#[utoipa::path(put, path = "/api/v1/members/{id}/role", tag = "members", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The member")), request_body = RoleChange,
+    responses((status = 200, description = "The member with the new role", body = MemberBody),
+        (status = 403, description = "`forbidden`: not an admin", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
 async fn set_role_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -297,12 +347,6 @@ pub async fn set_role(
         .ok_or_else(|| ApiError::not_found("member_not_found"))?;
     state.members.evict(member);
     MemberBody::from_row(&row)
-}
-
-/// The role column holds only the three names (a CHECK constraint); anything else is a broken database.
-pub(crate) fn role_from_db(text: &str) -> Result<Role, ApiError> {
-    Role::parse(text)
-        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("unknown role {text:?} in members")))
 }
 
 /// Like `Fields::take`, and an absent value is "required".

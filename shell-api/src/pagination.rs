@@ -69,9 +69,10 @@ pub fn decode_cursor<K: DeserializeOwned>(cursor: &str) -> Result<K, ApiError> {
 }
 
 /// A page of results in the API's list shape.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
+    /// Pass as `?cursor=` for the next page; `null` on the last.
     pub next_cursor: Option<String>,
 }
 

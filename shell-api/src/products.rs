@@ -8,7 +8,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,8 @@ pub const NAME_CHARS_MAX: usize = 200;
 pub const DESCRIPTION_CHARS_MAX: usize = 5000;
 /// Far above any real price in any currency's smallest unit, and far below where `price * quantity` overflows.
 pub const PRICE_MAX: i64 = 1_000_000_000_000;
-pub const STOCK_MAX: i64 = 1_000_000_000;
+/// Largest shelf stock of a regular product (a drop is bounded lower: `drops::DROP_STOCK_MAX`).
+pub const SHELF_STOCK_MAX: i64 = 1_000_000_000;
 pub const BULK_ITEMS_MAX: usize = 1000;
 pub const SEARCH_CHARS_MAX: usize = 100;
 pub const CURRENCY_DEFAULT: &str = "KRW";
@@ -35,8 +36,16 @@ pub const CURRENCY_DEFAULT: &str = "KRW";
 pub(crate) const PRODUCT_COLUMNS: &str =
     "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at, heart_count";
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(create_handler, list_handler, bulk_create_handler, get_handler, update_handler, delete_handler),
+    tags((name = "products", description = "The catalogue: regular (shelf) and preorder (drop) products"))
+)]
+pub struct Doc;
+
+pub fn router() -> crate::Routes {
+    crate::Routes::new()
         .route(api!("/products"), post(create_handler).get(list_handler))
         .route(api!("/products/bulk"), post(bulk_create_handler))
         .route(
@@ -47,7 +56,7 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ProductKind {
     Regular,
@@ -78,7 +87,8 @@ impl ProductKind {
 }
 
 /// A product as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Product)]
 pub struct ProductBody {
     pub id: Uuid,
     pub seller_id: Uuid,
@@ -149,36 +159,52 @@ pub async fn product_owner_and_price(
 }
 
 /// A product to create. Every field is optional in the wire type so that a missing one is reported by name.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct ProductInput {
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 200)]
     pub name: Option<String>,
+    #[schema(max_length = 5000)]
     pub description: Option<String>,
+    #[schema(value_type = i64, required = true, minimum = 0, maximum = 1_000_000_000_000_i64)]
     pub price: Option<i64>,
+    /// Three letters (ISO 4217); default `KRW`.
+    #[schema(value_type = String, example = "KRW")]
     pub currency: Option<String>,
+    #[schema(value_type = ProductKind, required = true)]
     pub kind: Option<String>,
+    /// Shelf stock of a regular product (ignored for preorder products); default 0.
+    #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000)]
     pub stock: Option<i64>,
 }
 
 /// Changes to a product; absent fields stay, `description: null` clears the description.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct ProductPatch {
+    #[schema(value_type = String, min_length = 1, max_length = 200)]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, max_length = 5000)]
     pub description: Option<Option<String>>,
+    #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000_000_i64)]
     pub price: Option<i64>,
+    #[schema(value_type = String)]
     pub currency: Option<String>,
+    #[schema(value_type = ProductKind)]
     pub kind: Option<String>,
+    #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000)]
     pub stock: Option<i64>,
 }
 
 /// `items` stay raw JSON until validation, so a wrongly typed item is reported as `items[i]` instead of
 /// failing the whole body without saying which item.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct BulkBody {
+    /// 1 to 1000 products, all created or none.
+    #[schema(value_type = Vec<ProductInput>, required = true, min_items = 1, max_items = 1000)]
     pub items: Option<Vec<serde_json::Value>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BulkCreated {
     pub items: Vec<ProductBody>,
 }
@@ -275,7 +301,7 @@ fn check_kind(kind: Option<&str>) -> Result<ProductKind, &'static str> {
 /// Shelf stock of a regular product. A preorder product's stock lives in its drops: whatever came is ignored.
 fn check_stock(stock: Option<i64>, kind: Option<ProductKind>) -> Result<i64, &'static str> {
     match (kind, stock.unwrap_or(0)) {
-        (Some(ProductKind::Regular), stock) if !(0..=STOCK_MAX).contains(&stock) => {
+        (Some(ProductKind::Regular), stock) if !(0..=SHELF_STOCK_MAX).contains(&stock) => {
             Err("must be between 0 and 1000000000")
         }
         (Some(ProductKind::Regular), stock) => Ok(stock),
@@ -300,6 +326,11 @@ impl ProductPatch {
     }
 }
 
+/// Creates a product owned by the caller (seller, admin).
+#[utoipa::path(post, path = "/api/v1/products", tag = "products", security(("bearer" = [])),
+    request_body = ProductInput,
+    responses((status = 201, description = "The product", body = ProductBody),
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
 async fn create_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -309,6 +340,13 @@ async fn create_handler(
     Ok((StatusCode::CREATED, Json(product)))
 }
 
+/// Creates up to 1000 products at once, all or nothing (seller, admin).
+#[utoipa::path(post, path = "/api/v1/products/bulk", tag = "products", security(("bearer" = [])),
+    request_body = BulkBody,
+    responses((status = 201, description = "The products, in the order given", body = BulkCreated),
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: `fields` names each bad item as `items[i].field`",
+            body = crate::openapi::ErrorBody)))]
 async fn bulk_create_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -318,8 +356,14 @@ async fn bulk_create_handler(
     Ok((StatusCode::CREATED, Json(BulkCreated { items })))
 }
 
-/// A signed-in member's search (`q`) is remembered for the shop's search terms, after the list is read and off
+/// Products, newest first. A signed-in member's search (`q`) is remembered for the shop's search terms, after the list is read and off
 /// the request path (`shop::search::record`).
+#[utoipa::path(get, path = "/api/v1/products", tag = "products", security((), ("bearer" = [])),
+    params(("kind" = Option<ProductKind>, Query, description = "Only products of this kind"),
+        ("q" = Option<String>, Query, max_length = 100,
+            description = "Name contains (case-insensitive); remembered for a signed-in member"),
+        crate::openapi::PageParams),
+    responses((status = 200, description = "A page of products, newest first", body = Page<ProductBody>)))]
 async fn list_handler(
     State(state): State<AppState>,
     crate::shop::search::MaybeMember(member): crate::shop::search::MaybeMember,
@@ -333,6 +377,11 @@ async fn list_handler(
     Ok(Json(page))
 }
 
+/// One product.
+#[utoipa::path(get, path = "/api/v1/products/{id}", tag = "products",
+    params(("id" = Uuid, Path, description = "The product")),
+    responses((status = 200, description = "The product", body = ProductBody),
+        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
 async fn get_handler(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -343,6 +392,12 @@ async fn get_handler(
         .ok_or_else(product_not_found)
 }
 
+/// Changes a product (its seller, admin).
+#[utoipa::path(patch, path = "/api/v1/products/{id}", tag = "products", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The product")), request_body = ProductPatch,
+    responses((status = 200, description = "The product", body = ProductBody),
+        (status = 403, description = "`forbidden`: not its seller", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
 async fn update_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -352,6 +407,12 @@ async fn update_handler(
     update_product(&state, caller, id, patch).await.map(Json)
 }
 
+/// Deletes a product (its seller, admin).
+#[utoipa::path(delete, path = "/api/v1/products/{id}", tag = "products", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The product")),
+    responses((status = 204, description = "Deleted"),
+        (status = 403, description = "`forbidden`: not its seller", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
 async fn delete_handler(
     State(state): State<AppState>,
     caller: AuthMember,

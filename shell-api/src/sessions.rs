@@ -9,7 +9,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use deadpool_postgres::GenericClient;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -21,41 +21,56 @@ use crate::abuse::ClientAddr;
 use crate::auth::{self, AuthMember, Role};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::members::role_from_db;
 use crate::AppState;
 
 /// Random bytes in a refresh token: 256 bits cannot be guessed or enumerated.
 const REFRESH_TOKEN_BYTES: usize = 32;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(login_handler, refresh_handler, logout_handler, logout_all_handler),
+    tags((name = "auth", description = "Sessions: access tokens and rotating refresh tokens"))
+)]
+pub struct Doc;
+
+pub fn router() -> crate::Routes {
+    crate::Routes::new()
         .route(api!("/auth/login"), post(login_handler))
         .route(api!("/auth/refresh"), post(refresh_handler))
         .route(api!("/auth/logout"), post(logout_handler))
         .route(api!("/auth/logout-all"), post(logout_all_handler))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct LoginBody {
     pub email: String,
     pub password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct RefreshBody {
     pub refresh_token: String,
 }
 
 /// The answer to login and refresh.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenPair {
     pub access_token: String,
     pub refresh_token: String,
+    /// Always `Bearer`.
+    #[schema(value_type = String, example = "Bearer")]
     pub token_type: &'static str,
     /// Lifetime of the access token.
     pub expires_in: u64,
 }
 
+/// Signs in: a new access token and a new refresh-token family.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
+    responses((status = 200, description = "The tokens", body = TokenPair),
+        (status = 401, description = "`invalid_credentials`", body = crate::openapi::ErrorBody),
+        (status = 429, description = "`too_many_attempts` (failed logins of this account or address; see \
+`Retry-After`) or `overloaded` (too many passwords being checked)", body = crate::openapi::ErrorBody)))]
 async fn login_handler(
     State(state): State<AppState>,
     ClientAddr(address): ClientAddr,
@@ -78,6 +93,11 @@ async fn login_handler(
     }
 }
 
+/// Trades a refresh token for a new pair; the old one is dead, and presenting a dead one revokes its family.
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshBody,
+    responses((status = 200, description = "The new tokens", body = TokenPair),
+        (status = 401, description = "`invalid_refresh_token`, `token_reused` or `refresh_token_expired`",
+            body = crate::openapi::ErrorBody)))]
 async fn refresh_handler(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RefreshBody>,
@@ -85,6 +105,9 @@ async fn refresh_handler(
     refresh(&state, &body.refresh_token).await.map(Json)
 }
 
+/// Ends the session (the refresh token's family).
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", request_body = RefreshBody,
+    responses((status = 204, description = "Signed out (also for an unknown token)")))]
 async fn logout_handler(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RefreshBody>,
@@ -93,6 +116,9 @@ async fn logout_handler(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Ends every session of the member; access tokens issued before stop working.
+#[utoipa::path(post, path = "/api/v1/auth/logout-all", tag = "auth", security(("bearer" = [])),
+    responses((status = 204, description = "Signed out everywhere")))]
 async fn logout_all_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -138,7 +164,7 @@ pub async fn login(state: &AppState, email: &str, password: String) -> Result<To
         _ => return Err(invalid_credentials()),
     };
     let member: Uuid = row.get(0);
-    let role = role_from_db(row.get(2))?;
+    let role = Role::from_db(row.get(2))?;
     let client = state.db.get().await?;
     issue(&client, state, member, role, row.get(3), Uuid::now_v7()).await
 }
@@ -186,7 +212,7 @@ pub async fn refresh(state: &AppState, token: &str) -> Result<TokenPair, ApiErro
         &tx,
         state,
         member,
-        role_from_db(row.get(5))?,
+        Role::from_db(row.get(5))?,
         row.get(6),
         family,
     )

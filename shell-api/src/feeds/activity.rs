@@ -25,7 +25,7 @@ use crate::pagination::{Page, PageQuery};
 use crate::AppState;
 
 /// What an activity records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Posted,
@@ -183,7 +183,7 @@ pub async fn forget(tx: &impl GenericClient, undo: Undo) -> Result<(), tokio_pos
 }
 
 /// An activity as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Activity {
     pub id: Uuid,
     pub actor_id: Uuid,
@@ -261,6 +261,10 @@ pub async fn activity_page(
     rows.iter().map(Activity::from_row).collect()
 }
 
+/// What the members I follow did, and what was done to my posts and to me, newest first.
+#[utoipa::path(get, path = "/api/v1/activity", tag = "feeds", security(("bearer" = [])),
+    params(crate::openapi::PageParams),
+    responses((status = 200, description = "A page of activities", body = Page<Activity>)))]
 pub async fn get_activity(
     State(state): State<AppState>,
     member: AuthMember,

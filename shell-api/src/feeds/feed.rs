@@ -283,6 +283,12 @@ impl FeedQuery {
     }
 }
 
+/// The newsfeed: posts of the authors I follow (or everyone's), by recency or by likes.
+#[utoipa::path(get, path = "/api/v1/feed", tag = "feeds", security(("bearer" = [])),
+    params(("scope" = Option<String>, Query, description = "`following` (default) or `all`"),
+        ("sort" = Option<String>, Query, description = "`recent` (default) or `popular` (by like count, ties by recency)"),
+        crate::openapi::PageParams),
+    responses((status = 200, description = "A page of posts", body = Page<Post>)))]
 pub async fn get_feed(
     State(state): State<AppState>,
     member: AuthMember,

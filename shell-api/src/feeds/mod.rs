@@ -20,14 +20,12 @@ pub mod posts;
 pub mod social;
 
 use axum::routing::{get, post, put};
-use axum::Router;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::error::Fields;
-use crate::AppState;
 
 /// Longest post title, in characters (Unicode scalar values, as Postgres `char_length` counts them).
 pub const TITLE_CHARS_MAX: usize = 200;
@@ -36,8 +34,32 @@ pub const CONTENT_CHARS_MAX: usize = 10_000;
 /// Longest comment, in characters.
 pub const COMMENT_CHARS_MAX: usize = 2_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    posts::create_post,
+    posts::get_post,
+    posts::update_post,
+    posts::delete_post,
+    posts::list_member_posts,
+    posts::create_comment,
+    posts::list_comments,
+    posts::delete_comment,
+    social::like_post,
+    social::unlike_post,
+    social::like_comment,
+    social::unlike_comment,
+    social::follow,
+    social::unfollow,
+    social::list_followers,
+    social::list_following,
+    feed::get_feed,
+    activity::get_activity,
+))]
+pub struct Doc;
+
+pub fn router() -> crate::Routes {
+    crate::Routes::new()
         .route(api!("/posts"), post(posts::create_post))
         .route(
             api!("/posts/{id}"),
@@ -55,15 +77,15 @@ pub fn router() -> Router<AppState> {
         )
         .route(
             api!("/posts/{id}/like"),
-            put(social::post_like).delete(social::post_like),
+            put(social::like_post).delete(social::unlike_post),
         )
         .route(
             api!("/comments/{id}/like"),
-            put(social::comment_like).delete(social::comment_like),
+            put(social::like_comment).delete(social::unlike_comment),
         )
         .route(
             api!("/members/{id}/follow"),
-            put(social::follow).delete(social::follow),
+            put(social::follow).delete(social::unfollow),
         )
         .route(api!("/members/{id}/followers"), get(social::list_followers))
         .route(api!("/members/{id}/following"), get(social::list_following))
@@ -85,7 +107,7 @@ pub(crate) use post_columns;
 pub(crate) const POST_COLUMNS: &str = post_columns!();
 
 /// A post as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Post {
     pub id: Uuid,
     pub author_id: Uuid,
@@ -118,7 +140,7 @@ pub(crate) const COMMENT_COLUMNS: &str =
     "c.id, c.post_id, c.author_id, c.content, c.like_count, c.created_at";
 
 /// A comment as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Comment {
     pub id: Uuid,
     pub post_id: Uuid,

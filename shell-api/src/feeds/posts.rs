@@ -20,9 +20,13 @@ use crate::pagination::{Page, PageQuery};
 use crate::AppState;
 
 /// Body of `POST /posts` and `PATCH /posts/{id}`. On PATCH an absent (or null) field is left unchanged.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PostInput {
+    /// Required on POST; 1 to 200 characters.
+    #[schema(value_type = String, required = false, min_length = 1, max_length = 200)]
     pub title: Option<String>,
+    /// Required on POST; 1 to 10000 characters.
+    #[schema(value_type = String, required = false, min_length = 1, max_length = 10000)]
     pub content: Option<String>,
 }
 
@@ -38,11 +42,16 @@ impl PostInput {
 }
 
 /// Body of `POST /posts/{id}/comments`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CommentInput {
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 2000)]
     pub content: Option<String>,
 }
 
+/// Writes a post.
+#[utoipa::path(post, path = "/api/v1/posts", tag = "feeds", security(("bearer" = [])),
+    request_body = PostInput,
+    responses((status = 201, description = "The post", body = Post)))]
 pub async fn create_post(
     State(state): State<AppState>,
     member: AuthMember,
@@ -82,6 +91,11 @@ pub async fn insert_post(
     Ok(post)
 }
 
+/// One post.
+#[utoipa::path(get, path = "/api/v1/posts/{id}", tag = "feeds",
+    params(("id" = Uuid, Path, description = "The post")),
+    responses((status = 200, description = "The post", body = Post),
+        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn get_post(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -98,6 +112,12 @@ pub async fn get_post(
         .ok_or_else(post_not_found)
 }
 
+/// Edits a post (its author, admin); absent fields are left as they are.
+#[utoipa::path(patch, path = "/api/v1/posts/{id}", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The post")), request_body = PostInput,
+    responses((status = 200, description = "The post", body = Post),
+        (status = 403, description = "`forbidden`: not its author", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn update_post(
     State(state): State<AppState>,
     member: AuthMember,
@@ -124,6 +144,12 @@ pub async fn update_post(
     }
 }
 
+/// Deletes a post with its comments and likes (its author, admin).
+#[utoipa::path(delete, path = "/api/v1/posts/{id}", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The post")),
+    responses((status = 204, description = "Deleted"),
+        (status = 403, description = "`forbidden`: not its author", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn delete_post(
     State(state): State<AppState>,
     member: AuthMember,
@@ -155,6 +181,11 @@ async fn post_forbidden_or_missing(client: &impl GenericClient, id: Uuid) -> Api
     }
 }
 
+/// A member's posts, newest first.
+#[utoipa::path(get, path = "/api/v1/members/{id}/posts", tag = "feeds",
+    params(("id" = Uuid, Path, description = "The member"), crate::openapi::PageParams),
+    responses((status = 200, description = "A page of posts", body = Page<Post>),
+        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn list_member_posts(
     State(state): State<AppState>,
     ApiPath(member): ApiPath<Uuid>,
@@ -187,6 +218,11 @@ pub async fn list_member_posts(
     })))
 }
 
+/// Comments on a post.
+#[utoipa::path(post, path = "/api/v1/posts/{id}/comments", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The post")), request_body = CommentInput,
+    responses((status = 201, description = "The comment", body = Comment),
+        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn create_comment(
     State(state): State<AppState>,
     member: AuthMember,
@@ -240,6 +276,11 @@ pub async fn insert_comment(
     Ok(comment)
 }
 
+/// A post's comments, oldest first.
+#[utoipa::path(get, path = "/api/v1/posts/{id}/comments", tag = "feeds",
+    params(("id" = Uuid, Path, description = "The post"), crate::openapi::PageParams),
+    responses((status = 200, description = "A page of comments", body = Page<Comment>),
+        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn list_comments(
     State(state): State<AppState>,
     ApiPath(post_id): ApiPath<Uuid>,
@@ -278,6 +319,12 @@ pub async fn list_comments(
     })))
 }
 
+/// Deletes a comment (its author, admin).
+#[utoipa::path(delete, path = "/api/v1/comments/{id}", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The comment")),
+    responses((status = 204, description = "Deleted"),
+        (status = 403, description = "`forbidden`: not its author", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`comment_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn delete_comment(
     State(state): State<AppState>,
     member: AuthMember,

@@ -13,7 +13,7 @@
 //! deadlock this avoids is shown by `deleting_a_post_while_others_like_it_is_never_a_500` in `tests/feeds.rs`.
 
 use axum::extract::State;
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -28,15 +28,33 @@ use crate::extract::{ApiPath, ApiQuery};
 use crate::pagination::{Page, PageQuery};
 use crate::AppState;
 
-/// `PUT` (like) and `DELETE` (unlike) `/posts/{id}/like`.
-pub async fn post_like(
+/// Likes a post; liking it again changes nothing.
+#[utoipa::path(put, path = "/api/v1/posts/{id}/like", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The post")),
+    responses((status = 204, description = "Liked"),
+        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+pub async fn like_post(
     State(state): State<AppState>,
-    method: Method,
     member: AuthMember,
     ApiPath(post): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.db.get().await?;
-    set_post_like(&mut client, member.id, post, method == Method::PUT).await?;
+    set_post_like(&mut client, member.id, post, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Takes a like of a post back; one that is not there changes nothing.
+#[utoipa::path(delete, path = "/api/v1/posts/{id}/like", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The post")),
+    responses((status = 204, description = "Not liked"),
+        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+pub async fn unlike_post(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiPath(post): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.db.get().await?;
+    set_post_like(&mut client, member.id, post, false).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -138,15 +156,33 @@ async fn toggle_like(
     Ok(Some(author))
 }
 
-/// `PUT` (like) and `DELETE` (unlike) `/comments/{id}/like`.
-pub async fn comment_like(
+/// Likes a comment; liking it again changes nothing.
+#[utoipa::path(put, path = "/api/v1/comments/{id}/like", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The comment")),
+    responses((status = 204, description = "Liked"),
+        (status = 404, description = "`comment_not_found`", body = crate::openapi::ErrorBody)))]
+pub async fn like_comment(
     State(state): State<AppState>,
-    method: Method,
     member: AuthMember,
     ApiPath(comment): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.db.get().await?;
-    set_comment_like(&mut client, member.id, comment, method == Method::PUT).await?;
+    set_comment_like(&mut client, member.id, comment, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Takes a like of a comment back; one that is not there changes nothing.
+#[utoipa::path(delete, path = "/api/v1/comments/{id}/like", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The comment")),
+    responses((status = 204, description = "Not liked"),
+        (status = 404, description = "`comment_not_found`", body = crate::openapi::ErrorBody)))]
+pub async fn unlike_comment(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiPath(comment): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.db.get().await?;
+    set_comment_like(&mut client, member.id, comment, false).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -191,15 +227,35 @@ pub async fn set_comment_like(
     Ok(author.is_some())
 }
 
-/// `PUT` (follow) and `DELETE` (unfollow) `/members/{id}/follow`.
+/// Follows a member; following again changes nothing.
+#[utoipa::path(put, path = "/api/v1/members/{id}/follow", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The member to follow")),
+    responses((status = 204, description = "Following"),
+        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: you cannot follow yourself", body = crate::openapi::ErrorBody)))]
 pub async fn follow(
     State(state): State<AppState>,
-    method: Method,
     member: AuthMember,
     ApiPath(followee): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.db.get().await?;
-    set_follow(&mut client, member.id, followee, method == Method::PUT).await?;
+    set_follow(&mut client, member.id, followee, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Stops following a member; not following changes nothing.
+#[utoipa::path(delete, path = "/api/v1/members/{id}/follow", tag = "feeds", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The member to unfollow")),
+    responses((status = 204, description = "Not following"),
+        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: you cannot follow yourself", body = crate::openapi::ErrorBody)))]
+pub async fn unfollow(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiPath(followee): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.db.get().await?;
+    set_follow(&mut client, member.id, followee, false).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -255,13 +311,18 @@ pub async fn set_follow(
 }
 
 /// An entry of a follower or following list: the other member, and since when.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FollowEntry {
     pub id: Uuid,
     pub name: String,
     pub followed_at: DateTime<Utc>,
 }
 
+/// Who follows a member, newest first.
+#[utoipa::path(get, path = "/api/v1/members/{id}/followers", tag = "feeds",
+    params(("id" = Uuid, Path, description = "The member"), crate::openapi::PageParams),
+    responses((status = 200, description = "A page of followers", body = Page<FollowEntry>),
+        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn list_followers(
     State(state): State<AppState>,
     ApiPath(member): ApiPath<Uuid>,
@@ -279,6 +340,11 @@ pub async fn list_followers(
     follow_list(&state, SQL, member, &page).await.map(Json)
 }
 
+/// Whom a member follows, newest first.
+#[utoipa::path(get, path = "/api/v1/members/{id}/following", tag = "feeds",
+    params(("id" = Uuid, Path, description = "The member"), crate::openapi::PageParams),
+    responses((status = 200, description = "A page of followed members", body = Page<FollowEntry>),
+        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn list_following(
     State(state): State<AppState>,
     ApiPath(member): ApiPath<Uuid>,

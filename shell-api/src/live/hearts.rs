@@ -10,7 +10,7 @@
 //! hearts and unhearts leave `heart_count` equal to the number of heart rows.
 
 use axum::extract::State;
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -26,15 +26,33 @@ fn product_not_found() -> ApiError {
     ApiError::not_found("product_not_found").with_message("no such product")
 }
 
-/// `PUT` (heart) and `DELETE` (unheart) `/products/{id}/heart`.
+/// Hearts a product (a wishlist); hearting it again changes nothing.
+#[utoipa::path(put, path = "/api/v1/products/{id}/heart", tag = "live", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The product")),
+    responses((status = 204, description = "Hearted"),
+        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn heart(
     State(state): State<AppState>,
-    method: Method,
     member: AuthMember,
     ApiPath(product): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.db.get().await?;
-    set_heart(&mut client, member.id, product, method == Method::PUT).await?;
+    set_heart(&mut client, member.id, product, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Takes a heart back; one that is not there changes nothing.
+#[utoipa::path(delete, path = "/api/v1/products/{id}/heart", tag = "live", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The product")),
+    responses((status = 204, description = "Not hearted"),
+        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
+pub async fn unheart(
+    State(state): State<AppState>,
+    member: AuthMember,
+    ApiPath(product): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.db.get().await?;
+    set_heart(&mut client, member.id, product, false).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -77,6 +95,10 @@ pub async fn set_heart(
 }
 
 /// `GET /members/me/hearts`: the products I hearted (not deleted), most recently hearted first.
+#[utoipa::path(get, path = "/api/v1/members/me/hearts", tag = "live", security(("bearer" = [])),
+    params(crate::openapi::PageParams),
+    responses((status = 200, description = "A page of the products I hearted, newest heart first",
+        body = Page<ProductBody>)))]
 pub async fn my_hearts(
     State(state): State<AppState>,
     member: AuthMember,

@@ -21,19 +21,31 @@ pub mod streams;
 use std::time::Duration;
 
 use axum::routing::{get, post, put};
-use axum::Router;
 use tokio::sync::watch;
 
-use crate::AppState;
+/// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    events::drop_events,
+    page::live_page,
+    page::asset,
+    hearts::heart,
+    hearts::unheart,
+    hearts::my_hearts,
+    notifications::list,
+    notifications::mark_read,
+    notifications::stream,
+))]
+pub struct Doc;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> crate::Routes {
+    crate::Routes::new()
         .route(api!("/drops/{id}/events"), get(events::drop_events))
         .route("/live/drops/{id}", get(page::live_page))
         .route("/live/assets/{file}", get(page::asset))
         .route(
             api!("/products/{id}/heart"),
-            put(hearts::heart).delete(hearts::heart),
+            put(hearts::heart).delete(hearts::unheart),
         )
         .route(api!("/members/me/hearts"), get(hearts::my_hearts))
         .route(api!("/members/me/notifications"), get(notifications::list))

@@ -76,9 +76,11 @@ impl Kind {
 }
 
 /// A notification on the wire.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NotificationJson {
     pub id: Uuid,
+    /// `drop_scheduled`, `drop_open`, `restock` or `refund_decided`.
+    #[schema(example = "drop_open")]
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_id: Option<Uuid>,
@@ -109,13 +111,17 @@ impl NotificationJson {
 }
 
 /// `GET /members/me/notifications`: a page, newest first, with my unread count.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NotificationPage {
     pub items: Vec<NotificationJson>,
     pub next_cursor: Option<String>,
     pub unread: i64,
 }
 
+#[utoipa::path(get, path = "/api/v1/members/me/notifications", tag = "live", security(("bearer" = [])),
+    params(crate::openapi::PageParams),
+    responses((status = 200, description = "A page of my notifications, newest first, with my unread count",
+        body = NotificationPage)))]
 pub async fn list(
     State(state): State<AppState>,
     member: AuthMember,
@@ -153,7 +159,7 @@ pub async fn list(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReadBody {
     up_to: Uuid,
@@ -161,6 +167,9 @@ pub struct ReadBody {
 
 /// `POST /members/me/notifications/read {up_to}`: my notifications up to and including that id are read (ids
 /// are UUID v7, so "up to" is "created no later than").
+#[utoipa::path(post, path = "/api/v1/members/me/notifications/read", tag = "live", security(("bearer" = [])),
+    request_body = ReadBody,
+    responses((status = 204, description = "Read up to that id")))]
 pub async fn mark_read(
     State(state): State<AppState>,
     member: AuthMember,
@@ -485,6 +494,14 @@ impl Listener {
 
 /// `GET /members/me/notifications/stream` (auth by header or `?access_token=`): `event: notification` for each new
 /// one, and a comment every heartbeat so dead connections are found.
+#[utoipa::path(get, path = "/api/v1/members/me/notifications/stream", tag = "live",
+    security(("bearer" = [])),
+    params(("access_token" = Option<String>, Query,
+        description = "The token instead of the header, for EventSource (which cannot set headers)")),
+    responses((status = 200, description = "`text/event-stream`: `event: notification` with each new one \
+(as in the list), and a comment every heartbeat", content_type = "text/event-stream", body = String),
+        (status = 401, description = "`unauthorized`: no token, or `invalid_token`", body = crate::openapi::ErrorBody),
+        (status = 429, description = "`too_many_requests`: too many streams open; see `Retry-After`", body = crate::openapi::ErrorBody)))]
 pub async fn stream(
     State(state): State<AppState>,
     StreamCaller(caller): StreamCaller,

@@ -22,6 +22,12 @@ const NOT_FOUND_HTML: &str = "<!doctype html><html lang=\"en\"><head><meta chars
 <body style=\"font-family:system-ui,sans-serif;max-width:30rem;margin:3rem auto;padding:0 1rem\">\
 <h1>No such drop</h1><p>This drop does not exist. Check the link you were given.</p></body></html>";
 
+#[utoipa::path(get, path = "/live/drops/{id}", tag = "live",
+    params(("id" = Uuid, Path, description = "The drop")),
+    responses((status = 200, description = "The live drop page: countdown, available / held / sold, units per \
+second, time to sell out, kept current from the event stream", content_type = "text/html", body = String),
+        (status = 404, description = "An HTML page saying there is no such drop",
+            content_type = "text/html", body = String)))]
 pub async fn live_page(
     State(state): State<AppState>,
     ApiPath(drop): ApiPath<Uuid>,
@@ -41,6 +47,10 @@ pub async fn live_page(
 }
 
 /// The page's stylesheet and script.
+#[utoipa::path(get, path = "/live/assets/{file}", tag = "live",
+    params(("file" = String, Path, description = "`page.css` or `page.js`")),
+    responses((status = 200, description = "The file", content_type = "text/css", body = String),
+        (status = 404, description = "`not_found`: another file", body = crate::openapi::ErrorBody)))]
 pub async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Response {
     let (body, content_type) = match file.as_str() {
         "page.css" => (PAGE_CSS, "text/css; charset=utf-8"),

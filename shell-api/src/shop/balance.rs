@@ -28,7 +28,7 @@ use crate::AppState;
 pub const CHARGE_MAX: i64 = 100_000_000_000;
 
 /// Why a ledger entry moved the balance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     Charge,
@@ -58,7 +58,7 @@ impl EntryKind {
 }
 
 /// A ledger entry as the API shows it; `amount` is signed, `balance` is the balance right after it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Entry {
     pub id: Uuid,
     pub kind: EntryKind,
@@ -143,7 +143,7 @@ pub async fn move_balance(
     Ok(entry)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BalanceBody {
     pub balance: i64,
     pub currency: &'static str,
@@ -160,6 +160,9 @@ pub async fn balance_of(client: &impl GenericClient, member: Uuid) -> Result<i64
     Ok(row.map_or(0, |row| row.get(0)))
 }
 
+/// My points balance.
+#[utoipa::path(get, path = "/api/v1/members/me/balance", tag = "shop", security(("bearer" = [])),
+    responses((status = 200, description = "The balance", body = BalanceBody)))]
 pub async fn get_balance(
     State(state): State<AppState>,
     member: AuthMember,
@@ -171,13 +174,17 @@ pub async fn get_balance(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ChargeInput {
+    /// Points to add, 1..=100000000000.
+    #[schema(value_type = i64, required = true, minimum = 1, maximum = 100_000_000_000_i64)]
     pub amount: Option<i64>,
+    /// The card token (`tok_ok` charges, `tok_declined` is declined).
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 256)]
     pub payment_token: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChargeBody {
     pub id: Uuid,
     pub amount: i64,
@@ -186,6 +193,12 @@ pub struct ChargeBody {
 }
 
 /// `POST /members/me/balance/charges`: pays `amount` by card, then credits it. Replays by `Idempotency-Key`.
+#[utoipa::path(post, path = "/api/v1/members/me/balance/charges", tag = "shop", security(("bearer" = [])),
+    params(crate::openapi::IdempotencyParams), request_body = ChargeInput,
+    responses((status = 201, description = "Charged; `balance` is the balance after it", body = ChargeBody),
+        (status = 402, description = "`payment_declined`: nothing was charged", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: an amount that is not positive, or no token", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`payment_unavailable`: nothing was charged, retry", body = crate::openapi::ErrorBody)))]
 pub async fn charge(
     State(state): State<AppState>,
     member: AuthMember,
@@ -299,6 +312,9 @@ async fn stored_entry(state: &AppState, id: Uuid) -> Option<Entry> {
 }
 
 /// `GET /members/me/balance/history`: the ledger, newest first.
+#[utoipa::path(get, path = "/api/v1/members/me/balance/history", tag = "shop", security(("bearer" = [])),
+    params(crate::openapi::PageParams),
+    responses((status = 200, description = "A page of ledger entries, newest first", body = Page<Entry>)))]
 pub async fn history(
     State(state): State<AppState>,
     member: AuthMember,

@@ -16,7 +16,7 @@ use crate::extract::{ApiJson, ApiPath};
 use crate::products::{product_owner_and_price, ProductKind};
 use crate::AppState;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CartLine {
     pub product_id: Uuid,
     pub name: String,
@@ -25,7 +25,7 @@ pub struct CartLine {
     pub subtotal: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Cart {
     pub items: Vec<CartLine>,
     pub total: i64,
@@ -33,8 +33,9 @@ pub struct Cart {
     pub currency: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct QuantityInput {
+    #[schema(value_type = i64, required = true, minimum = 1, maximum = 99)]
     pub quantity: Option<i64>,
 }
 
@@ -72,6 +73,9 @@ pub async fn read_cart(client: &impl GenericClient, member: Uuid) -> Result<Cart
     })
 }
 
+/// My cart, priced now.
+#[utoipa::path(get, path = "/api/v1/cart", tag = "shop", security(("bearer" = [])),
+    responses((status = 200, description = "The cart", body = Cart)))]
 pub async fn get_cart(
     State(state): State<AppState>,
     member: AuthMember,
@@ -81,6 +85,13 @@ pub async fn get_cart(
 }
 
 /// `PUT /cart/items/{product_id}` `{quantity}`: sets the line's quantity (adding the line if new).
+/// Sets a product's quantity in my cart (regular products only).
+#[utoipa::path(put, path = "/api/v1/cart/items/{product_id}", tag = "shop", security(("bearer" = [])),
+    params(("product_id" = Uuid, Path, description = "The product")), request_body = QuantityInput,
+    responses((status = 200, description = "The cart", body = Cart),
+        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: a quantity outside 1..=99, a product that is not regular, \
+or of another currency than the cart", body = crate::openapi::ErrorBody)))]
 pub async fn put_item(
     State(state): State<AppState>,
     member: AuthMember,
@@ -134,6 +145,10 @@ pub async fn put_item(
 }
 
 /// `DELETE /cart/items/{product_id}`: the cart without that line (whether or not it was there).
+/// Takes a product out of my cart.
+#[utoipa::path(delete, path = "/api/v1/cart/items/{product_id}", tag = "shop", security(("bearer" = [])),
+    params(("product_id" = Uuid, Path, description = "The product")),
+    responses((status = 200, description = "The cart", body = Cart)))]
 pub async fn delete_item(
     State(state): State<AppState>,
     member: AuthMember,
@@ -149,6 +164,9 @@ pub async fn delete_item(
     read_cart(&client, member.id).await.map(Json)
 }
 
+/// Empties my cart.
+#[utoipa::path(delete, path = "/api/v1/cart", tag = "shop", security(("bearer" = [])),
+    responses((status = 204, description = "Emptied")))]
 pub async fn clear_cart(
     State(state): State<AppState>,
     member: AuthMember,

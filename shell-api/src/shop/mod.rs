@@ -33,12 +33,10 @@ pub mod settlement;
 
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
-use axum::Router;
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::AppState;
 
 /// The currency of points balances. Products default to it; only products priced in it can be paid with points.
 pub const POINTS_CURRENCY: &str = "KRW";
@@ -49,8 +47,34 @@ pub const ITEMS_MAX: usize = 100;
 /// Longest payment token accepted (as for drop payments).
 pub const PAYMENT_TOKEN_CHARS_MAX: usize = 256;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    balance::get_balance,
+    balance::charge,
+    balance::history,
+    cart::get_cart,
+    cart::clear_cart,
+    cart::put_item,
+    cart::delete_item,
+    orders::create_order,
+    orders::list_orders,
+    orders::get_order,
+    refunds::request_refund,
+    refunds::get_refund,
+    refunds::accept_refund,
+    refunds::reject_refund,
+    refunds::seller_refunds,
+    sales::list_sales,
+    sales::dashboard,
+    settlement::list_settlements,
+    search::recent,
+    search::popular,
+))]
+pub struct Doc;
+
+pub fn router() -> crate::Routes {
+    crate::Routes::new()
         .route(api!("/members/me/balance"), get(balance::get_balance))
         .route(api!("/members/me/balance/charges"), post(balance::charge))
         .route(api!("/members/me/balance/history"), get(balance::history))
@@ -80,9 +104,11 @@ pub fn router() -> Router<AppState> {
 }
 
 /// One `{product_id, quantity}` of an order or refund body. Fields are optional so a missing one is named.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ItemInput {
+    #[schema(value_type = Uuid, required = true)]
     pub product_id: Option<Uuid>,
+    #[schema(value_type = i64, required = true, minimum = 1, maximum = 99)]
     pub quantity: Option<i64>,
 }
 

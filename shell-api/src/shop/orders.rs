@@ -35,16 +35,22 @@ use crate::pagination::{Page, PageQuery};
 use crate::products::ProductKind;
 use crate::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct OrderInput {
     /// Absent: order the cart.
+    #[schema(max_items = 100)]
     pub items: Option<Vec<ItemInput>>,
+    #[schema(value_type = PaymentInput, required = true)]
     pub payment: Option<PaymentInput>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PaymentInput {
+    /// `points` or `card`.
+    #[schema(value_type = String, required = true, example = "points")]
     pub method: Option<String>,
+    /// With `card`: the card token.
+    #[schema(max_length = 256)]
     pub payment_token: Option<String>,
 }
 
@@ -64,7 +70,7 @@ impl Payment {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct OrderItem {
     pub product_id: Uuid,
     pub seller_id: Uuid,
@@ -73,7 +79,7 @@ pub struct OrderItem {
     pub subtotal: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Order {
     pub id: Uuid,
     pub member_id: Uuid,
@@ -115,6 +121,14 @@ impl Shelf {
 
 const SHELF_COLUMNS: &str = "id, seller_id, price, currency, kind, stock";
 
+/// Orders the items given, or the cart; all or nothing across stock, items and payment.
+#[utoipa::path(post, path = "/api/v1/orders", tag = "shop", security(("bearer" = [])),
+    params(crate::openapi::IdempotencyParams), request_body = OrderInput,
+    responses((status = 201, description = "The paid order", body = Order),
+        (status = 402, description = "`insufficient_balance` or `payment_declined`: nothing was taken", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`out_of_stock`: `fields` names the products short of stock", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: empty, unknown or non-regular items, mixed currencies", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`payment_unavailable`: nothing was taken, retry", body = crate::openapi::ErrorBody)))]
 pub async fn create_order(
     State(state): State<AppState>,
     member: AuthMember,
@@ -549,6 +563,12 @@ pub(crate) fn order_not_found() -> ApiError {
     ApiError::not_found("order_not_found").with_message("no such order")
 }
 
+/// One order (its buyer, a seller of one of its items, admin).
+#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "shop", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The order")),
+    responses((status = 200, description = "The order", body = Order),
+        (status = 403, description = "`forbidden`: neither its buyer nor one of its sellers", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`order_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn get_order(
     State(state): State<AppState>,
     member: AuthMember,
@@ -559,6 +579,9 @@ pub async fn get_order(
 }
 
 /// `GET /orders`: mine, newest first.
+#[utoipa::path(get, path = "/api/v1/orders", tag = "shop", security(("bearer" = [])),
+    params(crate::openapi::PageParams),
+    responses((status = 200, description = "A page of my orders, newest first", body = Page<Order>)))]
 pub async fn list_orders(
     State(state): State<AppState>,
     member: AuthMember,

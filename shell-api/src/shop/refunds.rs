@@ -32,7 +32,7 @@ use crate::AppState;
 /// Longest reason, in characters.
 pub const REASON_CHARS_MAX: usize = 1000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RefundStatus {
     Requested,
@@ -59,7 +59,7 @@ impl RefundStatus {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RefundItem {
     pub product_id: Uuid,
     pub quantity: i32,
@@ -67,7 +67,7 @@ pub struct RefundItem {
     pub amount: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Refund {
     pub id: Uuid,
     pub order_id: Uuid,
@@ -157,13 +157,22 @@ fn already_decided(status: RefundStatus) -> ApiError {
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct RefundInput {
+    #[schema(value_type = Vec<ItemInput>, required = true, min_items = 1, max_items = 100)]
     pub items: Option<Vec<ItemInput>>,
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 1000)]
     pub reason: Option<String>,
 }
 
 /// `POST /orders/{id}/refunds` (the buyer).
+#[utoipa::path(post, path = "/api/v1/orders/{id}/refunds", tag = "shop", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The order")), request_body = RefundInput,
+    responses((status = 201, description = "The refund, `requested`", body = Refund),
+        (status = 403, description = "`forbidden`: not the order's buyer", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`order_not_found`", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`refund_exceeds_order`: more than was ordered and not yet refunded", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`validation`: items not all of one seller, or not in the order", body = crate::openapi::ErrorBody)))]
 pub async fn request_refund(
     State(state): State<AppState>,
     member: AuthMember,
@@ -284,6 +293,12 @@ pub async fn request_refund(
 }
 
 /// The buyer, that seller, or an admin.
+/// One refund (its buyer, its seller, admin).
+#[utoipa::path(get, path = "/api/v1/refunds/{id}", tag = "shop", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The refund")),
+    responses((status = 200, description = "The refund", body = Refund),
+        (status = 403, description = "`forbidden`: neither its buyer nor its seller", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`refund_not_found`", body = crate::openapi::ErrorBody)))]
 pub async fn get_refund(
     State(state): State<AppState>,
     member: AuthMember,
@@ -309,6 +324,14 @@ async fn decidable(
 }
 
 /// `POST /refunds/{id}/accept`: exactly once; accepting again answers the same refund and moves nothing.
+/// Accepts a refund (its seller, admin): units back on the shelf, money back where it came from, exactly once.
+#[utoipa::path(post, path = "/api/v1/refunds/{id}/accept", tag = "shop", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The refund")),
+    responses((status = 200, description = "The refund, `accepted` (again the same for a repeat)", body = Refund),
+        (status = 403, description = "`forbidden`: not its seller", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`refund_not_found`", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`already_decided`: it was rejected", body = crate::openapi::ErrorBody),
+        (status = 503, description = "`payment_unavailable`: the card refund did not go through; nothing moved", body = crate::openapi::ErrorBody)))]
 pub async fn accept_refund(
     State(state): State<AppState>,
     member: AuthMember,
@@ -412,12 +435,19 @@ async fn accept(state: &AppState, member: &AuthMember, id: Uuid) -> Result<Refun
     Ok(refund)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct RejectInput {
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 1000)]
     pub reason: Option<String>,
 }
 
 /// `POST /refunds/{id}/reject` `{reason}`: exactly once; the claimed units go back to the order.
+#[utoipa::path(post, path = "/api/v1/refunds/{id}/reject", tag = "shop", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The refund")), request_body = RejectInput,
+    responses((status = 200, description = "The refund, `rejected`", body = Refund),
+        (status = 403, description = "`forbidden`: not its seller", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`refund_not_found`", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`already_decided`: it was accepted", body = crate::openapi::ErrorBody)))]
 pub async fn reject_refund(
     State(state): State<AppState>,
     member: AuthMember,
@@ -484,6 +514,11 @@ pub struct SellerRefundsQuery {
 }
 
 /// `GET /sellers/me/refunds?status=`: refunds of my sales, newest first.
+#[utoipa::path(get, path = "/api/v1/sellers/me/refunds", tag = "shop", security(("bearer" = [])),
+    params(("status" = Option<RefundStatus>, Query, description = "Only refunds in this state"),
+        crate::openapi::PageParams),
+    responses((status = 200, description = "A page of refunds of my sales, newest first", body = Page<Refund>),
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
 pub async fn seller_refunds(
     State(state): State<AppState>,
     member: AuthMember,

@@ -29,7 +29,7 @@ macro_rules! sales_of_seller {
     };
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Sale {
     pub kind: String,
     pub source_id: Uuid,
@@ -54,6 +54,12 @@ fn far_future() -> DateTime<Utc> {
 }
 
 /// `GET /sellers/me/sales?from=&to=`: newest first; `from` inclusive, `to` exclusive, both optional.
+#[utoipa::path(get, path = "/api/v1/sellers/me/sales", tag = "shop", security(("bearer" = [])),
+    params(("from" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "From (inclusive), RFC 3339"),
+        ("to" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "To (exclusive), RFC 3339"),
+        crate::openapi::PageParams),
+    responses((status = 200, description = "A page of sales, newest first: shelf orders and drop purchases", body = Page<Sale>),
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
 pub async fn list_sales(
     State(state): State<AppState>,
     member: AuthMember,
@@ -97,14 +103,14 @@ pub async fn list_sales(
     })))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Revenue {
     pub today: i64,
     pub last_7_days: i64,
     pub last_30_days: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TopProduct {
     pub product_id: Uuid,
     pub name: String,
@@ -112,7 +118,7 @@ pub struct TopProduct {
     pub revenue: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DropSummary {
     pub drop_id: Uuid,
     pub stock: i32,
@@ -121,7 +127,7 @@ pub struct DropSummary {
     pub sell_through: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Dashboard {
     /// Gross sales (before refunds and fees) in `currency`; today is the UTC day.
     pub revenue: Revenue,
@@ -137,6 +143,9 @@ pub struct Dashboard {
 
 /// `GET /sellers/me/dashboard`. Money is in KRW, the shop's currency; sales in other currencies are left out
 /// here (settlements keep one row per currency).
+#[utoipa::path(get, path = "/api/v1/sellers/me/dashboard", tag = "shop", security(("bearer" = [])),
+    responses((status = 200, description = "Revenue, orders, pending refunds, best sellers and drops", body = Dashboard),
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
 pub async fn dashboard(
     State(state): State<AppState>,
     member: AuthMember,

@@ -107,19 +107,21 @@ pub async fn trim(client: &impl GenericClient) -> Result<u64, tokio_postgres::Er
     Ok(events + recent)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RecentTerm {
     pub term: String,
     pub searched_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PopularTerm {
     pub term: String,
     pub count: i64,
 }
 
 /// `GET /search/recent`: my distinct terms, newest first, at most 10 (one page: `next_cursor` is null).
+#[utoipa::path(get, path = "/api/v1/search/recent", tag = "shop", security(("bearer" = [])),
+    responses((status = 200, description = "My distinct terms, newest first, at most 10 (one page)", body = Page<RecentTerm>)))]
 pub async fn recent(
     State(state): State<AppState>,
     member: AuthMember,
@@ -145,6 +147,8 @@ pub async fn recent(
 }
 
 /// `GET /search/popular`: the most searched terms of the last 24 hours, at most 10, ties by term.
+#[utoipa::path(get, path = "/api/v1/search/popular", tag = "shop",
+    responses((status = 200, description = "The most searched terms of the last 24 h, at most 10 (one page)", body = Page<PopularTerm>)))]
 pub async fn popular(State(state): State<AppState>) -> Result<Json<Page<PopularTerm>>, ApiError> {
     let client = state.db.get().await?;
     let rows = client

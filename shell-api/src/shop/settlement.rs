@@ -137,7 +137,7 @@ fn until_next_run() -> Duration {
         })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Settlement {
     pub date: NaiveDate,
     pub currency: String,
@@ -149,6 +149,10 @@ pub struct Settlement {
 }
 
 /// `GET /sellers/me/settlements`: newest day first.
+#[utoipa::path(get, path = "/api/v1/sellers/me/settlements", tag = "shop", security(("bearer" = [])),
+    params(crate::openapi::PageParams),
+    responses((status = 200, description = "A page of settlements, newest day first", body = Page<Settlement>),
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
 pub async fn list_settlements(
     State(state): State<AppState>,
     member: AuthMember,
