@@ -197,12 +197,27 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
+/// Postgres `text` cannot hold NUL (U+0000): a field that carries one is refused with this reason, 422 here
+/// rather than a 500 from Postgres.
+pub const NUL_REASON: &str = "must not contain NUL characters";
+
+/// Whether `text` can be stored in a Postgres `text` column.
+pub fn storable(text: &str) -> bool {
+    !text.contains('\0')
+}
+
 impl From<tokio_postgres::Error> for ApiError {
     fn from(err: tokio_postgres::Error) -> Self {
         if err.is_closed() || err.as_db_error().is_none() && err.code().is_none() {
             // Connection-level failures (server gone, socket closed) are a dependency outage.
             tracing::warn!(error = %err, "database connection failed");
             return Self::unavailable("database_unavailable", 1);
+        }
+        if err.code() == Some(&tokio_postgres::error::SqlState::CHARACTER_NOT_IN_REPERTOIRE) {
+            // The backstop of the checks at the edge: text Postgres cannot store (NUL) is the client's input,
+            // never a server fault. The field is unknown here, so the body names it `body`.
+            tracing::warn!(error = %err, "text with NUL reached Postgres; a field check is missing");
+            return Self::invalid("body", NUL_REASON);
         }
         Self::internal(err)
     }

@@ -396,6 +396,8 @@ fn check_name(name: &str) -> Result<String, &'static str> {
         Err("must not be empty")
     } else if name.chars().count() > NAME_CHARS_MAX {
         Err("must be at most 100 characters")
+    } else if !crate::error::storable(name) {
+        Err(crate::error::NUL_REASON)
     } else {
         Ok(name.to_owned())
     }
@@ -408,6 +410,7 @@ fn check_greeting(greeting: Option<&str>) -> Result<Option<String>, &'static str
         Some(text) if text.chars().count() > GREETING_CHARS_MAX => {
             Err("must be at most 500 characters")
         }
+        Some(text) if !crate::error::storable(text) => Err(crate::error::NUL_REASON),
         Some(text) => Ok(Some(text.to_owned())),
     }
 }

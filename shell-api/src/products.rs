@@ -257,6 +257,7 @@ fn check_name(name: Option<&str>) -> Result<String, &'static str> {
         Some(name) if name.chars().count() > NAME_CHARS_MAX => {
             Err("must be at most 200 characters")
         }
+        Some(name) if !crate::error::storable(name) => Err(crate::error::NUL_REASON),
         Some(name) => Ok(name.to_owned()),
     }
 }
@@ -268,6 +269,7 @@ fn check_description(description: Option<String>) -> Result<Option<String>, &'st
         Some(text) if text.chars().count() > DESCRIPTION_CHARS_MAX => {
             Err("must be at most 5000 characters")
         }
+        Some(text) if !crate::error::storable(&text) => Err(crate::error::NUL_REASON),
         other => Ok(other),
     }
 }
@@ -591,6 +593,9 @@ fn search_pattern(q: Option<&str>) -> Result<Option<String>, &'static str> {
     };
     if text.chars().count() > SEARCH_CHARS_MAX {
         return Err("must be at most 100 characters");
+    }
+    if !crate::error::storable(text) {
+        return Err(crate::error::NUL_REASON);
     }
     let mut pattern = String::with_capacity(text.len() + 2);
     pattern.push('%');

@@ -579,6 +579,8 @@ async fn the_live_page_is_served_for_a_drop_and_404_otherwise() {
             format!("/live/drops/{}", Uuid::now_v7()),
             StatusCode::NOT_FOUND,
         ),
+        // A mangled link gets the HTML page too, not the API's JSON (found by scripts/fuzz.sh).
+        ("/live/drops/null%2Cnull".to_owned(), StatusCode::NOT_FOUND),
         ("/live/assets/page.js".to_owned(), StatusCode::OK),
         ("/live/assets/page.css".to_owned(), StatusCode::OK),
         ("/live/assets/other.js".to_owned(), StatusCode::NOT_FOUND),
@@ -591,6 +593,11 @@ async fn the_live_page_is_served_for_a_drop_and_404_otherwise() {
             .unwrap();
         assert_eq!(response.status(), status, "{path}");
         if path.starts_with("/live/drops/") {
+            assert_eq!(
+                response.headers()["content-type"],
+                "text/html; charset=utf-8",
+                "{path}"
+            );
             let bytes = response.into_body().collect().await.unwrap().to_bytes();
             let html = String::from_utf8(bytes.to_vec()).unwrap();
             assert!(html.contains("name=\"viewport\""), "{path}");

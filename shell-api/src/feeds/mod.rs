@@ -187,9 +187,9 @@ pub(crate) fn check_text(
                     &format!("must be at most {chars_max} characters"),
                 )
                 .check(
-                    !text.contains('\0'),
+                    crate::error::storable(text),
                     field,
-                    "must not contain NUL characters",
+                    crate::error::NUL_REASON,
                 );
         }
     }

@@ -10,7 +10,6 @@ use uuid::Uuid;
 
 use crate::drops::DropJson;
 use crate::error::ApiError;
-use crate::extract::ApiPath;
 use crate::AppState;
 
 const PAGE_HTML: &str = include_str!("assets/page.html");
@@ -26,17 +25,20 @@ const NOT_FOUND_HTML: &str = "<!doctype html><html lang=\"en\"><head><meta chars
     params(("id" = Uuid, Path, description = "The drop")),
     responses((status = 200, description = "The live drop page: countdown, available / held / sold, units per \
 second, time to sell out, kept current from the event stream", content_type = "text/html", body = String),
-        (status = 404, description = "An HTML page saying there is no such drop",
+        (status = 404, description = "An HTML page saying there is no such drop (an id that is not a UUID names none)",
             content_type = "text/html", body = String)))]
 pub async fn live_page(
     State(state): State<AppState>,
-    ApiPath(drop): ApiPath<Uuid>,
+    axum::extract::Path(drop): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
+    // A mistyped link is a page for a person too, not the API's JSON 404.
+    let not_found = || Ok((StatusCode::NOT_FOUND, Html(NOT_FOUND_HTML)).into_response());
+    let Ok(drop) = Uuid::parse_str(&drop) else {
+        return not_found();
+    };
     let info = match state.engine.drop_info(drop).await {
         Ok(info) => info,
-        Err(engine::EngineError::DropNotFound) => {
-            return Ok((StatusCode::NOT_FOUND, Html(NOT_FOUND_HTML)).into_response())
-        }
+        Err(engine::EngineError::DropNotFound) => return not_found(),
         Err(err) => return Err(err.into()),
     };
     let json = serde_json::to_string(&DropJson::from(info)).map_err(ApiError::internal)?;
