@@ -97,14 +97,15 @@ for line in sys.stdin.read().replace("}{","}\n{").splitlines():
     print(json.loads(line)["access_token"])' >"$WORK/tokens"
 [ "$(wc -l <"$WORK/tokens")" -eq "$MEMBERS" ] || die "expected $MEMBERS tokens, got $(wc -l <"$WORK/tokens")"
 
-# One wrk run; prints "req/s wrk_cpu% statuses". With WIRE_PERF=<name>, the server is profiled (perf record)
-# during the run of that name, into target/wire-<name>.perf.data (the whole machine with WIRE_PERF_ALL=1).
+# One wrk run; prints "req/s wrk_cpu% statuses". With WIRE_PERF=<name>[,<name>...], the server is profiled (perf
+# record) during the runs of those names, into target/wire-<name>.perf.data (the whole machine with WIRE_PERF_ALL=1;
+# WIRE_PERF_CALL_GRAPH=dwarf for call stacks through code without frame pointers, WIRE_PERF_HZ for the rate).
 run() {
   local name=$1 path=$2 method=$3 out perf_pid=
-  if [ "${WIRE_PERF:-}" = "$name" ]; then
+  if [[ ",${WIRE_PERF:-}," == *",$name,"* ]]; then
     local scope=(-p "$SERVER_PID")
     if [ -n "${WIRE_PERF_ALL:-}" ]; then scope=(-a); fi
-    perf record -F 999 -g "${scope[@]}" -o "$TARGET/wire-$name.perf.data" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+    perf record -F "${WIRE_PERF_HZ:-999}" --call-graph "${WIRE_PERF_CALL_GRAPH:-fp}" "${scope[@]}" -o "$TARGET/wire-$name.perf.data" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
     perf_pid=$!
   fi
   # The server's CPU time over the run (perf's task-clock, all its threads): CPU per request does not depend on

@@ -12,6 +12,7 @@ use std::time::Duration;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -342,8 +343,15 @@ impl FromRequestParts<AppState> for AuthMember {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
+        Self::from_headers(&parts.headers, state).await
+    }
+}
+
+impl AuthMember {
+    /// The member a request's bearer token names, checked as every route checks it (the hot path calls it before
+    /// routing).
+    pub async fn from_headers(headers: &HeaderMap, state: &AppState) -> Result<Self, ApiError> {
+        let token = headers
             .get(AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))

@@ -68,17 +68,22 @@ where
             }
             Err(rejection) => return Err(ApiError::bad_request(rejection.body_text())),
         };
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Self(T::default()));
-        }
-        serde_json::from_slice(&body).map(Self).map_err(|err| {
-            if err.is_data() {
-                ApiError::invalid("body", err.to_string())
-            } else {
-                ApiError::bad_request("malformed JSON body")
-            }
-        })
+        optional_json(&body).map(Self)
     }
+}
+
+/// An optional JSON body read already, as `OptionalJson` takes it.
+pub fn optional_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|err| {
+        if err.is_data() {
+            ApiError::invalid("body", err.to_string())
+        } else {
+            ApiError::bad_request("malformed JSON body")
+        }
+    })
 }
 
 /// Path parameters: an id that does not parse (not a UUID) names no resource, so it is 404.

@@ -20,9 +20,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::MatchedPath;
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use axum::http::{HeaderValue, Request, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
@@ -87,49 +88,73 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
-        let id = request_id(&request);
-        // Timed only when metrics are on; the route template and method are taken before the request moves on.
-        let timed = crate::metrics::enabled().then(|| {
-            (
-                Instant::now(),
-                request.extensions().get::<MatchedPath>().cloned(),
-                request.method().clone(),
-            )
-        });
-        // Only the id: fields are formatted when the span opens, on every request.
-        let span = tracing::info_span!("request", id = %id.to_str().unwrap_or_default());
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let call = Call::begin(&request);
+        let span = call.span();
         Box::pin(
             async move {
-                let mut response = match read_body(request, config.max_body_bytes).await {
-                    Ok(request) => {
-                        match tokio::time::timeout(config.request_timeout, inner.call(request))
-                            .await
-                        {
-                            Ok(Ok(response)) => response,
-                            Ok(Err(never)) => match never {},
-                            Err(_) => {
-                                tracing::warn!("no answer within the request timeout");
-                                ApiError::unavailable("request_timeout", 1)
-                                    .with_message("the request took too long; try again")
-                                    .into_response()
-                            }
-                        }
-                    }
+                let response = match read_body(request, config.max_body_bytes).await {
+                    Ok(request) => within(config.request_timeout, inner.call(request))
+                        .await
+                        .unwrap_or_else(|never| match never {}),
                     Err(refusal) => refusal,
                 };
-                response.headers_mut().insert(REQUEST_ID, id);
-                if let Some((started, route, method)) = timed {
-                    crate::metrics::record_request(
-                        route.as_ref(),
-                        &method,
-                        response.status().as_u16(),
-                        started.elapsed(),
-                    );
-                }
-                Ok(response)
+                Ok(call.end(response, route.as_ref().map(MatchedPath::as_str)))
             }
             .instrument(span),
         )
+    }
+}
+
+/// What the guard keeps of a request while it is served: its id (echoed on the answer) and, when metrics are on,
+/// when it came and its method. Shared with the hot path (`hot.rs`), which answers its route before routing.
+pub(crate) struct Call {
+    id: HeaderValue,
+    timed: Option<(Instant, Method)>,
+}
+
+impl Call {
+    pub(crate) fn begin(request: &Request<Body>) -> Self {
+        Self {
+            id: request_id(request),
+            // Timed only when metrics are on; the method is taken before the request moves on.
+            timed: crate::metrics::enabled().then(|| (Instant::now(), request.method().clone())),
+        }
+    }
+
+    /// The request's span. Only the id: fields are formatted when the span opens, on every request.
+    pub(crate) fn span(&self) -> tracing::Span {
+        tracing::info_span!("request", id = %self.id.to_str().unwrap_or_default())
+    }
+
+    /// The answer with the request id on it, counted under its route template.
+    pub(crate) fn end(self, mut response: Response, route: Option<&str>) -> Response {
+        if let Some((started, method)) = self.timed {
+            crate::metrics::record_request(
+                route,
+                &method,
+                response.status().as_u16(),
+                started.elapsed(),
+            );
+        }
+        response.headers_mut().insert(REQUEST_ID, self.id);
+        response
+    }
+}
+
+/// `work`'s answer, or 503 `request_timeout` when its head is not ready within `timeout`.
+pub(crate) async fn within<E>(
+    timeout: Duration,
+    work: impl Future<Output = Result<Response, E>>,
+) -> Result<Response, E> {
+    match tokio::time::timeout(timeout, work).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            tracing::warn!("no answer within the request timeout");
+            Ok(ApiError::unavailable("request_timeout", 1)
+                .with_message("the request took too long; try again")
+                .into_response())
+        }
     }
 }
 
@@ -153,19 +178,34 @@ fn request_id(request: &Request<Body>) -> HeaderValue {
 /// rest of the body is left unread on the connection).
 async fn read_body(request: Request<Body>, max_bytes: usize) -> Result<Request<Body>, Response> {
     let headers = request.headers();
-    let length = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let length = content_length(headers);
     let chunked = headers.contains_key(TRANSFER_ENCODING);
-    match length {
-        Some(0) | None if !chunked => return Ok(request),
-        Some(n) if n > max_bytes as u64 => return Err(closing(too_large())),
-        _ => {}
+    if matches!(length, Some(0) | None) && !chunked {
+        return Ok(request);
     }
     let (parts, body) = request.into_parts();
+    let bytes = body_bytes(length, body, max_bytes).await?;
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// A body read to its end within `max_bytes`, or the answer that refuses it, as `read_body`.
+pub(crate) async fn body_bytes(
+    length: Option<u64>,
+    body: Body,
+    max_bytes: usize,
+) -> Result<Bytes, Response> {
+    if length.is_some_and(|n| n > max_bytes as u64) {
+        return Err(closing(too_large()));
+    }
     match Limited::new(body, max_bytes).collect().await {
-        Ok(collected) => Ok(Request::from_parts(parts, Body::from(collected.to_bytes()))),
+        Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(closing(too_large())),
         Err(_) => Err(closing(
             ApiError::bad_request("the request body could not be read").into_response(),

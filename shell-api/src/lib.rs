@@ -20,6 +20,7 @@ pub mod error;
 pub mod extract;
 pub mod feeds;
 pub mod guard;
+pub mod hot;
 pub mod idempotency;
 pub mod live;
 pub mod members;
@@ -31,6 +32,7 @@ pub mod products;
 pub mod server;
 pub mod sessions;
 pub mod shop;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -49,6 +51,7 @@ use engine::Engine;
 
 use crate::auth::{MemberCache, TokenKeys};
 use crate::error::ApiError;
+pub use crate::hot::App;
 use crate::idempotency::IdempotencyStore;
 
 /// Settings the handlers need, resolved from the command line once at start.
@@ -237,13 +240,13 @@ pub fn routes() -> Routes {
 }
 
 /// The whole HTTP service.
-pub fn app(state: AppState) -> Router {
+pub fn app(state: AppState) -> App {
     app_from(routes(), state)
 }
 
 /// The service over the given routes (tests add one to see the OpenAPI coverage check catch it).
-pub fn app_from(routes: Routes, state: AppState) -> Router {
-    routes
+pub fn app_from(routes: Routes, state: AppState) -> App {
+    let router = routes
         .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -252,7 +255,8 @@ pub fn app_from(routes: Routes, state: AppState) -> Router {
             max_body_bytes: state.settings.max_body_bytes,
             request_timeout: state.settings.request_timeout,
         }))
-        .with_state(state)
+        .with_state(state.clone());
+    App::new(router, state)
 }
 
 /// Up: the process answers.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::extract::{MatchedPath, State};
+use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
@@ -153,13 +153,8 @@ thread_local! {
 }
 
 /// Records one answered request.
-pub fn record_request(
-    route: Option<&MatchedPath>,
-    method: &Method,
-    status: u16,
-    elapsed: Duration,
-) {
-    let route = route.map_or("unmatched", MatchedPath::as_str);
+pub fn record_request(route: Option<&str>, method: &Method, status: u16, elapsed: Duration) {
+    let route = route.unwrap_or("unmatched");
     let (method_id, method_label) = method_label(method);
     let key = (route.as_ptr() as usize, method_id, status);
     HTTP.with(|cache| {

@@ -97,7 +97,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // With connection info: failed logins are also counted per client address.
         axum::serve(
             listener,
-            app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                std::net::SocketAddr,
+            >(app(state)),
         )
         .with_graceful_shutdown(async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;

@@ -1011,3 +1011,242 @@ async fn settled_drops_leave_memory_and_still_answer_the_same() {
     );
     assert_eq!(purchase_rows(&app, &id).await, 1);
 }
+
+/// One request through `service`: status, the headers a client reads, and the body as JSON.
+async fn answer_of(
+    service: impl tower::Service<
+        axum::http::Request<axum::body::Body>,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+    >,
+    request: axum::http::Request<axum::body::Body>,
+) -> (StatusCode, [Option<String>; 3], Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let response = service.oneshot(request).await.unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let headers = [
+        header("content-type"),
+        header("retry-after"),
+        header("x-request-id"),
+    ];
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn the_hot_path_answers_every_reservation_as_the_routed_handler_does() {
+    let app = TestApp::new().await;
+    let (_, open) = app.open_drop(2, 100, json!({})).await;
+    let (_, gone) = app.open_drop(1, 100, json!({})).await;
+    let (_, later) = app
+        .open_drop(
+            5,
+            100,
+            json!({ "opens_at": (Utc::now() + chrono::Duration::hours(1)).to_rfc3339() }),
+        )
+        .await;
+    let first = app.member(Role::Customer).await;
+    assert_eq!(
+        reserve(&app, &first, &gone, 1).await.status,
+        StatusCode::CREATED
+    );
+    let [hot_buyer, routed_buyer] = [
+        app.member(Role::Customer).await,
+        app.member(Role::Customer).await,
+    ];
+    let path = |drop: &Value| {
+        format!(
+            "/api/v1/drops/{}/reservations",
+            drop["id"].as_str().unwrap()
+        )
+    };
+    let request = |path: &str, token: Option<&str>, headers: &[(&str, &str)], body: &str| {
+        let mut builder = axum::http::Request::post(path);
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder
+            .body(axum::body::Body::from(body.to_owned()))
+            .unwrap()
+    };
+    let long_key = "k".repeat(200);
+    let huge = format!(r#"{{"quantity":1,"pad":"{}"}}"#, "x".repeat(1_100_000));
+    let token = Some(hot_buyer.token.as_str());
+    let refusals: Vec<(&str, axum::http::Request<axum::body::Body>, StatusCode)> = vec![
+        (
+            "no token",
+            request(&path(&gone), None, &[], ""),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "bad token",
+            request(&path(&gone), Some("x.y.z"), &[], ""),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "sold out",
+            request(&path(&gone), token, &[], "{}"),
+            StatusCode::CONFLICT,
+        ),
+        (
+            "not open",
+            request(&path(&later), token, &[], ""),
+            StatusCode::CONFLICT,
+        ),
+        (
+            "no such drop",
+            request(
+                &format!("/api/v1/drops/{}/reservations", Uuid::now_v7()),
+                token,
+                &[],
+                "",
+            ),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "not a uuid",
+            request("/api/v1/drops/nope/reservations", token, &[], ""),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "zero",
+            request(&path(&open), token, &[], r#"{"quantity":0}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "over the limit",
+            request(&path(&open), token, &[], r#"{"quantity":2}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "unknown field",
+            request(&path(&open), token, &[], r#"{"qty":1}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "malformed",
+            request(&path(&open), token, &[], "{"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "bad key",
+            request(&path(&open), token, &[("idempotency-key", &long_key)], ""),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "too large",
+            request(
+                &path(&open),
+                token,
+                &[("content-length", &huge.len().to_string())],
+                &huge,
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (case, hot_request, expected) in refusals {
+        let (method, uri, headers) = (
+            hot_request.method().clone(),
+            hot_request.uri().clone(),
+            hot_request.headers().clone(),
+        );
+        let (parts, body) = hot_request.into_parts();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes();
+        let mut routed_request = axum::http::Request::builder().method(method).uri(uri);
+        *routed_request.headers_mut().unwrap() = headers;
+        let routed_request = routed_request
+            .body(axum::body::Body::from(body.clone()))
+            .unwrap();
+        let hot = answer_of(
+            app.router.clone(),
+            axum::http::Request::from_parts(parts, axum::body::Body::from(body)),
+        )
+        .await;
+        let routed = answer_of(app.router.router().clone(), routed_request).await;
+        assert_eq!(hot.0, expected, "{case}: {:?}", hot.2);
+        assert_eq!(hot.0, routed.0, "{case}");
+        assert_eq!(
+            hot.1[..2],
+            routed.1[..2],
+            "{case}: content type and retry-after"
+        );
+        assert!(
+            hot.1[2].is_some() && routed.1[2].is_some(),
+            "{case}: a request id on both"
+        );
+        assert_eq!(hot.2, routed.2, "{case}: the same body");
+    }
+
+    // Granted the same way, and each member's limit counts holds made either way.
+    let grant = |member: &common::TestMember, key: Option<&str>| {
+        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        request(&path(&open), Some(&member.token), &headers, "")
+    };
+    let hot = answer_of(app.router.clone(), grant(&hot_buyer, Some("same-key"))).await;
+    let routed = answer_of(app.router.router().clone(), grant(&routed_buyer, None)).await;
+    assert_eq!(
+        (hot.0, routed.0),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert_eq!(hot.1[0], routed.1[0]);
+    let keys = |body: &Value| {
+        body.as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&hot.2), keys(&routed.2));
+    for (body, member) in [(&hot.2, &hot_buyer), (&routed.2, &routed_buyer)] {
+        assert_eq!(body["drop_id"], open["id"]);
+        assert_eq!(body["member_id"], json!(member.id));
+        assert_eq!(
+            (body["quantity"].clone(), body["status"].clone()),
+            (json!(1), json!("held"))
+        );
+        let expires: chrono::DateTime<Utc> = body["expires_at"].as_str().unwrap().parse().unwrap();
+        assert!(expires > Utc::now());
+    }
+    // The hold as the hot path wrote it reads back the same through the router's GET.
+    let read = app
+        .call(
+            "GET",
+            &format!("/api/v1/reservations/{}", hot.2["id"].as_str().unwrap()),
+            Some(&hot_buyer.token),
+            None,
+        )
+        .await;
+    assert_eq!(read.body, hot.2);
+    // A retry with the key through the router gets the hot path's first answer, not a second hold.
+    let replay = answer_of(
+        app.router.router().clone(),
+        grant(&hot_buyer, Some("same-key")),
+    )
+    .await;
+    assert_eq!((replay.0, &replay.2), (StatusCode::CREATED, &hot.2));
+    let again_hot = answer_of(app.router.clone(), grant(&routed_buyer, None)).await;
+    let again_routed = answer_of(app.router.router().clone(), grant(&hot_buyer, None)).await;
+    assert_eq!(
+        (again_hot.0, again_routed.0),
+        (StatusCode::CONFLICT, StatusCode::CONFLICT)
+    );
+    assert_eq!(again_hot.2, again_routed.2);
+    assert_eq!(again_hot.2["error"]["code"], "limit_exceeded");
+}

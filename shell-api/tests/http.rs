@@ -16,10 +16,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Serves `router` on a loopback port; its address.
-async fn serve(router: axum::Router) -> std::net::SocketAddr {
+async fn serve(router: shell_api::App) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service(router),
+        )
+        .await
+    });
     addr
 }
 

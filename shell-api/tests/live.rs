@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::Router;
 use common::{cancel, drop_state, eventually, pay, reserve, TestApp, TestMember};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use shell_api::auth::Role;
 use shell_api::config::EngineArgs;
 use shell_api::live::LiveConfig;
+use shell_api::App;
 use shell_api::{AppState, Settings};
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -40,7 +40,7 @@ struct SseStream {
 impl SseStream {
     /// Opens `path` on `router`; returns the status and, for a 200, the stream.
     async fn open(
-        router: &Router,
+        router: &App,
         path: &str,
         token: Option<&str>,
     ) -> (StatusCode, Value, Option<Self>) {
@@ -475,7 +475,7 @@ async fn two_instances_on_one_redis_stream_the_same_counts() {
 // ---- caps, tokens in the query, the page
 
 /// An app over `app`'s engine with its own live limits.
-fn with_live(app: &TestApp, live: LiveConfig) -> Router {
+fn with_live(app: &TestApp, live: LiveConfig) -> App {
     let settings = Settings {
         live,
         ..Settings::for_tests()

@@ -268,7 +268,13 @@ async fn run() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let router = app.router.clone();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service(router),
+        )
+        .await
+    });
 
     // The browser first: on a fresh machine this installs Chromium, which can take longer than the countdown.
     let browser = Browser::launch().await;

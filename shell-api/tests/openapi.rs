@@ -12,10 +12,10 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::routing::get;
-use axum::Router;
 use common::TestApp;
 use http_body_util::BodyExt;
 use serde_json::Value;
+use shell_api::App;
 use tower::ServiceExt;
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -43,7 +43,7 @@ fn concrete(template: &str) -> String {
 }
 
 /// Whether the router has a handler for `method` on `template`: anything but its fallbacks.
-async fn served(router: &Router, method: &str, template: &str) -> bool {
+async fn served(router: &App, method: &str, template: &str) -> bool {
     let request = Request::builder()
         .method(Method::from_bytes(method.as_bytes()).unwrap())
         .uri(concrete(template))
@@ -69,7 +69,7 @@ async fn served(router: &Router, method: &str, template: &str) -> bool {
 }
 
 /// Every operation the router serves on the given paths.
-async fn router_operations(router: &Router, paths: &BTreeSet<String>) -> Operations {
+async fn router_operations(router: &App, paths: &BTreeSet<String>) -> Operations {
     let mut operations = Operations::new();
     for path in paths {
         for method in METHODS {
@@ -95,11 +95,7 @@ fn document_operations(doc: &Value) -> Operations {
 }
 
 /// The operations only the router has and those only the document has.
-async fn differences(
-    router: &Router,
-    route_paths: &[&str],
-    doc: &Value,
-) -> (Operations, Operations) {
+async fn differences(router: &App, route_paths: &[&str], doc: &Value) -> (Operations, Operations) {
     let documented = document_operations(doc);
     let mut paths: BTreeSet<String> = route_paths.iter().map(|p| (*p).to_owned()).collect();
     paths.extend(documented.iter().map(|(_, path)| path.clone()));

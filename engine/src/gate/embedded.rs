@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use super::{Gate, GateResult, Restore};
 use crate::core::{
-    Counts, DropBook, DropParams, HoldView, ReserveRejection, RestoreError, TransitionError,
+    Counts, DropBook, DropParams, HoldView, IdHasher, ReserveRejection, RestoreError,
+    TransitionError,
 };
 use crate::types::DropSpec;
 
@@ -16,7 +17,9 @@ use crate::types::DropSpec;
 pub struct EmbeddedGate {
     books: DashMap<Uuid, Arc<DropBook>>,
     /// Which drop each hold of this process belongs to, so requests by reservation id find their book without I/O.
-    hold_drop: DashMap<Uuid, Uuid>,
+    /// Fx-hashed like the books' own maps: every key in it is a hold id a book made, so a client can look ids up
+    /// but cannot choose ones that collide; SipHash made this insert the dearest step of a reservation.
+    hold_drop: DashMap<Uuid, Uuid, IdHasher>,
     shards: usize,
 }
 
@@ -34,7 +37,7 @@ impl EmbeddedGate {
     pub fn new(shards: usize) -> Self {
         Self {
             books: DashMap::new(),
-            hold_drop: DashMap::new(),
+            hold_drop: DashMap::with_hasher(IdHasher::default()),
             shards,
         }
     }

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
-use axum::Router;
 use engine::clock::{Clock, SystemClock};
 use engine::payment::SimulatedGateway;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use shell_api::auth::Role;
 use shell_api::config::{DbArgs, EngineArgs};
+use shell_api::App;
 use shell_api::{app, db, start_engine_with_gate, AppState, Settings};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_postgres::NoTls;
@@ -126,7 +126,7 @@ pub struct TestApp {
     /// Shared by the instances of a multi-instance test; dropped with the last of them.
     pub db: Arc<TestDb>,
     pub state: AppState,
-    pub router: Router,
+    pub router: App,
     pub gateway: Arc<SimulatedGateway>,
     args: EngineArgs,
     /// The Redis this instance shares with others, when its gate is the Redis gate.
