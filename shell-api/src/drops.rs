@@ -41,7 +41,7 @@ pub fn router() -> crate::Routes {
     crate::Routes::new()
         .route(api!("/drops"), post(create_drop).get(list_drops))
         .route(api!("/drops/{id}"), get(get_drop))
-        .route(api!("/drops/{id}/reservations"), post(reserve))
+        .route(RESERVE_ROUTE, post(reserve))
         .route(
             api!("/reservations/{id}"),
             get(get_reservation).delete(cancel_reservation),
@@ -167,8 +167,10 @@ impl ReservationJson {
     /// the two equal).
     fn to_json(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
-        let field = |out: &mut Vec<u8>, name: &str, id: &Uuid| {
-            out.extend_from_slice(b"\"");
+        // `"name":"<id>"` after `lead` (`{` or `,`).
+        let id_field = |out: &mut Vec<u8>, lead: u8, name: &str, id: Uuid| {
+            out.push(lead);
+            out.push(b'"');
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b"\":\"");
             out.extend_from_slice(
@@ -176,13 +178,12 @@ impl ReservationJson {
                     .encode_lower(&mut Uuid::encode_buffer())
                     .as_bytes(),
             );
-            out.extend_from_slice(b"\",");
+            out.push(b'"');
         };
-        out.push(b'{');
-        field(&mut out, "id", &self.id);
-        field(&mut out, "drop_id", &self.drop_id);
-        field(&mut out, "member_id", &self.member_id);
-        out.extend_from_slice(b"\"quantity\":");
+        id_field(&mut out, b'{', "id", self.id);
+        id_field(&mut out, b',', "drop_id", self.drop_id);
+        id_field(&mut out, b',', "member_id", self.member_id);
+        out.extend_from_slice(b",\"quantity\":");
         crate::wire::uint(&mut out, u64::from(self.quantity));
         out.extend_from_slice(b",\"status\":\"");
         out.extend_from_slice(self.status.as_bytes());
@@ -194,10 +195,8 @@ impl ReservationJson {
             out.extend_from_slice(reason.as_bytes());
             out.push(b'"');
         }
-        if let Some(purchase) = &self.purchase_id {
-            out.push(b',');
-            field(&mut out, "purchase_id", purchase);
-            out.pop();
+        if let Some(purchase) = self.purchase_id {
+            id_field(&mut out, b',', "purchase_id", purchase);
         }
         out.push(b'}');
         out
@@ -411,8 +410,11 @@ async fn reserve(
     reserve_answer(&state, member.id, drop_id, key, body).await
 }
 
-/// The route of reservations, as the router names it (and the metrics label it).
+/// The route of reservations, as the router names it (and the metrics label it), and its parts around `{id}` (the
+/// hot path matches them; a test holds the three together).
 pub(crate) const RESERVE_ROUTE: &str = api!("/drops/{id}/reservations");
+pub(crate) const RESERVE_PREFIX: &str = api!("/drops/");
+pub(crate) const RESERVE_SUFFIX: &str = "/reservations";
 
 /// A reservation's answer once the caller, the drop and the body are known: the route's handler and the hot path
 /// (`hot.rs`, which answers this route before routing) both end here, so they answer alike by construction.

@@ -94,9 +94,15 @@ where
         Box::pin(
             async move {
                 let response = match read_body(request, config.max_body_bytes).await {
-                    Ok(request) => within(config.request_timeout, inner.call(request))
-                        .await
-                        .unwrap_or_else(|never| match never {}),
+                    Ok(request) => {
+                        let answer = async {
+                            inner
+                                .call(request)
+                                .await
+                                .unwrap_or_else(|never| match never {})
+                        };
+                        within(config.request_timeout, answer).await
+                    }
                     Err(refusal) => refusal,
                 };
                 Ok(call.end(response, route.as_ref().map(MatchedPath::as_str)))
@@ -143,19 +149,15 @@ impl Call {
 }
 
 /// `work`'s answer, or 503 `request_timeout` when its head is not ready within `timeout`.
-pub(crate) async fn within<E>(
-    timeout: Duration,
-    work: impl Future<Output = Result<Response, E>>,
-) -> Result<Response, E> {
-    match tokio::time::timeout(timeout, work).await {
-        Ok(answer) => answer,
-        Err(_) => {
+pub(crate) async fn within(timeout: Duration, work: impl Future<Output = Response>) -> Response {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| {
             tracing::warn!("no answer within the request timeout");
-            Ok(ApiError::unavailable("request_timeout", 1)
+            ApiError::unavailable("request_timeout", 1)
                 .with_message("the request took too long; try again")
-                .into_response())
-        }
-    }
+                .into_response()
+        })
 }
 
 /// The client's request id when it is usable, a new one otherwise.

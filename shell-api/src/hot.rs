@@ -26,7 +26,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth::AuthMember;
-use crate::drops::{self, ReserveBody, RESERVE_ROUTE};
+use crate::drops::{self, ReserveBody, RESERVE_PREFIX, RESERVE_ROUTE, RESERVE_SUFFIX};
 use crate::error::ApiError;
 use crate::extract::optional_json;
 use crate::guard::{self, Call};
@@ -77,14 +77,9 @@ fn reservation_target(request: &Request<Body>) -> Option<Uuid> {
     let id = request
         .uri()
         .path()
-        .strip_prefix(const_prefix())?
-        .strip_suffix("/reservations")?;
+        .strip_prefix(RESERVE_PREFIX)?
+        .strip_suffix(RESERVE_SUFFIX)?;
     Uuid::try_parse(id).ok()
-}
-
-/// `RESERVE_ROUTE` up to its `{id}`.
-const fn const_prefix() -> &'static str {
-    "/api/v1/drops/"
 }
 
 /// The route's answer, wrapped as the guard wraps every routed request.
@@ -104,15 +99,11 @@ async fn reserve(
             Err(refusal) => return refusal,
         };
         let answer = async {
-            Ok::<_, Infallible>(
-                answer(&state, &parts.headers, drop_id, &body)
-                    .await
-                    .unwrap_or_else(IntoResponse::into_response),
-            )
+            answer(&state, &parts.headers, drop_id, &body)
+                .await
+                .unwrap_or_else(IntoResponse::into_response)
         };
-        guard::within(settings.request_timeout, answer)
-            .await
-            .unwrap_or_else(|never| match never {})
+        guard::within(settings.request_timeout, answer).await
     }
     .instrument(span)
     .await;
@@ -160,7 +151,10 @@ mod tests {
             ),
             Some(id)
         );
-        assert!(RESERVE_ROUTE.starts_with(const_prefix()));
+        assert_eq!(
+            RESERVE_ROUTE,
+            format!("{RESERVE_PREFIX}{{id}}{RESERVE_SUFFIX}")
+        );
         for (method, path) in [
             (Method::GET, format!("/api/v1/drops/{id}/reservations")),
             (Method::POST, format!("/api/v1/drops/{id}/reservations/")),

@@ -1250,3 +1250,59 @@ async fn the_hot_path_answers_every_reservation_as_the_routed_handler_does() {
     assert_eq!(again_hot.2, again_routed.2);
     assert_eq!(again_hot.2["error"]["code"], "limit_exceeded");
 }
+
+#[tokio::test]
+async fn a_reservation_past_the_request_deadline_is_a_503_on_both_paths_and_holds_nothing() {
+    let gate = Arc::new(TestGate {
+        inner: EmbeddedGate::new(4),
+        down: AtomicBool::new(false),
+        slow: AtomicBool::new(true),
+    });
+    let app = TestApp::with_gate(EngineArgs::default(), gate.clone()).await;
+    let (_, drop) = app.open_drop(5, 10, json!({})).await;
+    // The same engine behind an app whose requests may take 150 ms; the gate takes 400.
+    let settings = shell_api::Settings {
+        request_timeout: Duration::from_millis(150),
+        ..shell_api::Settings::for_tests()
+    };
+    let hurried = shell_api::app(shell_api::AppState::new(
+        app.state.db.clone(),
+        settings,
+        Arc::clone(&app.state.engine),
+        None,
+    ));
+    let path = format!(
+        "/api/v1/drops/{}/reservations",
+        drop["id"].as_str().unwrap()
+    );
+    for (way, service) in [
+        (
+            "hot",
+            tower::util::BoxCloneSyncService::new(hurried.clone()),
+        ),
+        (
+            "routed",
+            tower::util::BoxCloneSyncService::new(hurried.router().clone()),
+        ),
+    ] {
+        let buyer = app.member(Role::Customer).await;
+        let request = axum::http::Request::post(&path)
+            .header("authorization", format!("Bearer {}", buyer.token))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let (status, headers, body) = answer_of(service, request).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{way}: {body}");
+        assert_eq!(body["error"]["code"], "request_timeout", "{way}");
+        assert!(
+            headers[1].is_some() && headers[2].is_some(),
+            "{way}: Retry-After and a request id"
+        );
+    }
+    // The stalled reservations were dropped before the gate granted them: nothing is held.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (state["available"].as_u64(), state["held"].as_u64()),
+        (Some(5), Some(0))
+    );
+}

@@ -18,7 +18,7 @@ pub struct EmbeddedGate {
     books: DashMap<Uuid, Arc<DropBook>>,
     /// Which drop each hold of this process belongs to, so requests by reservation id find their book without I/O.
     /// Fx-hashed like the books' own maps: every key in it is a hold id a book made, so a client can look ids up
-    /// but cannot choose ones that collide; SipHash made this insert the dearest step of a reservation.
+    /// but cannot choose ones that collide. With SipHash this insert was 4% of the server's CPU on the reserve path.
     hold_drop: DashMap<Uuid, Uuid, IdHasher>,
     shards: usize,
 }
