@@ -41,6 +41,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "hold_batches",
         include_str!("../migrations/0010_hold_batches.sql"),
     ),
+    (
+        11,
+        "sales_without_drop_fkeys",
+        include_str!("../migrations/0011_sales_without_drop_fkeys.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

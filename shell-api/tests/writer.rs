@@ -1,5 +1,6 @@
 //! The batched purchase writer against real Postgres: concurrent purchases share commits (group commit), a
-//! purchase stored twice is stored once, shutdown drains the queue, and a purchase that cannot be stored is
+//! purchase stored twice is stored once (a second attempt answers with the first), a drop with sales cannot be
+//! deleted, shutdown drains the queue, and a purchase that cannot be stored is
 //! never acknowledged (the payment answers 503, the charge is refunded, the hold is kept).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -124,6 +125,61 @@ async fn a_purchase_stored_twice_is_stored_once() {
         .unwrap();
     handle.purchase(purchase, hold).await.unwrap();
     assert_eq!(count(&db, "SELECT count(*) FROM purchases").await, 1);
+}
+
+#[tokio::test]
+async fn a_second_purchase_of_a_reservation_answers_with_the_one_stored_first() {
+    let db = TestDb::new().await;
+    let drop = seed_drop(&db).await;
+    let (handle, _task) = writer::spawn(db.pool.clone(), WriterConfig::default());
+    let (first, hold) = purchase_for(drop);
+    let stored = handle.purchase(first.clone(), hold.clone()).await.unwrap();
+    assert_eq!(stored.id, first.id);
+    // Postgres keeps microseconds; the answer is the purchase as stored.
+    assert_eq!(stored.paid_at.timestamp_subsec_nanos() % 1000, 0);
+    let again = Purchase {
+        id: Uuid::now_v7(),
+        ..first.clone()
+    };
+    let answered = handle.purchase(again, hold).await.unwrap();
+    assert_eq!(
+        answered, stored,
+        "the purchase stored first, not the second attempt's"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM purchases").await, 1);
+}
+
+#[tokio::test]
+async fn a_drop_with_sales_cannot_be_deleted_nor_its_id_changed() {
+    let db = TestDb::new().await;
+    let (sold, unsold) = (seed_drop(&db).await, seed_drop(&db).await);
+    let (handle, _task) = writer::spawn(db.pool.clone(), WriterConfig::default());
+    let (purchase, hold) = purchase_for(sold);
+    handle.purchase(purchase, hold).await.unwrap();
+    let client = db.client().await;
+    for sql in [
+        "DELETE FROM drops WHERE id = $1",
+        "UPDATE drops SET id = gen_random_uuid() WHERE id = $1",
+    ] {
+        let err = client.execute(sql, &[&sold]).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+            "{sql}: {err}"
+        );
+    }
+    client
+        .execute("UPDATE drops SET stock = stock + 1 WHERE id = $1", &[&sold])
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .execute("DELETE FROM drops WHERE id = $1", &[&unsold])
+            .await
+            .unwrap(),
+        1,
+        "a drop without sales can go"
+    );
 }
 
 #[tokio::test]
