@@ -1,7 +1,9 @@
 //! The asynchronous, batched Postgres writer (group commit).
 //!
 //! New holds, their releases and purchases flow through one bounded channel to one task. It takes whatever has
-//! queued up (up to `batch_rows_max`), optionally lingers `linger` for more, and writes the lot in one transaction,
+//! queued up (up to `batch_rows_max`), optionally lingers `linger` for more (a batch that nobody awaits, only new
+//! holds and releases, lingers `unawaited_linger`, 5 ms by default, until something awaited arrives: a commit
+//! costs Postgres far more than a journal row), and writes the lot in one transaction,
 //! pipelined: BEGIN, every statement and COMMIT go out before any answer is awaited, so a batch costs one round
 //! trip. (Writing two batches at once, each on its own connection, measured no faster: Postgres's CPU per row is
 //! the bound, not the wait.) A purchase's sender awaits the commit of its batch: that is what lets a payment answer 200 only once the
@@ -43,6 +45,11 @@ pub struct WriterConfig {
     /// How long a batch that is not full waits for more before it is written; zero writes at once (smart
     /// batching: whatever queued while the previous batch was in flight goes into the next).
     pub linger: Duration,
+    /// How long a batch that nobody awaits (new holds and releases only: no purchase, journal, flush or shutdown)
+    /// waits for more, if longer than `linger`. Such rows are not promised durable when they are queued, and each
+    /// commit costs Postgres far more than a row of the journal, so lingering here turns a thousand small commits
+    /// a second into a few large ones. Anything awaited that arrives ends the wait.
+    pub unawaited_linger: Duration,
     /// Attempts per batch before its purchases are answered with an error.
     pub attempts_max: u32,
 }
@@ -53,6 +60,7 @@ impl Default for WriterConfig {
             batch_rows_max: 1000,
             channel_capacity: 16_384,
             linger: Duration::ZERO,
+            unawaited_linger: Duration::from_millis(5),
             attempts_max: 5,
         }
     }
@@ -260,6 +268,14 @@ impl Batch {
     fn closed(&self) -> bool {
         self.shutdown.is_some()
     }
+
+    /// Whether anyone waits on this batch's commit.
+    fn awaited(&self) -> bool {
+        !self.acks.is_empty()
+            || !self.journal_acks.is_empty()
+            || !self.flushes.is_empty()
+            || self.shutdown.is_some()
+    }
 }
 
 async fn run(
@@ -273,7 +289,7 @@ async fn run(
         let Some(first) = rx.recv().await else {
             return;
         };
-        let batch = take_batch(first, &mut rx, rows_max, config.linger).await;
+        let batch = take_batch(first, &mut rx, rows_max, config).await;
         let result = if batch.rows() == 0 {
             Ok(HashMap::new())
         } else {
@@ -288,31 +304,63 @@ async fn run(
 }
 
 /// The batch that starts with `first`: whatever else has queued, up to `rows_max` rows or a shutdown, and for
-/// `linger` more if it is not full.
+/// `linger` more if it is not full (`unawaited_linger`, when longer, while nobody awaits the batch).
 async fn take_batch(
     first: WriteOp,
     rx: &mut mpsc::Receiver<WriteOp>,
     rows_max: usize,
-    linger: Duration,
+    config: WriterConfig,
 ) -> Batch {
     let mut batch = Batch::default();
     batch.push(first);
+    drain(&mut batch, rx, rows_max);
+    let started = tokio::time::Instant::now();
+    let deadline_of = |batch: &Batch| {
+        let linger = if batch.awaited() {
+            config.linger
+        } else {
+            config.linger.max(config.unawaited_linger)
+        };
+        started + linger
+    };
+    let mut deadline = deadline_of(&batch);
+    if deadline == started || batch.rows() >= rows_max || batch.closed() {
+        return batch;
+    }
+    // One timer for the whole wait, reset only when the batch becomes awaited.
+    let sleep = tokio::time::sleep_until(deadline);
+    tokio::pin!(sleep);
+    while batch.rows() < rows_max && !batch.closed() {
+        tokio::select! {
+            biased;
+            op = rx.recv() => {
+                let Some(op) = op else { break };
+                batch.push(op);
+                let now_due = deadline_of(&batch);
+                if now_due != deadline {
+                    deadline = now_due;
+                    if deadline <= tokio::time::Instant::now() {
+                        // Awaited now and past its own linger: take what else is queued and go.
+                        drain(&mut batch, rx, rows_max);
+                        break;
+                    }
+                    sleep.as_mut().reset(deadline);
+                }
+            }
+            () = &mut sleep => break,
+        }
+    }
+    batch
+}
+
+/// Moves whatever is queued now into `batch`, up to `rows_max` rows or a shutdown.
+fn drain(batch: &mut Batch, rx: &mut mpsc::Receiver<WriteOp>, rows_max: usize) {
     while batch.rows() < rows_max && !batch.closed() {
         match rx.try_recv() {
             Ok(op) => batch.push(op),
             Err(_) => break,
         }
     }
-    if !linger.is_zero() && batch.rows() < rows_max && !batch.closed() {
-        let deadline = tokio::time::Instant::now() + linger;
-        while batch.rows() < rows_max && !batch.closed() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(op)) => batch.push(op),
-                _ => break,
-            }
-        }
-    }
-    batch
 }
 
 /// Answers everyone waiting on a written batch; true when it held the shutdown.
@@ -736,5 +784,145 @@ impl HoldColumns {
             c.expires.push(hold.expires_at);
         }
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold() -> HoldRow {
+        let now = Utc::now();
+        HoldRow {
+            id: Uuid::now_v7(),
+            drop_id: Uuid::now_v7(),
+            member_id: Uuid::now_v7(),
+            quantity: 1,
+            created_at: now,
+            expires_at: now + chrono::Duration::seconds(300),
+        }
+    }
+
+    fn purchase() -> (WriteOp, oneshot::Receiver<Result<Purchase, WriteError>>) {
+        let hold = hold();
+        let (ack, done) = oneshot::channel();
+        let purchase = Purchase {
+            id: Uuid::now_v7(),
+            reservation_id: hold.id,
+            drop_id: hold.drop_id,
+            product_id: Uuid::now_v7(),
+            member_id: hold.member_id,
+            quantity: 1,
+            amount: 100,
+            currency: "KRW".into(),
+            paid_at: hold.created_at,
+        };
+        (
+            WriteOp::Purchase {
+                purchase,
+                hold,
+                ack,
+            },
+            done,
+        )
+    }
+
+    fn lingers(unawaited_ms: u64) -> WriterConfig {
+        WriterConfig {
+            unawaited_linger: Duration::from_millis(unawaited_ms),
+            ..WriterConfig::default()
+        }
+    }
+
+    /// Sends `ops` into `tx` after `after`, from a task of their own.
+    fn send_later(tx: &mpsc::Sender<WriteOp>, after: Duration, ops: Vec<WriteOp>) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            for op in ops {
+                tx.send(op).await.ok();
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn holds_alone_wait_out_the_unawaited_linger_for_more() {
+        let (tx, mut rx) = mpsc::channel(64);
+        send_later(&tx, Duration::from_millis(20), vec![WriteOp::Hold(hold())]);
+        let started = Instant::now();
+        let batch = take_batch(WriteOp::Hold(hold()), &mut rx, 100, lingers(300)).await;
+        assert_eq!(
+            batch.journaled.len(),
+            2,
+            "the hold sent during the wait joins"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_purchase_or_a_flush_ends_the_wait_at_once() {
+        let (tx, mut rx) = mpsc::channel(64);
+        for ending in ["purchase", "flush"] {
+            let (op, _done) = purchase();
+            let (flushed, _flush_done) = oneshot::channel();
+            let op = if ending == "purchase" {
+                op
+            } else {
+                WriteOp::Flush(flushed)
+            };
+            send_later(
+                &tx,
+                Duration::from_millis(20),
+                vec![WriteOp::Hold(hold()), op],
+            );
+            let started = Instant::now();
+            let batch = take_batch(WriteOp::Hold(hold()), &mut rx, 100, lingers(60_000)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{ending}: waited {:?}",
+                started.elapsed()
+            );
+            assert_eq!(batch.journaled.len(), 2, "{ending}");
+            assert!(batch.awaited(), "{ending}");
+            assert_eq!(batch.purchases.len(), usize::from(ending == "purchase"));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_awaited_batch_and_a_zero_linger_take_only_what_is_queued() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let (op, _done) = purchase();
+        tx.send(WriteOp::Hold(hold())).await.ok();
+        let started = Instant::now();
+        let batch = take_batch(op, &mut rx, 100, lingers(60_000)).await;
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!((batch.purchases.len(), batch.journaled.len()), (1, 1));
+
+        tx.send(WriteOp::Hold(hold())).await.ok();
+        send_later(&tx, Duration::from_millis(50), vec![WriteOp::Hold(hold())]);
+        let batch = take_batch(WriteOp::Hold(hold()), &mut rx, 100, lingers(0)).await;
+        assert_eq!(
+            batch.journaled.len(),
+            2,
+            "no wait: the later hold is left for the next batch"
+        );
+        assert!(!batch.awaited());
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_does_not_wait() {
+        let (tx, mut rx) = mpsc::channel(64);
+        for _ in 0..3 {
+            tx.send(WriteOp::Hold(hold())).await.ok();
+        }
+        let started = Instant::now();
+        let batch = take_batch(WriteOp::Hold(hold()), &mut rx, 4, lingers(60_000)).await;
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(batch.journaled.len(), 4);
     }
 }

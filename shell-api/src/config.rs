@@ -302,6 +302,12 @@ pub struct EngineArgs {
     /// How long a batch that is not full waits for more rows; 0 commits whatever queued at once.
     #[arg(long, env = "WRITER_FLUSH_INTERVAL_MS", default_value_t = 0)]
     pub writer_flush_interval_ms: u64,
+    /// How long a batch that nobody awaits (new holds and releases only) waits for more rows before its commit;
+    /// a purchase, journal or flush arriving ends the wait. Those rows were never promised durable (a hold lost
+    /// with the process returns its stock on restart), and fewer, larger commits leave Postgres's CPU to the
+    /// reservations.
+    #[arg(long, env = "WRITER_UNAWAITED_LINGER_MS", default_value_t = 5)]
+    pub writer_unawaited_linger_ms: u64,
     /// Bound of the writer's queue; producers wait when it is full.
     #[arg(long, env = "WRITER_CHANNEL_CAPACITY", default_value_t = 16_384)]
     pub writer_channel_capacity: usize,
@@ -324,6 +330,7 @@ impl EngineArgs {
                 batch_rows_max: self.writer_batch_rows_max,
                 channel_capacity: self.writer_channel_capacity,
                 linger: std::time::Duration::from_millis(self.writer_flush_interval_ms),
+                unawaited_linger: std::time::Duration::from_millis(self.writer_unawaited_linger_ms),
                 ..engine::writer::WriterConfig::default()
             },
         }
@@ -348,6 +355,7 @@ impl Default for EngineArgs {
             drop_retain_seconds: 3600,
             writer_batch_rows_max: 1000,
             writer_flush_interval_ms: 0,
+            writer_unawaited_linger_ms: 5,
             writer_channel_capacity: 16_384,
             payment_latency_ms: 0,
             payment_failure_rate: 0.0,
