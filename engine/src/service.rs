@@ -19,7 +19,9 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::clock::{to_datetime, Clock};
-use crate::core::{HoldState, HoldView, ReleaseReason, ReserveRejection, TransitionError};
+use crate::core::{
+    HoldState, HoldView, IdHasher, ReleaseReason, ReserveRejection, TransitionError,
+};
 use crate::gate::{Gate, GateUnavailable, Restore};
 use crate::payment::{ChargeOutcome, ChargeRequest, PaymentGateway};
 use crate::store;
@@ -176,7 +178,9 @@ pub struct Engine {
     gate: Arc<dyn Gate>,
     gateway: Arc<dyn PaymentGateway>,
     clock: Arc<dyn Clock>,
-    drops: DashMap<Uuid, Arc<DropSpec>>,
+    /// Fx-hashed (like the gate's maps): every key is a drop id the service made, so a client can look ids up but
+    /// cannot choose ones that collide; every reservation and refusal reads it.
+    drops: DashMap<Uuid, Arc<DropSpec>, IdHasher>,
     /// When each loaded drop was first seen settled (unix ms); it is unloaded `settled_retain` later.
     settled_since: DashMap<Uuid, i64>,
     settled_retain: Duration,
@@ -220,7 +224,7 @@ impl Engine {
             gate,
             gateway,
             clock,
-            drops: DashMap::new(),
+            drops: DashMap::with_hasher(IdHasher::default()),
             settled_since: DashMap::new(),
             settled_retain: config.settled_retain,
             receipts: DashMap::new(),

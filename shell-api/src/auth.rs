@@ -192,7 +192,8 @@ enum Known {
 /// Members whose credentials changed within one access-token lifetime; see the module comment.
 #[derive(Debug, Default)]
 pub struct MemberCache {
-    changed: DashMap<Uuid, Known>,
+    /// Fx-hashed: member ids are made by the service, and every authenticated request looks one up.
+    changed: DashMap<Uuid, Known, rustc_hash::FxBuildHasher>,
     /// Where the next poll starts: the newest `auth_changed_at` seen.
     poll_since: parking_lot::Mutex<Option<DateTime<Utc>>>,
 }
