@@ -3,9 +3,10 @@
 #   healthz    GET /healthz (the floor: hyper, the kernel, wrk)
 #   reserve    POST /api/v1/drops/{id}/reservations while stock lasts (a new buyer per request, rotating tokens)
 #   sold_out   the same POST on a sold-out drop (rejected from the local flag)
-# Prints one line per path with req/s and its ratio to healthz, and writes them to $WIRE_OUT (default
-# target/wire.tsv). Each run is `wrk -t1 -c64 -d${WIRE_SECONDS}s` (the issue's method); the generator is
-# measured too (`cpu%` of wrk) to show it is not the bottleneck.
+# The three alternate for WIRE_ROUNDS rounds (default 3), each round's ratios against its own healthz. Prints one
+# line per path with the median req/s, the median ratio to healthz and every round's ratio, and writes them to
+# $WIRE_OUT (default target/wire.tsv). Each run is `wrk -t1 -c64 -d${WIRE_SECONDS}s` (the issue's method); the
+# generator is measured too (`cpu%` of wrk) to show it is not the bottleneck.
 #
 #   scripts/wire.sh [--redis]    --redis: the server uses the Redis gate (REDIS_URL from services.sh)
 #
@@ -14,7 +15,7 @@
 # Last, reserve latency at a fixed offered rate (WIRE_RATE_RPS, default 10000, for 10 s) from `flashsale-load
 # rate --reserve`, which counts each request's latency from its intended send time (no coordinated omission).
 # Settings: WIRE_MEMBERS (buyers, default 1000), WIRE_SECONDS (per path, default 5), WIRE_CONNECTIONS (64);
-# WIRE_QUICK=1 stops after the three wrk rows (for profiles and before/after runs).
+# WIRE_QUICK=1 stops after the wrk rounds (for profiles and before/after runs).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -82,7 +83,11 @@ post() { curl -fsS -X POST "$BASE$1" -H 'content-type: application/json' ${3:+-H
 admin=$(post /api/v1/auth/login '{"email":"admin@wire.local","password":"wire-admin-password"}' | json '["access_token"]')
 product=$(post /api/v1/products '{"name":"Wire sneakers","price":1000,"kind":"preorder"}' "$admin" | json '["id"]')
 opens=$(date -u -d '-1 second' +%Y-%m-%dT%H:%M:%SZ)
-live=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":10000000,\"opens_at\":\"$opens\",\"per_member_limit\":1000}" "$admin" | json '["id"]')
+# A drop on sale for the reservation runs (a new one each round, so every round sells from a fresh book).
+live_drop() {
+  post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":10000000,\"opens_at\":\"$opens\",\"per_member_limit\":1000}" "$admin" |
+    json '["id"]'
+}
 gone=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":1,\"opens_at\":\"$opens\"}" "$admin" | json '["id"]')
 post "/api/v1/drops/$gone/reservations" '{}' "$admin" >/dev/null
 
@@ -130,21 +135,53 @@ run() {
   printf '%s\t%s\t%s\t%s\n' "$rps" "$cpu" "$(python3 -c "print(f'{$server_ms*1000/$requests:.1f}')")" "$statuses"
 }
 
-healthz=$(run healthz /healthz GET)
-reserve=$(run reserve "/api/v1/drops/$live/reservations" POST)
-sold_out=$(run sold_out "/api/v1/drops/$gone/reservations" POST)
+# The three paths alternate, WIRE_ROUNDS times (default 3): this machine's speed drifts by a quarter from one run to
+# the next, so each round's ratios are taken against that round's own /healthz, and the rows are the medians (the
+# ratio column is the median of the rounds' ratios; every round's ratio is listed beside it).
+ROUNDS=${WIRE_ROUNDS:-3}
+: >"$WORK/rounds"
+for round in $(seq 1 "$ROUNDS"); do
+  live=$(live_drop)
+  for row in "healthz	$(run healthz /healthz GET)" \
+    "reserve	$(run reserve "/api/v1/drops/$live/reservations" POST)" \
+    "sold_out	$(run sold_out "/api/v1/drops/$gone/reservations" POST)"; do
+    printf '%s\t%s\n' "$round" "$row" >>"$WORK/rounds"
+  done
+  say "round $round: $(awk -F'\t' -v r="$round" '$1 == r {printf "%s %s req/s  ", $2, $3}' "$WORK/rounds")"
+done
+# path, median req/s, median ratio to the same round's healthz, median wrk CPU, median server µs/req, the answers
+# summed over the rounds, each round's ratio.
+medians() {
+  python3 - "$WORK/rounds" <<'PY'
+import statistics, sys
+rounds = {}
+for line in open(sys.argv[1]):
+    rnd, path, rps, cpu, us, statuses = (line.rstrip("\n").split("\t") + [""] * 6)[:6]
+    rounds.setdefault(path, []).append((int(rnd), float(rps), cpu, float(us), statuses))
+healthz = {r[0]: r[1] for r in rounds["healthz"]}
+for path, rows in rounds.items():
+    ratios = [rps / healthz[rnd] for rnd, rps, *_ in rows]
+    counts = {}
+    for *_, statuses in rows:
+        for part in statuses.split():
+            if "=" in part:
+                key, value = part.split("=")
+                counts[key] = counts.get(key, 0) + int(value)
+    answers = "status " + " ".join(f"{k}={v}" for k, v in counts.items())
+    cpu = statistics.median(float(r[2].rstrip("%")) for r in rows)
+    print("\t".join([path, f"{statistics.median(r[1] for r in rows):.2f}", f"{statistics.median(ratios):.2f}",
+                     f"{cpu:.0f}%", f"{statistics.median(r[3] for r in rows):.1f}", answers,
+                     " ".join(f"{x:.2f}" for x in ratios)]))
+PY
+}
 if [ -n "${WIRE_POST_FLOOR:-}" ]; then
   # The same POST (headers and body) to /healthz, answered 405 by the router's fallback: what a POST costs the
   # server before any handler runs.
   run post_floor /healthz POST | sed 's/^/post_floor\t/' >&2
 fi
 if [ -n "${WIRE_QUICK:-}" ]; then
-  # Only the three wrk rows (for profiling and before/after runs of the request path).
-  base=$(printf '%s' "$healthz" | cut -f1)
-  for row in "healthz	$healthz" "reserve	$reserve" "sold_out	$sold_out"; do
-    rps=$(printf '%s' "$row" | cut -f2)
-    printf '%s\t%s\n' "$row" "$(python3 -c "print(f'{$rps/$base:.2f}')")"
-  done
+  # Only the wrk rows (for profiling and before/after runs of the request path).
+  medians
   exit 0
 fi
 sell_units=${WIRE_SELL_UNITS:-100000}
@@ -160,15 +197,9 @@ say "reserve latency at $rate_rps req/s offered"
   --admin-password wire-admin-password --rps "$rate_rps" --seconds 10 --reserve --members 200 >"$WORK/rate.out" 2>&1 ||
   die "rate run failed: $(tail -5 "$WORK/rate.out")"
 cat "$WORK/rate.out" >&2
-base=$(printf '%s' "$healthz" | cut -f1)
 {
-  printf 'path\treq_per_s\tratio_to_healthz\twrk_cpu\tserver_cpu_us_per_req\tstatuses\n'
-  for row in "healthz	$healthz" "reserve	$reserve" "sold_out	$sold_out"; do
-    name=$(printf '%s' "$row" | cut -f1)
-    rps=$(printf '%s' "$row" | cut -f2)
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rps" "$(python3 -c "print(f'{$rps/$base:.2f}')")" \
-      "$(printf '%s' "$row" | cut -f3)" "$(printf '%s' "$row" | cut -f4)" "$(printf '%s' "$row" | cut -f5)"
-  done
+  printf 'path\treq_per_s\tratio_to_healthz\twrk_cpu\tserver_cpu_us_per_req\tstatuses\trounds\n'
+  medians
   printf 'sell_%s\t%s\t\t\t\tseconds %s\n' "$sell_units" "$sell_rate" "$sell_seconds"
   # "latency from the intended send time: p50 0.46 ms  p90 1.11 ms  p99 2.11 ms ..."
   latency=$(grep '^latency from the intended send time' "$WORK/rate.out" | sed 's/.*time: //')
