@@ -127,6 +127,64 @@ async fn a_purchase_stored_twice_is_stored_once() {
     assert_eq!(count(&db, "SELECT count(*) FROM purchases").await, 1);
 }
 
+/// Purchases go in as plain inserts first; one whose reservation row is already there (journaled held, as the
+/// Redis gate's journal stores holds) or which was paid before sends its batch through the upserts again, and
+/// every purchase beside it in that batch is stored all the same, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_meeting_rows_already_there_are_stored_beside_fresh_ones() {
+    let db = TestDb::new().await;
+    let drop = seed_drop(&db).await;
+    let (handle, task) = writer::spawn(db.pool.clone(), WriterConfig::default());
+    let (held, held_row) = purchase_for(drop);
+    handle
+        .journal(vec![held_row.clone()], vec![])
+        .await
+        .unwrap();
+    let (paid, paid_row) = purchase_for(drop);
+    let paid_first = handle
+        .purchase(paid.clone(), paid_row.clone())
+        .await
+        .unwrap();
+
+    let mut acks = Vec::new();
+    let retried = Purchase {
+        id: Uuid::now_v7(),
+        ..paid.clone()
+    };
+    let mut sent = vec![(held.clone(), held_row), (retried, paid_row)];
+    sent.extend((0..60).map(|_| purchase_for(drop)));
+    for (purchase, hold) in sent {
+        let handle = handle.clone();
+        acks.push(tokio::spawn(async move {
+            handle.purchase(purchase, hold).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for ack in acks {
+        answers.push(ack.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        answers[0].id, held.id,
+        "the held reservation's purchase is stored"
+    );
+    assert_eq!(
+        answers[1], paid_first,
+        "a repeat answers the purchase stored first"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM purchases").await, 62);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM reservations WHERE status = 'paid'"
+        )
+        .await,
+        62
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM reservations").await, 62);
+    handle.shutdown().await.unwrap();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_second_purchase_of_a_reservation_answers_with_the_one_stored_first() {
     let db = TestDb::new().await;
