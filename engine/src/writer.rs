@@ -52,6 +52,10 @@ pub struct WriterConfig {
     pub unawaited_linger: Duration,
     /// Attempts per batch before its purchases are answered with an error.
     pub attempts_max: u32,
+    /// Whether a purchase is first written with plain inserts (see `write_batch`): right when a purchase rarely
+    /// finds its reservation's row there already, as with the embedded gate's journal; the engine turns it off for
+    /// a gate that stores every hold as a row.
+    pub plain_purchases: bool,
 }
 
 impl Default for WriterConfig {
@@ -62,6 +66,7 @@ impl Default for WriterConfig {
             linger: Duration::ZERO,
             unawaited_linger: Duration::from_millis(5),
             attempts_max: 5,
+            plain_purchases: true,
         }
     }
 }
@@ -400,7 +405,7 @@ async fn write_with_retries(
     let mut attempt = 1;
     // Purchases are first written with plain inserts; a batch that meets a row already there is written again
     // with the statements that resolve it (at once: nothing failed, and the outcome was a rollback).
-    let mut plain = true;
+    let mut plain = config.plain_purchases;
     loop {
         let started = Instant::now();
         match write_batch(pool, batch, plain).await {

@@ -132,9 +132,20 @@ async fn a_purchase_stored_twice_is_stored_once() {
 /// every purchase beside it in that batch is stored all the same, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_meeting_rows_already_there_are_stored_beside_fresh_ones() {
+    // Plain inserts first (the embedded gate's writer), and upserts only (a gate that journals holds as rows).
+    for plain_purchases in [true, false] {
+        purchases_beside_rows_already_there(WriterConfig {
+            plain_purchases,
+            ..WriterConfig::default()
+        })
+        .await;
+    }
+}
+
+async fn purchases_beside_rows_already_there(config: WriterConfig) {
     let db = TestDb::new().await;
     let drop = seed_drop(&db).await;
-    let (handle, task) = writer::spawn(db.pool.clone(), WriterConfig::default());
+    let (handle, task) = writer::spawn(db.pool.clone(), config);
     let (held, held_row) = purchase_for(drop);
     handle
         .journal(vec![held_row.clone()], vec![])
