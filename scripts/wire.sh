@@ -135,6 +135,20 @@ run() {
   printf '%s\t%s\t%s\t%s\n' "$rps" "$cpu" "$(python3 -c "print(f'{$server_ms*1000/$requests:.1f}')")" "$statuses"
 }
 
+# Waits (at most 10 s) until the server's writer has taken every row queued, so what one run left to journal is not
+# written during the next run and charged to it; says how long that took.
+settle() {
+  local waited=0 depth
+  while [ "$waited" -lt 100 ]; do
+    depth=$(curl -fsS "$BASE/metrics" 2>/dev/null | awk '/^flashsale_writer_queue_depth / {print int($2)}')
+    [ "${depth:-0}" -eq 0 ] && break
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  sleep 0.2 # the batch being written
+  [ "$waited" -eq 0 ] || say "waited $((waited * 100)) ms for the writer's queue (depth ${depth:-?})"
+}
+
 # The three paths alternate, WIRE_ROUNDS times (default 3): this machine's speed drifts by a quarter from one run to
 # the next, so each round's ratios are taken against that round's own /healthz, and the rows are the medians (the
 # ratio column is the median of the rounds' ratios; every round's ratio is listed beside it).
@@ -142,9 +156,9 @@ ROUNDS=${WIRE_ROUNDS:-3}
 : >"$WORK/rounds"
 for round in $(seq 1 "$ROUNDS"); do
   live=$(live_drop)
-  for row in "healthz	$(run healthz /healthz GET)" \
-    "reserve	$(run reserve "/api/v1/drops/$live/reservations" POST)" \
-    "sold_out	$(run sold_out "/api/v1/drops/$gone/reservations" POST)"; do
+  for row in "healthz	$(settle && run healthz /healthz GET)" \
+    "reserve	$(settle && run reserve "/api/v1/drops/$live/reservations" POST)" \
+    "sold_out	$(settle && run sold_out "/api/v1/drops/$gone/reservations" POST)"; do
     printf '%s\t%s\n' "$round" "$row" >>"$WORK/rounds"
   done
   say "round $round: $(awk -F'\t' -v r="$round" '$1 == r {printf "%s %s req/s  ", $2, $3}' "$WORK/rounds")"
