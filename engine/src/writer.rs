@@ -738,32 +738,36 @@ async fn write_batch(
     Ok(stored)
 }
 
-/// A purchase's reservation row, as paid, where none is expected (`write_batch`'s `plain`).
-const PAID_INSERT: &str =
-    "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
+/// A purchase's reservation row, as paid; the two forms below differ only in what they do with a row already there.
+macro_rules! paid_rows {
+    () => {
+        "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
      SELECT u.id, u.drop_id, u.member_id, u.quantity, 'paid', u.created_at, u.expires_at, u.paid_at
      FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[],
                  $7::timestamptz[])
-          AS u(id, drop_id, member_id, quantity, created_at, expires_at, paid_at)";
-/// The same, marking a row already there paid.
-const PAID_UPSERT: &str =
-    "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
-     SELECT u.id, u.drop_id, u.member_id, u.quantity, 'paid', u.created_at, u.expires_at, u.paid_at
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[],
-                 $7::timestamptz[])
-          AS u(id, drop_id, member_id, quantity, created_at, expires_at, paid_at)
-     ON CONFLICT (id) DO UPDATE SET status = 'paid', reason = NULL, updated_at = EXCLUDED.updated_at";
-/// Purchases, where none is expected for their reservations.
-const PURCHASE_INSERT: &str =
-    "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
+          AS u(id, drop_id, member_id, quantity, created_at, expires_at, paid_at)"
+    };
+}
+/// Purchases; likewise.
+macro_rules! purchase_rows {
+    () => {
+        "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
      SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::int4[],
-                          $7::int8[], $8::text[], $9::timestamptz[])";
+                          $7::int8[], $8::text[], $9::timestamptz[])"
+    };
+}
+/// Paid reservation rows where none is expected (`write_batch`'s `plain`).
+const PAID_INSERT: &str = paid_rows!();
+/// The same, marking a row already there paid.
+const PAID_UPSERT: &str = concat!(
+    paid_rows!(),
+    " ON CONFLICT (id) DO UPDATE SET status = 'paid', reason = NULL, updated_at = EXCLUDED.updated_at"
+);
+/// Purchases where none is expected for their reservations.
+const PURCHASE_INSERT: &str = purchase_rows!();
 /// Purchases, keeping the one stored first for a reservation paid before.
 const PURCHASE_INSERT_UNLESS_PAID: &str =
-    "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
-     SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::int4[],
-                          $7::int8[], $8::text[], $9::timestamptz[])
-     ON CONFLICT (reservation_id) DO NOTHING";
+    concat!(purchase_rows!(), " ON CONFLICT (reservation_id) DO NOTHING");
 
 /// Purchases as the column arrays their statements take (with their holds').
 struct PurchaseColumns<'a> {
