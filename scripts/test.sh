@@ -41,6 +41,11 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 # that is killed leaves its database behind. Drop those left from earlier runs. Only databases older than
 # TEST_DB_MIN_AGE_SECONDS and with nobody connected go (a plain DROP also refuses one in use), so another
 # run against the same server is left alone. Best effort: never fails the run.
+#
+# The databases with fixed names that the suite uses (the writer bench, run once in test mode) are dropped too,
+# whatever their age, so every run is a first run for them: a defect that only shows on a new database (two
+# processes migrating it at once, say) fails here, not first on a user's fresh machine.
+FIXED_DATABASES='flashsale_bench_writer'
 cleanup_test_databases() {
   local psql='' admin_url out dropped min_age=${TEST_DB_MIN_AGE_SECONDS:-300} p
   for p in "$(command -v psql 2>/dev/null || true)" /usr/lib/postgresql/*/bin/psql; do
@@ -55,12 +60,13 @@ cleanup_test_databases() {
   # Same server and credentials, database `postgres` (the app's own may not exist yet).
   admin_url=$(printf '%s' "$DATABASE_URL" | sed -E 's#^([a-zA-Z][a-zA-Z0-9+.-]*://[^/?]*)(/[^?]*)?#\1/postgres#')
   # PG_VERSION is written once when a database is created: its mtime is the database's age.
-  out=$(PGCONNECT_TIMEOUT=5 "$psql" -X -w -d "$admin_url" -v min_age="$min_age" 2>&1 <<'SQL'
+  out=$(PGCONNECT_TIMEOUT=5 "$psql" -X -w -d "$admin_url" -v min_age="$min_age" -v fixed="$FIXED_DATABASES" 2>&1 <<'SQL'
 SELECT format('DROP DATABASE IF EXISTS %I', d.datname)
 FROM pg_database d
-WHERE d.datname LIKE 'fs\_test\_%'
-  AND (pg_stat_file('base/' || d.oid || '/PG_VERSION', true)).modification
-      < now() - make_interval(secs => :min_age)
+WHERE ((d.datname LIKE 'fs\_test\_%'
+        AND (pg_stat_file('base/' || d.oid || '/PG_VERSION', true)).modification
+            < now() - make_interval(secs => :min_age))
+       OR d.datname = ANY (string_to_array(:'fixed', ' ')))
   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datid = d.oid)
 \gexec
 SQL
@@ -69,7 +75,7 @@ SQL
   if printf '%s\n' "$out" | grep -q 'ERROR\|FATAL\|error:'; then
     say "cleanup of old fs_test_* databases was partial: $(printf '%s\n' "$out" | grep -m1 'ERROR\|FATAL\|error:')"
   fi
-  say "dropped $dropped leftover fs_test_* database(s)"
+  say "dropped $dropped leftover fs_test_* or fixed-name ($FIXED_DATABASES) database(s)"
 }
 
 # The whole workspace, unless the caller picked packages (`--workspace` would override `-p`).

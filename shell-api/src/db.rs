@@ -130,9 +130,26 @@ async fn ensure_database(config: &tokio_postgres::Config) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Applies pending migrations, each in its own transaction, under an advisory lock. Returns the versions applied.
+/// Applies pending migrations, each in its own transaction, under an advisory lock taken before anything is
+/// created: any number of processes may migrate one database at once, new or not (`CREATE TABLE IF NOT EXISTS` is
+/// not safe against a concurrent creator in Postgres, so even the bookkeeping table waits for the lock). Returns
+/// the versions this call applied.
 pub async fn migrate(pool: &Pool) -> anyhow::Result<Vec<i32>> {
     let mut client = pool.get().await.context("connecting to Postgres")?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .context("taking the migration lock")?;
+    let result = apply_pending(&mut client).await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
+    let applied = result?;
+    unlocked.context("releasing the migration lock")?;
+    Ok(applied)
+}
+
+async fn apply_pending(client: &mut deadpool_postgres::Client) -> anyhow::Result<Vec<i32>> {
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -143,17 +160,6 @@ pub async fn migrate(pool: &Pool) -> anyhow::Result<Vec<i32>> {
         )
         .await
         .context("creating schema_migrations")?;
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await?;
-    let result = apply_pending(&mut client).await;
-    client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
-        .await?;
-    result
-}
-
-async fn apply_pending(client: &mut deadpool_postgres::Client) -> anyhow::Result<Vec<i32>> {
     let applied: Vec<i32> = client
         .query("SELECT version FROM schema_migrations", &[])
         .await?

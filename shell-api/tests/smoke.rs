@@ -53,3 +53,113 @@ async fn serve_refuses_to_start_without_a_jwt_secret() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("JWT_SECRET"), "stderr: {stderr}");
 }
+
+/// Drops a database by name when the test ends, pass or fail (the processes under test created it).
+struct DropDatabase(String);
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let admin = shell_api::db::with_database(&common::server_url(), "postgres");
+        let name = self.0.clone();
+        let _ = std::process::Command::new("psql")
+            .args(["-X", "-q", "-d", &admin, "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .status();
+    }
+}
+
+/// First boot of a fleet: `flashsale migrate` and `flashsale serve` processes all started at the same moment on
+/// a database that does not exist yet. Every one of them succeeds, every migration is applied, and no migration
+/// is applied by two processes (each `migrate` prints the versions it applied; their lists are disjoint and
+/// together with what the servers applied they cover each version once).
+#[tokio::test]
+async fn a_fleet_started_at_once_on_a_new_database_migrates_it_once() {
+    const MIGRATORS: usize = 6;
+    const SERVERS: usize = 3;
+    let name = format!("fs_test_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = DropDatabase(name.clone());
+    let url = shell_api::db::with_database(&common::server_url(), &name);
+
+    let migrators: Vec<_> = (0..MIGRATORS)
+        .map(|_| {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+                .arg("migrate")
+                .env("DATABASE_URL", &url)
+                .env("RUST_LOG", "info")
+                .kill_on_drop(true)
+                .output()
+        })
+        .collect();
+    let servers: Vec<_> = (0..SERVERS)
+        .map(|_| TestServer::start(&url, &[("RUST_LOG", "shell_api::db=info")]))
+        .collect();
+    let (outputs, servers) = tokio::join!(
+        futures_util::future::join_all(migrators),
+        futures_util::future::join_all(servers)
+    );
+
+    let mut applied_by_migrators = Vec::new();
+    for output in outputs {
+        let output = output.expect("run flashsale migrate");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "flashsale migrate failed: {}\nstdout: {stdout}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let list = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("applied migrations: "))
+            .expect("migrate prints what it applied");
+        let list = list.trim().trim_start_matches('[').trim_end_matches(']');
+        applied_by_migrators.extend(
+            list.split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(|v| v.parse::<i32>().expect("a version")),
+        );
+    }
+    for server in &servers {
+        let health = reqwest::get(server.url("/readyz")).await.expect("readyz");
+        assert_eq!(health.status(), reqwest::StatusCode::OK);
+    }
+
+    let mut unique = applied_by_migrators.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        applied_by_migrators.len(),
+        "a migration applied by two processes: {applied_by_migrators:?}"
+    );
+    let db = shell_api::db::connect(&shell_api::config::DbArgs {
+        database_url: url.clone(),
+        db_pool_size: 1,
+        db_pool_wait_ms: 5000,
+    })
+    .await
+    .expect("connect");
+    let client = db.get().await.expect("connection");
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .expect("schema_migrations")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let expected: Vec<i32> = (1..=versions.len() as i32).collect();
+    assert_eq!(versions, expected, "every migration applied, in order");
+    assert!(
+        applied_by_migrators.iter().all(|v| versions.contains(v)),
+        "a migrator reported a version the table lacks"
+    );
+    drop(client);
+    db.close();
+    for server in servers {
+        server.kill().await;
+    }
+}

@@ -29,7 +29,7 @@ use uuid::Uuid;
 pub const PASSWORD: &str = "correct horse battery";
 pub const JWT_SECRET: &str = "flashsale-test-secret";
 
-fn server_url() -> String {
+pub fn server_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
