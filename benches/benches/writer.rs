@@ -37,7 +37,8 @@ fn database_url() -> String {
     shell_api::db::with_database(&url, DATABASE)
 }
 
-/// Connects, migrates and makes this run's drop for the purchases to point at.
+/// Connects, migrates and makes this run's drop for the purchases to point at. Its stock is far above what a run sells:
+/// Postgres refuses purchases past a drop's stock (`drops_sold_check`), and a long run stores over a million.
 async fn setup() -> (Pool, Uuid) {
     let args = DbArgs {
         database_url: database_url(),
@@ -58,7 +59,7 @@ async fn setup() -> (Pool, Uuid) {
                  SELECT gen_random_uuid(), id, 'Item', 100, 'preorder' FROM seller RETURNING id, seller_id)
              INSERT INTO drops (id, product_id, seller_id, stock, opens_at, per_member_limit, hold_seconds, price,
                                 currency)
-             SELECT $1, id, seller_id, 1000000, now(), 1, 300, 100, 'KRW' FROM product",
+             SELECT $1, id, seller_id, 2000000000, now(), 1, 300, 100, 'KRW' FROM product",
             &[&drop, &format!("bench-{drop}@example.test")],
         )
         .await

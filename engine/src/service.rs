@@ -22,7 +22,7 @@ use crate::clock::{to_datetime, Clock};
 use crate::core::{
     HoldState, HoldView, IdHasher, ReleaseReason, ReserveRejection, TransitionError,
 };
-use crate::gate::{Gate, GateUnavailable, Restore};
+use crate::gate::{Gate, GateUnavailable, Reaped, Restore};
 use crate::payment::{ChargeOutcome, ChargeRequest, PaymentGateway};
 use crate::store;
 use crate::types::{DropInfo, DropSpec, DropStatus, NewDrop, Purchase, Reservation};
@@ -37,6 +37,10 @@ pub struct EngineConfig {
     pub pay_inflight_max: usize,
     /// How often the reaper releases expired holds.
     pub reaper_interval: Duration,
+    /// Longest wait for the payment gateway's answer to a charge. Past it the charge is given up: refunded (in case
+    /// it went through) and answered as the gateway being unavailable, and the hold goes back to `held`. A hung
+    /// gateway never keeps a unit from sale.
+    pub payment_timeout: Duration,
     /// How long a drop whose sale is settled (no holds left, and sold out or closed) stays in memory before it is
     /// unloaded; reads of it after that come from Postgres.
     pub settled_retain: Duration,
@@ -49,6 +53,7 @@ impl Default for EngineConfig {
             reserve_inflight_max: 4096,
             pay_inflight_max: 1024,
             reaper_interval: Duration::from_secs(1),
+            payment_timeout: Duration::from_secs(30),
             settled_retain: Duration::from_secs(60 * 60),
             writer: WriterConfig::default(),
         }
@@ -141,6 +146,9 @@ pub struct EngineStats {
     pub payments: Counter,
     pub payments_declined: Counter,
     pub payments_unavailable: Counter,
+    /// Payments Postgres refused (guarantee 5a): they outlived their lease, or their drop was full there. Each was
+    /// refunded.
+    pub payments_fenced: Counter,
     pub released_cancelled: Counter,
     pub released_expired: Counter,
 }
@@ -194,6 +202,7 @@ pub struct Engine {
     pay_permits: Semaphore,
     reserve_permits_max: usize,
     pay_permits_max: usize,
+    payment_timeout: Duration,
     stats: EngineStats,
     /// How long the gate takes to decide a reservation (a no-op handle when no metrics recorder is installed).
     gate_reserve_seconds: metrics::Histogram,
@@ -242,6 +251,7 @@ impl Engine {
             pay_permits: Semaphore::new(config.pay_inflight_max.max(1)),
             reserve_permits_max: config.reserve_inflight_max.max(1),
             pay_permits_max: config.pay_inflight_max.max(1),
+            payment_timeout: config.payment_timeout,
             stats: EngineStats::default(),
             gate_reserve_seconds: metrics::histogram!("flashsale_gate_call_seconds", "call" => "reserve"),
         });
@@ -618,7 +628,18 @@ impl Engine {
             currency: spec.currency.clone(),
             payment_token: payment_token.to_owned(),
         };
-        match self.gateway.charge(&request).await {
+        let Ok(outcome) =
+            tokio::time::timeout(self.payment_timeout, self.gateway.charge(&request)).await
+        else {
+            // No answer in time. The charge may yet go through at the gateway: refund it (refunds are idempotent on
+            // the reservation), and the hold is `held` again for a retry.
+            tracing::warn!(%reservation, timeout = ?self.payment_timeout, "payment gateway did not answer; giving the charge up");
+            bump(&self.stats.payments_unavailable);
+            self.gateway.refund(reservation).await;
+            self.gate.abort_payment(drop, reservation).await??;
+            return Err(EngineError::PaymentUnavailable);
+        };
+        match outcome {
             ChargeOutcome::Approved { .. } => {}
             ChargeOutcome::Declined => {
                 bump(&self.stats.payments_declined);
@@ -653,6 +674,31 @@ impl Engine {
         // first, that one is the purchase, and its id is the one answered.
         let purchase = match self.writer.purchase(purchase, hold_row(drop, &hold)).await {
             Ok(stored) => stored,
+            Err(WriteError::Fenced) => {
+                // Postgres refused it (guarantee 5a): this payment outlived its lease and the hold's release is stored
+                // (its units may be another buyer's by now), or the drop's stored paid units are at its stock. Give
+                // the charge back, and make sure the gate no longer counts the hold (a no-op when it was released).
+                bump(&self.stats.payments_fenced);
+                tracing::warn!(%reservation, "purchase refused by Postgres (the hold no longer owns its units); refunding");
+                self.gateway.refund(reservation).await;
+                match self.gate.release_fenced(drop, reservation).await? {
+                    Ok(released) => {
+                        bump(&self.stats.released_expired);
+                        self.queue_release(
+                            drop,
+                            &released,
+                            ReleaseReason::Expired,
+                            self.clock.now_ms(),
+                        )
+                        .await;
+                    }
+                    Err(TransitionError::AlreadyReleased(_)) => {}
+                    Err(err) => {
+                        tracing::error!(?err, %reservation, "a fenced payment's hold could not be released in the gate")
+                    }
+                }
+                return Err(EngineError::HoldExpired);
+            }
             Err(err) => {
                 // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
                 tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
@@ -742,17 +788,44 @@ impl Engine {
         }
     }
 
-    /// Releases every expired hold once; returns how many. The reaper calls this on its interval.
+    /// Releases every expired hold once, and settles payments whose lease ran out; returns how many holds it
+    /// released. The reaper calls this on its interval.
     pub async fn reap(&self) -> Result<usize, EngineError> {
         let now_ms = self.clock.now_ms();
-        let mut released = Vec::new();
-        let count = self.gate.reap(now_ms, &mut released).await?;
-        for (drop, hold) in &released {
+        let mut reaped = Reaped::default();
+        let mut count = self.gate.reap(now_ms, &mut reaped).await?;
+        for (drop, hold) in &reaped.released {
             bump(&self.stats.released_expired);
             self.queue_release(*drop, hold, ReleaseReason::Expired, now_ms)
                 .await;
         }
+        for (drop, hold) in &reaped.lapsed {
+            count += usize::from(self.settle_lapsed(*drop, hold).await?);
+        }
         Ok(count)
+    }
+
+    /// Settles a payment whose lease ran out (its process died, paused or stalled past the lease): fences it in
+    /// Postgres first, then moves the gate to what Postgres decided. Paid when its purchase is stored; else its release
+    /// is stored (so the payment, should it resume, is refused there), the charge is refunded, and only then do the
+    /// units return to sale. Returns whether it released the hold.
+    async fn settle_lapsed(&self, drop: Uuid, hold: &HoldView) -> Result<bool, EngineError> {
+        let client = self.db.get().await?;
+        let fence = store::fence_payment(&**client, &hold_row(drop, hold), self.now()).await?;
+        std::mem::drop(client);
+        let settled = match fence {
+            store::Fence::Paid => self.gate.complete_payment(drop, hold.id).await?,
+            store::Fence::Released => {
+                self.gateway.refund(hold.id).await;
+                self.gate.release_fenced(drop, hold.id).await?
+            }
+        };
+        tracing::warn!(%drop, hold = %hold.id, ?fence, ?settled, "settled a payment that outlived its lease");
+        let released = fence == store::Fence::Released && settled.is_ok();
+        if released {
+            bump(&self.stats.released_expired);
+        }
+        Ok(released)
     }
 
     /// Unloads drops that have been settled for `settled_retain`: no holds left, and sold out or closed, so nothing

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::core::{HoldState, RestoredHold};
 use crate::gate::Restore;
-use crate::types::{parse_reason, DropSpec, DropStatus, Purchase, Reservation};
+use crate::types::{parse_reason, DropSpec, DropStatus, HoldRow, Purchase, Reservation};
 
 const DROP_COLUMNS: &str =
     "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
@@ -225,6 +225,57 @@ pub async fn materialize_holds(
             &[&drop],
         )
         .await
+}
+
+/// What Postgres decided for a payment whose lease ran out ([`fence_payment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// Its release is stored: no purchase of the hold can be stored any more, whatever the payment does now.
+    Released,
+    /// Its purchase was stored first: the unit is sold.
+    Paid,
+}
+
+/// Fences a payment whose lease ran out (guarantee 5a): stores its hold as released (expired) unless Postgres has it
+/// paid, in one statement. The writer stores a purchase only with its reservation's row not `released`, and both
+/// statements take that row's lock (or wait on each other's insert of it), so exactly one of them wins: a payment
+/// that resumes after this answered `Released` is refused, and one whose purchase committed first makes this answer
+/// `Paid`. Run it, and see it commit, before the gate gives the hold's units back to sale.
+pub async fn fence_payment(
+    client: &impl GenericClient,
+    hold: &HoldRow,
+    at: DateTime<Utc>,
+) -> Result<Fence, tokio_postgres::Error> {
+    let quantity = to_i32(hold.quantity);
+    let released = client
+        .query_opt(
+            "INSERT INTO reservations (id, drop_id, member_id, quantity, status, reason, created_at, expires_at,
+                                       updated_at)
+             SELECT $1::uuid, $2::uuid, $3::uuid, $4::int4, 'released', 'expired', $5::timestamptz,
+                    $6::timestamptz, $7::timestamptz
+             WHERE NOT EXISTS (SELECT 1 FROM purchases WHERE reservation_id = $1)
+             ON CONFLICT (id) DO UPDATE
+                 SET status = 'released', reason = COALESCE(reservations.reason, 'expired'),
+                     updated_at = EXCLUDED.updated_at
+                 WHERE reservations.status <> 'paid'
+                   AND NOT EXISTS (SELECT 1 FROM purchases WHERE reservation_id = $1)
+             RETURNING 1",
+            &[
+                &hold.id,
+                &hold.drop_id,
+                &hold.member_id,
+                &quantity,
+                &hold.created_at,
+                &hold.expires_at,
+                &at,
+            ],
+        )
+        .await?;
+    Ok(if released.is_some() {
+        Fence::Released
+    } else {
+        Fence::Paid
+    })
 }
 
 pub async fn purchase_by_reservation(

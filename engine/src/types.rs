@@ -128,6 +128,17 @@ impl Reservation {
 }
 
 /// A paid purchase: what the writer stores and what a payment answers, the same every time it is asked.
+/// A new hold, as stored.
+#[derive(Debug, Clone)]
+pub struct HoldRow {
+    pub id: Uuid,
+    pub drop_id: Uuid,
+    pub member_id: Uuid,
+    pub quantity: u32,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Purchase {
     pub id: Uuid,

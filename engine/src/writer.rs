@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::core::ReleaseReason;
+pub use crate::types::HoldRow;
 use crate::types::{reason_name, Purchase};
 
 /// Limits of the writer.
@@ -71,17 +72,6 @@ impl Default for WriterConfig {
     }
 }
 
-/// A new hold, as stored.
-#[derive(Debug, Clone)]
-pub struct HoldRow {
-    pub id: Uuid,
-    pub drop_id: Uuid,
-    pub member_id: Uuid,
-    pub quantity: u32,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-}
-
 /// The writer is gone (shut down) or gave up on a batch; nothing is known to be stored.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
@@ -89,6 +79,10 @@ pub enum WriteError {
     Closed,
     #[error("storing the batch failed: {0}")]
     Failed(String),
+    /// Postgres refused the purchase (guarantee 5a): its hold's release is stored (a payment that outlived its
+    /// lease), or its drop's stored paid units would pass the stock. Nothing of it was stored.
+    #[error("the hold no longer owns its units in Postgres; the purchase was refused")]
+    Fenced,
 }
 
 enum WriteOp {
@@ -239,9 +233,41 @@ struct Batch {
     shutdown: Option<oneshot::Sender<()>>,
 }
 
+/// The rows of a batch, or of a part of one (the backstop's fallback writes a batch's purchases one by one).
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    journaled: &'a [HoldRow],
+    holds: &'a [HoldRow],
+    released: &'a [(HoldRow, ReleaseReason, DateTime<Utc>)],
+    purchases: &'a [(Purchase, HoldRow)],
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        self.journaled.len() + self.holds.len() + self.released.len() + self.purchases.len()
+    }
+}
+
+/// The purchases a written batch stored, by reservation: the one sent, or the one stored first for a reservation
+/// paid before. A purchase whose reservation is missing was refused by the fence.
+type Stored = HashMap<Uuid, Purchase>;
+
+/// What a batch's writing says of each purchase, by reservation (missing: refused by the fence), or why the batch as
+/// a whole was not written.
+type Written = Result<HashMap<Uuid, Result<Purchase, WriteError>>, WriteError>;
+
 impl Batch {
     fn rows(&self) -> usize {
-        self.journaled.len() + self.holds.len() + self.released.len() + self.purchases.len()
+        self.all().len()
+    }
+
+    fn all(&self) -> Rows<'_> {
+        Rows {
+            journaled: &self.journaled,
+            holds: &self.holds,
+            released: &self.released,
+            purchases: &self.purchases,
+        }
     }
 
     fn push(&mut self, op: WriteOp) {
@@ -298,7 +324,7 @@ async fn run(
         let result = if batch.rows() == 0 {
             Ok(HashMap::new())
         } else {
-            write_with_retries(&pool, &config, &batch, &stats).await
+            write(&pool, &config, batch.all(), &stats).await
         };
         if answer(batch, &result) {
             rx.close();
@@ -369,13 +395,13 @@ fn drain(batch: &mut Batch, rx: &mut mpsc::Receiver<WriteOp>, rows_max: usize) {
 }
 
 /// Answers everyone waiting on a written batch; true when it held the shutdown.
-fn answer(mut batch: Batch, result: &Result<HashMap<Uuid, Purchase>, WriteError>) -> bool {
+fn answer(mut batch: Batch, result: &Written) -> bool {
     for (ack, (purchase, _)) in batch.acks.drain(..).zip(&batch.purchases) {
         let stored = match result {
             Ok(stored) => stored
                 .get(&purchase.reservation_id)
                 .cloned()
-                .ok_or_else(|| WriteError::Failed("purchase not found after commit".into())),
+                .unwrap_or(Err(WriteError::Fenced)),
             Err(err) => Err(err.clone()),
         };
         let _ = ack.send(stored);
@@ -395,12 +421,57 @@ fn answer(mut batch: Batch, result: &Result<HashMap<Uuid, Purchase>, WriteError>
     }
 }
 
+/// Writes a batch. When the backstop refuses it (its purchases would pass a drop's stock in Postgres, which only a
+/// gate that lost or never had the truth lets happen), writes its other rows, then its purchases one at a time, so
+/// that only those that do not fit are refused.
+async fn write(pool: &Pool, config: &WriterConfig, rows: Rows<'_>, stats: &WriterStats) -> Written {
+    let all = |stored: Stored| stored.into_iter().map(|(id, p)| (id, Ok(p))).collect();
+    match write_with_retries(pool, config, rows, stats).await {
+        Ok(stored) => Ok(all(stored)),
+        Err(BatchError::Oversold) => {
+            metrics::counter!("flashsale_writer_oversold_batches_total").increment(1);
+            tracing::error!(
+                purchases = rows.purchases.len(),
+                "a batch's purchases would pass a drop's stock in Postgres; storing them one by one"
+            );
+            let others = Rows {
+                purchases: &[],
+                ..rows
+            };
+            if others.len() > 0 {
+                write_with_retries(pool, config, others, stats)
+                    .await
+                    .map_err(WriteError::from)?;
+            }
+            let mut outcome = HashMap::with_capacity(rows.purchases.len());
+            for one in rows.purchases.chunks(1) {
+                let alone = Rows {
+                    journaled: &[],
+                    holds: &[],
+                    released: &[],
+                    purchases: one,
+                };
+                match write_with_retries(pool, config, alone, stats).await {
+                    Ok(stored) => outcome.extend(all(stored)),
+                    // Refused: left out of the outcome, so its payment is answered `Fenced`.
+                    Err(BatchError::Oversold) => {}
+                    Err(err) => {
+                        outcome.insert(one[0].0.reservation_id, Err(WriteError::from(err)));
+                    }
+                }
+            }
+            Ok(outcome)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
 async fn write_with_retries(
     pool: &Pool,
     config: &WriterConfig,
-    batch: &Batch,
+    batch: Rows<'_>,
     stats: &WriterStats,
-) -> Result<HashMap<Uuid, Purchase>, WriteError> {
+) -> Result<Stored, BatchError> {
     let mut backoff = Duration::from_millis(25);
     let mut attempt = 1;
     // Purchases are first written with plain inserts; a batch that meets a row already there is written again
@@ -412,18 +483,18 @@ async fn write_with_retries(
             Ok(stored) => {
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats.rows.fetch_add(batch.rows() as u64, Ordering::Relaxed);
+                stats.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 stats
                     .purchases
-                    .fetch_add(batch.purchases.len() as u64, Ordering::Relaxed);
+                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
                 stats
                     .flush_micros_total
                     .fetch_add(micros, Ordering::Relaxed);
-                metrics::histogram!("flashsale_writer_batch_rows").record(batch.rows() as f64);
+                metrics::histogram!("flashsale_writer_batch_rows").record(batch.len() as f64);
                 metrics::histogram!("flashsale_writer_flush_seconds")
                     .record(started.elapsed().as_secs_f64());
                 tracing::debug!(
-                    rows = batch.rows(),
+                    rows = batch.len(),
                     purchases = batch.purchases.len(),
                     micros,
                     "writer batch committed"
@@ -432,13 +503,14 @@ async fn write_with_retries(
             }
             Err(BatchError::Conflict) => {
                 tracing::debug!(
-                    rows = batch.rows(),
+                    rows = batch.len(),
                     "a purchase's rows were there already; upserting"
                 );
                 plain = false;
             }
+            Err(BatchError::Oversold) => return Err(BatchError::Oversold),
             Err(BatchError::Failed(err)) if attempt < config.attempts_max => {
-                tracing::warn!(error = %err, attempt, rows = batch.rows(), "writer batch failed; retrying");
+                tracing::warn!(error = %err, attempt, rows = batch.len(), "writer batch failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 attempt += 1;
@@ -446,8 +518,8 @@ async fn write_with_retries(
             Err(BatchError::Failed(err)) => {
                 stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("flashsale_writer_failed_batches_total").increment(1);
-                tracing::error!(error = %err, rows = batch.rows(), "writer batch failed; giving up");
-                return Err(WriteError::Failed(err));
+                tracing::error!(error = %err, rows = batch.len(), "writer batch failed; giving up");
+                return Err(BatchError::Failed(err));
             }
         }
     }
@@ -493,7 +565,38 @@ async fn pipeline(mut steps: Vec<Step<'_>>) -> Vec<Result<u64, tokio_postgres::E
 enum BatchError {
     /// A plain insert of a purchase or its paid reservation met a row already there; nothing was written.
     Conflict,
+    /// The backstop: the batch's purchases would have passed a drop's stock (`drops_sold_check`); nothing was
+    /// written.
+    Oversold,
     Failed(String),
+}
+
+impl From<BatchError> for WriteError {
+    fn from(err: BatchError) -> Self {
+        match err {
+            BatchError::Oversold => WriteError::Fenced,
+            BatchError::Conflict => WriteError::Failed("a row already there".into()),
+            BatchError::Failed(err) => WriteError::Failed(err),
+        }
+    }
+}
+
+impl BatchError {
+    /// What a failed statement means for its batch; `plain` when purchases went in as plain inserts.
+    fn of(err: &tokio_postgres::Error, plain: bool) -> Self {
+        use tokio_postgres::error::SqlState;
+        match err.code() {
+            Some(code) if plain && *code == SqlState::UNIQUE_VIOLATION => Self::Conflict,
+            Some(code)
+                if *code == SqlState::CHECK_VIOLATION
+                    && err.as_db_error().and_then(|e| e.constraint())
+                        == Some("drops_sold_check") =>
+            {
+                Self::Oversold
+            }
+            _ => Self::Failed(err.to_string()),
+        }
+    }
 }
 
 impl From<String> for BatchError {
@@ -505,22 +608,23 @@ impl From<String> for BatchError {
 /// Writes one batch in one transaction, pipelined (BEGIN, the statements and COMMIT in one round trip); returns
 /// the stored purchases by reservation.
 ///
+/// The purchases go in with one statement that also marks their reservations paid and raises their drops' `sold`
+/// (see `PURCHASES_FENCED`): a purchase is stored only while its reservation's row is not `released` (the fence
+/// against a payment that outlived its lease, decided by the row's lock in this transaction), and `sold` may not
+/// pass the stock (the backstop; a batch that would is refused whole with `Oversold`).
+///
 /// With `plain`, a purchase and its paid reservation row are plain inserts: nearly always neither is there yet
 /// (a hold of the embedded gate is journaled in `hold_batches`, not as a row), and `ON CONFLICT` costs Postgres a
-/// speculative insertion per row, a fifth of a purchase's CPU there. Any row already there fails the batch with
-/// `Conflict`, and it is written again without `plain`: upserts that keep an earlier purchase and mark a
-/// reservation row paid.
-async fn write_batch(
-    pool: &Pool,
-    batch: &Batch,
-    plain: bool,
-) -> Result<HashMap<Uuid, Purchase>, BatchError> {
+/// speculative insertion per row, a fifth of a purchase's CPU there. Any row already there (a released one too)
+/// fails the batch with `Conflict`, and it is written again without `plain`: upserts that keep an earlier purchase,
+/// mark a reservation row paid, and refuse a released one.
+async fn write_batch(pool: &Pool, batch: Rows<'_>, plain: bool) -> Result<Stored, BatchError> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let text = |e: tokio_postgres::Error| e.to_string();
 
     // The journal: one row per drop of this batch, however many holds it has.
     let mut by_drop: HashMap<Uuid, Vec<&HoldRow>> = HashMap::new();
-    for hold in &batch.journaled {
+    for hold in batch.journaled {
         by_drop.entry(hold.drop_id).or_default().push(hold);
     }
     let journaled: Vec<(Uuid, HoldColumns)> = by_drop
@@ -608,54 +712,46 @@ async fn write_batch(
     }
     let mut purchases_step = None;
     if let Some(p) = &purchases {
-        // The reservation's row, as paid (without `plain`: one upsert, whether or not a row for the hold was
-        // stored before).
-        let paid = if plain { PAID_INSERT } else { PAID_UPSERT };
-        let upsert = client.prepare_cached(paid).await.map_err(text)?;
-        // A reservation paid before keeps the purchase stored then; this batch's count of rows inserted tells
-        // whether there was one (read back after the commit).
-        let purchase = if plain {
-            PURCHASE_INSERT
+        let statement = if plain {
+            PURCHASES_PLAIN
         } else {
-            PURCHASE_INSERT_UNLESS_PAID
+            PURCHASES_FENCED
         };
-        let insert = client.prepare_cached(purchase).await.map_err(text)?;
+        let insert = client.prepare_cached(statement).await.map_err(text)?;
         let client = &client;
         let h = &p.holds;
-        steps.push(Box::pin(async move {
-            client
-                .execute(
-                    &upsert,
-                    &[
-                        &h.ids,
-                        &h.drops,
-                        &h.members,
-                        &h.quantities,
-                        &h.created,
-                        &h.expires,
-                        &p.paid_at,
-                    ],
-                )
-                .await
-        }));
         purchases_step = Some(steps.len());
         steps.push(Box::pin(async move {
-            client
-                .execute(
-                    &insert,
-                    &[
-                        &p.ids,
-                        &p.reservations,
-                        &p.drops,
-                        &p.products,
-                        &p.members,
-                        &p.quantities,
-                        &p.amounts,
-                        &p.currencies,
-                        &p.paid_at,
-                    ],
-                )
-                .await
+            let rows: [&(dyn tokio_postgres::types::ToSql + Sync); 16] = [
+                &h.ids,
+                &h.drops,
+                &h.members,
+                &h.quantities,
+                &h.created,
+                &h.expires,
+                &p.paid_at,
+                &p.ids,
+                &p.reservations,
+                &p.drops,
+                &p.products,
+                &p.members,
+                &p.quantities,
+                &p.amounts,
+                &p.currencies,
+                &p.paid_at,
+            ];
+            if plain {
+                // Every row goes in or the statement fails, so each drop's units are known here.
+                let mut params = rows.to_vec();
+                params.push(&p.sold_drops);
+                params.push(&p.sold_units);
+                client.execute(&insert, &params).await?;
+                Ok(p.ids.len() as u64)
+            } else {
+                // The purchases this statement inserted.
+                let row = client.query_one(&insert, &rows).await?;
+                Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+            }
         }));
     }
     if let Some(r) = &releases {
@@ -700,13 +796,7 @@ async fn write_batch(
     let mut touched = Vec::with_capacity(steps.len());
     for answer in pipeline(steps).await {
         // The first failure is the cause: the steps after it fail only because the transaction had.
-        touched.push(answer.map_err(|err| {
-            if plain && err.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                BatchError::Conflict
-            } else {
-                BatchError::Failed(err.to_string())
-            }
-        })?);
+        touched.push(answer.map_err(|err| BatchError::of(&err, plain))?);
     }
 
     let mut stored = HashMap::with_capacity(unique.len());
@@ -721,7 +811,8 @@ async fn write_batch(
             stored.insert(purchase.reservation_id, purchase);
         }
     } else {
-        // Some reservation was paid before (a retried payment or batch): answer with the purchases as stored.
+        // Some reservation was paid before (a retried payment or batch), or refused by the fence: answer with the
+        // purchases as stored; a refused one has none.
         let reservations: Vec<Uuid> = unique.iter().map(|(p, _)| p.reservation_id).collect();
         let rows = client
             .query(
@@ -738,7 +829,8 @@ async fn write_batch(
     Ok(stored)
 }
 
-/// A purchase's reservation row, as paid; the two forms below differ only in what they do with a row already there.
+/// A purchase's reservation row, as paid (`$1`..`$7`); the two statements below differ only in what they do with a
+/// row already there.
 macro_rules! paid_rows {
     () => {
         "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
@@ -748,26 +840,49 @@ macro_rules! paid_rows {
           AS u(id, drop_id, member_id, quantity, created_at, expires_at, paid_at)"
     };
 }
-/// Purchases; likewise.
+/// The purchases (`$8`..`$16`); likewise.
 macro_rules! purchase_rows {
     () => {
         "INSERT INTO purchases (id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)
-     SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::int4[],
-                          $7::int8[], $8::text[], $9::timestamptz[])"
+     SELECT p.* FROM UNNEST($8::uuid[], $9::uuid[], $10::uuid[], $11::uuid[], $12::uuid[], $13::int4[],
+                            $14::int8[], $15::text[], $16::timestamptz[])
+          AS p(id, reservation_id, drop_id, product_id, member_id, quantity, amount, currency, paid_at)"
     };
 }
-/// Paid reservation rows where none is expected (`write_batch`'s `plain`).
-const PAID_INSERT: &str = paid_rows!();
-/// The same, marking a row already there paid.
-const PAID_UPSERT: &str = concat!(
+/// Purchases and their paid reservation rows where none is expected (`write_batch`'s `plain`): any row already
+/// there, a released one included, fails the batch, which is then written with `PURCHASES_FENCED`. Each drop's
+/// `sold` rises by its units in the batch (`$17`, `$18`: known before, as every row goes in or none), once per drop
+/// per batch; its CHECK against the stock is the backstop.
+const PURCHASES_PLAIN: &str = concat!(
+    "WITH paid AS (",
     paid_rows!(),
-    " ON CONFLICT (id) DO UPDATE SET status = 'paid', reason = NULL, updated_at = EXCLUDED.updated_at"
+    "), stored AS (",
+    purchase_rows!(),
+    ")
+     UPDATE drops d SET sold = d.sold + u.units
+     FROM UNNEST($17::uuid[], $18::int4[]) AS u(drop_id, units)
+     WHERE d.id = u.drop_id"
 );
-/// Purchases where none is expected for their reservations.
-const PURCHASE_INSERT: &str = purchase_rows!();
-/// Purchases, keeping the one stored first for a reservation paid before.
-const PURCHASE_INSERT_UNLESS_PAID: &str =
-    concat!(purchase_rows!(), " ON CONFLICT (reservation_id) DO NOTHING");
+/// The same over rows that may be there: a reservation row is marked paid unless it is `released` (the fence), a
+/// purchase is stored only for a reservation so marked, and a reservation paid before keeps the purchase stored
+/// then. Each drop's `sold` rises by the units of the purchases this statement inserted, and it answers how many
+/// that was.
+const PURCHASES_FENCED: &str = concat!(
+    "WITH paid AS (",
+    paid_rows!(),
+    " ON CONFLICT (id) DO UPDATE SET status = 'paid', reason = NULL, updated_at = EXCLUDED.updated_at
+     WHERE reservations.status <> 'released'
+     RETURNING id), stored AS (",
+    purchase_rows!(),
+    " WHERE p.reservation_id IN (SELECT id FROM paid)
+     ON CONFLICT (reservation_id) DO NOTHING
+     RETURNING drop_id, quantity),
+     counted AS (
+         UPDATE drops d SET sold = d.sold + s.units
+         FROM (SELECT drop_id, sum(quantity)::int4 AS units FROM stored GROUP BY drop_id) s
+         WHERE d.id = s.drop_id)
+     SELECT count(*) FROM stored"
+);
 
 /// Purchases as the column arrays their statements take (with their holds').
 struct PurchaseColumns<'a> {
@@ -781,10 +896,18 @@ struct PurchaseColumns<'a> {
     amounts: Vec<i64>,
     currencies: Vec<&'a str>,
     paid_at: Vec<DateTime<Utc>>,
+    /// Units per drop, for `PURCHASES_PLAIN`.
+    sold_drops: Vec<Uuid>,
+    sold_units: Vec<i32>,
 }
 
 impl<'a> PurchaseColumns<'a> {
     fn of(purchases: &[&'a (Purchase, HoldRow)]) -> Self {
+        let mut units: HashMap<Uuid, i32> = HashMap::new();
+        for (p, _) in purchases {
+            *units.entry(p.drop_id).or_default() += quantity(p.quantity);
+        }
+        let (sold_drops, sold_units) = units.into_iter().unzip();
         Self {
             holds: HoldColumns::of(purchases.iter().map(|(_, hold)| hold)),
             ids: purchases.iter().map(|(p, _)| p.id).collect(),
@@ -799,6 +922,8 @@ impl<'a> PurchaseColumns<'a> {
             amounts: purchases.iter().map(|(p, _)| p.amount).collect(),
             currencies: purchases.iter().map(|(p, _)| p.currency.as_str()).collect(),
             paid_at: purchases.iter().map(|(p, _)| p.paid_at).collect(),
+            sold_drops,
+            sold_units,
         }
     }
 }

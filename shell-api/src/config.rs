@@ -223,7 +223,9 @@ pub struct RedisArgs {
     /// Most reservations the Redis gate sends in one script call.
     #[arg(long, env = "REDIS_BATCH_MAX", default_value_t = 512)]
     pub redis_batch_max: usize,
-    /// How long a payment in progress owns its hold before another instance may take it over.
+    /// How long a payment in progress owns its hold. Past it, any instance's reaper fences the payment in Postgres:
+    /// the hold is paid if its purchase is stored, else released and the charge refunded, and the late payment is
+    /// refused (409 hold_expired). Keep it well above PAYMENT_TIMEOUT_MS.
     #[arg(long, env = "PAY_LEASE_SECONDS", default_value_t = 120)]
     pub pay_lease_seconds: u64,
     /// A journal entry delivered to an instance and not written for this long is written by another (claimed
@@ -311,6 +313,11 @@ pub struct EngineArgs {
     /// Bound of the writer's queue; producers wait when it is full.
     #[arg(long, env = "WRITER_CHANNEL_CAPACITY", default_value_t = 16_384)]
     pub writer_channel_capacity: usize,
+    /// Longest wait for the payment gateway's answer to a charge, in milliseconds. Past it the charge is refunded (in
+    /// case it went through), the payment answers 503 payment_unavailable and the hold is held again, so a hung
+    /// gateway never keeps a unit from sale. Keep it well below PAY_LEASE_SECONDS.
+    #[arg(long, env = "PAYMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub payment_timeout_ms: u64,
     /// Latency the simulated payment gateway adds to each charge.
     #[arg(long, env = "PAYMENT_LATENCY_MS", default_value_t = 0)]
     pub payment_latency_ms: u64,
@@ -325,6 +332,7 @@ impl EngineArgs {
             reserve_inflight_max: self.reserve_inflight_max,
             pay_inflight_max: self.pay_inflight_max,
             reaper_interval: std::time::Duration::from_millis(self.reaper_interval_ms.max(1)),
+            payment_timeout: std::time::Duration::from_millis(self.payment_timeout_ms.max(1)),
             settled_retain: std::time::Duration::from_secs(self.drop_retain_seconds),
             writer: engine::writer::WriterConfig {
                 batch_rows_max: self.writer_batch_rows_max,
@@ -352,6 +360,7 @@ impl Default for EngineArgs {
             reserve_inflight_max: 4096,
             pay_inflight_max: 1024,
             reaper_interval_ms: 1000,
+            payment_timeout_ms: 30_000,
             drop_retain_seconds: 3600,
             writer_batch_rows_max: 1000,
             writer_flush_interval_ms: 0,
@@ -381,6 +390,7 @@ mod tests {
             "WRITER_BATCH_ROWS_MAX",
             "WRITER_FLUSH_INTERVAL_MS",
             "WRITER_CHANNEL_CAPACITY",
+            "PAYMENT_TIMEOUT_MS",
             "PAYMENT_LATENCY_MS",
             "PAYMENT_FAILURE_RATE",
         ];

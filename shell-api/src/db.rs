@@ -46,6 +46,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "sales_without_drop_fkeys",
         include_str!("../migrations/0011_sales_without_drop_fkeys.sql"),
     ),
+    (
+        12,
+        "purchase_fence",
+        include_str!("../migrations/0012_purchase_fence.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

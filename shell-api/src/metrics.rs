@@ -221,6 +221,7 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
         ("paid", &stats.payments),
         ("declined", &stats.payments_declined),
         ("unavailable", &stats.payments_unavailable),
+        ("fenced", &stats.payments_fenced),
     ] {
         metrics::counter!("flashsale_payments_total", "outcome" => outcome).absolute(counter.get());
     }

@@ -15,7 +15,7 @@ use chrono::Utc;
 use common::{drop_state, keyed, pay, purchase_rows, reserve, TestApp};
 use engine::clock::ManualClock;
 use engine::core::{Counts, HoldView, ReserveRejection, TransitionError};
-use engine::gate::{EmbeddedGate, Gate, GateResult, GateUnavailable, Restore};
+use engine::gate::{EmbeddedGate, Gate, GateResult, GateUnavailable, Reaped, Restore};
 use engine::types::DropSpec;
 use serde_json::{json, Value};
 use shell_api::auth::Role;
@@ -770,11 +770,24 @@ async fn idempotency_keys_replay_the_first_answer() {
     );
 }
 
-/// A gate that can be switched off (fail closed) or made slow (to fill the in-flight bound).
+/// A gate that can be switched off (fail closed), made slow (to fill the in-flight bound), or made to believe its
+/// drops have `extra_stock` more units than they do (as a gate that lost or never had the truth might).
 struct TestGate {
     inner: EmbeddedGate,
     down: AtomicBool,
     slow: AtomicBool,
+    extra_stock: u32,
+}
+
+impl TestGate {
+    fn new(slow: bool, extra_stock: u32) -> Self {
+        Self {
+            inner: EmbeddedGate::new(4),
+            down: AtomicBool::new(false),
+            slow: AtomicBool::new(slow),
+            extra_stock,
+        }
+    }
 }
 
 #[async_trait]
@@ -784,7 +797,11 @@ impl Gate for TestGate {
         drop: &DropSpec,
         restore: Restore,
     ) -> GateResult<Result<(), engine::core::RestoreError>> {
-        self.inner.load(drop, restore).await
+        let believed = DropSpec {
+            stock: drop.stock + self.extra_stock,
+            ..drop.clone()
+        };
+        self.inner.load(&believed, restore).await
     }
     fn is_sold_out(&self, drop: Uuid) -> bool {
         self.inner.is_sold_out(drop)
@@ -848,7 +865,14 @@ impl Gate for TestGate {
     ) -> GateResult<Result<HoldView, TransitionError>> {
         self.inner.cancel(drop, hold, member).await
     }
-    async fn reap(&self, now_ms: i64, out: &mut Vec<(Uuid, HoldView)>) -> GateResult<usize> {
+    async fn release_fenced(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>> {
+        self.inner.release_fenced(drop, hold).await
+    }
+    async fn reap(&self, now_ms: i64, out: &mut Reaped) -> GateResult<usize> {
         self.inner.reap(now_ms, out).await
     }
     async fn hold(&self, drop: Uuid, hold: Uuid) -> GateResult<Option<HoldView>> {
@@ -864,11 +888,7 @@ impl Gate for TestGate {
 
 #[tokio::test]
 async fn an_unreachable_gate_refuses_with_503_and_grants_nothing() {
-    let gate = Arc::new(TestGate {
-        inner: EmbeddedGate::new(4),
-        down: AtomicBool::new(false),
-        slow: AtomicBool::new(false),
-    });
+    let gate = Arc::new(TestGate::new(false, 0));
     let app = TestApp::with_gate(EngineArgs::default(), gate.clone()).await;
     let (_, drop) = app.open_drop(5, 10, json!({})).await;
     let buyer = app.member(Role::Customer).await;
@@ -893,11 +913,7 @@ async fn an_unreachable_gate_refuses_with_503_and_grants_nothing() {
 
 #[tokio::test]
 async fn past_the_in_flight_bound_reservations_get_429_at_once() {
-    let gate = Arc::new(TestGate {
-        inner: EmbeddedGate::new(4),
-        down: AtomicBool::new(false),
-        slow: AtomicBool::new(true),
-    });
+    let gate = Arc::new(TestGate::new(true, 0));
     let args = EngineArgs {
         reserve_inflight_max: 2,
         ..EngineArgs::default()
@@ -1253,11 +1269,7 @@ async fn the_hot_path_answers_every_reservation_as_the_routed_handler_does() {
 
 #[tokio::test]
 async fn a_reservation_past_the_request_deadline_is_a_503_on_both_paths_and_holds_nothing() {
-    let gate = Arc::new(TestGate {
-        inner: EmbeddedGate::new(4),
-        down: AtomicBool::new(false),
-        slow: AtomicBool::new(true),
-    });
+    let gate = Arc::new(TestGate::new(true, 0));
     let app = TestApp::with_gate(EngineArgs::default(), gate.clone()).await;
     let (_, drop) = app.open_drop(5, 10, json!({})).await;
     // The same engine behind an app whose requests may take 150 ms; the gate takes 400.
@@ -1304,5 +1316,116 @@ async fn a_reservation_past_the_request_deadline_is_a_503_on_both_paths_and_hold
     assert_eq!(
         (state["available"].as_u64(), state["held"].as_u64()),
         (Some(5), Some(0))
+    );
+}
+
+/// Guarantee 5a's backstop: a gate that believes a drop has twice its stock grants twice the holds, and every one of
+/// them is paid for; Postgres stores exactly the stock, and each payment past it is refunded and answered 409
+/// hold_expired, its hold released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refuses_paid_units_past_the_stock_whatever_the_gate_says() {
+    const STOCK: usize = 3;
+    let gate = Arc::new(TestGate::new(false, STOCK as u32));
+    let app = Arc::new(TestApp::with_gate(EngineArgs::default(), gate).await);
+    let (_, drop) = app.open_drop(STOCK as u32, 10, json!({})).await;
+    let mut holds = Vec::new();
+    for _ in 0..2 * STOCK {
+        let buyer = app.member(Role::Customer).await;
+        let hold = reserve(&app, &buyer, &drop, 1).await;
+        assert_eq!(hold.status, StatusCode::CREATED, "the lying gate grants");
+        holds.push((buyer, hold.body["id"].as_str().unwrap().to_owned()));
+    }
+    // Two alone (in batches of their own), then the rest at once (batches that pass the stock together).
+    let mut answers = Vec::new();
+    for (buyer, id) in holds.drain(..2) {
+        answers.push(pay(&app, &buyer, &id, "tok_ok").await);
+    }
+    let tasks: Vec<_> = holds
+        .into_iter()
+        .map(|(buyer, id)| {
+            let app = app.clone();
+            tokio::spawn(async move { pay(&app, &buyer, &id, "tok_ok").await })
+        })
+        .collect();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let paid = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::OK)
+        .count();
+    let refused: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status != StatusCode::OK)
+        .map(|a| (a.status, a.code().to_owned()))
+        .collect();
+    assert_eq!(paid, STOCK, "{answers:?}");
+    assert_eq!(
+        refused,
+        vec![(StatusCode::CONFLICT, "hold_expired".to_owned()); STOCK]
+    );
+    let id: Uuid = drop["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        common::purchase_tally(&app.db, id).await,
+        (STOCK as i64, STOCK as i64, STOCK as i64)
+    );
+    let sold: i32 = app
+        .db
+        .client()
+        .await
+        .query_one("SELECT sold FROM drops WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sold as usize, STOCK);
+    assert_eq!(
+        app.gateway.charges(),
+        STOCK,
+        "the refused charges were refunded"
+    );
+    assert_eq!(app.gateway.refunds(), STOCK as u64);
+    // The refused holds are released, not left paying or held.
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(state["held"], 0, "{state}");
+    assert_eq!(state["sold"], STOCK as u64, "{state}");
+}
+
+/// A gateway that hangs is given up after PAYMENT_TIMEOUT_MS: the payment answers 503 payment_unavailable at once
+/// rather than when (if ever) the gateway answers, nothing stays charged, and the hold is held again, so its unit is
+/// never stranded (here the buyer cancels and the unit is back on sale).
+#[tokio::test]
+async fn a_hung_gateway_is_given_up_after_the_payment_timeout_and_strands_no_unit() {
+    let args = EngineArgs {
+        payment_latency_ms: 600_000,
+        payment_timeout_ms: 300,
+        ..EngineArgs::default()
+    };
+    let app = TestApp::with_engine_args(args).await;
+    let (_, drop) = app.open_drop(1, 10, json!({})).await;
+    let buyer = app.member(Role::Customer).await;
+    let hold = reserve(&app, &buyer, &drop, 1).await;
+    let id = hold.body["id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    let answer = pay(&app, &buyer, &id, "tok_ok").await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "payment_unavailable")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(app.gateway.charges(), 0);
+    let view = common::read_reservation(&app, &buyer, &id).await;
+    assert_eq!(view.body["status"], "held");
+    assert_eq!(
+        common::cancel(&app, &buyer, &id).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let state = drop_state(&app, &drop).await;
+    assert_eq!(
+        (state["available"].as_u64(), state["sold"].as_u64()),
+        (Some(1), Some(0))
     );
 }

@@ -673,3 +673,230 @@ async fn postgres_away_for_ten_seconds_loses_nothing_acknowledged() {
     })
     .await;
 }
+
+// ---- Guarantee 5a: a payment that outlives its lease is fenced at the system of record.
+
+/// Lease and reaper short enough for a test to outlive: a payment owns its hold for one second.
+const SHORT_LEASE: [(&str, &str); 2] = [("PAY_LEASE_SECONDS", "1"), ("REAPER_INTERVAL_MS", "100")];
+
+/// Reserves the one unit of `drop` for `member` through `instance`; returns the payment path of the hold.
+async fn reserve_the_unit(
+    fleet: &Fleet,
+    instance: usize,
+    drop: &str,
+    member: &TestMember,
+) -> String {
+    let (status, hold) = fleet
+        .post(
+            instance,
+            &format!("/api/v1/drops/{drop}/reservations"),
+            member,
+            None,
+            json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    format!(
+        "/api/v1/reservations/{}/payment",
+        hold["id"].as_str().unwrap()
+    )
+}
+
+/// Starts paying through `instance` in a task of its own; the answer comes when the payment ends.
+fn pay_in_background(
+    fleet: &Arc<Fleet>,
+    instance: usize,
+    path: String,
+    member: TestMember,
+) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let fleet = fleet.clone();
+    tokio::spawn(async move {
+        fleet
+            .post(
+                instance,
+                &path,
+                &member,
+                None,
+                json!({ "payment_token": "tok_ok" }),
+            )
+            .await
+            .expect("payment answered")
+    })
+}
+
+/// What a stalled payment must come to: refused with 409 hold_expired, nothing of it stored, and the drop's one unit
+/// sold at most once, to `winner` if there is one, with Postgres and every instance agreeing.
+async fn assert_fenced(
+    fleet: &Fleet,
+    drop: &str,
+    stalled: (StatusCode, Value),
+    winner: Option<&Value>,
+) {
+    assert_eq!(
+        (stalled.0, stalled.1["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("hold_expired")),
+        "the payment that outlived its lease: {}",
+        stalled.1
+    );
+    let stored = fleet.purchase_ids(drop).await;
+    let expected: Vec<Uuid> = winner
+        .map(|body| body["purchase_id"].as_str().unwrap().parse().unwrap())
+        .into_iter()
+        .collect();
+    assert_eq!(stored, expected, "purchases stored for a stock of one");
+    let sold = u64::from(winner.is_some());
+    let id: Uuid = drop.parse().unwrap();
+    let counted: i32 = fleet
+        .db
+        .client()
+        .await
+        .query_one("SELECT sold FROM drops WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(i64::from(counted), sold as i64, "drops.sold in Postgres");
+    eventually("every instance agrees", Duration::from_secs(10), || async {
+        fleet
+            .all_counts(drop)
+            .await
+            .iter()
+            .all(|&counts| counts == (1 - sold, 0, sold))
+    })
+    .await;
+}
+
+/// The reproduction: instance A's gateway takes five seconds and its lease is one; while X's payment is in
+/// flight on A the lease runs out, the reaper fences it, and Y buys the unit through B. X's payment then returns from
+/// the gateway: it must be refused, not stored beside Y's purchase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_that_outlives_its_lease_is_refused_while_another_instance_resells_the_unit() {
+    let mut fleet = Fleet::start(0, &redis_url(), &[]).await;
+    let mut slow = vec![("PAYMENT_LATENCY_MS", "5000")];
+    slow.extend_from_slice(&SHORT_LEASE);
+    fleet.add(&slow, None).await;
+    fleet.add(&SHORT_LEASE, None).await;
+    let drop = fleet.create_drop(1, json!({ "hold_seconds": 1 })).await;
+    let buyers = fleet.members(2).await;
+    let fleet = Arc::new(fleet);
+
+    let pay_x = reserve_the_unit(&fleet, 0, &drop, &buyers[0]).await;
+    let stalled = pay_in_background(&fleet, 0, pay_x, buyers[0].clone());
+    eventually(
+        "the lapsed payment is fenced and its unit back on sale",
+        Duration::from_secs(10),
+        || async { fleet.counts(1, &drop).await == (1, 0, 0) },
+    )
+    .await;
+    let pay_y = reserve_the_unit(&fleet, 1, &drop, &buyers[1]).await;
+    let (status, won) = fleet
+        .post(
+            1,
+            &pay_y,
+            &buyers[1],
+            None,
+            json!({ "payment_token": "tok_ok" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{won}");
+    let stalled = tokio::time::timeout(Duration::from_secs(20), stalled)
+        .await
+        .expect("the stalled payment ends")
+        .unwrap();
+    assert_fenced(&fleet, &drop, stalled, Some(&won)).await;
+}
+
+/// The same on one instance, whose own reaper fences its own stalled payment: the second buyer's payment stalls past
+/// its lease too, so nothing may be stored at all and the unit stays for sale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_instance_payments_that_outlive_their_leases_are_all_refused() {
+    let mut fleet = Fleet::start(0, &redis_url(), &[]).await;
+    let mut slow = vec![("PAYMENT_LATENCY_MS", "4000")];
+    slow.extend_from_slice(&SHORT_LEASE);
+    fleet.add(&slow, None).await;
+    let drop = fleet.create_drop(1, json!({ "hold_seconds": 1 })).await;
+    let buyers = fleet.members(2).await;
+    let fleet = Arc::new(fleet);
+
+    let pay_x = reserve_the_unit(&fleet, 0, &drop, &buyers[0]).await;
+    let first = pay_in_background(&fleet, 0, pay_x, buyers[0].clone());
+    eventually(
+        "the lapsed payment is fenced and its unit back on sale",
+        Duration::from_secs(10),
+        || async { fleet.counts(0, &drop).await == (1, 0, 0) },
+    )
+    .await;
+    let pay_y = reserve_the_unit(&fleet, 0, &drop, &buyers[1]).await;
+    let second = pay_in_background(&fleet, 0, pay_y, buyers[1].clone());
+    let first = first.await.unwrap();
+    let second = second.await.unwrap();
+    assert_fenced(&fleet, &drop, second, None).await;
+    assert_fenced(&fleet, &drop, first, None).await;
+}
+
+/// An instance paused (SIGSTOP) in the middle of a payment for longer than the lease, then resumed (SIGCONT): the
+/// other instance fences the payment and resells the unit meanwhile, and the resumed payment is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_instance_resumed_after_its_lease_cannot_store_its_payment() {
+    let mut fleet = Fleet::start(0, &redis_url(), &[]).await;
+    let mut paying = vec![("PAYMENT_LATENCY_MS", "600")];
+    paying.extend_from_slice(&SHORT_LEASE);
+    fleet.add(&paying, None).await;
+    fleet.add(&SHORT_LEASE, None).await;
+    let drop = fleet.create_drop(1, json!({ "hold_seconds": 30 })).await;
+    let buyers = fleet.members(2).await;
+    let paused = fleet.servers[0].child.id().expect("pid").to_string();
+    let fleet = Arc::new(fleet);
+
+    let pay_x = reserve_the_unit(&fleet, 0, &drop, &buyers[0]).await;
+    let stalled = pay_in_background(&fleet, 0, pay_x, buyers[0].clone());
+    // The payment is at the gateway (600 ms) when the process stops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &paused])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name}");
+    };
+    signal("-STOP");
+    let resume = scopeguard(|| signal("-CONT"));
+    eventually(
+        "the other instance fences the lapsed payment",
+        Duration::from_secs(10),
+        || async { fleet.counts(1, &drop).await == (1, 0, 0) },
+    )
+    .await;
+    let pay_y = reserve_the_unit(&fleet, 1, &drop, &buyers[1]).await;
+    let (status, won) = fleet
+        .post(
+            1,
+            &pay_y,
+            &buyers[1],
+            None,
+            json!({ "payment_token": "tok_ok" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{won}");
+    std::mem::drop(resume);
+    let stalled = tokio::time::timeout(Duration::from_secs(20), stalled)
+        .await
+        .expect("the resumed payment ends")
+        .unwrap();
+    assert_fenced(&fleet, &drop, stalled, Some(&won)).await;
+}
+
+/// Runs `f` when dropped: a stopped process is resumed even when an assertion fails first.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

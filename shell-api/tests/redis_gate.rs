@@ -454,28 +454,40 @@ async fn payments_left_by_a_dead_instance_are_settled_from_postgres() {
         )
         .await
         .unwrap();
-    // The reaper settles both: the committed one is sold, the other is a hold again (not yet expired).
+    // The reaper fences both in Postgres: the committed one is sold; the other's release is stored first (so its
+    // payment, should it resume, is refused), then its unit returns to sale.
     eventually("stale payments settled", Duration::from_secs(5), || async {
         let state = drop_state(&a, &drop).await;
         (
             state["available"].as_u64(),
             state["held"].as_u64(),
             state["sold"].as_u64(),
-        ) == (Some(3), Some(1), Some(1))
+        ) == (Some(4), Some(0), Some(1))
     })
     .await;
     let paid = read_reservation(&a, &committed, &first.to_string()).await;
     assert_eq!(paid.body["status"], "paid");
-    let held = read_reservation(&a, &abandoned, &second.to_string()).await;
-    assert_eq!(held.body["status"], "held");
-    // The buyer whose payment was lost can pay now.
+    let released = read_reservation(&a, &abandoned, &second.to_string()).await;
     assert_eq!(
-        pay(&a, &abandoned, &second.to_string(), "tok_ok")
-            .await
-            .status,
-        StatusCode::OK
+        (&released.body["status"], &released.body["reason"]),
+        (&json!("released"), &json!("expired"))
     );
-    assert_eq!(drop_state(&a, &drop).await["sold"], 2);
+    let stored: String =
+        a.db.client()
+            .await
+            .query_one("SELECT status FROM reservations WHERE id = $1", &[&second])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(stored, "released", "the fence is stored in Postgres");
+    // The buyer whose payment lapsed cannot pay it now; its unit is for sale again.
+    let retry = pay(&a, &abandoned, &second.to_string(), "tok_ok").await;
+    assert_eq!(
+        (retry.status, retry.code()),
+        (StatusCode::CONFLICT, "already_released")
+    );
+    assert_eq!(drop_state(&a, &drop).await["sold"], 1);
+    assert_eq!(purchase_tally(&a.db, id).await.0, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

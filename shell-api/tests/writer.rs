@@ -369,3 +369,220 @@ async fn a_purchase_that_cannot_be_stored_is_never_acknowledged() {
         (Some(1), Some(4))
     );
 }
+
+// ---- Guarantee 5a at the system of record: the fence and the backstop.
+
+/// A drop of `stock` units for the writer's rows to point at.
+async fn seed_drop_of(db: &TestDb, stock: i32) -> Uuid {
+    let drop = seed_drop(db).await;
+    db.client()
+        .await
+        .execute(
+            "UPDATE drops SET stock = $2 WHERE id = $1",
+            &[&drop, &stock],
+        )
+        .await
+        .unwrap();
+    drop
+}
+
+async fn sold(db: &TestDb, drop: Uuid) -> i32 {
+    db.client()
+        .await
+        .query_one("SELECT sold FROM drops WHERE id = $1", &[&drop])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A purchase whose hold's release is stored (a payment that outlived its lease) is refused, inside a batch whose
+/// other purchases are stored: the fence is per row, not per batch. Both ways of writing purchases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_of_a_released_hold_is_refused_and_the_rest_of_its_batch_stored() {
+    for plain in [true, false] {
+        let db = TestDb::new().await;
+        let drop = seed_drop(&db).await;
+        let (fenced, fenced_row) = purchase_for(drop);
+        let fence = engine::store::fence_payment(&**db.client().await, &fenced_row, Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(fence, engine::store::Fence::Released);
+        let config = WriterConfig {
+            plain_purchases: plain,
+            // One batch for all of them.
+            linger: std::time::Duration::from_millis(200),
+            ..WriterConfig::default()
+        };
+        let (handle, _task) = writer::spawn(db.pool.clone(), config);
+        let mut sent = vec![(fenced, fenced_row)];
+        sent.extend((0..20).map(|_| purchase_for(drop)));
+        let answers: Vec<_> = sent
+            .into_iter()
+            .map(|(purchase, hold)| {
+                let handle = handle.clone();
+                tokio::spawn(async move { handle.purchase(purchase, hold).await })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for answer in answers {
+            results.push(answer.await.unwrap());
+        }
+        assert!(
+            matches!(results[0], Err(writer::WriteError::Fenced)),
+            "plain {plain}: {:?}",
+            results[0]
+        );
+        assert!(results[1..].iter().all(Result::is_ok), "plain {plain}");
+        assert_eq!(count(&db, "SELECT count(*) FROM purchases").await, 20);
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM reservations WHERE status = 'released'"
+            )
+            .await,
+            1,
+            "the fenced hold stays released"
+        );
+        assert_eq!(sold(&db, drop).await, 20, "plain {plain}");
+    }
+}
+
+/// The fence against the purchase, raced: for each hold a settling reaper fences it while its payment stores the
+/// purchase, at the same moment. Exactly one wins each time: stored and answered paid, or released and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_and_a_purchase_racing_never_both_win() {
+    const HOLDS: usize = 60;
+    let db = TestDb::new().await;
+    let drop = seed_drop(&db).await;
+    let (handle, _task) = writer::spawn(db.pool.clone(), WriterConfig::default());
+    // The pool has 8 connections: the writer needs one while the fences hold theirs.
+    let fences = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
+    let mut races = Vec::new();
+    for i in 0..HOLDS {
+        let (purchase, hold) = purchase_for(drop);
+        let (handle, pool, fences) = (handle.clone(), db.pool.clone(), fences.clone());
+        // Fences that start from at once to a few milliseconds after the purchase, so both sides win some races.
+        let lag = std::time::Duration::from_micros(250 * (i as u64 % 20));
+        let fence_row = hold.clone();
+        races.push(tokio::spawn(async move {
+            let _turn = fences.acquire().await.unwrap();
+            let client = pool.get().await.unwrap();
+            let (stored, fence) = tokio::join!(handle.purchase(purchase, hold), async {
+                tokio::time::sleep(lag).await;
+                engine::store::fence_payment(&**client, &fence_row, Utc::now()).await
+            });
+            (fence_row.id, stored, fence.unwrap())
+        }));
+    }
+    let (mut paid, mut released) = (0, 0);
+    for race in races {
+        let (id, stored, fence) = race.await.unwrap();
+        let rows: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM purchases WHERE reservation_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let status: String = db
+            .client()
+            .await
+            .query_one("SELECT status FROM reservations WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        match fence {
+            engine::store::Fence::Paid => {
+                assert!(stored.is_ok(), "{id}: fence says paid, purchase {stored:?}");
+                assert_eq!((rows, status.as_str()), (1, "paid"), "{id}");
+                paid += 1;
+            }
+            engine::store::Fence::Released => {
+                assert!(
+                    matches!(stored, Err(writer::WriteError::Fenced)),
+                    "{id}: fence says released, purchase {stored:?}"
+                );
+                assert_eq!((rows, status.as_str()), (0, "released"), "{id}");
+                released += 1;
+            }
+        }
+    }
+    assert_eq!(paid + released, HOLDS);
+    assert_eq!(sold(&db, drop).await as usize, paid);
+    println!("{paid} purchases won their race, {released} fences did");
+    assert!(paid > 0 && released > 0, "both sides won some races");
+}
+
+/// The backstop: a batch whose purchases would pass the drop's stock in Postgres (a gate that lost the truth sold
+/// them) is refused by `drops_sold_check`, and its purchases are then stored one by one: exactly the stock is
+/// stored, the rest are refused, and the holds and releases beside them in the batch are stored all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_past_a_drops_stock_are_refused_in_postgres() {
+    const STOCK: i32 = 3;
+    let db = TestDb::new().await;
+    let drop = seed_drop_of(&db, STOCK).await;
+    let config = WriterConfig {
+        linger: std::time::Duration::from_millis(200),
+        ..WriterConfig::default()
+    };
+    let (handle, _task) = writer::spawn(db.pool.clone(), config);
+    let (_, released_hold) = purchase_for(drop);
+    handle
+        .hold_released(
+            released_hold,
+            engine::core::ReleaseReason::Cancelled,
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let answers: Vec<_> = (0..8)
+        .map(|_| {
+            let (purchase, hold) = purchase_for(drop);
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.purchase(purchase, hold).await })
+        })
+        .collect();
+    let (mut stored, mut refused) = (0, 0);
+    for answer in answers {
+        match answer.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(writer::WriteError::Fenced) => refused += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!((stored, refused), (STOCK, 8 - STOCK));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM purchases").await,
+        i64::from(STOCK)
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM reservations WHERE status = 'paid'"
+        )
+        .await,
+        i64::from(STOCK),
+        "no paid row without its purchase"
+    );
+    assert_eq!(sold(&db, drop).await, STOCK);
+    handle.flush().await.unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM reservations WHERE status = 'released'"
+        )
+        .await,
+        1,
+        "the release in the refused batch is stored"
+    );
+    // A direct write past the stock is refused by Postgres itself.
+    let past = db
+        .client()
+        .await
+        .execute("UPDATE drops SET sold = stock + 1 WHERE id = $1", &[&drop])
+        .await;
+    assert!(past.is_err());
+}

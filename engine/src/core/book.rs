@@ -432,6 +432,15 @@ impl DropBook {
         })
     }
 
+    /// `held | paying -> released(Expired)`: Postgres refused this hold's purchase (its release is stored there, or its
+    /// drop's stored paid units are at the stock), so its units must not stay committed here.
+    pub fn release_fenced(&self, hold_id: Uuid) -> Result<HoldView, TransitionError> {
+        self.apply(hold_id, |hold| match hold.state {
+            HoldState::Held | HoldState::Paying => Ok(HoldState::Released(ReleaseReason::Expired)),
+            other => Err(refusal(other)),
+        })
+    }
+
     /// `held -> released(Cancelled)`, for the hold's owner; refused while a payment is in flight.
     pub fn cancel(&self, hold_id: Uuid, member: Uuid) -> Result<HoldView, TransitionError> {
         self.apply(hold_id, |hold| {

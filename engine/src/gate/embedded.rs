@@ -6,7 +6,7 @@ use dashmap::DashMap;
 use std::sync::Arc;
 use uuid::Uuid;
 
-use super::{Gate, GateResult, Restore};
+use super::{Gate, GateResult, Reaped, Restore};
 use crate::core::{
     Counts, DropBook, DropParams, HoldView, IdHasher, ReserveRejection, RestoreError,
     TransitionError,
@@ -162,7 +162,17 @@ impl Gate for EmbeddedGate {
         self.with_book(drop, |book| book.cancel(hold, member))
     }
 
-    async fn reap(&self, now_ms: i64, out: &mut Vec<(Uuid, HoldView)>) -> GateResult<usize> {
+    async fn release_fenced(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>> {
+        self.with_book(drop, |book| book.release_fenced(hold))
+    }
+
+    /// Releases expired holds. A payment here never outlives its lease unseen: it runs in this process, bounded by
+    /// the payment timeout, and the process that would stop it stops this reaper too; so `lapsed` stays empty.
+    async fn reap(&self, now_ms: i64, out: &mut Reaped) -> GateResult<usize> {
         let books: Vec<(Uuid, Arc<DropBook>)> = self
             .books
             .iter()
@@ -173,7 +183,8 @@ impl Gate for EmbeddedGate {
         for (drop, book) in books {
             released.clear();
             total += book.reap(now_ms, &mut released);
-            out.extend(released.drain(..).map(|hold| (drop, hold)));
+            out.released
+                .extend(released.drain(..).map(|hold| (drop, hold)));
         }
         Ok(total)
     }

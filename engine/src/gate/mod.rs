@@ -39,6 +39,17 @@ pub struct Restore {
 
 pub type GateResult<T> = Result<T, GateUnavailable>;
 
+/// What one pass of a gate's reaper found.
+#[derive(Debug, Default)]
+pub struct Reaped {
+    /// Holds released as expired by this pass, with their drops.
+    pub released: Vec<(Uuid, HoldView)>,
+    /// Holds still `paying` whose payment's lease ran out (its process stopped answering, or paused), with their
+    /// drops. The gate leaves them as they are: the service fences each in Postgres first (guarantee 5a), then tells
+    /// the gate to complete it (its purchase is stored) or to release it (its release is).
+    pub lapsed: Vec<(Uuid, HoldView)>,
+}
+
 #[async_trait]
 pub trait Gate: Send + Sync + 'static {
     /// Makes a drop known to this gate. `restore` is the drop's state as Postgres has it; a gate that already holds
@@ -91,8 +102,16 @@ pub trait Gate: Send + Sync + 'static {
         hold: Uuid,
         member: Uuid,
     ) -> GateResult<Result<HoldView, TransitionError>>;
-    /// Releases expired holds of every drop, appending `(drop, hold)` for each released one.
-    async fn reap(&self, now_ms: i64, out: &mut Vec<(Uuid, HoldView)>) -> GateResult<usize>;
+    /// `held | paying -> released(expired)`: Postgres refused the hold's purchase (its release is stored there, or its
+    /// drop's stored paid units are at the stock), so the gate must stop counting its units as committed.
+    async fn release_fenced(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>>;
+    /// Releases expired holds of every drop into `out.released`, and reports in `out.lapsed` the payments whose lease
+    /// ran out; returns how many holds it released.
+    async fn reap(&self, now_ms: i64, out: &mut Reaped) -> GateResult<usize>;
     async fn hold(&self, drop: Uuid, hold: Uuid) -> GateResult<Option<HoldView>>;
     async fn counts(&self, drop: Uuid) -> GateResult<Option<Counts>>;
     /// Whether the gate records holds and releases in Postgres itself. The embedded gate does not (the service

@@ -32,7 +32,7 @@ use uuid::Uuid;
 pub use conn::RedisConn;
 use ids::HoldRef;
 
-use super::{Gate, GateResult, GateUnavailable, Restore};
+use super::{Gate, GateResult, GateUnavailable, Reaped, Restore};
 use crate::clock::to_datetime;
 use crate::core::{
     Counts, HoldState, HoldView, ReleaseReason, ReserveRejection, RestoreError, TransitionError,
@@ -57,7 +57,8 @@ pub struct RedisGateConfig {
     pub batch_max: usize,
     /// Reserve script calls one drop may have in flight at once on this instance.
     pub calls_in_flight: usize,
-    /// How long a `paying` hold belongs to the instance that began the payment; past it another may take it over.
+    /// How long a `paying` hold belongs to the payment that began it; past it any instance's reaper fences the
+    /// payment in Postgres and settles the hold (paid if its purchase is stored, else released and refunded).
     pub pay_lease: Duration,
     /// How often a sold-out drop's available units are read, to clear the local sold-out flag when stock returns.
     pub sold_out_poll: Duration,
@@ -702,39 +703,6 @@ impl Inner {
             .ok_or_else(|| GateUnavailable("drop state vanished again after a reload".into()))
     }
 
-    /// Settles payments whose lease ran out (their instance died between charging and answering): paid when Postgres
-    /// has the purchase (it was committed, so the unit is sold), else back to `held` or, past expiry, released. The
-    /// lease (`pay_lease`) is far longer than a payment's bounded work, so a payment this finds is not running any
-    /// more.
-    async fn settle_stale_payments(&self, lane: &Lane, stale: &[HoldRef]) -> GateResult<()> {
-        if stale.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<Uuid> = stale.iter().map(HoldRef::id).collect();
-        let client = self.db.get().await.map_err(unavailable)?;
-        let paid: std::collections::HashSet<Uuid> = client
-            .query(
-                "SELECT reservation_id FROM purchases WHERE reservation_id = ANY($1)",
-                &[&ids],
-            )
-            .await
-            .map_err(unavailable)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        std::mem::drop(client);
-        for id in ids {
-            let op = if paid.contains(&id) {
-                "settle_paid"
-            } else {
-                "settle_unpaid"
-            };
-            let outcome = self.transition(lane.drop, id, op, None).await?;
-            tracing::warn!(drop = %lane.drop, hold = %id, op, ?outcome, "settled a payment whose instance stopped answering");
-        }
-        Ok(())
-    }
-
     /// One transition script call on the hold `place` of `lane`.
     async fn transition_once(
         &self,
@@ -1123,7 +1091,15 @@ impl Gate for RedisGate {
             .await
     }
 
-    async fn reap(&self, _now_ms: i64, out: &mut Vec<(Uuid, HoldView)>) -> GateResult<usize> {
+    async fn release_fenced(
+        &self,
+        drop: Uuid,
+        hold: Uuid,
+    ) -> GateResult<Result<HoldView, TransitionError>> {
+        self.inner.transition(drop, hold, "fence", None).await
+    }
+
+    async fn reap(&self, _now_ms: i64, out: &mut Reaped) -> GateResult<usize> {
         /// Reserve entries one script call visits, and calls per drop per pass: bounded work per pass.
         const ENTRIES_PER_CALL: i64 = 256;
         const CALLS_PER_PASS: usize = 16;
@@ -1175,7 +1151,7 @@ impl Gate for RedisGate {
                         continue;
                     };
                     let created = i64::try_from(place.ms).unwrap_or(i64::MAX);
-                    out.push((
+                    out.released.push((
                         lane.drop,
                         HoldView {
                             id: place.id(),
@@ -1197,7 +1173,19 @@ impl Gate for RedisGate {
                     break;
                 }
             }
-            self.inner.settle_stale_payments(&lane, &stale).await?;
+            // Payments whose lease ran out go to the service as they are now (still paying, unless they ended
+            // since), for it to fence.
+            for place in stale {
+                if let Ok(hold) = self
+                    .inner
+                    .transition(lane.drop, place.id(), "read", None)
+                    .await?
+                {
+                    if hold.state == HoldState::Paying {
+                        out.lapsed.push((lane.drop, hold));
+                    }
+                }
+            }
         }
         Ok(total)
     }

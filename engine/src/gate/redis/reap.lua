@@ -6,8 +6,8 @@ local cfg = redis.call('HMGET', C, 'hold_ms', 'reaped')
 if not cfg[1] then return { -1 } end
 local hold_ms, cursor = tonumber(cfg[1]), cfg[2] or '0-0'
 local upto = now_ms() - hold_ms
--- Payments whose lease ran out: their instance died between charging and answering. The caller settles each from
--- Postgres (paid if its purchase is there, else back to held or expired).
+-- Payments whose lease ran out: their instance died or paused between charging and answering. The caller fences
+-- each in Postgres and then completes it (its purchase is stored) or releases it (its release is).
 local stale = redis.call('ZRANGEBYSCORE', P, '-inf', string.format('%d', now_ms()), 'LIMIT', 0, tonumber(ARGV[1]))
 if upto < 0 then return { 0, 0, stale } end
 local entries = redis.call('XRANGE', E, '(' .. cursor, string.format('%d', upto), 'COUNT', tonumber(ARGV[1]))

@@ -1,8 +1,8 @@
 -- Moves one hold. ARGV: entry id, index, operation, member (32 hex, '' when not checked), lease_ms.
--- Operations: begin (held -> paying), complete (paying -> paid), abort (paying -> held, or released as expired when
--- past expiry), decline (paying -> released), cancel (held -> released), read (no change), and for a payment whose
--- lease ran out (its instance died): settle_paid (-> paid: Postgres has its purchase), settle_unpaid (-> as abort:
--- Postgres has no purchase); both refuse (6) a payment whose lease is still running.
+-- Operations: begin (held -> paying, with a lease), complete (paying -> paid), abort (paying -> held, or released as
+-- expired when past expiry), decline (paying -> released), cancel (held -> released), read (no change), and fence
+-- (held or paying -> released as expired: Postgres refused the hold's purchase, see the service's fence). A payment
+-- whose lease ran out is never taken over here: the service fences it in Postgres first, then completes or fences it.
 -- Codes: -1 not loaded, 0 done, 1 not found, 2 not owner, 3 expired (released by this call), 4 already released,
 -- 5 already paid, 6 payment in flight, 7 not paying.
 local h, err = load_hold()
@@ -20,15 +20,6 @@ local function refuse()
 end
 local now = now_ms()
 if op == 'begin' then
-  if kind == 'p' and tonumber(string.sub(st, 3)) <= now then
-    -- The instance that began this payment stopped answering for longer than its lease; take it over (the
-    -- payment gateway is idempotent on the reservation, and the writer keeps the first purchase stored).
-    local lease_end = now + tonumber(ARGV[5])
-    local lease = 'p:' .. string.format("%d", lease_end)
-    redis.call('HSET', S, h.ref, lease)
-    redis.call('ZADD', P, lease_end, h.ref)
-    return view(0, h, lease)
-  end
   if kind ~= 'h' then return refuse() end
   if now >= h.expires then return view(3, h, release(h, 'e')) end
   local lease_end = now + tonumber(ARGV[5])
@@ -36,11 +27,6 @@ if op == 'begin' then
   redis.call('HSET', S, h.ref, lease)
   redis.call('ZADD', P, lease_end, h.ref)
   return view(0, h, lease)
-end
-if (op == 'settle_paid' or op == 'settle_unpaid') then
-  if kind ~= 'p' then return refuse() end
-  if tonumber(string.sub(st, 3)) > now then return view(6, h) end
-  if op == 'settle_paid' then op = 'complete' else op = 'abort' end
 end
 if op == 'complete' then
   if kind ~= 'p' then return refuse() end
@@ -62,5 +48,8 @@ elseif op == 'decline' then
 elseif op == 'cancel' then
   if kind ~= 'h' then return refuse() end
   return view(0, h, release(h, 'c'))
+elseif op == 'fence' then
+  if kind ~= 'h' and kind ~= 'p' then return refuse() end
+  return view(0, h, release(h, 'e'))
 end
 return redis.error_reply('unknown operation ' .. op)
