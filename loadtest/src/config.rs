@@ -44,6 +44,11 @@ pub enum Command {
     /// A constant arrival rate over raw HTTP/1.1 connections: requests are scheduled at fixed intended times and
     /// their latency counts from that time, so a stalled server shows in every request it delayed.
     Rate(RateArgs),
+    /// A seeded chaos rehearsal: starts its own Postgres database (behind a proxy it can cut), Redis and
+    /// `--instances` servers, sells one drop to `--buyers` while killing, pausing and slowing them on a schedule
+    /// derived from `--seed`, then heals everything and checks the recorded history against Postgres. Exits 1 on
+    /// any violation, 2 when the run itself could not be carried out.
+    Chaos(ChaosArgs),
 }
 
 /// Where the servers are and how to set a run up; shared by every subcommand that talks to the API.
@@ -257,6 +262,78 @@ pub struct RateArgs {
     pub timeout_ms: u64,
 }
 
+/// The chaos rehearsal's settings: the world it starts, the drop it sells, the workload and the faults' knobs.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ChaosArgs {
+    /// Instances of `flashsale serve` selling the drop; at least 2, so that a fault never takes them all down.
+    #[arg(long, env = "LOAD_CHAOS_INSTANCES", default_value_t = 3)]
+    pub instances: usize,
+    /// Seconds of load with faults injected; healing, settling and checking come after.
+    #[arg(long, env = "LOAD_CHAOS_SECONDS", default_value_t = 60)]
+    pub seconds: u64,
+    /// Seed of the fault schedule and of every buyer's choices: the same seed gives the same schedule.
+    #[arg(long, env = "LOAD_CHAOS_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Units the drop sells. Buyers pace their payments to sell it out near the end of the load window.
+    #[arg(long, env = "LOAD_CHAOS_STOCK", default_value_t = 150)]
+    pub stock: u32,
+    /// Buyer tasks, each looping reserve / pay / cancel / read / abandon until the load window ends.
+    #[arg(long, env = "LOAD_CHAOS_BUYERS", default_value_t = 32)]
+    pub buyers: u32,
+    /// Members the buyers act as, shared out among them; 0 picks enough for 1.5 times the stock at the
+    /// per-member limit (at least one per buyer, at most 400: each costs the server two argon2 hashes).
+    #[arg(long, env = "LOAD_CHAOS_MEMBERS", default_value_t = 0)]
+    pub members: u32,
+    /// Units one member may buy.
+    #[arg(long, env = "LOAD_CHAOS_PER_MEMBER_LIMIT", default_value_t = 2)]
+    pub per_member_limit: u32,
+    /// Seconds a hold lasts before the reaper may release it.
+    #[arg(long, env = "LOAD_CHAOS_HOLD_SECONDS", default_value_t = 2)]
+    pub hold_seconds: u32,
+    /// The servers' PAY_LEASE_SECONDS: how long a payment owns its hold. A paused instance stays paused past it.
+    #[arg(long, env = "LOAD_CHAOS_PAY_LEASE_SECONDS", default_value_t = 2)]
+    pub pay_lease_seconds: u32,
+    /// The servers' REAPER_INTERVAL_MS.
+    #[arg(long, env = "LOAD_CHAOS_REAPER_INTERVAL_MS", default_value_t = 100)]
+    pub reaper_interval_ms: u64,
+    /// The servers' PAYMENT_TIMEOUT_MS: the longest payment call they make. Above the slow gateway's latency by
+    /// default, so a slow-gateway fault makes payments that outlive their lease (the fence's case), not time-outs.
+    #[arg(long, env = "LOAD_CHAOS_PAYMENT_TIMEOUT_MS", default_value_t = 5000)]
+    pub payment_timeout_ms: u64,
+    /// PAYMENT_LATENCY_MS of an instance during a slow-gateway fault; 0 (the default) is the lease plus 1.5 s.
+    #[arg(long, env = "LOAD_CHAOS_SLOW_PAYMENT_LATENCY_MS", default_value_t = 0)]
+    pub slow_payment_latency_ms: u64,
+    /// How long a buyer waits for one answer before recording the call as indeterminate.
+    #[arg(long, env = "LOAD_CHAOS_OP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub op_timeout_ms: u64,
+    /// The `flashsale` binary to run; default: the one beside this executable (target/debug/flashsale).
+    #[arg(long, env = "LOAD_CHAOS_SERVER_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// The `redis-server` binary the harness starts, kills and restarts.
+    #[arg(long, env = "REDIS_SERVER_BIN", default_value = "redis-server")]
+    pub redis_server_bin: PathBuf,
+    /// The PostgreSQL server to use (its credentials, host and port; the run creates and drops a database of its
+    /// own there, `flashsale_chaos_<pid>_<random>`).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    #[serde(skip)]
+    pub database_url: String,
+    /// Folder for history.jsonl, schedule.json, summary.txt and the processes' logs; default
+    /// reports/chaos-<timestamp>.
+    #[arg(long, env = "LOAD_CHAOS_OUT")]
+    pub out: Option<PathBuf>,
+    /// Keep the database and Redis's folder after the run (to look at them).
+    #[arg(long)]
+    pub keep: bool,
+    /// Most signups/logins in flight during setup.
+    #[arg(long, env = "LOAD_SETUP_CONCURRENCY", default_value_t = 4)]
+    pub setup_concurrency: usize,
+}
+
 /// Most buyers one run signs up: each costs the server two argon2 hashes.
 pub const BUYERS_MAX: u32 = 100_000;
 /// Most tabs (goose users) per buyer.
@@ -456,6 +533,92 @@ impl RateArgs {
     }
 }
 
+/// Most instances, buyers and members a chaos run drives: it runs on the machine it tests.
+pub const CHAOS_INSTANCES_MAX: usize = 16;
+pub const CHAOS_BUYERS_MAX: u32 = 1_000;
+pub const CHAOS_MEMBERS_MAX: u32 = 2_000;
+/// Members a chaos run picks itself when `--members` is 0, at most.
+const CHAOS_MEMBERS_AUTO_MAX: u32 = 400;
+
+impl ChaosArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (2..=CHAOS_INSTANCES_MAX).contains(&self.instances),
+            "--instances must be 2..={CHAOS_INSTANCES_MAX} (a fault never takes every instance down)"
+        );
+        ensure!(
+            (10..=86_400).contains(&self.seconds),
+            "--seconds must be 10..=86400"
+        );
+        ensure!(
+            (1..=1_000_000).contains(&self.stock),
+            "--stock must be 1..=1000000"
+        );
+        ensure!(
+            (1..=CHAOS_BUYERS_MAX).contains(&self.buyers),
+            "--buyers must be 1..={CHAOS_BUYERS_MAX}"
+        );
+        ensure!(
+            self.members == 0 || (self.buyers..=CHAOS_MEMBERS_MAX).contains(&self.members),
+            "--members must be 0 (auto) or --buyers..={CHAOS_MEMBERS_MAX}"
+        );
+        ensure!(
+            (1..=1000).contains(&self.per_member_limit),
+            "--per-member-limit must be 1..=1000"
+        );
+        ensure!(
+            (1..=60).contains(&self.hold_seconds),
+            "--hold-seconds must be 1..=60"
+        );
+        ensure!(
+            (1..=60).contains(&self.pay_lease_seconds),
+            "--pay-lease-seconds must be 1..=60"
+        );
+        ensure!(
+            (10..=10_000).contains(&self.reaper_interval_ms),
+            "--reaper-interval-ms must be 10..=10000"
+        );
+        ensure!(
+            (1..=120_000).contains(&self.payment_timeout_ms),
+            "--payment-timeout-ms must be 1..=120000"
+        );
+        ensure!(
+            self.slow_payment_latency_ms <= 120_000,
+            "--slow-payment-latency-ms must be at most 120000"
+        );
+        ensure!(
+            (100..=120_000).contains(&self.op_timeout_ms),
+            "--op-timeout-ms must be 100..=120000"
+        );
+        ensure!(
+            (1..=64).contains(&self.setup_concurrency),
+            "--setup-concurrency must be 1..=64"
+        );
+        Ok(())
+    }
+
+    /// Members the run signs up: `--members`, or enough for 1.5 times the stock at the per-member limit.
+    pub fn member_count(&self) -> u32 {
+        if self.members > 0 {
+            return self.members;
+        }
+        let wanted =
+            (u64::from(self.stock) * 3).div_ceil(2 * u64::from(self.per_member_limit.max(1)));
+        u32::try_from(wanted)
+            .unwrap_or(u32::MAX)
+            .clamp(self.buyers, CHAOS_MEMBERS_AUTO_MAX.max(self.buyers))
+    }
+
+    /// PAYMENT_LATENCY_MS of a slow instance: as given, or the lease plus 1.5 s.
+    pub fn slow_latency_ms(&self) -> u64 {
+        if self.slow_payment_latency_ms > 0 {
+            self.slow_payment_latency_ms
+        } else {
+            u64::from(self.pay_lease_seconds) * 1000 + 1500
+        }
+    }
+}
+
 /// Goose options a scenario sets itself from its own settings, refused when given by hand.
 pub fn refuse_goose_options(goose: &GooseConfiguration, what: &str) -> anyhow::Result<()> {
     for (given, option) in [
@@ -574,6 +737,31 @@ mod tests {
         ] {
             assert!(parse(&["--base-url", bad]).is_err(), "{bad}");
         }
+    }
+
+    fn chaos(args: &[&str]) -> anyhow::Result<ChaosArgs> {
+        let argv = ["flashsale-load", "chaos"].iter().chain(args);
+        let Command::Chaos(args) = Cli::try_parse_from(argv)?.command else {
+            unreachable!("parsed the chaos subcommand")
+        };
+        args.validate()?;
+        Ok(args)
+    }
+
+    #[test]
+    fn chaos_picks_members_and_a_slow_latency_past_the_lease() {
+        let args = chaos(&["--stock", "150", "--buyers", "32"]).unwrap();
+        // 1.5 x 150 units at 2 a member.
+        assert_eq!(args.member_count(), 113);
+        assert_eq!(args.slow_latency_ms(), 3500);
+        let few = chaos(&["--stock", "10", "--buyers", "32"]).unwrap();
+        assert_eq!(few.member_count(), 32, "at least one member a buyer");
+        let many = chaos(&["--stock", "100000"]).unwrap();
+        assert_eq!(many.member_count(), 400);
+        let given = chaos(&["--members", "50", "--slow-payment-latency-ms", "9000"]).unwrap();
+        assert_eq!((given.member_count(), given.slow_latency_ms()), (50, 9000));
+        assert!(chaos(&["--instances", "1"]).is_err());
+        assert!(chaos(&["--members", "3", "--buyers", "4"]).is_err());
     }
 
     #[test]

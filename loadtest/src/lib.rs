@@ -7,10 +7,12 @@
 //! measured), the scenarios `drop_funnel`, `browse`, `feed`
 //! and `shopping` (with the shop's own checks), `attack` (goose's options and run), `verify`
 //! (pure invariant checks), `summary` (what we print after goose's report), `rate`, and `run` (one function per
-//! subcommand).
+//! subcommand). `chaos` is a world of its own: it starts the servers it tests, injects faults on a seeded
+//! schedule, records a history of every call and judges it.
 
 pub mod attack;
 pub mod browse;
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod drop_funnel;

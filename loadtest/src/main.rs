@@ -21,6 +21,10 @@ async fn main() -> ExitCode {
             print!("{}", report.render());
             report.errors() == 0
         }),
+        Command::Chaos(args) => run::chaos(args).await.map(|outcome| {
+            print!("{}", outcome.summary);
+            outcome.passed()
+        }),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

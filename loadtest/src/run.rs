@@ -12,10 +12,11 @@ use serde_json::json;
 
 use crate::attack::{self, Ended, Parts, Shape};
 use crate::browse::Shop;
+use crate::chaos::{self, ChaosOutcome};
 use crate::client::{plain_user, Targets};
 use crate::config::{
-    refuse_goose_options, BrowseArgs, DropArgs, FeedArgs, FunnelArgs, MixedArgs, RateArgs,
-    ShopArgs, TargetArgs,
+    refuse_goose_options, BrowseArgs, ChaosArgs, DropArgs, FeedArgs, FunnelArgs, MixedArgs,
+    RateArgs, ShopArgs, TargetArgs,
 };
 use crate::drop_funnel::{Funnel, FunnelRun};
 use crate::feed::Social;
@@ -306,6 +307,11 @@ pub async fn rate(args: RateArgs) -> anyhow::Result<RateReport> {
         make_request,
     })
     .await
+}
+
+/// `flashsale-load chaos`: the seeded chaos rehearsal; it starts and ends its own servers (see `chaos`).
+pub async fn chaos(args: ChaosArgs) -> anyhow::Result<ChaosOutcome> {
+    chaos::run(args).await
 }
 
 /// An open drop with room for the whole run, and members' tokens: the reservations path and the tokens.
