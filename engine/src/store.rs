@@ -8,8 +8,7 @@ use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
 use crate::core::{HoldState, RestoredHold};
-use crate::gate::Restore;
-use crate::types::{parse_reason, DropSpec, DropStatus, HoldRow, Purchase, Reservation};
+use crate::types::{parse_reason, DropSpec, DropStatus, HoldRow, Purchase, Reservation, Restore};
 
 const DROP_COLUMNS: &str =
     "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::core::{Counts, HoldState, HoldView, ReleaseReason};
+use crate::core::{Counts, HoldState, HoldView, ReleaseReason, RestoredHold};
 
 /// A drop as created by its seller: what is sold, how much, when, and under which limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +137,17 @@ pub struct HoldRow {
     pub quantity: u32,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+}
+
+/// A drop's state rebuilt from Postgres at load time.
+#[derive(Debug, Default, Clone)]
+pub struct Restore {
+    /// Units paid per member.
+    pub paid: Vec<(Uuid, u32)>,
+    /// The reservations that were paid.
+    pub paid_holds: Vec<Uuid>,
+    /// Holds still alive.
+    pub held: Vec<RestoredHold>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

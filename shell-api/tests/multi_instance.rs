@@ -725,6 +725,33 @@ fn pay_in_background(
     })
 }
 
+/// Waits until `instance` serves the drop's one unit as on sale again: a lapsed payment was fenced and released.
+async fn until_back_on_sale(fleet: &Fleet, instance: usize, drop: &str) {
+    eventually(
+        "the lapsed payment is fenced and its unit back on sale",
+        Duration::from_secs(10),
+        || async { fleet.counts(instance, drop).await == (1, 0, 0) },
+    )
+    .await;
+}
+
+/// Reserves and pays the drop's one unit through `instance`, which must answer 200; returns the payment's body.
+async fn buy_the_unit(fleet: &Fleet, instance: usize, drop: &str, member: &TestMember) -> Value {
+    let pay = reserve_the_unit(fleet, instance, drop, member).await;
+    let (status, paid) = fleet
+        .post(
+            instance,
+            &pay,
+            member,
+            None,
+            json!({ "payment_token": "tok_ok" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{paid}");
+    paid
+}
+
 /// What a stalled payment must come to: refused with 409 hold_expired, nothing of it stored, and the drop's one unit
 /// sold at most once, to `winner` if there is one, with Postgres and every instance agreeing.
 async fn assert_fenced(
@@ -782,24 +809,8 @@ async fn a_payment_that_outlives_its_lease_is_refused_while_another_instance_res
 
     let pay_x = reserve_the_unit(&fleet, 0, &drop, &buyers[0]).await;
     let stalled = pay_in_background(&fleet, 0, pay_x, buyers[0].clone());
-    eventually(
-        "the lapsed payment is fenced and its unit back on sale",
-        Duration::from_secs(10),
-        || async { fleet.counts(1, &drop).await == (1, 0, 0) },
-    )
-    .await;
-    let pay_y = reserve_the_unit(&fleet, 1, &drop, &buyers[1]).await;
-    let (status, won) = fleet
-        .post(
-            1,
-            &pay_y,
-            &buyers[1],
-            None,
-            json!({ "payment_token": "tok_ok" }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{won}");
+    until_back_on_sale(&fleet, 1, &drop).await;
+    let won = buy_the_unit(&fleet, 1, &drop, &buyers[1]).await;
     let stalled = tokio::time::timeout(Duration::from_secs(20), stalled)
         .await
         .expect("the stalled payment ends")
@@ -821,12 +832,7 @@ async fn on_one_instance_payments_that_outlive_their_leases_are_all_refused() {
 
     let pay_x = reserve_the_unit(&fleet, 0, &drop, &buyers[0]).await;
     let first = pay_in_background(&fleet, 0, pay_x, buyers[0].clone());
-    eventually(
-        "the lapsed payment is fenced and its unit back on sale",
-        Duration::from_secs(10),
-        || async { fleet.counts(0, &drop).await == (1, 0, 0) },
-    )
-    .await;
+    until_back_on_sale(&fleet, 0, &drop).await;
     let pay_y = reserve_the_unit(&fleet, 0, &drop, &buyers[1]).await;
     let second = pay_in_background(&fleet, 0, pay_y, buyers[1].clone());
     let first = first.await.unwrap();
@@ -862,24 +868,8 @@ async fn a_paused_instance_resumed_after_its_lease_cannot_store_its_payment() {
     };
     signal("-STOP");
     let resume = scopeguard(|| signal("-CONT"));
-    eventually(
-        "the other instance fences the lapsed payment",
-        Duration::from_secs(10),
-        || async { fleet.counts(1, &drop).await == (1, 0, 0) },
-    )
-    .await;
-    let pay_y = reserve_the_unit(&fleet, 1, &drop, &buyers[1]).await;
-    let (status, won) = fleet
-        .post(
-            1,
-            &pay_y,
-            &buyers[1],
-            None,
-            json!({ "payment_token": "tok_ok" }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{won}");
+    until_back_on_sale(&fleet, 1, &drop).await;
+    let won = buy_the_unit(&fleet, 1, &drop, &buyers[1]).await;
     std::mem::drop(resume);
     let stalled = tokio::time::timeout(Duration::from_secs(20), stalled)
         .await

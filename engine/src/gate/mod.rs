@@ -14,10 +14,9 @@ pub mod redis;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::core::{
-    Counts, HoldView, ReserveRejection, RestoreError, RestoredHold, TransitionError,
-};
+use crate::core::{Counts, HoldView, ReserveRejection, RestoreError, TransitionError};
 use crate::types::DropSpec;
+pub use crate::types::Restore;
 
 pub use embedded::EmbeddedGate;
 
@@ -25,17 +24,6 @@ pub use embedded::EmbeddedGate;
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("stock gate unavailable: {0}")]
 pub struct GateUnavailable(pub String);
-
-/// A drop's state rebuilt from Postgres at load time.
-#[derive(Debug, Default, Clone)]
-pub struct Restore {
-    /// Units paid per member.
-    pub paid: Vec<(Uuid, u32)>,
-    /// The reservations that were paid.
-    pub paid_holds: Vec<Uuid>,
-    /// Holds still alive.
-    pub held: Vec<RestoredHold>,
-}
 
 pub type GateResult<T> = Result<T, GateUnavailable>;
 

@@ -14,7 +14,7 @@ use super::ids::HoldRef;
 use super::{array, parse_member, reason_of, text, Inner, Lane};
 use crate::clock::to_datetime;
 use crate::core::ReleaseReason;
-use crate::writer::HoldRow;
+use crate::types::HoldRow;
 
 const GROUP: &str = "journal";
 
