@@ -266,9 +266,9 @@ impl From<Purchase> for PurchaseJson {
 /// Schedules a drop of one of the caller's products (seller, admin).
 #[utoipa::path(post, path = "/api/v1/drops", tag = "drops", security(("bearer" = [])), request_body = CreateDrop,
     responses((status = 201, description = "The drop", body = DropJson),
-        (status = 403, description = "`forbidden`: not a seller, or not the product's seller", body = crate::openapi::ErrorBody),
+        (status = 403, description = "`forbidden`: not a seller, or not the product's seller", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: bounds, `closes_at` before `opens_at`, no such product",
-            body = crate::openapi::ErrorBody)))]
+            body = crate::error::ErrorBody)))]
 async fn create_drop(
     State(state): State<AppState>,
     member: AuthMember,
@@ -335,7 +335,7 @@ async fn create_drop(
 /// A drop with its live counts (`available + held + sold == stock`).
 #[utoipa::path(get, path = "/api/v1/drops/{id}", tag = "drops", params(("id" = Uuid, Path, description = "The drop")),
     responses((status = 200, description = "The drop", body = DropJson),
-        (status = 404, description = "`drop_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`drop_not_found`", body = crate::error::ErrorBody)))]
 async fn get_drop(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -353,7 +353,7 @@ struct DropListQuery {
 /// Drops, oldest first.
 #[utoipa::path(get, path = "/api/v1/drops", tag = "drops",
     params(("status" = Option<DropStatusName>, Query, description = "Only drops in this state"),
-        crate::openapi::PageParams),
+        crate::pagination::PageParams),
     responses((status = 200, description = "A page of drops", body = Page<DropJson>)))]
 async fn list_drops(
     State(state): State<AppState>,
@@ -389,17 +389,17 @@ pub(crate) struct ReserveBody {
 
 /// Holds units of an open drop for `hold_seconds`, to be paid or released. The body is optional.
 #[utoipa::path(post, path = "/api/v1/drops/{id}/reservations", tag = "drops", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "The drop"), crate::openapi::IdempotencyParams),
+    params(("id" = Uuid, Path, description = "The drop"), crate::idempotency::IdempotencyParams),
     request_body = Option<ReserveBody>,
     responses((status = 201, description = "The hold", body = ReservationJson),
-        (status = 404, description = "`drop_not_found`", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`not_open`, `closed`, `sold_out` or `limit_exceeded`", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`drop_not_found`", body = crate::error::ErrorBody),
+        (status = 409, description = "`not_open`, `closed`, `sold_out` or `limit_exceeded`", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: a quantity that is not positive or is over the limit",
-            body = crate::openapi::ErrorBody),
+            body = crate::error::ErrorBody),
         (status = 429, description = "`overloaded`: too many reservations in flight; see `Retry-After`",
-            body = crate::openapi::ErrorBody),
+            body = crate::error::ErrorBody),
         (status = 503, description = "`gate_unavailable`: the stock authority cannot be reached (nothing was \
-reserved); also `request_timeout`, `database_unavailable`", body = crate::openapi::ErrorBody)))]
+reserved); also `request_timeout`, `database_unavailable`", body = crate::error::ErrorBody)))]
 async fn reserve(
     State(state): State<AppState>,
     member: AuthMember,
@@ -459,8 +459,8 @@ fn created_json(body: Vec<u8>) -> Response {
 #[utoipa::path(get, path = "/api/v1/reservations/{id}", tag = "drops", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The reservation")),
     responses((status = 200, description = "The reservation", body = ReservationJson),
-        (status = 403, description = "`forbidden`: someone else's", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`reservation_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: someone else's", body = crate::error::ErrorBody),
+        (status = 404, description = "`reservation_not_found`", body = crate::error::ErrorBody)))]
 async fn get_reservation(
     State(state): State<AppState>,
     member: AuthMember,
@@ -481,15 +481,15 @@ struct PayBody {
 
 /// Pays a hold (owner). Paying a paid reservation again answers the same 200 body.
 #[utoipa::path(post, path = "/api/v1/reservations/{id}/payment", tag = "drops", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "The reservation"), crate::openapi::IdempotencyParams),
+    params(("id" = Uuid, Path, description = "The reservation"), crate::idempotency::IdempotencyParams),
     request_body = PayBody,
     responses((status = 200, description = "Paid", body = PaymentJson),
-        (status = 402, description = "`payment_declined`: the hold is released", body = crate::openapi::ErrorBody),
-        (status = 403, description = "`forbidden`: someone else's", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`reservation_not_found`", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`hold_expired`, `already_released` or `payment_in_progress`", body = crate::openapi::ErrorBody),
+        (status = 402, description = "`payment_declined`: the hold is released", body = crate::error::ErrorBody),
+        (status = 403, description = "`forbidden`: someone else's", body = crate::error::ErrorBody),
+        (status = 404, description = "`reservation_not_found`", body = crate::error::ErrorBody),
+        (status = 409, description = "`hold_expired`, `already_released` or `payment_in_progress`", body = crate::error::ErrorBody),
         (status = 503, description = "`payment_unavailable` (the hold is kept) or `storage_unavailable` (nothing \
-was charged); also `request_timeout`, `database_unavailable`", body = crate::openapi::ErrorBody)))]
+was charged); also `request_timeout`, `database_unavailable`", body = crate::error::ErrorBody)))]
 async fn pay(
     State(state): State<AppState>,
     member: AuthMember,
@@ -532,9 +532,9 @@ async fn pay(
 #[utoipa::path(delete, path = "/api/v1/reservations/{id}", tag = "drops", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The reservation")),
     responses((status = 204, description = "Released"),
-        (status = 403, description = "`forbidden`: someone else's", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`reservation_not_found`", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`already_paid`, `already_released` or `payment_in_progress`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: someone else's", body = crate::error::ErrorBody),
+        (status = 404, description = "`reservation_not_found`", body = crate::error::ErrorBody),
+        (status = 409, description = "`already_paid`, `already_released` or `payment_in_progress`", body = crate::error::ErrorBody)))]
 async fn cancel_reservation(
     State(state): State<AppState>,
     member: AuthMember,
@@ -546,7 +546,7 @@ async fn cancel_reservation(
 
 /// The signed-in member's drop purchases, newest first.
 #[utoipa::path(get, path = "/api/v1/members/me/purchases", tag = "drops", security(("bearer" = [])),
-    params(crate::openapi::PageParams),
+    params(crate::pagination::PageParams),
     responses((status = 200, description = "A page of purchases", body = Page<PurchaseJson>)))]
 async fn my_purchases(
     State(state): State<AppState>,

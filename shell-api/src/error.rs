@@ -148,13 +148,14 @@ impl ApiError {
         self.serde_body()
     }
 
-    /// The JSON body as serde writes it.
+    /// The JSON body as serde writes it: the `ErrorBody` the OpenAPI document shows (only errors with fields or text to
+    /// escape come here, so its copies are off the hot path).
     fn serde_body(&self) -> Vec<u8> {
         serde_json::to_vec(&ErrorBody {
-            error: ErrorFields {
-                code: &self.code,
-                message: &self.message,
-                fields: self.fields.as_ref(),
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.to_string(),
+                fields: self.fields.clone(),
             },
         })
         .unwrap_or_else(|_| {
@@ -173,18 +174,23 @@ impl ApiError {
     }
 }
 
-/// The wire form of an error: `{"error": {"code", "message", "fields"?}}`.
-#[derive(serde::Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorFields<'a>,
+/// The error body of every 4xx and 5xx answer: `{"error": {"code", "message", "fields"?}}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
 }
 
-#[derive(serde::Serialize)]
-struct ErrorFields<'a> {
-    code: &'a str,
-    message: &'a str,
+/// What went wrong, for programs (`code`) and for people (`message`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A snake_case code such as `sold_out` or `validation`.
+    #[schema(example = "sold_out")]
+    pub code: String,
+    pub message: String,
+    /// For `validation` (and a few conflicts): one reason per offending field or id.
+    #[schema(required = false)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    fields: Option<&'a BTreeMap<String, String>>,
+    pub fields: Option<BTreeMap<String, String>>,
 }
 
 impl IntoResponse for ApiError {

@@ -24,6 +24,15 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
+/// The `Idempotency-Key` header of POSTs that create holds, payments, charges and orders.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyParams {
+    /// Up to 128 characters; a repeat with the same key and member returns the first response.
+    #[param(rename = "Idempotency-Key", max_length = 128)]
+    pub idempotency_key: Option<String>,
+}
+
 /// Longest key accepted.
 pub const KEY_CHARS_MAX: usize = 128;
 /// How long a key's answer is remembered.

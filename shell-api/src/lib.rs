@@ -229,7 +229,7 @@ pub fn routes() -> Routes {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::scrape))
-        .route(api!("/openapi.json"), get(openapi::openapi_json))
+        .route(api!("/openapi.json"), get(openapi_json))
         .route("/docs", get(openapi::docs_page))
         .merge(members::router())
         .merge(products::router())
@@ -259,6 +259,38 @@ pub fn app_from(routes: Routes, state: AppState) -> App {
     App::new(router, state)
 }
 
+/// The composition root's own routes in the document: health, metrics and the document itself.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(healthz, readyz, metrics::scrape, openapi_json))]
+struct RootDoc;
+
+/// The whole OpenAPI document, assembled where the routes are: the root's routes, then every area's `Doc`.
+pub fn document() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi as _;
+    openapi::assemble([
+        RootDoc::openapi(),
+        members::Doc::openapi(),
+        sessions::Doc::openapi(),
+        products::Doc::openapi(),
+        drops::Doc::openapi(),
+        feeds::Doc::openapi(),
+        shop::Doc::openapi(),
+        live::Doc::openapi(),
+    ])
+}
+
+/// The OpenAPI 3.1 document of this service.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json",
+        body = serde_json::Value)))]
+pub async fn openapi_json() -> axum::response::Response {
+    static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    openapi::json_response(JSON.get_or_init(|| {
+        // A document of plain maps, strings and numbers always serializes.
+        serde_json::to_string(&document()).unwrap_or_else(|_| "{}".to_owned())
+    }))
+}
+
 /// Up: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "`{\"status\": \"ok\"}`", body = serde_json::Value)))]
@@ -269,7 +301,7 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Ready when Postgres answers a query, and Redis a PING when it is configured.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "`{\"status\": \"ready\"}`", body = serde_json::Value),
-        (status = 503, description = "`database_unavailable` or `redis_unavailable`", body = openapi::ErrorBody)))]
+        (status = 503, description = "`database_unavailable` or `redis_unavailable`", body = crate::error::ErrorBody)))]
 pub async fn readyz(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {

@@ -115,10 +115,10 @@ pub struct RoleChange {
 #[utoipa::path(post, path = "/api/v1/members", tag = "members", request_body = SignupBody,
     responses(
         (status = 201, description = "The new member", body = MemberBody),
-        (status = 409, description = "`email_taken`", body = crate::openapi::ErrorBody),
+        (status = 409, description = "`email_taken`", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: a malformed email, a short password, a missing name",
-            body = crate::openapi::ErrorBody),
-        (status = 429, description = "`overloaded`: too many passwords being hashed", body = crate::openapi::ErrorBody),
+            body = crate::error::ErrorBody),
+        (status = 429, description = "`overloaded`: too many passwords being hashed", body = crate::error::ErrorBody),
     ))]
 async fn signup_handler(
     State(state): State<AppState>,
@@ -131,7 +131,7 @@ async fn signup_handler(
 /// The signed-in member.
 #[utoipa::path(get, path = "/api/v1/members/me", tag = "members", security(("bearer" = [])),
     responses((status = 200, description = "The member", body = MemberBody),
-        (status = 404, description = "`member_not_found`: the member was deleted", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`member_not_found`: the member was deleted", body = crate::error::ErrorBody)))]
 async fn me_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -146,7 +146,7 @@ async fn me_handler(
 #[utoipa::path(patch, path = "/api/v1/members/me", tag = "members", security(("bearer" = [])),
     request_body = ProfilePatch,
     responses((status = 200, description = "The member", body = MemberBody),
-        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`member_not_found`", body = crate::error::ErrorBody)))]
 async fn update_me_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -160,9 +160,9 @@ async fn update_me_handler(
     request_body = PasswordChange,
     responses((status = 204, description = "Changed; sign in again"),
         (status = 403, description = "`wrong_password`: the current password is wrong",
-            body = crate::openapi::ErrorBody),
-        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody),
-        (status = 429, description = "`overloaded`: too many passwords being hashed", body = crate::openapi::ErrorBody)))]
+            body = crate::error::ErrorBody),
+        (status = 404, description = "`member_not_found`", body = crate::error::ErrorBody),
+        (status = 429, description = "`overloaded`: too many passwords being hashed", body = crate::error::ErrorBody)))]
 async fn change_password_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -176,8 +176,8 @@ async fn change_password_handler(
 #[utoipa::path(put, path = "/api/v1/members/{id}/role", tag = "members", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The member")), request_body = RoleChange,
     responses((status = 200, description = "The member with the new role", body = MemberBody),
-        (status = 403, description = "`forbidden`: not an admin", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not an admin", body = crate::error::ErrorBody),
+        (status = 404, description = "`member_not_found`", body = crate::error::ErrorBody)))]
 async fn set_role_handler(
     State(state): State<AppState>,
     caller: AuthMember,

@@ -199,7 +199,7 @@ fn method_label(method: &Method) -> (u8, &'static str) {
 /// `GET /metrics`: the exposition, with the values read at scrape time set first.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String),
-        (status = 404, description = "`metrics_disabled`: `METRICS=false`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`metrics_disabled`: `METRICS=false`", body = crate::error::ErrorBody)))]
 pub async fn scrape(State(state): State<AppState>) -> Response {
     let Some(handle) = HANDLE.get() else {
         return ApiError::not_found("metrics_disabled")

@@ -8,55 +8,17 @@
 //! there is a body, 422 where there is a query, 404 where there is a path id and 401 where a token is required.
 //! `tests/openapi.rs` fails when a route of the router is missing from the document or the other way round.
 
-use std::sync::OnceLock;
-
 use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
-use serde::Serialize;
 use utoipa::openapi::path::{HttpMethod, Operation};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi as Document, RefOr, ResponseBuilder};
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
-/// The error body of every 4xx and 5xx answer: `{"error": {"code", "message", "fields"?}}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
+use crate::error::{ErrorBody, ErrorDetail};
 
-/// What went wrong, for programs (`code`) and for people (`message`).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// A snake_case code such as `sold_out` or `validation`.
-    #[schema(example = "sold_out")]
-    pub code: String,
-    pub message: String,
-    /// For `validation` (and a few conflicts): one reason per offending field or id.
-    #[schema(required = false)]
-    pub fields: Option<std::collections::BTreeMap<String, String>>,
-}
-
-/// `?limit=` and `?cursor=` of every list.
-#[derive(Debug, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct PageParams {
-    /// Page size, 1..=100 (default 20).
-    #[param(minimum = 1, maximum = 100)]
-    pub limit: Option<i64>,
-    /// `next_cursor` of the page before.
-    pub cursor: Option<String>,
-}
-
-/// The `Idempotency-Key` header of POSTs that create holds, payments, charges and orders.
-#[derive(Debug, IntoParams)]
-#[into_params(parameter_in = Header)]
-pub struct IdempotencyParams {
-    /// Up to 128 characters; a repeat with the same key and member returns the first response.
-    #[param(rename = "Idempotency-Key", max_length = 128)]
-    pub idempotency_key: Option<String>,
-}
-
-/// The service's own routes: health, metrics and these docs.
+/// The base of the document: what the service is, the error body every answer shares, and this page. It names no
+/// area: the composition root merges its routes' and every area's `Doc` into it (`assemble`).
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -64,54 +26,24 @@ pub struct IdempotencyParams {
         description = "A high-concurrency preorder / flash-sale engine with a thin commerce shell. \
 Errors always carry a real HTTP status and the `ErrorBody`; lists are keyset-paginated (`limit`, `cursor`).",
     ),
-    paths(
-        crate::healthz,
-        crate::readyz,
-        crate::metrics::scrape,
-        openapi_json,
-        docs_page
-    ),
+    paths(docs_page),
     components(schemas(ErrorBody, ErrorDetail))
 )]
-struct ServiceDoc;
+struct BaseDoc;
 
-/// The whole document: the service's routes and every module's.
-pub fn document() -> Document {
-    let mut doc = ServiceDoc::openapi();
-    for part in [
-        crate::members::Doc::openapi(),
-        crate::sessions::Doc::openapi(),
-        crate::products::Doc::openapi(),
-        crate::drops::Doc::openapi(),
-        crate::feeds::Doc::openapi(),
-        crate::shop::Doc::openapi(),
-        crate::live::Doc::openapi(),
-    ] {
+/// The whole document: the base, then `parts` merged in order, then the answers every route of a kind shares.
+pub fn assemble(parts: impl IntoIterator<Item = Document>) -> Document {
+    let mut doc = BaseDoc::openapi();
+    for part in parts {
         doc.merge(part);
     }
     CommonResponses.modify(&mut doc);
     doc
 }
 
-/// The document serialized once per process.
-fn document_json() -> &'static str {
-    static JSON: OnceLock<String> = OnceLock::new();
-    JSON.get_or_init(|| {
-        // A document of plain maps, strings and numbers always serializes.
-        serde_json::to_string(&document()).unwrap_or_else(|_| "{}".to_owned())
-    })
-}
-
-/// The OpenAPI 3.1 document of this service.
-#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
-    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json",
-        body = serde_json::Value)))]
-pub async fn openapi_json() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        document_json(),
-    )
-        .into_response()
+/// `json` (a whole document, serialized) as the answer to `GET /api/v1/openapi.json`.
+pub fn json_response(json: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
 }
 
 const DOCS_HTML: &str = include_str!("openapi/docs.html");
@@ -244,7 +176,8 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    // The whole document, as the composition root assembles it.
+    use crate::document;
 
     #[test]
     fn the_document_is_openapi_3_1_and_every_operation_answers_errors_with_the_error_body() {

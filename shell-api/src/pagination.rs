@@ -11,6 +11,17 @@ use crate::error::ApiError;
 pub const LIMIT_DEFAULT: i64 = 20;
 pub const LIMIT_MAX: i64 = 100;
 
+/// `?limit=` and `?cursor=` of every list.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// Page size, 1..=100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<i64>,
+    /// `next_cursor` of the page before.
+    pub cursor: Option<String>,
+}
+
 /// The `limit` and `cursor` query parameters; flatten into an endpoint's own query struct.
 #[derive(Debug, Default, Deserialize)]
 pub struct PageQuery {

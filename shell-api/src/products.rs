@@ -332,7 +332,7 @@ impl ProductPatch {
 #[utoipa::path(post, path = "/api/v1/products", tag = "products", security(("bearer" = [])),
     request_body = ProductInput,
     responses((status = 201, description = "The product", body = ProductBody),
-        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::error::ErrorBody)))]
 async fn create_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -346,9 +346,9 @@ async fn create_handler(
 #[utoipa::path(post, path = "/api/v1/products/bulk", tag = "products", security(("bearer" = [])),
     request_body = BulkBody,
     responses((status = 201, description = "The products, in the order given", body = BulkCreated),
-        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody),
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: `fields` names each bad item as `items[i].field`",
-            body = crate::openapi::ErrorBody)))]
+            body = crate::error::ErrorBody)))]
 async fn bulk_create_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -364,7 +364,7 @@ async fn bulk_create_handler(
     params(("kind" = Option<ProductKind>, Query, description = "Only products of this kind"),
         ("q" = Option<String>, Query, max_length = 100,
             description = "Name contains (case-insensitive); remembered for a signed-in member"),
-        crate::openapi::PageParams),
+        crate::pagination::PageParams),
     responses((status = 200, description = "A page of products, newest first", body = Page<ProductBody>)))]
 async fn list_handler(
     State(state): State<AppState>,
@@ -383,7 +383,7 @@ async fn list_handler(
 #[utoipa::path(get, path = "/api/v1/products/{id}", tag = "products",
     params(("id" = Uuid, Path, description = "The product")),
     responses((status = 200, description = "The product", body = ProductBody),
-        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`product_not_found`", body = crate::error::ErrorBody)))]
 async fn get_handler(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -398,8 +398,8 @@ async fn get_handler(
 #[utoipa::path(patch, path = "/api/v1/products/{id}", tag = "products", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The product")), request_body = ProductPatch,
     responses((status = 200, description = "The product", body = ProductBody),
-        (status = 403, description = "`forbidden`: not its seller", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not its seller", body = crate::error::ErrorBody),
+        (status = 404, description = "`product_not_found`", body = crate::error::ErrorBody)))]
 async fn update_handler(
     State(state): State<AppState>,
     caller: AuthMember,
@@ -413,8 +413,8 @@ async fn update_handler(
 #[utoipa::path(delete, path = "/api/v1/products/{id}", tag = "products", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The product")),
     responses((status = 204, description = "Deleted"),
-        (status = 403, description = "`forbidden`: not its seller", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not its seller", body = crate::error::ErrorBody),
+        (status = 404, description = "`product_not_found`", body = crate::error::ErrorBody)))]
 async fn delete_handler(
     State(state): State<AppState>,
     caller: AuthMember,

@@ -68,9 +68,9 @@ pub struct TokenPair {
 /// Signs in: a new access token and a new refresh-token family.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
     responses((status = 200, description = "The tokens", body = TokenPair),
-        (status = 401, description = "`invalid_credentials`", body = crate::openapi::ErrorBody),
+        (status = 401, description = "`invalid_credentials`", body = crate::error::ErrorBody),
         (status = 429, description = "`too_many_attempts` (failed logins of this account or address; see \
-`Retry-After`) or `overloaded` (too many passwords being checked)", body = crate::openapi::ErrorBody)))]
+`Retry-After`) or `overloaded` (too many passwords being checked)", body = crate::error::ErrorBody)))]
 async fn login_handler(
     State(state): State<AppState>,
     ClientAddr(address): ClientAddr,
@@ -97,7 +97,7 @@ async fn login_handler(
 #[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshBody,
     responses((status = 200, description = "The new tokens", body = TokenPair),
         (status = 401, description = "`invalid_refresh_token`, `token_reused` or `refresh_token_expired`",
-            body = crate::openapi::ErrorBody)))]
+            body = crate::error::ErrorBody)))]
 async fn refresh_handler(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RefreshBody>,

@@ -263,7 +263,7 @@ pub async fn activity_page(
 
 /// What the members I follow did, and what was done to my posts and to me, newest first.
 #[utoipa::path(get, path = "/api/v1/activity", tag = "feeds", security(("bearer" = [])),
-    params(crate::openapi::PageParams),
+    params(crate::pagination::PageParams),
     responses((status = 200, description = "A page of activities", body = Page<Activity>)))]
 pub async fn get_activity(
     State(state): State<AppState>,

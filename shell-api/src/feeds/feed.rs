@@ -287,7 +287,7 @@ impl FeedQuery {
 #[utoipa::path(get, path = "/api/v1/feed", tag = "feeds", security(("bearer" = [])),
     params(("scope" = Option<String>, Query, description = "`following` (default) or `all`"),
         ("sort" = Option<String>, Query, description = "`recent` (default) or `popular` (by like count, ties by recency)"),
-        crate::openapi::PageParams),
+        crate::pagination::PageParams),
     responses((status = 200, description = "A page of posts", body = Page<Post>)))]
 pub async fn get_feed(
     State(state): State<AppState>,

@@ -95,7 +95,7 @@ pub async fn insert_post(
 #[utoipa::path(get, path = "/api/v1/posts/{id}", tag = "feeds",
     params(("id" = Uuid, Path, description = "The post")),
     responses((status = 200, description = "The post", body = Post),
-        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`post_not_found`", body = crate::error::ErrorBody)))]
 pub async fn get_post(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -116,8 +116,8 @@ pub async fn get_post(
 #[utoipa::path(patch, path = "/api/v1/posts/{id}", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The post")), request_body = PostInput,
     responses((status = 200, description = "The post", body = Post),
-        (status = 403, description = "`forbidden`: not its author", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not its author", body = crate::error::ErrorBody),
+        (status = 404, description = "`post_not_found`", body = crate::error::ErrorBody)))]
 pub async fn update_post(
     State(state): State<AppState>,
     member: AuthMember,
@@ -148,8 +148,8 @@ pub async fn update_post(
 #[utoipa::path(delete, path = "/api/v1/posts/{id}", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The post")),
     responses((status = 204, description = "Deleted"),
-        (status = 403, description = "`forbidden`: not its author", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not its author", body = crate::error::ErrorBody),
+        (status = 404, description = "`post_not_found`", body = crate::error::ErrorBody)))]
 pub async fn delete_post(
     State(state): State<AppState>,
     member: AuthMember,
@@ -183,9 +183,9 @@ async fn post_forbidden_or_missing(client: &impl GenericClient, id: Uuid) -> Api
 
 /// A member's posts, newest first.
 #[utoipa::path(get, path = "/api/v1/members/{id}/posts", tag = "feeds",
-    params(("id" = Uuid, Path, description = "The member"), crate::openapi::PageParams),
+    params(("id" = Uuid, Path, description = "The member"), crate::pagination::PageParams),
     responses((status = 200, description = "A page of posts", body = Page<Post>),
-        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`member_not_found`", body = crate::error::ErrorBody)))]
 pub async fn list_member_posts(
     State(state): State<AppState>,
     ApiPath(member): ApiPath<Uuid>,
@@ -222,7 +222,7 @@ pub async fn list_member_posts(
 #[utoipa::path(post, path = "/api/v1/posts/{id}/comments", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The post")), request_body = CommentInput,
     responses((status = 201, description = "The comment", body = Comment),
-        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`post_not_found`", body = crate::error::ErrorBody)))]
 pub async fn create_comment(
     State(state): State<AppState>,
     member: AuthMember,
@@ -278,9 +278,9 @@ pub async fn insert_comment(
 
 /// A post's comments, oldest first.
 #[utoipa::path(get, path = "/api/v1/posts/{id}/comments", tag = "feeds",
-    params(("id" = Uuid, Path, description = "The post"), crate::openapi::PageParams),
+    params(("id" = Uuid, Path, description = "The post"), crate::pagination::PageParams),
     responses((status = 200, description = "A page of comments", body = Page<Comment>),
-        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`post_not_found`", body = crate::error::ErrorBody)))]
 pub async fn list_comments(
     State(state): State<AppState>,
     ApiPath(post_id): ApiPath<Uuid>,
@@ -323,8 +323,8 @@ pub async fn list_comments(
 #[utoipa::path(delete, path = "/api/v1/comments/{id}", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The comment")),
     responses((status = 204, description = "Deleted"),
-        (status = 403, description = "`forbidden`: not its author", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`comment_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not its author", body = crate::error::ErrorBody),
+        (status = 404, description = "`comment_not_found`", body = crate::error::ErrorBody)))]
 pub async fn delete_comment(
     State(state): State<AppState>,
     member: AuthMember,

@@ -32,7 +32,7 @@ use crate::AppState;
 #[utoipa::path(put, path = "/api/v1/posts/{id}/like", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The post")),
     responses((status = 204, description = "Liked"),
-        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`post_not_found`", body = crate::error::ErrorBody)))]
 pub async fn like_post(
     State(state): State<AppState>,
     member: AuthMember,
@@ -47,7 +47,7 @@ pub async fn like_post(
 #[utoipa::path(delete, path = "/api/v1/posts/{id}/like", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The post")),
     responses((status = 204, description = "Not liked"),
-        (status = 404, description = "`post_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`post_not_found`", body = crate::error::ErrorBody)))]
 pub async fn unlike_post(
     State(state): State<AppState>,
     member: AuthMember,
@@ -160,7 +160,7 @@ async fn toggle_like(
 #[utoipa::path(put, path = "/api/v1/comments/{id}/like", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The comment")),
     responses((status = 204, description = "Liked"),
-        (status = 404, description = "`comment_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`comment_not_found`", body = crate::error::ErrorBody)))]
 pub async fn like_comment(
     State(state): State<AppState>,
     member: AuthMember,
@@ -175,7 +175,7 @@ pub async fn like_comment(
 #[utoipa::path(delete, path = "/api/v1/comments/{id}/like", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The comment")),
     responses((status = 204, description = "Not liked"),
-        (status = 404, description = "`comment_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`comment_not_found`", body = crate::error::ErrorBody)))]
 pub async fn unlike_comment(
     State(state): State<AppState>,
     member: AuthMember,
@@ -231,8 +231,8 @@ pub async fn set_comment_like(
 #[utoipa::path(put, path = "/api/v1/members/{id}/follow", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The member to follow")),
     responses((status = 204, description = "Following"),
-        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody),
-        (status = 422, description = "`validation`: you cannot follow yourself", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`member_not_found`", body = crate::error::ErrorBody),
+        (status = 422, description = "`validation`: you cannot follow yourself", body = crate::error::ErrorBody)))]
 pub async fn follow(
     State(state): State<AppState>,
     member: AuthMember,
@@ -247,8 +247,8 @@ pub async fn follow(
 #[utoipa::path(delete, path = "/api/v1/members/{id}/follow", tag = "feeds", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The member to unfollow")),
     responses((status = 204, description = "Not following"),
-        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody),
-        (status = 422, description = "`validation`: you cannot follow yourself", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`member_not_found`", body = crate::error::ErrorBody),
+        (status = 422, description = "`validation`: you cannot follow yourself", body = crate::error::ErrorBody)))]
 pub async fn unfollow(
     State(state): State<AppState>,
     member: AuthMember,
@@ -320,9 +320,9 @@ pub struct FollowEntry {
 
 /// Who follows a member, newest first.
 #[utoipa::path(get, path = "/api/v1/members/{id}/followers", tag = "feeds",
-    params(("id" = Uuid, Path, description = "The member"), crate::openapi::PageParams),
+    params(("id" = Uuid, Path, description = "The member"), crate::pagination::PageParams),
     responses((status = 200, description = "A page of followers", body = Page<FollowEntry>),
-        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`member_not_found`", body = crate::error::ErrorBody)))]
 pub async fn list_followers(
     State(state): State<AppState>,
     ApiPath(member): ApiPath<Uuid>,
@@ -342,9 +342,9 @@ pub async fn list_followers(
 
 /// Whom a member follows, newest first.
 #[utoipa::path(get, path = "/api/v1/members/{id}/following", tag = "feeds",
-    params(("id" = Uuid, Path, description = "The member"), crate::openapi::PageParams),
+    params(("id" = Uuid, Path, description = "The member"), crate::pagination::PageParams),
     responses((status = 200, description = "A page of followed members", body = Page<FollowEntry>),
-        (status = 404, description = "`member_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`member_not_found`", body = crate::error::ErrorBody)))]
 pub async fn list_following(
     State(state): State<AppState>,
     ApiPath(member): ApiPath<Uuid>,

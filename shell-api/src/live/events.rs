@@ -227,9 +227,9 @@ pub fn watch_stream(
         ("access_token" = Option<String>, Query, description = "A token for clients that cannot set headers (EventSource)")),
     responses((status = 200, description = "`text/event-stream`: `event: drop` with the drop body (as `GET /drops/{id}`) \
 at once, on every change (at most 10 a second) and at least every 5 s", content_type = "text/event-stream", body = String),
-        (status = 401, description = "`invalid_token`: an `access_token` that is not valid", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`drop_not_found`", body = crate::openapi::ErrorBody),
-        (status = 429, description = "`too_many_requests`: too many streams open; see `Retry-After`", body = crate::openapi::ErrorBody)))]
+        (status = 401, description = "`invalid_token`: an `access_token` that is not valid", body = crate::error::ErrorBody),
+        (status = 404, description = "`drop_not_found`", body = crate::error::ErrorBody),
+        (status = 429, description = "`too_many_requests`: too many streams open; see `Retry-After`", body = crate::error::ErrorBody)))]
 pub async fn drop_events(
     State(state): State<AppState>,
     ApiPath(drop): ApiPath<Uuid>,

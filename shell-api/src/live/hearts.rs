@@ -30,7 +30,7 @@ fn product_not_found() -> ApiError {
 #[utoipa::path(put, path = "/api/v1/products/{id}/heart", tag = "live", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The product")),
     responses((status = 204, description = "Hearted"),
-        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`product_not_found`", body = crate::error::ErrorBody)))]
 pub async fn heart(
     State(state): State<AppState>,
     member: AuthMember,
@@ -45,7 +45,7 @@ pub async fn heart(
 #[utoipa::path(delete, path = "/api/v1/products/{id}/heart", tag = "live", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The product")),
     responses((status = 204, description = "Not hearted"),
-        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`product_not_found`", body = crate::error::ErrorBody)))]
 pub async fn unheart(
     State(state): State<AppState>,
     member: AuthMember,
@@ -96,7 +96,7 @@ pub async fn set_heart(
 
 /// `GET /members/me/hearts`: the products I hearted (not deleted), most recently hearted first.
 #[utoipa::path(get, path = "/api/v1/members/me/hearts", tag = "live", security(("bearer" = [])),
-    params(crate::openapi::PageParams),
+    params(crate::pagination::PageParams),
     responses((status = 200, description = "A page of the products I hearted, newest heart first",
         body = Page<ProductBody>)))]
 pub async fn my_hearts(

@@ -119,7 +119,7 @@ pub struct NotificationPage {
 }
 
 #[utoipa::path(get, path = "/api/v1/members/me/notifications", tag = "live", security(("bearer" = [])),
-    params(crate::openapi::PageParams),
+    params(crate::pagination::PageParams),
     responses((status = 200, description = "A page of my notifications, newest first, with my unread count",
         body = NotificationPage)))]
 pub async fn list(
@@ -500,8 +500,8 @@ impl Listener {
         description = "The token instead of the header, for EventSource (which cannot set headers)")),
     responses((status = 200, description = "`text/event-stream`: `event: notification` with each new one \
 (as in the list), and a comment every heartbeat", content_type = "text/event-stream", body = String),
-        (status = 401, description = "`unauthorized`: no token, or `invalid_token`", body = crate::openapi::ErrorBody),
-        (status = 429, description = "`too_many_requests`: too many streams open; see `Retry-After`", body = crate::openapi::ErrorBody)))]
+        (status = 401, description = "`unauthorized`: no token, or `invalid_token`", body = crate::error::ErrorBody),
+        (status = 429, description = "`too_many_requests`: too many streams open; see `Retry-After`", body = crate::error::ErrorBody)))]
 pub async fn stream(
     State(state): State<AppState>,
     StreamCaller(caller): StreamCaller,

@@ -52,7 +52,7 @@ pub async fn live_page(
 #[utoipa::path(get, path = "/live/assets/{file}", tag = "live",
     params(("file" = String, Path, description = "`page.css` or `page.js`")),
     responses((status = 200, description = "The file", content_type = "text/css", body = String),
-        (status = 404, description = "`not_found`: another file", body = crate::openapi::ErrorBody)))]
+        (status = 404, description = "`not_found`: another file", body = crate::error::ErrorBody)))]
 pub async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Response {
     let (body, content_type) = match file.as_str() {
         "page.css" => (PAGE_CSS, "text/css; charset=utf-8"),

@@ -194,11 +194,11 @@ pub struct ChargeBody {
 
 /// `POST /members/me/balance/charges`: pays `amount` by card, then credits it. Replays by `Idempotency-Key`.
 #[utoipa::path(post, path = "/api/v1/members/me/balance/charges", tag = "shop", security(("bearer" = [])),
-    params(crate::openapi::IdempotencyParams), request_body = ChargeInput,
+    params(crate::idempotency::IdempotencyParams), request_body = ChargeInput,
     responses((status = 201, description = "Charged; `balance` is the balance after it", body = ChargeBody),
-        (status = 402, description = "`payment_declined`: nothing was charged", body = crate::openapi::ErrorBody),
-        (status = 422, description = "`validation`: an amount that is not positive, or no token", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`payment_unavailable`: nothing was charged, retry", body = crate::openapi::ErrorBody)))]
+        (status = 402, description = "`payment_declined`: nothing was charged", body = crate::error::ErrorBody),
+        (status = 422, description = "`validation`: an amount that is not positive, or no token", body = crate::error::ErrorBody),
+        (status = 503, description = "`payment_unavailable`: nothing was charged, retry", body = crate::error::ErrorBody)))]
 pub async fn charge(
     State(state): State<AppState>,
     member: AuthMember,
@@ -313,7 +313,7 @@ async fn stored_entry(state: &AppState, id: Uuid) -> Option<Entry> {
 
 /// `GET /members/me/balance/history`: the ledger, newest first.
 #[utoipa::path(get, path = "/api/v1/members/me/balance/history", tag = "shop", security(("bearer" = [])),
-    params(crate::openapi::PageParams),
+    params(crate::pagination::PageParams),
     responses((status = 200, description = "A page of ledger entries, newest first", body = Page<Entry>)))]
 pub async fn history(
     State(state): State<AppState>,

@@ -89,9 +89,9 @@ pub async fn get_cart(
 #[utoipa::path(put, path = "/api/v1/cart/items/{product_id}", tag = "shop", security(("bearer" = [])),
     params(("product_id" = Uuid, Path, description = "The product")), request_body = QuantityInput,
     responses((status = 200, description = "The cart", body = Cart),
-        (status = 404, description = "`product_not_found`", body = crate::openapi::ErrorBody),
+        (status = 404, description = "`product_not_found`", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: a quantity outside 1..=99, a product that is not regular, \
-or of another currency than the cart", body = crate::openapi::ErrorBody)))]
+or of another currency than the cart", body = crate::error::ErrorBody)))]
 pub async fn put_item(
     State(state): State<AppState>,
     member: AuthMember,

@@ -123,12 +123,12 @@ const SHELF_COLUMNS: &str = "id, seller_id, price, currency, kind, stock";
 
 /// Orders the items given, or the cart; all or nothing across stock, items and payment.
 #[utoipa::path(post, path = "/api/v1/orders", tag = "shop", security(("bearer" = [])),
-    params(crate::openapi::IdempotencyParams), request_body = OrderInput,
+    params(crate::idempotency::IdempotencyParams), request_body = OrderInput,
     responses((status = 201, description = "The paid order", body = Order),
-        (status = 402, description = "`insufficient_balance` or `payment_declined`: nothing was taken", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`out_of_stock`: `fields` names the products short of stock", body = crate::openapi::ErrorBody),
-        (status = 422, description = "`validation`: empty, unknown or non-regular items, mixed currencies", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`payment_unavailable`: nothing was taken, retry", body = crate::openapi::ErrorBody)))]
+        (status = 402, description = "`insufficient_balance` or `payment_declined`: nothing was taken", body = crate::error::ErrorBody),
+        (status = 409, description = "`out_of_stock`: `fields` names the products short of stock", body = crate::error::ErrorBody),
+        (status = 422, description = "`validation`: empty, unknown or non-regular items, mixed currencies", body = crate::error::ErrorBody),
+        (status = 503, description = "`payment_unavailable`: nothing was taken, retry", body = crate::error::ErrorBody)))]
 pub async fn create_order(
     State(state): State<AppState>,
     member: AuthMember,
@@ -567,8 +567,8 @@ pub(crate) fn order_not_found() -> ApiError {
 #[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "shop", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order")),
     responses((status = 200, description = "The order", body = Order),
-        (status = 403, description = "`forbidden`: neither its buyer nor one of its sellers", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`order_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: neither its buyer nor one of its sellers", body = crate::error::ErrorBody),
+        (status = 404, description = "`order_not_found`", body = crate::error::ErrorBody)))]
 pub async fn get_order(
     State(state): State<AppState>,
     member: AuthMember,
@@ -580,7 +580,7 @@ pub async fn get_order(
 
 /// `GET /orders`: mine, newest first.
 #[utoipa::path(get, path = "/api/v1/orders", tag = "shop", security(("bearer" = [])),
-    params(crate::openapi::PageParams),
+    params(crate::pagination::PageParams),
     responses((status = 200, description = "A page of my orders, newest first", body = Page<Order>)))]
 pub async fn list_orders(
     State(state): State<AppState>,

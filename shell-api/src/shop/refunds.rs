@@ -169,10 +169,10 @@ pub struct RefundInput {
 #[utoipa::path(post, path = "/api/v1/orders/{id}/refunds", tag = "shop", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The order")), request_body = RefundInput,
     responses((status = 201, description = "The refund, `requested`", body = Refund),
-        (status = 403, description = "`forbidden`: not the order's buyer", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`order_not_found`", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`refund_exceeds_order`: more than was ordered and not yet refunded", body = crate::openapi::ErrorBody),
-        (status = 422, description = "`validation`: items not all of one seller, or not in the order", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not the order's buyer", body = crate::error::ErrorBody),
+        (status = 404, description = "`order_not_found`", body = crate::error::ErrorBody),
+        (status = 409, description = "`refund_exceeds_order`: more than was ordered and not yet refunded", body = crate::error::ErrorBody),
+        (status = 422, description = "`validation`: items not all of one seller, or not in the order", body = crate::error::ErrorBody)))]
 pub async fn request_refund(
     State(state): State<AppState>,
     member: AuthMember,
@@ -297,8 +297,8 @@ pub async fn request_refund(
 #[utoipa::path(get, path = "/api/v1/refunds/{id}", tag = "shop", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The refund")),
     responses((status = 200, description = "The refund", body = Refund),
-        (status = 403, description = "`forbidden`: neither its buyer nor its seller", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`refund_not_found`", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: neither its buyer nor its seller", body = crate::error::ErrorBody),
+        (status = 404, description = "`refund_not_found`", body = crate::error::ErrorBody)))]
 pub async fn get_refund(
     State(state): State<AppState>,
     member: AuthMember,
@@ -328,10 +328,10 @@ async fn decidable(
 #[utoipa::path(post, path = "/api/v1/refunds/{id}/accept", tag = "shop", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The refund")),
     responses((status = 200, description = "The refund, `accepted` (again the same for a repeat)", body = Refund),
-        (status = 403, description = "`forbidden`: not its seller", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`refund_not_found`", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`already_decided`: it was rejected", body = crate::openapi::ErrorBody),
-        (status = 503, description = "`payment_unavailable`: the card refund did not go through; nothing moved", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not its seller", body = crate::error::ErrorBody),
+        (status = 404, description = "`refund_not_found`", body = crate::error::ErrorBody),
+        (status = 409, description = "`already_decided`: it was rejected", body = crate::error::ErrorBody),
+        (status = 503, description = "`payment_unavailable`: the card refund did not go through; nothing moved", body = crate::error::ErrorBody)))]
 pub async fn accept_refund(
     State(state): State<AppState>,
     member: AuthMember,
@@ -445,9 +445,9 @@ pub struct RejectInput {
 #[utoipa::path(post, path = "/api/v1/refunds/{id}/reject", tag = "shop", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The refund")), request_body = RejectInput,
     responses((status = 200, description = "The refund, `rejected`", body = Refund),
-        (status = 403, description = "`forbidden`: not its seller", body = crate::openapi::ErrorBody),
-        (status = 404, description = "`refund_not_found`", body = crate::openapi::ErrorBody),
-        (status = 409, description = "`already_decided`: it was accepted", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not its seller", body = crate::error::ErrorBody),
+        (status = 404, description = "`refund_not_found`", body = crate::error::ErrorBody),
+        (status = 409, description = "`already_decided`: it was accepted", body = crate::error::ErrorBody)))]
 pub async fn reject_refund(
     State(state): State<AppState>,
     member: AuthMember,
@@ -516,9 +516,9 @@ pub struct SellerRefundsQuery {
 /// `GET /sellers/me/refunds?status=`: refunds of my sales, newest first.
 #[utoipa::path(get, path = "/api/v1/sellers/me/refunds", tag = "shop", security(("bearer" = [])),
     params(("status" = Option<RefundStatus>, Query, description = "Only refunds in this state"),
-        crate::openapi::PageParams),
+        crate::pagination::PageParams),
     responses((status = 200, description = "A page of refunds of my sales, newest first", body = Page<Refund>),
-        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::error::ErrorBody)))]
 pub async fn seller_refunds(
     State(state): State<AppState>,
     member: AuthMember,

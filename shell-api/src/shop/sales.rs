@@ -57,9 +57,9 @@ fn far_future() -> DateTime<Utc> {
 #[utoipa::path(get, path = "/api/v1/sellers/me/sales", tag = "shop", security(("bearer" = [])),
     params(("from" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "From (inclusive), RFC 3339"),
         ("to" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "To (exclusive), RFC 3339"),
-        crate::openapi::PageParams),
+        crate::pagination::PageParams),
     responses((status = 200, description = "A page of sales, newest first: shelf orders and drop purchases", body = Page<Sale>),
-        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::error::ErrorBody)))]
 pub async fn list_sales(
     State(state): State<AppState>,
     member: AuthMember,
@@ -145,7 +145,7 @@ pub struct Dashboard {
 /// here (settlements keep one row per currency).
 #[utoipa::path(get, path = "/api/v1/sellers/me/dashboard", tag = "shop", security(("bearer" = [])),
     responses((status = 200, description = "Revenue, orders, pending refunds, best sellers and drops", body = Dashboard),
-        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::error::ErrorBody)))]
 pub async fn dashboard(
     State(state): State<AppState>,
     member: AuthMember,

@@ -150,9 +150,9 @@ pub struct Settlement {
 
 /// `GET /sellers/me/settlements`: newest day first.
 #[utoipa::path(get, path = "/api/v1/sellers/me/settlements", tag = "shop", security(("bearer" = [])),
-    params(crate::openapi::PageParams),
+    params(crate::pagination::PageParams),
     responses((status = 200, description = "A page of settlements, newest day first", body = Page<Settlement>),
-        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::openapi::ErrorBody)))]
+        (status = 403, description = "`forbidden`: not a seller or admin", body = crate::error::ErrorBody)))]
 pub async fn list_settlements(
     State(state): State<AppState>,
     member: AuthMember,
