@@ -406,6 +406,23 @@ pub async fn verify_password(password: String, hash: String) -> Result<bool, Api
         .await
 }
 
+/// The caller when a bearer token came: none is anonymous, a bad one is 401 as on any route.
+#[derive(Debug, Clone, Copy)]
+pub struct MaybeMember(pub Option<AuthMember>);
+
+impl FromRequestParts<AppState> for MaybeMember {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if !parts.headers.contains_key(AUTHORIZATION) {
+            return Ok(Self(None));
+        }
+        AuthMember::from_request_parts(parts, state)
+            .await
+            .map(|member| Self(Some(member)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

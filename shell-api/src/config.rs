@@ -188,21 +188,6 @@ pub struct LiveArgs {
     pub live_restock_window_seconds: u64,
 }
 
-impl LiveArgs {
-    pub fn live_config(&self) -> crate::live::LiveConfig {
-        use std::time::Duration;
-        crate::live::LiveConfig {
-            streams_max: self.live_streams_max,
-            streams_per_member_max: self.live_streams_per_member_max,
-            stream_max: Duration::from_secs(self.live_stream_max_seconds.max(1)),
-            poll_interval: Duration::from_millis(self.live_poll_interval_ms.max(10)),
-            notify_interval: Duration::from_millis(self.live_notify_interval_ms.max(10)),
-            restock_window: Duration::from_secs(self.live_restock_window_seconds),
-            ..crate::live::LiveConfig::default()
-        }
-    }
-}
-
 /// Where Redis is, and the Redis gate's limits. Without a URL the engine runs on its embedded gate.
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {

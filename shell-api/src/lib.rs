@@ -22,6 +22,8 @@ pub mod feeds;
 pub mod guard;
 pub mod hot;
 pub mod idempotency;
+#[cfg(test)]
+mod layering;
 pub mod live;
 pub mod members;
 pub mod metrics;
@@ -29,6 +31,7 @@ pub mod openapi;
 pub mod ops;
 pub mod pagination;
 pub mod products;
+pub mod search;
 pub mod server;
 pub mod sessions;
 pub mod shop;

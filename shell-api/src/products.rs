@@ -39,7 +39,8 @@ pub(crate) const PRODUCT_COLUMNS: &str =
 /// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(create_handler, list_handler, bulk_create_handler, get_handler, update_handler, delete_handler),
+    paths(create_handler, list_handler, bulk_create_handler, get_handler, update_handler, delete_handler,
+        crate::search::recent, crate::search::popular),
     tags((name = "products", description = "The catalogue: regular (shelf) and preorder (drop) products"))
 )]
 pub struct Doc;
@@ -54,6 +55,8 @@ pub fn router() -> crate::Routes {
                 .patch(update_handler)
                 .delete(delete_handler),
         )
+        .route(api!("/search/recent"), get(crate::search::recent))
+        .route(api!("/search/popular"), get(crate::search::popular))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -359,7 +362,7 @@ async fn bulk_create_handler(
 }
 
 /// Products, newest first. A signed-in member's search (`q`) is remembered for the shop's search terms, after the list is read and off
-/// the request path (`shop::search::record`).
+/// the request path (`search::record`).
 #[utoipa::path(get, path = "/api/v1/products", tag = "products", security((), ("bearer" = [])),
     params(("kind" = Option<ProductKind>, Query, description = "Only products of this kind"),
         ("q" = Option<String>, Query, max_length = 100,
@@ -368,13 +371,13 @@ async fn bulk_create_handler(
     responses((status = 200, description = "A page of products, newest first", body = Page<ProductBody>)))]
 async fn list_handler(
     State(state): State<AppState>,
-    crate::shop::search::MaybeMember(member): crate::shop::search::MaybeMember,
+    crate::auth::MaybeMember(member): crate::auth::MaybeMember,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Page<ProductBody>>, ApiError> {
     let q = query.q.clone();
     let page = list_products(&state, query).await?;
     if let (Some(member), Some(q)) = (member, q) {
-        crate::shop::search::record(&state, member.id, &q);
+        crate::search::record(&state, member.id, &q);
     }
     Ok(Json(page))
 }

@@ -34,7 +34,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             failures_per_address: args.login_failures_per_address,
             window: Duration::from_secs(args.login_failure_window_seconds),
         },
-        live: args.live.live_config(),
+        live: crate::live::LiveConfig::from(&args.live),
     };
 
     let mut hashing = crate::abuse::HashingConfig {

@@ -25,8 +25,6 @@ use serde::Serialize;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::error::Fields;
-
 /// Longest post title, in characters (Unicode scalar values, as Postgres `char_length` counts them).
 pub const TITLE_CHARS_MAX: usize = 200;
 /// Longest post body, in characters.
@@ -161,68 +159,5 @@ impl Comment {
             like_count: row.get(4),
             created_at: row.get(5),
         }
-    }
-}
-
-/// Checks one text field: present when `required`, not blank, at most `chars_max` characters, and free of NUL
-/// (which Postgres text cannot store, so it must be a 422 here rather than a 500 there).
-pub(crate) fn check_text(
-    fields: &mut Fields,
-    field: &str,
-    value: Option<&str>,
-    required: bool,
-    chars_max: usize,
-) {
-    match value {
-        None if required => {
-            fields.add(field, "is required");
-        }
-        None => {}
-        Some(text) => {
-            fields
-                .check(!text.trim().is_empty(), field, "must not be empty")
-                .check(
-                    text.chars().count() <= chars_max,
-                    field,
-                    &format!("must be at most {chars_max} characters"),
-                )
-                .check(
-                    crate::error::storable(text),
-                    field,
-                    crate::error::NUL_REASON,
-                );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reasons(value: Option<&str>, required: bool, max: usize) -> Option<String> {
-        let mut fields = Fields::default();
-        check_text(&mut fields, "f", value, required, max);
-        fields.finish().err().map(|err| err.code().to_owned())
-    }
-
-    #[test]
-    fn text_rules() {
-        assert_eq!(reasons(Some("ok"), true, 5), None);
-        assert_eq!(reasons(None, false, 5), None);
-        assert_eq!(reasons(None, true, 5).as_deref(), Some("validation"));
-        assert_eq!(
-            reasons(Some("  \n"), true, 5).as_deref(),
-            Some("validation")
-        );
-        assert_eq!(
-            reasons(Some("123456"), true, 5).as_deref(),
-            Some("validation")
-        );
-        assert_eq!(
-            reasons(Some("a\0b"), true, 5).as_deref(),
-            Some("validation")
-        );
-        // Characters, not bytes: five Hangul syllables are 15 bytes and still fit.
-        assert_eq!(reasons(Some("안녕하세요"), true, 5), None);
     }
 }

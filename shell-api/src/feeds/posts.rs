@@ -12,7 +12,9 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::activity::{self, NewActivity};
-use super::{check_text, Comment, Post, COMMENT_CHARS_MAX, CONTENT_CHARS_MAX, TITLE_CHARS_MAX};
+use crate::error::check_text;
+
+use super::{Comment, Post, COMMENT_CHARS_MAX, CONTENT_CHARS_MAX, TITLE_CHARS_MAX};
 use crate::auth::AuthMember;
 use crate::error::{ApiError, Fields, OnConstraint};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};

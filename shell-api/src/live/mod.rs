@@ -144,3 +144,18 @@ impl Live {
         }
     }
 }
+
+impl From<&crate::config::LiveArgs> for LiveConfig {
+    fn from(args: &crate::config::LiveArgs) -> Self {
+        use std::time::Duration;
+        Self {
+            streams_max: args.live_streams_max,
+            streams_per_member_max: args.live_streams_per_member_max,
+            stream_max: Duration::from_secs(args.live_stream_max_seconds.max(1)),
+            poll_interval: Duration::from_millis(args.live_poll_interval_ms.max(10)),
+            notify_interval: Duration::from_millis(args.live_notify_interval_ms.max(10)),
+            restock_window: Duration::from_secs(args.live_restock_window_seconds),
+            ..Self::default()
+        }
+    }
+}

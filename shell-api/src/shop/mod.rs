@@ -1,6 +1,6 @@
 //! The regular shop (API.md, "Regular shop"): points balances, carts, orders of shelf stock, refunds decided by
-//! the seller, a seller's sales, dashboard and daily settlement, and remembered search terms. Hearts live
-//! elsewhere.
+//! the seller, a seller's sales, dashboard and daily settlement. Hearts live in `live/`, and remembered search
+//! terms with the catalogue (`search.rs`).
 //!
 //! Postgres is the judge of every rule that money and stock depend on. Each order, charge and refund is one
 //! transaction that moves stock, the balance and its ledger together, so a failure leaves nothing behind; stock
@@ -21,14 +21,12 @@
 //! - `refunds.rs`: requesting and deciding refunds.
 //! - `sales.rs`: a seller's sales and dashboard.
 //! - `settlement.rs`: the daily settlement (`flashsale settle`, and once a day in `serve`).
-//! - `search.rs`: recording search terms off the request path, recent and popular terms.
 
 pub mod balance;
 pub mod cart;
 pub mod orders;
 pub mod refunds;
 pub mod sales;
-pub mod search;
 pub mod settlement;
 
 use axum::http::StatusCode;
@@ -68,8 +66,6 @@ pub const PAYMENT_TOKEN_CHARS_MAX: usize = 256;
     sales::list_sales,
     sales::dashboard,
     settlement::list_settlements,
-    search::recent,
-    search::popular,
 ))]
 pub struct Doc;
 
@@ -99,8 +95,6 @@ pub fn router() -> crate::Routes {
             api!("/sellers/me/settlements"),
             get(settlement::list_settlements),
         )
-        .route(api!("/search/recent"), get(search::recent))
-        .route(api!("/search/popular"), get(search::popular))
 }
 
 /// One `{product_id, quantity}` of an order or refund body. Fields are optional so a missing one is named.

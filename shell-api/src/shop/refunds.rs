@@ -180,7 +180,7 @@ pub async fn request_refund(
     ApiJson(input): ApiJson<RefundInput>,
 ) -> Result<(StatusCode, Json<Refund>), ApiError> {
     let mut fields = Fields::default();
-    crate::feeds::check_text(
+    crate::error::check_text(
         &mut fields,
         "reason",
         input.reason.as_deref(),
@@ -455,7 +455,7 @@ pub async fn reject_refund(
     ApiJson(input): ApiJson<RejectInput>,
 ) -> Result<Json<Refund>, ApiError> {
     let mut fields = Fields::default();
-    crate::feeds::check_text(
+    crate::error::check_text(
         &mut fields,
         "reason",
         input.reason.as_deref(),

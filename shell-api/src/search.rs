@@ -7,9 +7,7 @@
 //! trimmed and lower-cased (the search itself ignores case), and events past `EVENTS_KEPT_HOURS` are trimmed by the
 //! daily task.
 
-use axum::extract::{FromRequestParts, State};
-use axum::http::header::AUTHORIZATION;
-use axum::http::request::Parts;
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -32,23 +30,6 @@ pub const EVENTS_KEPT_HOURS: i64 = 48;
 pub const RECENT_KEPT_DAYS: i64 = 90;
 
 static RECORDING: Semaphore = Semaphore::const_new(RECORDS_IN_FLIGHT_MAX);
-
-/// The caller when a bearer token came: none is anonymous, a bad one is 401 as on any route.
-#[derive(Debug, Clone, Copy)]
-pub struct MaybeMember(pub Option<AuthMember>);
-
-impl FromRequestParts<AppState> for MaybeMember {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if !parts.headers.contains_key(AUTHORIZATION) {
-            return Ok(Self(None));
-        }
-        AuthMember::from_request_parts(parts, state)
-            .await
-            .map(|member| Self(Some(member)))
-    }
-}
 
 /// The term as stored: trimmed, inner whitespace collapsed, lower case. `None` for a blank one.
 fn normalize(q: &str) -> Option<String> {
