@@ -13,6 +13,7 @@ macro_rules! api {
 
 pub mod abuse;
 pub mod auth;
+pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod drops;
@@ -20,7 +21,6 @@ pub mod error;
 pub mod extract;
 pub mod feeds;
 pub mod guard;
-pub mod hot;
 pub mod idempotency;
 #[cfg(test)]
 mod layering;
@@ -30,12 +30,8 @@ pub mod metrics;
 pub mod openapi;
 pub mod ops;
 pub mod pagination;
-pub mod products;
-pub mod search;
 pub mod server;
-pub mod sessions;
 pub mod shop;
-pub mod wire;
 
 use std::sync::Arc;
 
@@ -53,9 +49,10 @@ use engine::payment::SimulatedGateway;
 use engine::Engine;
 
 use crate::auth::{MemberCache, TokenKeys};
+pub use crate::drops::hot::App;
 use crate::error::ApiError;
-pub use crate::hot::App;
 use crate::idempotency::IdempotencyStore;
+pub use catalog::products;
 
 /// Settings the handlers need, resolved from the command line once at start.
 #[derive(Debug, Clone)]
@@ -235,7 +232,7 @@ pub fn routes() -> Routes {
         .route(api!("/openapi.json"), get(openapi_json))
         .route("/docs", get(openapi::docs_page))
         .merge(members::router())
-        .merge(products::router())
+        .merge(catalog::router())
         .merge(drops::router())
         .merge(feeds::router())
         .merge(shop::router())
@@ -273,8 +270,8 @@ pub fn document() -> utoipa::openapi::OpenApi {
     openapi::assemble([
         RootDoc::openapi(),
         members::Doc::openapi(),
-        sessions::Doc::openapi(),
-        products::Doc::openapi(),
+        members::sessions::Doc::openapi(),
+        catalog::Doc::openapi(),
         drops::Doc::openapi(),
         feeds::Doc::openapi(),
         shop::Doc::openapi(),

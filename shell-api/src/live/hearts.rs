@@ -16,10 +16,10 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::auth::AuthMember;
+use crate::catalog::products::{ProductBody, PRODUCT_COLUMNS};
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery};
 use crate::pagination::{Page, PageQuery};
-use crate::products::{ProductBody, PRODUCT_COLUMNS};
 use crate::AppState;
 
 fn product_not_found() -> ApiError {

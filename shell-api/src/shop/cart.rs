@@ -11,9 +11,9 @@ use uuid::Uuid;
 
 use super::{check_quantity, product_not_found, ITEMS_MAX, POINTS_CURRENCY};
 use crate::auth::AuthMember;
+use crate::catalog::products::{product_owner_and_price, ProductKind};
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath};
-use crate::products::{product_owner_and_price, ProductKind};
 use crate::AppState;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -28,11 +28,11 @@ use super::{
     ItemInput, Lines, POINTS_CURRENCY,
 };
 use crate::auth::AuthMember;
+use crate::catalog::products::ProductKind;
 use crate::error::{ApiError, Fields};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::idempotency::IdempotencyKey;
 use crate::pagination::{Page, PageQuery};
-use crate::products::ProductKind;
 use crate::AppState;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -105,7 +105,7 @@ pub async fn run_daily(pool: Pool, fee_bps: u32) {
         let outcome = async {
             let client = pool.get().await?;
             let rows = settle(&client, yesterday(), fee_bps).await?;
-            let trimmed = crate::search::trim(&client).await?;
+            let trimmed = crate::catalog::search::trim(&client).await?;
             Ok::<_, anyhow::Error>((rows, trimmed))
         }
         .await;

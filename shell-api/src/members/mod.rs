@@ -3,6 +3,8 @@
 //! Emails are stored trimmed and lower-cased, so uniqueness (the `members_email_key` constraint, the only judge
 //! of it) ignores case. The member JSON never carries the password hash or the token version.
 
+pub mod sessions;
+
 use anyhow::Context;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -17,7 +19,7 @@ use crate::auth::{AuthMember, Role};
 use crate::config::AdminCreateArgs;
 use crate::error::{ApiError, Fields, OnConstraint};
 use crate::extract::{nullable, ApiJson, ApiPath};
-use crate::{auth, db, sessions, AppState};
+use crate::{auth, db, AppState};
 
 pub const EMAIL_CHARS_MAX: usize = 254;
 pub const NAME_CHARS_MAX: usize = 100;

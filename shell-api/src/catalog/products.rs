@@ -40,7 +40,7 @@ pub(crate) const PRODUCT_COLUMNS: &str =
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(create_handler, list_handler, bulk_create_handler, get_handler, update_handler, delete_handler,
-        crate::search::recent, crate::search::popular),
+        crate::catalog::search::recent, crate::catalog::search::popular),
     tags((name = "products", description = "The catalogue: regular (shelf) and preorder (drop) products"))
 )]
 pub struct Doc;
@@ -55,8 +55,11 @@ pub fn router() -> crate::Routes {
                 .patch(update_handler)
                 .delete(delete_handler),
         )
-        .route(api!("/search/recent"), get(crate::search::recent))
-        .route(api!("/search/popular"), get(crate::search::popular))
+        .route(api!("/search/recent"), get(crate::catalog::search::recent))
+        .route(
+            api!("/search/popular"),
+            get(crate::catalog::search::popular),
+        )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -377,7 +380,7 @@ async fn list_handler(
     let q = query.q.clone();
     let page = list_products(&state, query).await?;
     if let (Some(member), Some(q)) = (member, q) {
-        crate::search::record(&state, member.id, &q);
+        crate::catalog::search::record(&state, member.id, &q);
     }
     Ok(Json(page))
 }

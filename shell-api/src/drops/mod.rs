@@ -1,6 +1,9 @@
 //! Drop routes: thin handlers over `engine::Engine` (create and read drops, reserve, pay, cancel, purchases).
 //! Wire types live here and convert from engine types; the engine never sees JSON.
 
+pub mod hot;
+pub mod wire;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -184,11 +187,11 @@ impl ReservationJson {
         id_field(&mut out, b',', "drop_id", self.drop_id);
         id_field(&mut out, b',', "member_id", self.member_id);
         out.extend_from_slice(b",\"quantity\":");
-        crate::wire::uint(&mut out, u64::from(self.quantity));
+        crate::drops::wire::uint(&mut out, u64::from(self.quantity));
         out.extend_from_slice(b",\"status\":\"");
         out.extend_from_slice(self.status.as_bytes());
         out.extend_from_slice(b"\",\"expires_at\":\"");
-        crate::wire::rfc3339(&mut out, self.expires_at);
+        crate::drops::wire::rfc3339(&mut out, self.expires_at);
         out.push(b'"');
         if let Some(reason) = self.reason {
             out.extend_from_slice(b",\"reason\":\"");
@@ -307,7 +310,7 @@ async fn create_drop(
     fields.finish()?;
     let product = {
         let client = state.db.get().await?;
-        crate::products::product_owner_and_price(&client, body.product_id).await?
+        crate::catalog::products::product_owner_and_price(&client, body.product_id).await?
     };
     let Some(product) = product else {
         return Err(ApiError::invalid("product_id", "no such product"));
