@@ -14,6 +14,7 @@ macro_rules! api {
 pub mod abuse;
 pub mod auth;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod drops;

@@ -1,7 +1,7 @@
 //! The `flashsale` binary: `serve`, `migrate`, `reconcile`, `settle` and `admin create`.
 
 use clap::Parser;
-use shell_api::config::{AdminCommand, Cli, Command};
+use shell_api::cli::{AdminCommand, Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of the system allocator: the request path allocates and frees many small buffers (headers,

@@ -8,8 +8,14 @@ use anyhow::Context;
 use rand::RngCore;
 use tokio::net::TcpListener;
 
-use crate::config::ServeArgs;
 use crate::{app, db, AppState, Settings};
+use std::net::SocketAddr;
+
+use clap::Args;
+
+use crate::config::{DbArgs, EngineArgs, RedisArgs};
+use crate::live::LiveArgs;
+use crate::shop::ShopArgs;
 
 /// Resolves settings, migrates, binds and serves until a shutdown signal; then drains within the grace period.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -155,4 +161,62 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
+    pub bind_addr: SocketAddr,
+    /// Secret for signing access tokens (HS256). Required unless --dev.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Development mode: without JWT_SECRET, sign with a random per-process secret.
+    #[arg(long)]
+    pub dev: bool,
+    /// Lifetime of access tokens.
+    #[arg(long, env = "ACCESS_TOKEN_SECONDS", default_value_t = 900)]
+    pub access_token_seconds: u64,
+    /// Lifetime of refresh tokens.
+    #[arg(long, env = "REFRESH_TOKEN_SECONDS", default_value_t = 1_209_600)]
+    pub refresh_token_seconds: u64,
+    /// Largest accepted request body; larger bodies get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+    /// How long a request may take to get its answer (the head; event streams go on) before a 503.
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub request_timeout_ms: u64,
+    /// Password hashes (argon2) running at once, at most; 0: half the cores, at least one. The rest of the cores
+    /// stay free for reservations during a login storm.
+    #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
+    pub password_hash_concurrency: usize,
+    /// Sign-ins waiting for a hashing slot, at most; past it, and after PASSWORD_HASH_WAIT_MS of waiting, 429.
+    #[arg(long, env = "PASSWORD_HASH_QUEUE_MAX", default_value_t = 1024)]
+    pub password_hash_queue_max: usize,
+    #[arg(long, env = "PASSWORD_HASH_WAIT_MS", default_value_t = 10_000)]
+    pub password_hash_wait_ms: u64,
+    /// Failed logins per account, then per client address, within LOGIN_FAILURE_WINDOW_SECONDS; past either,
+    /// logins answer 429 `too_many_attempts` with `Retry-After` until the window ends.
+    #[arg(long, env = "LOGIN_FAILURES_PER_ACCOUNT", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_failures_per_account: u32,
+    #[arg(long, env = "LOGIN_FAILURES_PER_ADDRESS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_failures_per_address: u32,
+    #[arg(long, env = "LOGIN_FAILURE_WINDOW_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub login_failure_window_seconds: u64,
+    /// Record metrics and serve them at `GET /metrics` (Prometheus text format); `false` leaves both out.
+    #[arg(long, env = "METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
+    /// How long graceful shutdown waits for in-flight requests and the writer's last flush.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub shop: ShopArgs,
+    #[command(flatten)]
+    pub live: LiveArgs,
 }

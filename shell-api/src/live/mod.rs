@@ -21,6 +21,7 @@ pub mod streams;
 use std::time::Duration;
 
 use axum::routing::{get, post, put};
+use clap::Args;
 use tokio::sync::watch;
 
 /// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
@@ -59,7 +60,7 @@ pub fn router() -> crate::Routes {
         )
 }
 
-/// Limits and intervals of the live part (`config::LiveArgs` on the command line).
+/// Limits and intervals of the live part (`LiveArgs` on the command line).
 #[derive(Debug, Clone, Copy)]
 pub struct LiveConfig {
     /// Event streams open at once on this instance.
@@ -145,8 +146,8 @@ impl Live {
     }
 }
 
-impl From<&crate::config::LiveArgs> for LiveConfig {
-    fn from(args: &crate::config::LiveArgs) -> Self {
+impl From<&LiveArgs> for LiveConfig {
+    fn from(args: &LiveArgs) -> Self {
         use std::time::Duration;
         Self {
             streams_max: args.live_streams_max,
@@ -158,4 +159,31 @@ impl From<&crate::config::LiveArgs> for LiveConfig {
             ..Self::default()
         }
     }
+}
+
+/// Limits of the live part: event streams (drop events, notifications) and the notifier.
+#[derive(Debug, Clone, Args)]
+pub struct LiveArgs {
+    /// Event streams (drop events and notification streams) this instance keeps open at once; past it, 429 with
+    /// Retry-After.
+    #[arg(long, env = "LIVE_STREAMS_MAX", default_value_t = 20_000)]
+    pub live_streams_max: usize,
+    /// Event streams one signed-in member may keep open on this instance; past it, 429 with Retry-After.
+    #[arg(long, env = "LIVE_STREAMS_PER_MEMBER_MAX", default_value_t = 8)]
+    pub live_streams_per_member_max: usize,
+    /// Longest life of one event stream; then it ends and the browser's EventSource reconnects (the token is
+    /// checked again and the current state sent at once), so dead or revoked streams never stay.
+    #[arg(long, env = "LIVE_STREAM_MAX_SECONDS", default_value_t = 600)]
+    pub live_stream_max_seconds: u64,
+    /// How often a drop's producer reads its counts (one read per drop, whatever the number of watchers).
+    #[arg(long, env = "LIVE_POLL_INTERVAL_MS", default_value_t = 100)]
+    pub live_poll_interval_ms: u64,
+    /// How often the notifier looks for drops scheduled, opened or restocked, and for new notifications of
+    /// members with an open notification stream.
+    #[arg(long, env = "LIVE_NOTIFY_INTERVAL_MS", default_value_t = 500)]
+    pub live_notify_interval_ms: u64,
+    /// A restock burst: units that come back to a sold-out drop within this long of the last restock
+    /// notification do not notify again.
+    #[arg(long, env = "LIVE_RESTOCK_WINDOW_SECONDS", default_value_t = 60)]
+    pub live_restock_window_seconds: u64,
 }

@@ -16,10 +16,12 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::auth::{AuthMember, Role};
-use crate::config::AdminCreateArgs;
 use crate::error::{ApiError, Fields, OnConstraint};
 use crate::extract::{nullable, ApiJson, ApiPath};
 use crate::{auth, db, AppState};
+use clap::Args;
+
+use crate::config::DbArgs;
 
 pub const EMAIL_CHARS_MAX: usize = 254;
 pub const NAME_CHARS_MAX: usize = 100;
@@ -444,4 +446,19 @@ pub async fn admin_create(args: AdminCreateArgs) -> anyhow::Result<()> {
     let verb = if created { "created" } else { "promoted" };
     println!("{verb} admin {email} ({id})");
     Ok(())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AdminCreateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Email of the admin.
+    #[arg(long)]
+    pub email: String,
+    /// Password (at least 8 characters); for an existing member it is left unchanged.
+    #[arg(long)]
+    pub password: String,
+    /// Display name for a newly created admin.
+    #[arg(long, default_value = "Admin")]
+    pub name: String,
 }

@@ -5,8 +5,10 @@ use anyhow::Context;
 use engine::gate::redis::{Reconciled, RedisGate};
 use engine::gate::Gate;
 
-use crate::config::ReconcileArgs;
 use crate::db;
+use clap::Args;
+
+use crate::config::{DbArgs, RedisArgs};
 
 /// Runs the check; returns how many drops were repaired.
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<usize> {
@@ -78,4 +80,15 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<usize> {
     writer.shutdown().await.context("draining the writer")?;
     writer_task.await.context("writer task")?;
     Ok(repaired)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Only this drop (default: every drop).
+    #[arg(long = "drop")]
+    pub drop: Option<uuid::Uuid>,
 }

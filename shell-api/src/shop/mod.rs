@@ -35,6 +35,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use clap::Args;
 
 /// The currency of points balances. Products default to it; only products priced in it can be paid with points.
 pub const POINTS_CURRENCY: &str = "KRW";
@@ -187,4 +188,13 @@ pub(crate) fn product_not_found() -> ApiError {
 /// Callers of the seller routes: sellers, and admins (who see what they sell themselves).
 pub(crate) fn require_seller(member: &crate::auth::AuthMember) -> Result<(), ApiError> {
     member.require(&[crate::auth::Role::Seller, crate::auth::Role::Admin])
+}
+
+/// Settings of the regular shop.
+#[derive(Debug, Clone, Args)]
+pub struct ShopArgs {
+    /// The marketplace fee taken in the daily settlement, in basis points of gross sales (300 = 3%), rounded
+    /// down; at most 10000.
+    #[arg(long, env = "SETTLEMENT_FEE_BPS", default_value_t = 300, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub settlement_fee_bps: u32,
 }

@@ -17,11 +17,14 @@ use serde::Serialize;
 
 use super::require_seller;
 use crate::auth::AuthMember;
-use crate::config::SettleArgs;
 use crate::error::ApiError;
 use crate::extract::ApiQuery;
 use crate::pagination::{Page, PageQuery};
 use crate::AppState;
+use clap::Args;
+
+use crate::config::DbArgs;
+use crate::shop::ShopArgs;
 
 /// 100% in basis points: the most a fee can be.
 pub const FEE_BPS_MAX: u32 = 10_000;
@@ -191,6 +194,17 @@ pub async fn list_settlements(
         limit,
         |s: &Settlement| (s.date, s.currency.clone()),
     )))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SettleArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub shop: ShopArgs,
+    /// The UTC day to settle, YYYY-MM-DD (default: yesterday).
+    #[arg(long)]
+    pub date: Option<chrono::NaiveDate>,
 }
 
 #[cfg(test)]
