@@ -679,28 +679,40 @@ async fn postgres_away_for_ten_seconds_loses_nothing_acknowledged() {
 /// Lease and reaper short enough for a test to outlive: a payment owns its hold for one second.
 const SHORT_LEASE: [(&str, &str); 2] = [("PAY_LEASE_SECONDS", "1"), ("REAPER_INTERVAL_MS", "100")];
 
-/// Reserves the one unit of `drop` for `member` through `instance`; returns the payment path of the hold.
+/// Reserves the one unit of `drop` for `member` through `instance`; returns the payment path of the hold. A unit
+/// released by another instance reaches this one's local sold-out flag by its poll (every 50 ms), so a `sold_out`
+/// is retried for up to two seconds.
 async fn reserve_the_unit(
     fleet: &Fleet,
     instance: usize,
     drop: &str,
     member: &TestMember,
 ) -> String {
-    let (status, hold) = fleet
-        .post(
-            instance,
-            &format!("/api/v1/drops/{drop}/reservations"),
-            member,
-            None,
-            json!({}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::CREATED, "{hold}");
-    format!(
-        "/api/v1/reservations/{}/payment",
-        hold["id"].as_str().unwrap()
-    )
+    let started = Instant::now();
+    loop {
+        let (status, hold) = fleet
+            .post(
+                instance,
+                &format!("/api/v1/drops/{drop}/reservations"),
+                member,
+                None,
+                json!({}),
+            )
+            .await
+            .unwrap();
+        if status == StatusCode::CONFLICT
+            && hold["error"]["code"] == "sold_out"
+            && started.elapsed() < Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        assert_eq!(status, StatusCode::CREATED, "{hold}");
+        return format!(
+            "/api/v1/reservations/{}/payment",
+            hold["id"].as_str().unwrap()
+        );
+    }
 }
 
 /// Starts paying through `instance` in a task of its own; the answer comes when the payment ends.
