@@ -36,8 +36,8 @@ case $seconds in '' | *[!0-9]*) seconds=60 ;; esac
 eval "$("$ROOT/scripts/services.sh")"
 export REDIS_SERVER_BIN="${REDIS_SERVER_BIN:-$(command -v redis-server || echo redis-server)}"
 
-# CHAOS_BUILD=0 uses the debug binaries already built (CI: the test run built them; a plain `cargo build` of two
-# packages unifies features differently and would rebuild part of the tree).
+# CHAOS_BUILD=0 uses the debug binaries already built (CI: the test run built the server and .ci/run the harness;
+# a `cargo build` of both packages together unifies features differently and would rebuild part of the tree).
 if [ "${CHAOS_BUILD:-1}" = 0 ]; then
   for bin in flashsale flashsale-load; do
     [ -x "$TARGET/debug/$bin" ] || { say "error: CHAOS_BUILD=0 but $TARGET/debug/$bin is missing"; exit 2; }
