@@ -1369,15 +1369,7 @@ async fn postgres_refuses_paid_units_past_the_stock_whatever_the_gate_says() {
         common::purchase_tally(&app.db, id).await,
         (STOCK as i64, STOCK as i64, STOCK as i64)
     );
-    let sold: i32 = app
-        .db
-        .client()
-        .await
-        .query_one("SELECT sold FROM drops WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(sold as usize, STOCK);
+    assert_eq!(common::stored_sold(&app.db, id).await as usize, STOCK);
     assert_eq!(
         app.gateway.charges(),
         STOCK,

@@ -786,15 +786,11 @@ async fn assert_fenced(
     assert_eq!(stored, expected, "purchases stored for a stock of one");
     let sold = u64::from(winner.is_some());
     let id: Uuid = drop.parse().unwrap();
-    let counted: i32 = fleet
-        .db
-        .client()
-        .await
-        .query_one("SELECT sold FROM drops WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(i64::from(counted), sold as i64, "drops.sold in Postgres");
+    assert_eq!(
+        i64::from(common::stored_sold(&fleet.db, id).await),
+        sold as i64,
+        "drops.sold in Postgres"
+    );
     eventually("every instance agrees", Duration::from_secs(10), || async {
         fleet
             .all_counts(drop)

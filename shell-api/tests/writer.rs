@@ -386,15 +386,6 @@ async fn seed_drop_of(db: &TestDb, stock: i32) -> Uuid {
     drop
 }
 
-async fn sold(db: &TestDb, drop: Uuid) -> i32 {
-    db.client()
-        .await
-        .query_one("SELECT sold FROM drops WHERE id = $1", &[&drop])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// A purchase whose hold's release is stored (a payment that outlived its lease) is refused, inside a batch whose
 /// other purchases are stored: the fence is per row, not per batch. Both ways of writing purchases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,7 +434,7 @@ async fn a_purchase_of_a_released_hold_is_refused_and_the_rest_of_its_batch_stor
             1,
             "the fenced hold stays released"
         );
-        assert_eq!(sold(&db, drop).await, 20, "plain {plain}");
+        assert_eq!(common::stored_sold(&db, drop).await, 20, "plain {plain}");
     }
 }
 
@@ -511,7 +502,7 @@ async fn a_fence_and_a_purchase_racing_never_both_win() {
         }
     }
     assert_eq!(paid + released, HOLDS);
-    assert_eq!(sold(&db, drop).await as usize, paid);
+    assert_eq!(common::stored_sold(&db, drop).await as usize, paid);
     println!("{paid} purchases won their race, {released} fences did");
     assert!(paid > 0 && released > 0, "both sides won some races");
 }
@@ -567,7 +558,7 @@ async fn purchases_past_a_drops_stock_are_refused_in_postgres() {
         i64::from(STOCK),
         "no paid row without its purchase"
     );
-    assert_eq!(sold(&db, drop).await, STOCK);
+    assert_eq!(common::stored_sold(&db, drop).await, STOCK);
     handle.flush().await.unwrap();
     assert_eq!(
         count(

@@ -537,6 +537,16 @@ pub async fn live_drop_state(http: &reqwest::Client, base_url: &str, drop: &str)
 
 /// `(purchase rows, distinct reservations, units)` stored for a drop: equal numbers mean one purchase per paid
 /// reservation.
+/// The drop's paid units as Postgres counts them (`drops.sold`, the backstop's counter).
+pub async fn stored_sold(db: &TestDb, drop: Uuid) -> i32 {
+    db.client()
+        .await
+        .query_one("SELECT sold FROM drops WHERE id = $1", &[&drop])
+        .await
+        .expect("drops.sold")
+        .get(0)
+}
+
 pub async fn purchase_tally(db: &TestDb, drop: Uuid) -> (i64, i64, i64) {
     let row = db
         .client()
