@@ -679,6 +679,13 @@ async fn postgres_away_for_ten_seconds_loses_nothing_acknowledged() {
 /// Lease and reaper short enough for a test to outlive: a payment owns its hold for one second.
 const SHORT_LEASE: [(&str, &str); 2] = [("PAY_LEASE_SECONDS", "1"), ("REAPER_INTERVAL_MS", "100")];
 
+/// The short lease and reaper, with `extra` settings of one instance (its gateway's latency).
+fn short_lease_and<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = extra.to_vec();
+    env.extend_from_slice(&SHORT_LEASE);
+    env
+}
+
 /// Reserves the one unit of `drop` for `member` through `instance`; returns the payment path of the hold. A unit
 /// released by another instance reaches this one's local sold-out flag by its poll (every 50 ms), so a `sold_out`
 /// is retried for up to two seconds.
@@ -807,9 +814,9 @@ async fn assert_fenced(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_that_outlives_its_lease_is_refused_while_another_instance_resells_the_unit() {
     let mut fleet = Fleet::start(0, &redis_url(), &[]).await;
-    let mut slow = vec![("PAYMENT_LATENCY_MS", "5000")];
-    slow.extend_from_slice(&SHORT_LEASE);
-    fleet.add(&slow, None).await;
+    fleet
+        .add(&short_lease_and(&[("PAYMENT_LATENCY_MS", "5000")]), None)
+        .await;
     fleet.add(&SHORT_LEASE, None).await;
     let drop = fleet.create_drop(1, json!({ "hold_seconds": 1 })).await;
     let buyers = fleet.members(2).await;
@@ -831,9 +838,9 @@ async fn a_payment_that_outlives_its_lease_is_refused_while_another_instance_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_one_instance_payments_that_outlive_their_leases_are_all_refused() {
     let mut fleet = Fleet::start(0, &redis_url(), &[]).await;
-    let mut slow = vec![("PAYMENT_LATENCY_MS", "4000")];
-    slow.extend_from_slice(&SHORT_LEASE);
-    fleet.add(&slow, None).await;
+    fleet
+        .add(&short_lease_and(&[("PAYMENT_LATENCY_MS", "4000")]), None)
+        .await;
     let drop = fleet.create_drop(1, json!({ "hold_seconds": 1 })).await;
     let buyers = fleet.members(2).await;
     let fleet = Arc::new(fleet);
@@ -854,9 +861,9 @@ async fn on_one_instance_payments_that_outlive_their_leases_are_all_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_instance_resumed_after_its_lease_cannot_store_its_payment() {
     let mut fleet = Fleet::start(0, &redis_url(), &[]).await;
-    let mut paying = vec![("PAYMENT_LATENCY_MS", "600")];
-    paying.extend_from_slice(&SHORT_LEASE);
-    fleet.add(&paying, None).await;
+    fleet
+        .add(&short_lease_and(&[("PAYMENT_LATENCY_MS", "600")]), None)
+        .await;
     fleet.add(&SHORT_LEASE, None).await;
     let drop = fleet.create_drop(1, json!({ "hold_seconds": 30 })).await;
     let buyers = fleet.members(2).await;

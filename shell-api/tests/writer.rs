@@ -468,16 +468,7 @@ async fn a_fence_and_a_purchase_racing_never_both_win() {
     let (mut paid, mut released) = (0, 0);
     for race in races {
         let (id, stored, fence) = race.await.unwrap();
-        let rows: i64 = db
-            .client()
-            .await
-            .query_one(
-                "SELECT count(*) FROM purchases WHERE reservation_id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let rows = common::purchases_of_reservation(&db, id).await;
         let status: String = db
             .client()
             .await

@@ -655,13 +655,16 @@ pub async fn drop_state(app: &TestApp, drop: &Value) -> Value {
 }
 
 pub async fn purchase_rows(app: &TestApp, reservation: &str) -> i64 {
-    let id: Uuid = reservation.parse().unwrap();
-    app.db
-        .client()
+    purchases_of_reservation(&app.db, reservation.parse().unwrap()).await
+}
+
+/// How many purchases Postgres has for one reservation.
+pub async fn purchases_of_reservation(db: &TestDb, reservation: Uuid) -> i64 {
+    db.client()
         .await
         .query_one(
             "SELECT count(*) FROM purchases WHERE reservation_id = $1",
-            &[&id],
+            &[&reservation],
         )
         .await
         .unwrap()
