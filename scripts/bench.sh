@@ -38,6 +38,8 @@ WIRE_OUT="${CARGO_TARGET_DIR:-$ROOT/target}/wire-redis.tsv" "$ROOT/scripts/wire.
 
 say "writing docs/BENCHMARKS.md"
 mkdir -p "$ROOT/docs"
-python3 "$ROOT/scripts/benchmarks_sheet.py" "$ROOT" "$started" >"$ROOT/docs/BENCHMARKS.md"
+# Written beside, then moved: the sheet keeps the "Measurement log" of the one it replaces.
+python3 "$ROOT/scripts/benchmarks_sheet.py" "$ROOT" "$started" >"$ROOT/docs/BENCHMARKS.md.new"
+mv "$ROOT/docs/BENCHMARKS.md.new" "$ROOT/docs/BENCHMARKS.md"
 say "done: docs/BENCHMARKS.md"
 cat "$ROOT/docs/BENCHMARKS.md" | head -20 >&2

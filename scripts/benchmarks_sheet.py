@@ -114,4 +114,14 @@ for kind, rows in (("embedded", embedded), ("Redis", redis)):
         w(f"| {r['path']} | {r['req_per_s']} | {r['ratio_to_healthz']} | {r.get('rounds') or ''} | {r['wrk_cpu']} | "
           f"{r['server_cpu_us_per_req']} | {r['statuses']} |")
     w("")
+# The hand-kept "Measurement log" of the sheet being replaced goes on unchanged after the new tables.
+try:
+    with open(f"{root}/docs/BENCHMARKS.md") as f:
+        previous = f.read()
+except FileNotFoundError:
+    previous = ""
+marker = "\n## Measurement log\n"
+if marker in previous:
+    w(marker.strip("\n"))
+    w(previous.split(marker, 1)[1].rstrip("\n"))
 print("\n".join(out))

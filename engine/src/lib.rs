@@ -7,6 +7,8 @@
 pub mod clock;
 pub mod core;
 pub mod gate;
+#[cfg(test)]
+mod layering;
 pub mod payment;
 pub mod service;
 pub mod store;

@@ -10,8 +10,10 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use redis::Value;
 
+use super::codec::{array, parse_member, reason_of, text, STREAM};
 use super::ids::HoldRef;
-use super::{array, parse_member, reason_of, text, Inner, Lane};
+use super::lanes::Lane;
+use super::Inner;
 use crate::clock::to_datetime;
 use crate::core::ReleaseReason;
 use crate::types::HoldRow;
@@ -137,7 +139,7 @@ impl Inner {
                     .arg("COUNT")
                     .arg(self.config.journal_batch_max)
                     .arg("STREAMS")
-                    .arg(&lane.keys[super::STREAM])
+                    .arg(&lane.keys[STREAM])
                     .arg(start)
                     .query_async(&mut conn),
             )
@@ -169,7 +171,7 @@ impl Inner {
         let reply: Value = self
             .bounded(
                 redis::cmd("XAUTOCLAIM")
-                    .arg(&lane.keys[super::STREAM])
+                    .arg(&lane.keys[STREAM])
                     .arg(GROUP)
                     .arg(&self.consumer)
                     .arg(idle_ms)
@@ -199,7 +201,7 @@ impl Inner {
         let mut conn = self.conn.clone();
         self.bounded(
             redis::cmd("XACK")
-                .arg(&lane.keys[super::STREAM])
+                .arg(&lane.keys[STREAM])
                 .arg(GROUP)
                 .arg(&ids)
                 .query_async::<i64>(&mut conn),
@@ -217,7 +219,7 @@ impl Inner {
             .bounded(
                 redis::cmd("XGROUP")
                     .arg("CREATE")
-                    .arg(&lane.keys[super::STREAM])
+                    .arg(&lane.keys[STREAM])
                     .arg(GROUP)
                     .arg("0")
                     .arg("MKSTREAM")

@@ -11,144 +11,50 @@
 //! Fail closed: every call is bounded by `call_timeout`; an error or a timeout answers `GateUnavailable`, never a
 //! grant. When a script finds a drop's keys gone (Redis lost its data), the gate reloads the drop from Postgres
 //! (paid purchases and live holds) before answering, so a unit paid in Postgres is never sold again.
+//!
+//! The files by role: this one is the gate itself (`RedisGate`, its shared state and the `Gate` methods, with the
+//! transition script's calls); `config.rs` its settings; `codec.rs` the scripts, a drop's key names and the codecs
+//! of what the scripts take and answer; `lanes.rs` a drop's reservation batchers and the sold-out poller;
+//! `rebuild.rs` loading a drop from Postgres and `reconcile`; `journal.rs` the stream to Postgres; `conn.rs` the
+//! connection (one server or a cluster); `ids.rs` hold ids that name their stream entry.
 
+mod codec;
+mod config;
 mod conn;
 pub mod ids;
 mod journal;
+mod lanes;
+mod rebuild;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 use deadpool_postgres::Pool;
 use parking_lot::Mutex;
-use redis::{Script, Value};
+use redis::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use codec::{
+    array, drop_seq, int, malformed, member_hex, parse_member, state_of, text, unavailable,
+    Scripts, COUNTERS,
+};
+pub use codec::{drop_keys, reserve_script, DropKeys};
+pub use config::{RedisGateConfig, RedisGateError};
 pub use conn::RedisConn;
 use ids::HoldRef;
+use lanes::{poll_sold_out, run_lane, Lane, Request};
+pub use rebuild::Reconciled;
 
 use super::{Gate, GateResult, GateUnavailable, Reaped, Restore};
-use crate::clock::to_datetime;
 use crate::core::{
     Counts, HoldState, HoldView, ReleaseReason, ReserveRejection, RestoreError, TransitionError,
 };
 use crate::types::DropSpec;
-use crate::writer::{self, WriterHandle};
-
-const PRELUDE: &str = include_str!("prelude.lua");
-
-/// Settings of the Redis gate.
-#[derive(Debug, Clone)]
-pub struct RedisGateConfig {
-    /// One URL for a single server; several for the seed nodes of a Redis Cluster.
-    pub urls: Vec<String>,
-    /// Treat a single URL as a cluster seed.
-    pub cluster: bool,
-    /// Put in front of every key, so deployments (and tests) can share one Redis.
-    pub key_prefix: String,
-    /// Longest wait for one Redis call; past it the request is refused (503), never granted.
-    pub call_timeout: Duration,
-    /// Most reservations in one script call.
-    pub batch_max: usize,
-    /// Reserve script calls one drop may have in flight at once on this instance.
-    pub calls_in_flight: usize,
-    /// How long a `paying` hold belongs to the payment that began it; past it any instance's reaper fences the
-    /// payment in Postgres and settles the hold (paid if its purchase is stored, else released and refunded).
-    pub pay_lease: Duration,
-    /// How often a sold-out drop's available units are read, to clear the local sold-out flag when stock returns.
-    pub sold_out_poll: Duration,
-    /// How long the journal waits when its stream had nothing new.
-    pub journal_idle: Duration,
-    /// A journal entry delivered to a consumer and not acknowledged for this long is claimed by another.
-    pub journal_claim_idle: Duration,
-    /// Most stream entries the journal writes in one go.
-    pub journal_batch_max: usize,
-    /// How long the keys of a drop whose sale is over stay in Redis after an instance unloads it.
-    pub settled_ttl: Duration,
-    /// Whether this instance runs the journal (reads the streams into Postgres). Every instance does by default;
-    /// one that does not leaves the writing to the others (and a benchmark measures the gate alone).
-    pub journal: bool,
-}
-
-impl RedisGateConfig {
-    pub fn new(urls: Vec<String>) -> Self {
-        Self {
-            urls,
-            cluster: false,
-            key_prefix: "flashsale:".into(),
-            call_timeout: Duration::from_millis(1000),
-            batch_max: 512,
-            calls_in_flight: 2,
-            pay_lease: Duration::from_secs(120),
-            sold_out_poll: Duration::from_millis(50),
-            journal_idle: Duration::from_millis(20),
-            journal_claim_idle: Duration::from_secs(5),
-            journal_batch_max: 512,
-            journal: true,
-            settled_ttl: Duration::from_secs(7 * 24 * 60 * 60),
-        }
-    }
-}
-
-/// Why the gate could not set up.
-#[derive(Debug, thiserror::Error)]
-pub enum RedisGateError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-}
-
-/// The scripts, loaded once per server and called by hash (EVALSHA, falling back to EVAL on NOSCRIPT).
-struct Scripts {
-    reserve: Script,
-    transition: Script,
-    reap: Script,
-    init: Script,
-}
-
-/// The reserve script as the gate runs it, for tools and benchmarks that call it directly (one request per call is
-/// the baseline the batched gate is measured against).
-pub fn reserve_script() -> Script {
-    Script::new(&format!("{PRELUDE}\n{}", include_str!("reserve.lua")))
-}
-
-impl Scripts {
-    fn new() -> Self {
-        let script = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
-        Self {
-            reserve: script(include_str!("reserve.lua")),
-            transition: script(include_str!("transition.lua")),
-            reap: script(include_str!("reap.lua")),
-            init: script(include_str!("init.lua")),
-        }
-    }
-}
-
-/// One drop as this instance serves it: its keys, its local sold-out flag and the queue of its reservation batcher.
-struct Lane {
-    drop: Uuid,
-    seq: u32,
-    hold_ms: i64,
-    keys: DropKeys,
-    sold_out: AtomicBool,
-    requests: mpsc::Sender<Request>,
-    /// Tells the lane's batchers and journal to stop (unload, shutdown); the journal writes out what it has first.
-    stop: watch::Sender<bool>,
-    /// The lane's batchers and journal, awaited at shutdown.
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-}
-
-struct Request {
-    member: Uuid,
-    quantity: u32,
-    reply: oneshot::Sender<GateResult<Result<HoldView, ReserveRejection>>>,
-}
-
-type Grant = Result<HoldView, ReserveRejection>;
+use crate::writer::WriterHandle;
 
 struct Inner {
     conn: RedisConn,
@@ -177,100 +83,6 @@ impl std::fmt::Debug for RedisGate {
             .field("drops", &self.inner.lanes.len())
             .field("consumer", &self.inner.consumer)
             .finish_non_exhaustive()
-    }
-}
-
-fn unavailable(err: impl std::fmt::Display) -> GateUnavailable {
-    GateUnavailable(err.to_string())
-}
-
-/// The keys of one drop, in the order the scripts take them (see `prelude.lua`).
-pub type DropKeys = [String; 5];
-/// Index in `DropKeys` of the counters hash.
-const COUNTERS: usize = 0;
-/// Index in `DropKeys` of the hold states hash.
-const STATES: usize = 2;
-/// Index in `DropKeys` of the stream.
-const STREAM: usize = 3;
-
-/// The key names of one drop under `prefix`, all with the hash tag `{drop:<id>}`: counters, members, states,
-/// stream, payments in progress.
-pub fn drop_keys(prefix: &str, drop: Uuid) -> DropKeys {
-    let base = format!("{prefix}{{drop:{drop}}}");
-    [
-        format!("{base}:c"),
-        format!("{base}:m"),
-        format!("{base}:s"),
-        format!("{base}:e"),
-        format!("{base}:p"),
-    ]
-}
-
-fn int(value: &Value) -> Option<i64> {
-    match value {
-        Value::Int(n) => Some(*n),
-        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
-        Value::SimpleString(text) => text.parse().ok(),
-        _ => None,
-    }
-}
-
-fn text(value: &Value) -> Option<&str> {
-    match value {
-        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
-        Value::SimpleString(text) => Some(text),
-        _ => None,
-    }
-}
-
-fn array(value: Value) -> Option<Vec<Value>> {
-    match value {
-        Value::Array(items) => Some(items),
-        _ => None,
-    }
-}
-
-fn malformed(what: &str) -> GateUnavailable {
-    GateUnavailable(format!("malformed reply from Redis ({what})"))
-}
-
-/// Bytes of one hold record in a reserve entry: the member's 32 hex digits and the quantity's 4 digits.
-const RECORD_BYTES: usize = 36;
-
-/// Writes a hold record into `out` and returns it.
-fn write_record(out: &mut [u8; RECORD_BYTES], member: Uuid, quantity: u32) -> &[u8; RECORD_BYTES] {
-    member.simple().encode_lower(&mut out[..32]);
-    // Quantities are at most 9999 (the gate refuses larger ones before a script sees them).
-    let mut q = quantity.min(9999);
-    for digit in out[32..].iter_mut().rev() {
-        *digit = b'0' + (q % 10) as u8;
-        q /= 10;
-    }
-    out
-}
-
-fn member_hex(member: Uuid) -> String {
-    member.simple().to_string()
-}
-
-fn parse_member(hex: &str) -> Option<Uuid> {
-    Uuid::try_parse(hex).ok()
-}
-
-fn state_of(text: &str) -> HoldState {
-    match text.as_bytes().first() {
-        Some(b'p') => HoldState::Paying,
-        Some(b'P') => HoldState::Paid,
-        Some(b'x') => HoldState::Released(reason_of(text.get(2..).unwrap_or(""))),
-        _ => HoldState::Held,
-    }
-}
-
-fn reason_of(code: &str) -> ReleaseReason {
-    match code {
-        "c" => ReleaseReason::Cancelled,
-        "d" => ReleaseReason::PaymentDeclined,
-        _ => ReleaseReason::Expired,
     }
 }
 
@@ -312,138 +124,9 @@ impl RedisGate {
     pub fn keys_of(&self, drop: Uuid) -> DropKeys {
         drop_keys(&self.inner.config.key_prefix, drop)
     }
-
-    /// Rebuilds a drop's Redis state from Postgres, replacing whatever Redis holds for it: `reconcile`'s repair.
-    /// Holds in Redis that Postgres does not have yet are lost, so this is for data that Redis already lost.
-    pub async fn rebuild(&self, drop: &DropSpec) -> GateResult<Result<(), RestoreError>> {
-        let keys = self.keys_of(drop.id);
-        let mut conn = self.inner.conn.clone();
-        self.inner
-            .bounded(
-                redis::cmd("DEL")
-                    .arg(&keys[..])
-                    .query_async::<()>(&mut conn),
-            )
-            .await?;
-        let restore = self.inner.restore_from_db(drop.id).await?;
-        self.inner.init(drop, &keys, restore).await
-    }
-}
-
-/// What `reconcile` found for one drop, and did about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reconciled {
-    /// Redis agrees with Postgres: its counters add up to the stock and every purchase is paid (or being paid) in
-    /// Redis.
-    Consistent(Counts),
-    /// Redis had nothing of the drop; it was loaded from Postgres.
-    Missing(Counts),
-    /// Redis had lost data; the drop was rebuilt from Postgres.
-    Rebuilt {
-        /// Purchases in Postgres that Redis did not have as paid.
-        lost_purchases: usize,
-        /// Redis's counters before, when they did not add up to the drop's stock.
-        broken_counts: Option<Counts>,
-        after: Counts,
-    },
-}
-
-impl RedisGate {
-    /// Checks a drop's Redis state against Postgres and rebuilds it from Postgres where Redis lost data: keys gone,
-    /// counters that do not add up, or a purchase Redis does not have as paid (the one loss that could sell a unit
-    /// twice). Holds in Redis that Postgres does not have are lost by a rebuild; with data already lost, Postgres
-    /// is the better record.
-    pub async fn reconcile(&self, drop: &DropSpec) -> GateResult<Result<Reconciled, RestoreError>> {
-        let keys = self.keys_of(drop.id);
-        let Some(counts) = self.inner.read_counts(&keys).await? else {
-            if let Err(err) = self.rebuild(drop).await? {
-                return Ok(Err(err));
-            }
-            return Ok(Ok(Reconciled::Missing(self.counts_now(&keys).await?)));
-        };
-        let conserved = counts.stock == drop.stock
-            && u64::from(counts.available) + u64::from(counts.held) + u64::from(counts.paid)
-                == u64::from(drop.stock);
-        let lost_purchases = self.inner.purchases_not_paid(drop, &keys).await?;
-        if conserved && lost_purchases == 0 {
-            return Ok(Ok(Reconciled::Consistent(counts)));
-        }
-        if let Err(err) = self.rebuild(drop).await? {
-            return Ok(Err(err));
-        }
-        Ok(Ok(Reconciled::Rebuilt {
-            lost_purchases,
-            broken_counts: (!conserved).then_some(counts),
-            after: self.counts_now(&keys).await?,
-        }))
-    }
-
-    async fn counts_now(&self, keys: &DropKeys) -> GateResult<Counts> {
-        self.inner
-            .read_counts(keys)
-            .await?
-            .ok_or_else(|| GateUnavailable("drop state vanished right after a rebuild".into()))
-    }
 }
 
 impl Inner {
-    /// The counters of a drop in Redis, `None` when its keys are gone.
-    async fn read_counts(&self, keys: &DropKeys) -> GateResult<Option<Counts>> {
-        let mut conn = self.conn.clone();
-        let values: Vec<Option<u32>> = self
-            .bounded(
-                redis::cmd("HMGET")
-                    .arg(&keys[COUNTERS])
-                    .arg(&["stock", "avail", "held", "paid"])
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(match values[..] {
-            [Some(stock), Some(available), Some(held), Some(paid)] => Some(Counts {
-                stock,
-                available,
-                held,
-                paid,
-            }),
-            _ => None,
-        })
-    }
-
-    /// How many of the drop's purchases in Postgres Redis has neither as paid nor as being paid.
-    async fn purchases_not_paid(&self, drop: &DropSpec, keys: &DropKeys) -> GateResult<usize> {
-        const CHUNK: usize = 1000;
-        let seq = drop_seq(drop)?;
-        let client = self.db.get().await.map_err(unavailable)?;
-        let rows = client
-            .query(
-                "SELECT reservation_id FROM purchases WHERE drop_id = $1",
-                &[&drop.id],
-            )
-            .await
-            .map_err(unavailable)?;
-        std::mem::drop(client);
-        let refs: Vec<String> = rows
-            .iter()
-            .filter_map(|row| HoldRef::from_id(row.get(0)))
-            .filter(|place| place.drop_seq == seq)
-            .map(|place| place.state_ref())
-            .collect();
-        let mut lost = 0;
-        for chunk in refs.chunks(CHUNK) {
-            let mut pipe = redis::pipe();
-            for state_ref in chunk {
-                pipe.cmd("HGET").arg(&keys[STATES]).arg(state_ref);
-            }
-            let mut conn = self.conn.clone();
-            let states: Vec<Option<String>> = self.bounded(pipe.query_async(&mut conn)).await?;
-            lost += states
-                .iter()
-                .filter(|state| !state.as_deref().is_some_and(|s| s.starts_with(['P', 'p'])))
-                .count();
-        }
-        Ok(lost)
-    }
-
     /// The writer the journal writes through.
     fn writer(&self) -> GateResult<&WriterHandle> {
         self.writer
@@ -465,242 +148,6 @@ impl Inner {
 
     fn lane(&self, drop: Uuid) -> Option<Arc<Lane>> {
         self.lanes.get(&drop).map(|lane| Arc::clone(&lane))
-    }
-
-    /// The drop's state as Postgres has it (paid units per member, live holds).
-    async fn restore_from_db(&self, drop: Uuid) -> GateResult<Restore> {
-        let client = self.db.get().await.map_err(unavailable)?;
-        let now = to_datetime(chrono::Utc::now().timestamp_millis());
-        let mut restored = crate::store::restore(&**client, Some(drop), now)
-            .await
-            .map_err(unavailable)?;
-        Ok(restored.remove(&drop).unwrap_or_default())
-    }
-
-    /// Loads a drop into Redis from `restore` unless Redis has it already. Live holds go back under their own
-    /// entry ids; holds whose ids this gate did not make (an embedded gate's, from before a switch to Redis)
-    /// cannot be found by their ids in Redis, so they are released as expired instead of stranding their units.
-    async fn init(
-        &self,
-        drop: &DropSpec,
-        keys: &DropKeys,
-        restore: Restore,
-    ) -> GateResult<Result<(), RestoreError>> {
-        let seq = drop_seq(drop)?;
-        let paid_total: u64 = restore
-            .paid
-            .iter()
-            .map(|&(_, units)| u64::from(units))
-            .sum();
-        let held_total: u64 = restore.held.iter().map(|h| u64::from(h.quantity)).sum();
-        if paid_total + held_total > u64::from(drop.stock) {
-            return Ok(Err(RestoreError::Oversold {
-                stock: drop.stock,
-                committed: paid_total + held_total,
-            }));
-        }
-        let mut entries: std::collections::BTreeMap<(u64, u64), Vec<(u32, String)>> =
-            Default::default();
-        let mut foreign = Vec::new();
-        for hold in &restore.held {
-            match HoldRef::from_id(hold.id).filter(|place| place.drop_seq == seq) {
-                Some(place) if (1..=9999).contains(&hold.quantity) => {
-                    let mut record = [0u8; RECORD_BYTES];
-                    write_record(&mut record, hold.member, hold.quantity);
-                    let record = String::from_utf8_lossy(&record).into_owned();
-                    entries
-                        .entry((place.ms, place.seq))
-                        .or_default()
-                        .push((place.index, record));
-                }
-                _ => foreign.push(*hold),
-            }
-        }
-        let mut invocation = self.scripts.init.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        invocation
-            .arg(drop.stock)
-            .arg(drop.per_member_limit)
-            .arg(i64::from(drop.hold_seconds) * 1000)
-            .arg(paid_total)
-            .arg(restore.paid.len());
-        for (member, units) in &restore.paid {
-            invocation.arg(member_hex(*member)).arg(*units);
-        }
-        let paid_refs: Vec<String> = restore
-            .paid_holds
-            .iter()
-            .filter_map(|id| HoldRef::from_id(*id).filter(|place| place.drop_seq == seq))
-            .map(|place| place.state_ref())
-            .collect();
-        invocation.arg(paid_refs.len());
-        for paid_ref in &paid_refs {
-            invocation.arg(paid_ref);
-        }
-        for ((ms, entry_seq), mut records) in entries {
-            records.sort_by_key(|(index, _)| *index);
-            // Records keep their index in the entry; the gaps (holds since paid or released) are zero records.
-            let mut value = String::new();
-            let mut next = 0;
-            for (index, record) in records {
-                while next < index {
-                    value.push_str(&"0".repeat(36));
-                    next += 1;
-                }
-                value.push_str(&record);
-                next = index + 1;
-            }
-            invocation.arg(format!("{ms}-{entry_seq}")).arg(value);
-        }
-        let mut conn = self.conn.clone();
-        let loaded: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        // Any instance can then tell this drop from the seq in its hold ids (`locate`).
-        self.bounded(
-            redis::cmd("HSET")
-                .arg(format!("{}drop-seqs", self.config.key_prefix))
-                .arg(seq)
-                .arg(drop.id.to_string())
-                .query_async::<()>(&mut conn),
-        )
-        .await?;
-        if loaded == 1 && !foreign.is_empty() {
-            let now = chrono::Utc::now();
-            let released = foreign
-                .iter()
-                .map(|hold| {
-                    let row = writer::HoldRow {
-                        id: hold.id,
-                        drop_id: drop.id,
-                        member_id: hold.member,
-                        quantity: hold.quantity,
-                        created_at: to_datetime(hold.created_at_ms),
-                        expires_at: to_datetime(hold.expires_at_ms),
-                    };
-                    (row, ReleaseReason::Expired, now)
-                })
-                .collect();
-            let stored = match self.writer() {
-                Ok(writer) => writer
-                    .journal(Vec::new(), released)
-                    .await
-                    .map_err(|err| err.to_string()),
-                Err(err) => Err(err.to_string()),
-            };
-            if let Err(err) = stored {
-                tracing::warn!(error = %err, drop = %drop.id, "holds of another gate not released in Postgres");
-            }
-        }
-        if loaded == 1 {
-            tracing::info!(drop = %drop.id, paid = paid_total, held = held_total, "drop loaded into Redis from Postgres");
-        }
-        Ok(Ok(()))
-    }
-
-    /// Loads a drop whose keys Redis lost, from Postgres.
-    async fn reload(&self, lane: &Lane) -> GateResult<()> {
-        let client = self.db.get().await.map_err(unavailable)?;
-        let spec = crate::store::load_drop(&**client, lane.drop)
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| GateUnavailable(format!("drop {} is not in Postgres", lane.drop)))?;
-        drop(client);
-        tracing::warn!(drop = %lane.drop, "drop state missing in Redis; rebuilding it from Postgres");
-        let restore = self.restore_from_db(lane.drop).await?;
-        self.init(&spec, &lane.keys, restore)
-            .await?
-            .map_err(|err| GateUnavailable(format!("cannot rebuild drop {}: {err}", lane.drop)))
-    }
-
-    /// One reserve script call for a batch.
-    async fn reserve_once(&self, lane: &Lane, batch: &[Request]) -> GateResult<Option<Vec<Grant>>> {
-        let mut invocation = self.scripts.reserve.prepare_invoke();
-        for key in &lane.keys {
-            invocation.key(key);
-        }
-        let mut records = Vec::with_capacity(batch.len() * RECORD_BYTES);
-        let mut record = [0u8; RECORD_BYTES];
-        for request in batch {
-            records.extend_from_slice(write_record(&mut record, request.member, request.quantity));
-        }
-        invocation.arg(records);
-        let mut conn = self.conn.clone();
-        let reply: Vec<Value> = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        let mut reply = reply.into_iter();
-        let status = reply
-            .next()
-            .as_ref()
-            .and_then(int)
-            .ok_or_else(|| malformed("reserve"))?;
-        if status == -1 {
-            return Ok(None);
-        }
-        let entry = reply.next().ok_or_else(|| malformed("reserve entry"))?;
-        let entry = text(&entry).unwrap_or("").to_owned();
-        let available = reply
-            .next()
-            .as_ref()
-            .and_then(int)
-            .ok_or_else(|| malformed("reserve"))?;
-        if available == 0 {
-            lane.sold_out.store(true, Ordering::Release);
-        }
-        // Every grant of the call is a record of this one entry: parse its id once.
-        let entry = match entry.as_str() {
-            "" => None,
-            id => Some(
-                HoldRef::from_entry(lane.seq, id, 0)
-                    .ok_or_else(|| malformed("reserve entry id"))?,
-            ),
-        };
-        let outcomes = reply.next().ok_or_else(|| malformed("reserve outcomes"))?;
-        let outcomes = text(&outcomes).ok_or_else(|| malformed("reserve outcomes"))?;
-        // '' means every request was granted.
-        let all_granted = vec![b'g'; if outcomes.is_empty() { batch.len() } else { 0 }];
-        let outcomes = if outcomes.is_empty() {
-            &all_granted[..]
-        } else {
-            outcomes.as_bytes()
-        };
-        if outcomes.len() != batch.len() {
-            return Err(malformed("reserve outcome count"));
-        }
-        let mut grants = Vec::with_capacity(batch.len());
-        let mut index = 0;
-        for (request, &outcome) in batch.iter().zip(outcomes) {
-            grants.push(match outcome {
-                b'g' => {
-                    let place = entry
-                        .filter(|_| index <= ids::INDEX_MAX)
-                        .map(|entry| HoldRef { index, ..entry })
-                        .ok_or_else(|| malformed("reserve grant"))?;
-                    index += 1;
-                    let created = i64::try_from(place.ms).unwrap_or(i64::MAX);
-                    Ok(HoldView {
-                        id: place.id(),
-                        member: request.member,
-                        quantity: request.quantity,
-                        state: HoldState::Held,
-                        created_at_ms: created,
-                        expires_at_ms: created.saturating_add(lane.hold_ms),
-                    })
-                }
-                b'l' => Err(ReserveRejection::LimitExceeded),
-                _ => Err(ReserveRejection::SoldOut),
-            });
-        }
-        Ok(Some(grants))
-    }
-
-    async fn reserve_batch(&self, lane: &Lane, batch: &[Request]) -> GateResult<Vec<Grant>> {
-        if let Some(grants) = self.reserve_once(lane, batch).await? {
-            return Ok(grants);
-        }
-        self.reload(lane).await?;
-        self.reserve_once(lane, batch)
-            .await?
-            .ok_or_else(|| GateUnavailable("drop state vanished again after a reload".into()))
     }
 
     /// One transition script call on the hold `place` of `lane`.
@@ -798,100 +245,6 @@ impl Inner {
             lane.sold_out.store(false, Ordering::Release);
         }
         Ok(result)
-    }
-}
-
-/// A drop's `seq`, which hold ids carry in 32 bits.
-fn drop_seq(drop: &DropSpec) -> GateResult<u32> {
-    u32::try_from(drop.seq)
-        .map_err(|_| GateUnavailable(format!("drop seq {} does not fit a hold id", drop.seq)))
-}
-
-/// One of a drop's `calls_in_flight` batchers: takes whatever queued while the other calls were in flight (up to
-/// `batch_max`), makes one script call for it and answers each request. With more than one batcher, one gathers the
-/// next batch while another's call runs, so Redis and this process work at the same time instead of in turn; the
-/// scripts are atomic, so the calls need no order between them.
-async fn run_lane(
-    inner: Arc<Inner>,
-    lane: Arc<Lane>,
-    requests: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
-) {
-    let mut stop = lane.stop.subscribe();
-    let batch_max = inner.config.batch_max.clamp(1, ids::INDEX_MAX as usize + 1);
-    let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
-    loop {
-        {
-            let mut requests = tokio::select! {
-                requests = requests.lock() => requests,
-                _ = stop.wait_for(|stop| *stop) => return,
-            };
-            let first = tokio::select! {
-                request = requests.recv() => match request {
-                    Some(request) => request,
-                    None => return,
-                },
-                _ = stop.wait_for(|stop| *stop) => return,
-            };
-            batch.push(first);
-            while batch.len() < batch_max {
-                match requests.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
-                }
-            }
-        }
-        match inner.reserve_batch(&lane, &batch).await {
-            Ok(grants) => {
-                for (request, grant) in batch.drain(..).zip(grants) {
-                    let _ = request.reply.send(Ok(grant));
-                }
-            }
-            Err(err) => {
-                for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(err.clone()));
-                }
-            }
-        }
-    }
-}
-
-/// Clears the local sold-out flags of drops whose stock came back (released on another instance), within
-/// `sold_out_poll` plus one Redis round trip.
-async fn poll_sold_out(inner: Arc<Inner>) {
-    let mut stop = inner.stop.subscribe();
-    let mut ticker = tokio::time::interval(inner.config.sold_out_poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
-        }
-        let flagged: Vec<Arc<Lane>> = inner
-            .lanes
-            .iter()
-            .filter(|lane| lane.sold_out.load(Ordering::Acquire))
-            .map(|lane| Arc::clone(&lane))
-            .collect();
-        for lane in flagged {
-            let mut conn = inner.conn.clone();
-            let available: GateResult<Option<i64>> = inner
-                .bounded(
-                    redis::cmd("HGET")
-                        .arg(&lane.keys[COUNTERS])
-                        .arg("avail")
-                        .query_async(&mut conn),
-                )
-                .await;
-            // Missing keys (lost data) also clear the flag: the next reservation reloads the drop and decides.
-            if let Ok(None) = available {
-                lane.sold_out.store(false, Ordering::Release);
-            }
-            if let Ok(Some(units)) = available {
-                if units > 0 {
-                    lane.sold_out.store(false, Ordering::Release);
-                }
-            }
-        }
     }
 }
 

@@ -5,8 +5,20 @@
 //! the clock check, the local sold-out flag (reject with no I/O), one gate call, and a queued (not awaited) row
 //! for the writer. A payment marks the hold `paying`, charges, and answers only after the writer has committed
 //! the purchase; then it marks the hold `paid`. Hold transitions are decided once, inside the gate.
+//!
+//! The files by role: this one is `Engine` (its settings, start, drops, the reservation path, cancel, unload);
+//! `errors.rs` why it refuses; `stats.rs` its counters; `pay.rs` payments; `reaper.rs` expiry, lapsed payments and
+//! the sweep of settled drops.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod errors;
+mod pay;
+mod reaper;
+mod stats;
+
+pub use errors::EngineError;
+use stats::bump;
+pub use stats::{Counter, EngineStats};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +34,11 @@ use crate::clock::{to_datetime, Clock};
 use crate::core::{
     HoldState, HoldView, IdHasher, ReleaseReason, ReserveRejection, TransitionError,
 };
-use crate::gate::{Gate, GateUnavailable, Reaped, Restore};
-use crate::payment::{ChargeOutcome, ChargeRequest, PaymentGateway};
+use crate::gate::{Gate, Restore};
+use crate::payment::PaymentGateway;
 use crate::store;
 use crate::types::{DropInfo, DropSpec, DropStatus, NewDrop, Purchase, Reservation};
-use crate::writer::{self, HoldRow, WriteError, WriterConfig, WriterHandle};
+use crate::writer::{self, HoldRow, WriterConfig, WriterHandle};
 
 /// Limits and intervals of the engine.
 #[derive(Debug, Clone, Copy)]
@@ -60,125 +72,10 @@ impl Default for EngineConfig {
     }
 }
 
-/// Why the engine refused. Hot-path outcomes (sold out, limit) are ordinary variants, not failures.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("no such drop")]
-    DropNotFound,
-    #[error("the drop is not open yet")]
-    NotOpen,
-    #[error("the drop is closed")]
-    Closed,
-    #[error("sold out")]
-    SoldOut,
-    #[error("per-member limit reached")]
-    LimitExceeded,
-    #[error("quantity must be between 1 and the per-member limit")]
-    InvalidQuantity,
-    #[error("too many requests in flight")]
-    Overloaded,
-    #[error(transparent)]
-    GateUnavailable(#[from] GateUnavailable),
-    #[error("no such reservation")]
-    ReservationNotFound,
-    #[error("not your reservation")]
-    NotOwner,
-    #[error("the hold expired")]
-    HoldExpired,
-    #[error("the hold was already released")]
-    AlreadyReleased(ReleaseReason),
-    #[error("the reservation is already paid")]
-    AlreadyPaid,
-    #[error("a payment for this reservation is in progress")]
-    PaymentInFlight,
-    #[error("payment declined")]
-    PaymentDeclined,
-    #[error("the payment gateway is unavailable")]
-    PaymentUnavailable,
-    #[error("the purchase could not be stored")]
-    StorageUnavailable(#[source] WriteError),
-    #[error("stored state of a drop does not add up: {0}")]
-    Restore(#[from] crate::core::RestoreError),
-    #[error("database: {0}")]
-    Db(#[from] tokio_postgres::Error),
-    #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-}
-
-impl From<ReserveRejection> for EngineError {
-    fn from(rejection: ReserveRejection) -> Self {
-        match rejection {
-            ReserveRejection::SoldOut => EngineError::SoldOut,
-            ReserveRejection::LimitExceeded => EngineError::LimitExceeded,
-            ReserveRejection::InvalidQuantity => EngineError::InvalidQuantity,
-        }
-    }
-}
-
-impl From<TransitionError> for EngineError {
-    fn from(err: TransitionError) -> Self {
-        match err {
-            TransitionError::NotFound => EngineError::ReservationNotFound,
-            TransitionError::NotOwner => EngineError::NotOwner,
-            TransitionError::Expired => EngineError::HoldExpired,
-            TransitionError::AlreadyReleased(reason) => EngineError::AlreadyReleased(reason),
-            TransitionError::AlreadyPaid => EngineError::AlreadyPaid,
-            TransitionError::PaymentInFlight | TransitionError::NotPaying => {
-                EngineError::PaymentInFlight
-            }
-        }
-    }
-}
-
 /// Most batches of drop rows one list request reads while looking for drops of the wanted status.
 const LIST_SCAN_BATCHES: usize = 10;
 /// Largest page allocated up front.
 const LIST_PAGE_PRESIZE_MAX: usize = 100;
-
-/// Counters for the report: what happened, not how long it took.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    pub reservations: Counter,
-    pub rejected_sold_out: Counter,
-    pub rejected_limit: Counter,
-    pub rejected_not_open: Counter,
-    pub rejected_overloaded: Counter,
-    pub payments: Counter,
-    pub payments_declined: Counter,
-    pub payments_unavailable: Counter,
-    /// Payments Postgres refused (guarantee 5a): they outlived their lease, or their drop was full there. Each was
-    /// refunded.
-    pub payments_fenced: Counter,
-    pub released_cancelled: Counter,
-    pub released_expired: Counter,
-}
-
-/// Slots of a `Counter`; threads spread over them.
-const COUNTER_SLOTS: usize = 4;
-
-/// A counter bumped from many threads at once: one slot per thread (round robin), each on its own cache line, so
-/// two cores counting refusals do not pass one line back and forth on every request.
-#[derive(Debug, Default)]
-pub struct Counter([crossbeam_utils::CachePadded<AtomicU64>; COUNTER_SLOTS]);
-
-impl Counter {
-    pub fn get(&self) -> u64 {
-        self.0.iter().map(|slot| slot.load(Ordering::Relaxed)).sum()
-    }
-
-    fn bump(&self) {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        thread_local! {
-            static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_SLOTS;
-        }
-        let slot = SLOT.with(|slot| *slot);
-        self.0[slot].fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-fn bump(counter: &Counter) {
-    counter.bump();
-}
 
 /// The engine. Create with `Engine::start`; stop with `shutdown` (drains the writer).
 pub struct Engine {
@@ -256,7 +153,7 @@ impl Engine {
             gate_reserve_seconds: metrics::histogram!("flashsale_gate_call_seconds", "call" => "reserve"),
         });
         engine.load_all().await?;
-        let reaper = tokio::spawn(reaper(
+        let reaper = tokio::spawn(reaper::run(
             Arc::downgrade(&engine),
             config.reaper_interval,
             stop_rx,
@@ -578,175 +475,6 @@ impl Engine {
         Ok(purchase)
     }
 
-    /// Pays for a hold: `paying`, charge, durable purchase, `paid`. Paying a paid hold again answers the same
-    /// purchase.
-    pub async fn pay(
-        &self,
-        reservation: Uuid,
-        member: Uuid,
-        payment_token: &str,
-    ) -> Result<Purchase, EngineError> {
-        let Ok(_permit) = self.pay_permits.try_acquire() else {
-            bump(&self.stats.rejected_overloaded);
-            return Err(EngineError::Overloaded);
-        };
-        let drop = self.locate(reservation).await?;
-        let spec = self.spec(drop).await?;
-        let now_ms = self.clock.now_ms();
-        let hold = match self
-            .gate
-            .begin_payment(drop, reservation, member, now_ms)
-            .await?
-        {
-            Ok(hold) => hold,
-            Err(TransitionError::AlreadyPaid) => {
-                return self.paid_receipt(reservation, member).await
-            }
-            Err(TransitionError::NotFound) => {
-                return match self.settled_before_start(reservation, member).await? {
-                    HoldState::Paid => self.paid_receipt(reservation, member).await,
-                    HoldState::Released(reason) => Err(EngineError::AlreadyReleased(reason)),
-                    HoldState::Held | HoldState::Paying => Err(EngineError::ReservationNotFound),
-                };
-            }
-            Err(TransitionError::Expired) => {
-                // begin_payment released it as expired; record that like the reaper would.
-                bump(&self.stats.released_expired);
-                if let Some(view) = self.gate.hold(drop, reservation).await? {
-                    self.queue_release(drop, &view, ReleaseReason::Expired, now_ms)
-                        .await;
-                }
-                return Err(EngineError::HoldExpired);
-            }
-            Err(err) => return Err(err.into()),
-        };
-        let amount = spec.price.saturating_mul(i64::from(hold.quantity));
-        let request = ChargeRequest {
-            reservation_id: reservation,
-            member_id: member,
-            amount,
-            currency: spec.currency.clone(),
-            payment_token: payment_token.to_owned(),
-        };
-        let Ok(outcome) =
-            tokio::time::timeout(self.payment_timeout, self.gateway.charge(&request)).await
-        else {
-            // No answer in time. The charge may yet go through at the gateway: refund it (refunds are idempotent on
-            // the reservation), and the hold is `held` again for a retry.
-            tracing::warn!(%reservation, timeout = ?self.payment_timeout, "payment gateway did not answer; giving the charge up");
-            bump(&self.stats.payments_unavailable);
-            self.gateway.refund(reservation).await;
-            self.gate.abort_payment(drop, reservation).await??;
-            return Err(EngineError::PaymentUnavailable);
-        };
-        match outcome {
-            ChargeOutcome::Approved { .. } => {}
-            ChargeOutcome::Declined => {
-                bump(&self.stats.payments_declined);
-                let released = self.gate.decline_payment(drop, reservation).await??;
-                self.queue_release(
-                    drop,
-                    &released,
-                    ReleaseReason::PaymentDeclined,
-                    self.clock.now_ms(),
-                )
-                .await;
-                return Err(EngineError::PaymentDeclined);
-            }
-            ChargeOutcome::Unavailable => {
-                bump(&self.stats.payments_unavailable);
-                self.gate.abort_payment(drop, reservation).await??;
-                return Err(EngineError::PaymentUnavailable);
-            }
-        }
-        let purchase = Purchase {
-            id: Uuid::now_v7(),
-            reservation_id: reservation,
-            drop_id: drop,
-            product_id: spec.product_id,
-            member_id: member,
-            quantity: hold.quantity,
-            amount,
-            currency: spec.currency.clone(),
-            paid_at: self.now(),
-        };
-        // The stored purchase comes back: if an earlier attempt at this reservation (on any instance) stored one
-        // first, that one is the purchase, and its id is the one answered.
-        let purchase = match self.writer.purchase(purchase, hold_row(drop, &hold)).await {
-            Ok(stored) => stored,
-            Err(WriteError::Fenced) => {
-                // Postgres refused it (guarantee 5a): this payment outlived its lease and the hold's release is stored
-                // (its units may be another buyer's by now), or the drop's stored paid units are at its stock. Give
-                // the charge back, and make sure the gate no longer counts the hold (a no-op when it was released).
-                bump(&self.stats.payments_fenced);
-                tracing::warn!(%reservation, "purchase refused by Postgres (the hold no longer owns its units); refunding");
-                self.gateway.refund(reservation).await;
-                match self.gate.release_fenced(drop, reservation).await? {
-                    Ok(released) => {
-                        bump(&self.stats.released_expired);
-                        self.queue_release(
-                            drop,
-                            &released,
-                            ReleaseReason::Expired,
-                            self.clock.now_ms(),
-                        )
-                        .await;
-                    }
-                    Err(TransitionError::AlreadyReleased(_)) => {}
-                    Err(err) => {
-                        tracing::error!(?err, %reservation, "a fenced payment's hold could not be released in the gate")
-                    }
-                }
-                return Err(EngineError::HoldExpired);
-            }
-            Err(err) => {
-                // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
-                tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
-                self.gateway.refund(reservation).await;
-                self.gate.abort_payment(drop, reservation).await??;
-                return Err(EngineError::StorageUnavailable(err));
-            }
-        };
-        self.receipts.insert(reservation, purchase.clone());
-        // The purchase is durable from here on, so the answer is 200 whatever the gate says now. A gate that cannot
-        // be reached leaves the hold `paying`, which no reaper expires; the gate settles it from Postgres later.
-        match self.gate.complete_payment(drop, reservation).await {
-            Ok(Ok(paid)) => debug_assert_eq!(paid.state, HoldState::Paid),
-            Ok(Err(TransitionError::AlreadyPaid)) => {}
-            Ok(Err(err)) => {
-                tracing::error!(?err, %reservation, "stored purchase, but the gate refused to mark it paid")
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, %reservation, "stored purchase, gate not told yet")
-            }
-        }
-        bump(&self.stats.payments);
-        Ok(purchase)
-    }
-
-    /// The purchase of a paid reservation, for its owner: paying again answers the same purchase.
-    async fn paid_receipt(&self, reservation: Uuid, member: Uuid) -> Result<Purchase, EngineError> {
-        let purchase = self.receipt(reservation).await?;
-        if purchase.member_id != member {
-            return Err(EngineError::NotOwner);
-        }
-        Ok(purchase)
-    }
-
-    /// The stored state of a reservation the gate does not know, for its owner, so that a client retrying a payment
-    /// across a restart gets the same purchase rather than a 404.
-    async fn settled_before_start(
-        &self,
-        reservation: Uuid,
-        member: Uuid,
-    ) -> Result<HoldState, EngineError> {
-        let stored = self.stored(reservation).await?;
-        if stored.member_id != member {
-            return Err(EngineError::NotOwner);
-        }
-        Ok(stored.state)
-    }
-
     /// Releases a held reservation at its owner's request.
     pub async fn cancel(&self, reservation: Uuid, member: Uuid) -> Result<(), EngineError> {
         let drop = self.locate(reservation).await?;
@@ -786,94 +514,6 @@ impl Engine {
         {
             tracing::warn!(error = %err, hold = %hold.id, "release row not queued");
         }
-    }
-
-    /// Releases every expired hold once, and settles payments whose lease ran out; returns how many holds it
-    /// released. The reaper calls this on its interval.
-    pub async fn reap(&self) -> Result<usize, EngineError> {
-        let now_ms = self.clock.now_ms();
-        let mut reaped = Reaped::default();
-        let mut count = self.gate.reap(now_ms, &mut reaped).await?;
-        for (drop, hold) in &reaped.released {
-            bump(&self.stats.released_expired);
-            self.queue_release(*drop, hold, ReleaseReason::Expired, now_ms)
-                .await;
-        }
-        for (drop, hold) in &reaped.lapsed {
-            count += usize::from(self.settle_lapsed(*drop, hold).await?);
-        }
-        Ok(count)
-    }
-
-    /// Settles a payment whose lease ran out (its process died, paused or stalled past the lease): fences it in
-    /// Postgres first, then moves the gate to what Postgres decided. Paid when its purchase is stored; else its release
-    /// is stored (so the payment, should it resume, is refused there), the charge is refunded, and only then do the
-    /// units return to sale. Returns whether it released the hold.
-    async fn settle_lapsed(&self, drop: Uuid, hold: &HoldView) -> Result<bool, EngineError> {
-        let client = self.db.get().await?;
-        let fence = store::fence_payment(&**client, &hold_row(drop, hold), self.now()).await?;
-        std::mem::drop(client);
-        let settled = match fence {
-            store::Fence::Paid => self.gate.complete_payment(drop, hold.id).await?,
-            store::Fence::Released => {
-                self.gateway.refund(hold.id).await;
-                self.gate.release_fenced(drop, hold.id).await?
-            }
-        };
-        tracing::warn!(%drop, hold = %hold.id, ?fence, ?settled, "settled a payment that outlived its lease");
-        let released = fence == store::Fence::Released && settled.is_ok();
-        if released {
-            bump(&self.stats.released_expired);
-        }
-        Ok(released)
-    }
-
-    /// Unloads drops that have been settled for `settled_retain`: no holds left, and sold out or closed, so nothing
-    /// about them can change. Their specs, receipts and gate state leave memory; a later request loads them again
-    /// from Postgres. Returns how many were unloaded.
-    pub async fn unload_settled(&self) -> Result<usize, EngineError> {
-        let now_ms = self.clock.now_ms();
-        let specs: Vec<Arc<DropSpec>> = self.drops.iter().map(|spec| Arc::clone(&spec)).collect();
-        let retain_ms = i64::try_from(self.settled_retain.as_millis()).unwrap_or(i64::MAX);
-        let mut unloaded = 0;
-        for spec in specs {
-            let Some(counts) = self.gate.counts(spec.id).await? else {
-                continue;
-            };
-            let closed = spec.closes_at_ms().is_some_and(|closes| now_ms >= closes);
-            if counts.held > 0 || (counts.available > 0 && !closed) {
-                self.settled_since.remove(&spec.id);
-                continue;
-            }
-            let since = *self.settled_since.entry(spec.id).or_insert(now_ms);
-            if now_ms.saturating_sub(since) < retain_ms {
-                continue;
-            }
-            self.drops.remove(&spec.id);
-            self.settled_since.remove(&spec.id);
-            self.receipts
-                .retain(|_, purchase| purchase.drop_id != spec.id);
-            self.gate.unload(spec.id).await;
-            // Its holds are all settled and stored as rows; the journal of its new holds can go.
-            if let Err(err) = self.forget_journal(spec.id).await {
-                tracing::warn!(error = %err, drop = %spec.id, "journal of an unloaded drop not cleared");
-            }
-            unloaded += 1;
-            tracing::info!(drop = %spec.id, "unloaded a settled drop");
-        }
-        Ok(unloaded)
-    }
-
-    /// Materializes an unloaded drop's journaled holds. Every one of them settled (the drop had none left), so its
-    /// row is there already unless its release was still queued; after the writer's flush it is.
-    async fn forget_journal(&self, drop: Uuid) -> Result<(), EngineError> {
-        self.writer
-            .flush()
-            .await
-            .map_err(EngineError::StorageUnavailable)?;
-        let client = self.db.get().await?;
-        store::materialize_holds(&**client, Some(drop)).await?;
-        Ok(())
     }
 
     /// Drops loaded in memory now.
@@ -925,39 +565,5 @@ fn hold_row(drop: Uuid, hold: &HoldView) -> HoldRow {
         quantity: hold.quantity,
         created_at: to_datetime(hold.created_at_ms),
         expires_at: to_datetime(hold.expires_at_ms),
-    }
-}
-
-/// Releases expired holds every `interval` until told to stop. Holds only a weak reference, so a dropped
-/// engine stops its reaper too.
-async fn reaper(
-    engine: std::sync::Weak<Engine>,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    /// How often the reaper also looks for settled drops to unload.
-    const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_sweep = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
-        }
-        let Some(engine) = engine.upgrade() else {
-            return;
-        };
-        match engine.reap().await {
-            Ok(0) => {}
-            Ok(count) => tracing::debug!(count, "reaper released expired holds"),
-            Err(err) => tracing::warn!(error = %err, "reaper pass failed"),
-        }
-        if last_sweep.elapsed() >= SWEEP_INTERVAL.min(engine.settled_retain) {
-            last_sweep = tokio::time::Instant::now();
-            if let Err(err) = engine.unload_settled().await {
-                tracing::warn!(error = %err, "unloading settled drops failed");
-            }
-        }
     }
 }

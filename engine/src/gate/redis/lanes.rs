@@ -1,0 +1,228 @@
+//! A drop's lane: the reservation batchers of one drop on this instance (requests that arrive while a script call is
+//! in flight go together in the next call) and the poller that clears local sold-out flags.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use redis::Value;
+
+use super::codec::{int, malformed, text, write_record, DropKeys, COUNTERS, RECORD_BYTES};
+use super::ids::{self, HoldRef};
+use super::Inner;
+use crate::core::{HoldState, HoldView, ReserveRejection};
+use crate::gate::{GateResult, GateUnavailable};
+
+/// One drop as this instance serves it: its keys, its local sold-out flag and the queue of its reservation batcher.
+pub(super) struct Lane {
+    pub(super) drop: Uuid,
+    pub(super) seq: u32,
+    pub(super) hold_ms: i64,
+    pub(super) keys: DropKeys,
+    pub(super) sold_out: AtomicBool,
+    pub(super) requests: mpsc::Sender<Request>,
+    /// Tells the lane's batchers and journal to stop (unload, shutdown); the journal writes out what it has first.
+    pub(super) stop: watch::Sender<bool>,
+    /// The lane's batchers and journal, awaited at shutdown.
+    pub(super) tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+pub(super) struct Request {
+    pub(super) member: Uuid,
+    pub(super) quantity: u32,
+    pub(super) reply: oneshot::Sender<GateResult<Result<HoldView, ReserveRejection>>>,
+}
+
+pub(super) type Grant = Result<HoldView, ReserveRejection>;
+
+impl Inner {
+    /// One reserve script call for a batch.
+    pub(super) async fn reserve_once(
+        &self,
+        lane: &Lane,
+        batch: &[Request],
+    ) -> GateResult<Option<Vec<Grant>>> {
+        let mut invocation = self.scripts.reserve.prepare_invoke();
+        for key in &lane.keys {
+            invocation.key(key);
+        }
+        let mut records = Vec::with_capacity(batch.len() * RECORD_BYTES);
+        let mut record = [0u8; RECORD_BYTES];
+        for request in batch {
+            records.extend_from_slice(write_record(&mut record, request.member, request.quantity));
+        }
+        invocation.arg(records);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let mut reply = reply.into_iter();
+        let status = reply
+            .next()
+            .as_ref()
+            .and_then(int)
+            .ok_or_else(|| malformed("reserve"))?;
+        if status == -1 {
+            return Ok(None);
+        }
+        let entry = reply.next().ok_or_else(|| malformed("reserve entry"))?;
+        let entry = text(&entry).unwrap_or("").to_owned();
+        let available = reply
+            .next()
+            .as_ref()
+            .and_then(int)
+            .ok_or_else(|| malformed("reserve"))?;
+        if available == 0 {
+            lane.sold_out.store(true, Ordering::Release);
+        }
+        // Every grant of the call is a record of this one entry: parse its id once.
+        let entry = match entry.as_str() {
+            "" => None,
+            id => Some(
+                HoldRef::from_entry(lane.seq, id, 0)
+                    .ok_or_else(|| malformed("reserve entry id"))?,
+            ),
+        };
+        let outcomes = reply.next().ok_or_else(|| malformed("reserve outcomes"))?;
+        let outcomes = text(&outcomes).ok_or_else(|| malformed("reserve outcomes"))?;
+        // '' means every request was granted.
+        let all_granted = vec![b'g'; if outcomes.is_empty() { batch.len() } else { 0 }];
+        let outcomes = if outcomes.is_empty() {
+            &all_granted[..]
+        } else {
+            outcomes.as_bytes()
+        };
+        if outcomes.len() != batch.len() {
+            return Err(malformed("reserve outcome count"));
+        }
+        let mut grants = Vec::with_capacity(batch.len());
+        let mut index = 0;
+        for (request, &outcome) in batch.iter().zip(outcomes) {
+            grants.push(match outcome {
+                b'g' => {
+                    let place = entry
+                        .filter(|_| index <= ids::INDEX_MAX)
+                        .map(|entry| HoldRef { index, ..entry })
+                        .ok_or_else(|| malformed("reserve grant"))?;
+                    index += 1;
+                    let created = i64::try_from(place.ms).unwrap_or(i64::MAX);
+                    Ok(HoldView {
+                        id: place.id(),
+                        member: request.member,
+                        quantity: request.quantity,
+                        state: HoldState::Held,
+                        created_at_ms: created,
+                        expires_at_ms: created.saturating_add(lane.hold_ms),
+                    })
+                }
+                b'l' => Err(ReserveRejection::LimitExceeded),
+                _ => Err(ReserveRejection::SoldOut),
+            });
+        }
+        Ok(Some(grants))
+    }
+
+    pub(super) async fn reserve_batch(
+        &self,
+        lane: &Lane,
+        batch: &[Request],
+    ) -> GateResult<Vec<Grant>> {
+        if let Some(grants) = self.reserve_once(lane, batch).await? {
+            return Ok(grants);
+        }
+        self.reload(lane).await?;
+        self.reserve_once(lane, batch)
+            .await?
+            .ok_or_else(|| GateUnavailable("drop state vanished again after a reload".into()))
+    }
+}
+
+/// One of a drop's `calls_in_flight` batchers: takes whatever queued while the other calls were in flight (up to
+/// `batch_max`), makes one script call for it and answers each request. With more than one batcher, one gathers the
+/// next batch while another's call runs, so Redis and this process work at the same time instead of in turn; the
+/// scripts are atomic, so the calls need no order between them.
+pub(super) async fn run_lane(
+    inner: Arc<Inner>,
+    lane: Arc<Lane>,
+    requests: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
+) {
+    let mut stop = lane.stop.subscribe();
+    let batch_max = inner.config.batch_max.clamp(1, ids::INDEX_MAX as usize + 1);
+    let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
+    loop {
+        {
+            let mut requests = tokio::select! {
+                requests = requests.lock() => requests,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            let first = tokio::select! {
+                request = requests.recv() => match request {
+                    Some(request) => request,
+                    None => return,
+                },
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            batch.push(first);
+            while batch.len() < batch_max {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+        }
+        match inner.reserve_batch(&lane, &batch).await {
+            Ok(grants) => {
+                for (request, grant) in batch.drain(..).zip(grants) {
+                    let _ = request.reply.send(Ok(grant));
+                }
+            }
+            Err(err) => {
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Clears the local sold-out flags of drops whose stock came back (released on another instance), within
+/// `sold_out_poll` plus one Redis round trip.
+pub(super) async fn poll_sold_out(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    let mut ticker = tokio::time::interval(inner.config.sold_out_poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let flagged: Vec<Arc<Lane>> = inner
+            .lanes
+            .iter()
+            .filter(|lane| lane.sold_out.load(Ordering::Acquire))
+            .map(|lane| Arc::clone(&lane))
+            .collect();
+        for lane in flagged {
+            let mut conn = inner.conn.clone();
+            let available: GateResult<Option<i64>> = inner
+                .bounded(
+                    redis::cmd("HGET")
+                        .arg(&lane.keys[COUNTERS])
+                        .arg("avail")
+                        .query_async(&mut conn),
+                )
+                .await;
+            // Missing keys (lost data) also clear the flag: the next reservation reloads the drop and decides.
+            if let Ok(None) = available {
+                lane.sold_out.store(false, Ordering::Release);
+            }
+            if let Ok(Some(units)) = available {
+                if units > 0 {
+                    lane.sold_out.store(false, Ordering::Release);
+                }
+            }
+        }
+    }
+}

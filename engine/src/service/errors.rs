@@ -1,0 +1,75 @@
+//! Why the engine refused, as one error type for the HTTP layer to map.
+
+use crate::core::{ReleaseReason, ReserveRejection, TransitionError};
+use crate::gate::GateUnavailable;
+use crate::writer::WriteError;
+
+/// Why the engine refused. Hot-path outcomes (sold out, limit) are ordinary variants, not failures.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no such drop")]
+    DropNotFound,
+    #[error("the drop is not open yet")]
+    NotOpen,
+    #[error("the drop is closed")]
+    Closed,
+    #[error("sold out")]
+    SoldOut,
+    #[error("per-member limit reached")]
+    LimitExceeded,
+    #[error("quantity must be between 1 and the per-member limit")]
+    InvalidQuantity,
+    #[error("too many requests in flight")]
+    Overloaded,
+    #[error(transparent)]
+    GateUnavailable(#[from] GateUnavailable),
+    #[error("no such reservation")]
+    ReservationNotFound,
+    #[error("not your reservation")]
+    NotOwner,
+    #[error("the hold expired")]
+    HoldExpired,
+    #[error("the hold was already released")]
+    AlreadyReleased(ReleaseReason),
+    #[error("the reservation is already paid")]
+    AlreadyPaid,
+    #[error("a payment for this reservation is in progress")]
+    PaymentInFlight,
+    #[error("payment declined")]
+    PaymentDeclined,
+    #[error("the payment gateway is unavailable")]
+    PaymentUnavailable,
+    #[error("the purchase could not be stored")]
+    StorageUnavailable(#[source] WriteError),
+    #[error("stored state of a drop does not add up: {0}")]
+    Restore(#[from] crate::core::RestoreError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+impl From<ReserveRejection> for EngineError {
+    fn from(rejection: ReserveRejection) -> Self {
+        match rejection {
+            ReserveRejection::SoldOut => EngineError::SoldOut,
+            ReserveRejection::LimitExceeded => EngineError::LimitExceeded,
+            ReserveRejection::InvalidQuantity => EngineError::InvalidQuantity,
+        }
+    }
+}
+
+impl From<TransitionError> for EngineError {
+    fn from(err: TransitionError) -> Self {
+        match err {
+            TransitionError::NotFound => EngineError::ReservationNotFound,
+            TransitionError::NotOwner => EngineError::NotOwner,
+            TransitionError::Expired => EngineError::HoldExpired,
+            TransitionError::AlreadyReleased(reason) => EngineError::AlreadyReleased(reason),
+            TransitionError::AlreadyPaid => EngineError::AlreadyPaid,
+            TransitionError::PaymentInFlight | TransitionError::NotPaying => {
+                EngineError::PaymentInFlight
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Paying for a hold: `paying`, the charge, the durable purchase, `paid`; and the answers for a hold paid before.
+
+use uuid::Uuid;
+
+use super::{bump, hold_row, Engine, EngineError};
+use crate::core::{HoldState, ReleaseReason, TransitionError};
+use crate::payment::{ChargeOutcome, ChargeRequest};
+use crate::types::Purchase;
+use crate::writer::WriteError;
+
+impl Engine {
+    /// Pays for a hold: `paying`, charge, durable purchase, `paid`. Paying a paid hold again answers the same
+    /// purchase.
+    pub async fn pay(
+        &self,
+        reservation: Uuid,
+        member: Uuid,
+        payment_token: &str,
+    ) -> Result<Purchase, EngineError> {
+        let Ok(_permit) = self.pay_permits.try_acquire() else {
+            bump(&self.stats.rejected_overloaded);
+            return Err(EngineError::Overloaded);
+        };
+        let drop = self.locate(reservation).await?;
+        let spec = self.spec(drop).await?;
+        let now_ms = self.clock.now_ms();
+        let hold = match self
+            .gate
+            .begin_payment(drop, reservation, member, now_ms)
+            .await?
+        {
+            Ok(hold) => hold,
+            Err(TransitionError::AlreadyPaid) => {
+                return self.paid_receipt(reservation, member).await
+            }
+            Err(TransitionError::NotFound) => {
+                return match self.settled_before_start(reservation, member).await? {
+                    HoldState::Paid => self.paid_receipt(reservation, member).await,
+                    HoldState::Released(reason) => Err(EngineError::AlreadyReleased(reason)),
+                    HoldState::Held | HoldState::Paying => Err(EngineError::ReservationNotFound),
+                };
+            }
+            Err(TransitionError::Expired) => {
+                // begin_payment released it as expired; record that like the reaper would.
+                bump(&self.stats.released_expired);
+                if let Some(view) = self.gate.hold(drop, reservation).await? {
+                    self.queue_release(drop, &view, ReleaseReason::Expired, now_ms)
+                        .await;
+                }
+                return Err(EngineError::HoldExpired);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let amount = spec.price.saturating_mul(i64::from(hold.quantity));
+        let request = ChargeRequest {
+            reservation_id: reservation,
+            member_id: member,
+            amount,
+            currency: spec.currency.clone(),
+            payment_token: payment_token.to_owned(),
+        };
+        let Ok(outcome) =
+            tokio::time::timeout(self.payment_timeout, self.gateway.charge(&request)).await
+        else {
+            // No answer in time. The charge may yet go through at the gateway: refund it (refunds are idempotent on
+            // the reservation), and the hold is `held` again for a retry.
+            tracing::warn!(%reservation, timeout = ?self.payment_timeout, "payment gateway did not answer; giving the charge up");
+            bump(&self.stats.payments_unavailable);
+            self.gateway.refund(reservation).await;
+            self.gate.abort_payment(drop, reservation).await??;
+            return Err(EngineError::PaymentUnavailable);
+        };
+        match outcome {
+            ChargeOutcome::Approved { .. } => {}
+            ChargeOutcome::Declined => {
+                bump(&self.stats.payments_declined);
+                let released = self.gate.decline_payment(drop, reservation).await??;
+                self.queue_release(
+                    drop,
+                    &released,
+                    ReleaseReason::PaymentDeclined,
+                    self.clock.now_ms(),
+                )
+                .await;
+                return Err(EngineError::PaymentDeclined);
+            }
+            ChargeOutcome::Unavailable => {
+                bump(&self.stats.payments_unavailable);
+                self.gate.abort_payment(drop, reservation).await??;
+                return Err(EngineError::PaymentUnavailable);
+            }
+        }
+        let purchase = Purchase {
+            id: Uuid::now_v7(),
+            reservation_id: reservation,
+            drop_id: drop,
+            product_id: spec.product_id,
+            member_id: member,
+            quantity: hold.quantity,
+            amount,
+            currency: spec.currency.clone(),
+            paid_at: self.now(),
+        };
+        // The stored purchase comes back: if an earlier attempt at this reservation (on any instance) stored one
+        // first, that one is the purchase, and its id is the one answered.
+        let purchase = match self.writer.purchase(purchase, hold_row(drop, &hold)).await {
+            Ok(stored) => stored,
+            Err(WriteError::Fenced) => {
+                // Postgres refused it (guarantee 5a): this payment outlived its lease and the hold's release is stored
+                // (its units may be another buyer's by now), or the drop's stored paid units are at its stock. Give
+                // the charge back, and make sure the gate no longer counts the hold (a no-op when it was released).
+                bump(&self.stats.payments_fenced);
+                tracing::warn!(%reservation, "purchase refused by Postgres (the hold no longer owns its units); refunding");
+                self.gateway.refund(reservation).await;
+                match self.gate.release_fenced(drop, reservation).await? {
+                    Ok(released) => {
+                        bump(&self.stats.released_expired);
+                        self.queue_release(
+                            drop,
+                            &released,
+                            ReleaseReason::Expired,
+                            self.clock.now_ms(),
+                        )
+                        .await;
+                    }
+                    Err(TransitionError::AlreadyReleased(_)) => {}
+                    Err(err) => {
+                        tracing::error!(?err, %reservation, "a fenced payment's hold could not be released in the gate")
+                    }
+                }
+                return Err(EngineError::HoldExpired);
+            }
+            Err(err) => {
+                // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
+                tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
+                self.gateway.refund(reservation).await;
+                self.gate.abort_payment(drop, reservation).await??;
+                return Err(EngineError::StorageUnavailable(err));
+            }
+        };
+        self.receipts.insert(reservation, purchase.clone());
+        // The purchase is durable from here on, so the answer is 200 whatever the gate says now. A gate that cannot
+        // be reached leaves the hold `paying`, which no reaper expires; the gate settles it from Postgres later.
+        match self.gate.complete_payment(drop, reservation).await {
+            Ok(Ok(paid)) => debug_assert_eq!(paid.state, HoldState::Paid),
+            Ok(Err(TransitionError::AlreadyPaid)) => {}
+            Ok(Err(err)) => {
+                tracing::error!(?err, %reservation, "stored purchase, but the gate refused to mark it paid")
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, %reservation, "stored purchase, gate not told yet")
+            }
+        }
+        bump(&self.stats.payments);
+        Ok(purchase)
+    }
+
+    /// The purchase of a paid reservation, for its owner: paying again answers the same purchase.
+    async fn paid_receipt(&self, reservation: Uuid, member: Uuid) -> Result<Purchase, EngineError> {
+        let purchase = self.receipt(reservation).await?;
+        if purchase.member_id != member {
+            return Err(EngineError::NotOwner);
+        }
+        Ok(purchase)
+    }
+
+    /// The stored state of a reservation the gate does not know, for its owner, so that a client retrying a payment
+    /// across a restart gets the same purchase rather than a 404.
+    pub(super) async fn settled_before_start(
+        &self,
+        reservation: Uuid,
+        member: Uuid,
+    ) -> Result<HoldState, EngineError> {
+        let stored = self.stored(reservation).await?;
+        if stored.member_id != member {
+            return Err(EngineError::NotOwner);
+        }
+        Ok(stored.state)
+    }
+}
