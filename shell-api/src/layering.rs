@@ -23,7 +23,7 @@ const PLUMBING: &[&str] = &[
     "pagination",
 ];
 /// The composition root and the commands.
-const ROOT: &[&str] = &["lib", "main", "cli", "server", "layering"];
+const ROOT: &[&str] = &["lib", "app", "main", "cli", "server", "layering"];
 /// Each area and the top-level modules (folders) it is made of.
 const AREAS: &[(&str, &[&str])] = &[
     ("members", &["members"]),

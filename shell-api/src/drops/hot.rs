@@ -34,7 +34,8 @@ use crate::AppState;
 
 type HotFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-/// The whole HTTP service (`crate::app`): a `tower::Service` over requests, in-process as over a socket.
+/// The whole HTTP service (built by the composition root, `app.rs`): a `tower::Service` over requests, in-process
+/// as over a socket.
 #[derive(Clone)]
 pub struct App {
     router: Router,
