@@ -75,6 +75,10 @@ pub struct Shape {
 }
 
 /// Runs the scenarios and waits for the end. Setup errors stop the run and are returned as errors.
+#[allow(
+    clippy::too_many_lines,
+    reason = "goose's run from configuration to report, in the order goose requires"
+)]
 pub async fn run(
     mut config: GooseConfiguration,
     parts: Parts,

@@ -323,6 +323,10 @@ impl Funnel {
     }
 
     /// Setup, run from goose's `test_start`: seller, product, buyers, the drop, the early probe, the poller.
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the drop's whole set-up in goose's test_start, in the order it happens"
+    )]
     pub async fn setup(self: &Arc<Self>, user: &mut GooseUser) -> anyhow::Result<()> {
         let targets = &self.targets;
         let args = &self.args;
@@ -694,6 +698,10 @@ impl Funnel {
     }
 
     /// Pays, declines, cancels or abandons one hold; true when it ended paid.
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one hold's funnel step (pay, decline, abandon), each with the answers it accepts"
+    )]
     async fn settle(&self, user: &mut GooseUser, member: &Member, hold: Hold, role: Role) -> bool {
         self.tally(|t| t.latest_expiry = t.latest_expiry.max(Some(hold.expires_at)));
         // Paid or cancelled through another instance than the one that granted the hold (when there are several).

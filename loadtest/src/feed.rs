@@ -110,6 +110,10 @@ impl Social {
     }
 
     /// The goose scenario: recent feed (4), popular feed (2), post (1), like (2), comment (1), by weight.
+    #[allow(
+        clippy::too_many_lines,
+        reason = "a goose scenario is its list of transactions"
+    )]
     pub fn scenario(self: &Arc<Self>) -> Result<Scenario, GooseError> {
         let social = Arc::clone(self);
         let claim: TransactionFunction = Arc::new(move |user| {

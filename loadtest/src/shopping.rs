@@ -549,6 +549,10 @@ fn uuids(ids: &[String], what: &str) -> anyhow::Result<Vec<Uuid>> {
 }
 
 /// Reads the facts of a shop run from Postgres.
+#[allow(
+    clippy::too_many_lines,
+    reason = "every fact the shop's checks need, read in one place so each is one snapshot"
+)]
 pub async fn shop_facts(database_url: &str, run: &ShopRun) -> anyhow::Result<ShopFacts> {
     let products = uuids(&run.products, "product")?;
     let members = uuids(&run.members, "member")?;

@@ -84,6 +84,10 @@ fn tallies(map: &std::collections::BTreeMap<String, u64>) -> String {
 }
 
 /// The human-readable summary.
+#[allow(
+    clippy::too_many_lines,
+    reason = "the report's text in the order it prints"
+)]
 pub fn render(s: &Summary) -> String {
     let c = &s.funnel;
     let mut out = String::new();

@@ -13,6 +13,10 @@
 //!
 //! The data is skewed the way a shop's social side is: a few authors write most posts (author rank ~ U^2), a few
 //! posts get most likes (Pareto, capped at one like per member), and members follow popular authors more often.
+#![allow(
+    clippy::too_many_lines,
+    reason = "an example is one measurement read top to bottom: its setup, the load and the report"
+)]
 
 use std::time::{Duration, Instant};
 

@@ -15,7 +15,10 @@
 //! changes (up to 10 events a second each). The load generator runs on the same machine as the server, so both
 //! reservation rates are what is left beside it. Everything is bounded in time; the server and its database are
 //! removed at the end.
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "an example is one measurement read top to bottom: its setup, the load and the report"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Stdio;

@@ -2,6 +2,10 @@
 //! reservation (sold out) and a granted one, called in-process through `app()` many times.
 //! `cargo run --release -p shell-api --example router_cost` (needs Postgres: DATABASE_URL).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::too_many_lines,
+    reason = "an example is one measurement read top to bottom: its setup, the load and the report"
+)]
 
 use std::sync::Arc;
 use std::time::Instant;

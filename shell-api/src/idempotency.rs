@@ -162,6 +162,10 @@ impl IdempotencyStore {
     }
 
     /// Runs `handler` once per key; repeats replay its answer.
+    #[allow(
+        clippy::too_many_lines,
+        reason = "a key's claim, run, record and replay, each outcome beside the claim it answers"
+    )]
     pub async fn run<F, Fut>(
         &self,
         member: Uuid,

@@ -18,6 +18,10 @@ use crate::live::LiveArgs;
 use crate::shop::ShopArgs;
 
 /// Resolves settings, migrates, binds and serves until a shutdown signal; then drains within the grace period.
+#[allow(
+    clippy::too_many_lines,
+    reason = "the start-up sequence read top to bottom: settings, migrations, engine, tasks, bind, graceful shutdown"
+)]
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let jwt_secret = match (&args.jwt_secret, args.dev) {
         (Some(secret), _) if !secret.is_empty() => secret.as_bytes().to_vec(),

@@ -1,6 +1,9 @@
 //! Crash test: SIGKILL the real server in the middle of a drop, after some payments answered 200, restart it on
 //! the same database, and check that nothing acknowledged was lost and nothing paid is sold again.
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

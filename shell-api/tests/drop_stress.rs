@@ -1,7 +1,10 @@
 //! End-to-end stress of a drop against the real binary on port 0 and real Postgres: ten times more buyers than
 //! units, all at once. Exactly `stock` holds are granted, every paid hold has exactly one purchase row, and
 //! cancelled, declined and expired holds all return to sale.
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -1,6 +1,9 @@
 //! In-process tests of the drop routes over the real engine and a real Postgres: the hold life cycle, the
 //! payment outcomes, idempotency, back-pressure, fail-closed, and every bad input answering a 4xx, never a 500.
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

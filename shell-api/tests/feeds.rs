@@ -1,6 +1,10 @@
 //! Feeds against real Postgres, in-process through `app()`: posts and comments with their ownership rules, bad
 //! input (422/404/403, never 500), idempotent likes and follows, exact counts under parallel likes and unlikes,
 //! follower lists, newsfeed scopes and orders, pagination while inserting, and the activity feed.
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 // Helpers outside `#[test]` functions unwrap too: a panic there is a failed test, which is what we want.
 #![allow(clippy::unwrap_used)]
 

@@ -2,7 +2,10 @@
 //! drop event stream seeing every change of counts in order with conservation in every event (embedded gate, and
 //! two instances on one Redis streaming the same counts), the caps on open streams, the live page, and
 //! notifications (one drop_scheduled, one drop_open, one restock per burst; over the list and the stream).
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -5,7 +5,10 @@
 //!
 //! Chromium is driven over `--remote-debugging-pipe` (DevTools messages on fds 3 and 4, NUL-separated), which a
 //! `bash -c 'exec chromium ... 3<&0 4>&1'` maps to the child's stdin and stdout: no websocket client needed.
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

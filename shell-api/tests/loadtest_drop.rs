@@ -4,6 +4,10 @@
 //!
 //! It lives here rather than in `loadtest/` because it needs `flashsale` itself (`CARGO_BIN_EXE_flashsale`).
 #![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 
 mod common;
 

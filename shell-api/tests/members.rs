@@ -1,6 +1,9 @@
 //! Members over HTTP, in-process against a private Postgres database: signup validation and uniqueness, the
 //! profile, roles, and the input errors every endpoint shares (400 malformed, 413 too large, 404 non-UUID id).
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 // Helpers outside #[test] functions panic on unexpected answers too: that is how a test fails.
 #![allow(clippy::unwrap_used)]
 

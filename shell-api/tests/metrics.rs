@@ -2,6 +2,10 @@
 //! contract lists, and its counters move with a small drop (reservations, a sold-out refusal, a payment, the
 //! writer's batches). With `METRICS=false` the route says so and nothing is recorded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 
 mod common;
 

@@ -2,7 +2,10 @@
 //! (a single server, or the three-master Redis Cluster from `scripts/services.sh cluster`), driven concurrently,
 //! with faults: an instance SIGKILLed mid-drop, Redis restarted or stopped, Redis losing its data, Postgres away for
 //! ten seconds. Every test ends with conservation checked in Redis (every instance's counts) and in Postgres.
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -1,6 +1,9 @@
 //! Products over HTTP, in-process against a private Postgres database: ownership and roles, validation, bulk
 //! atomicity and limits, keyset pagination under concurrent inserts, search and filters.
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 // Helpers outside #[test] functions panic on unexpected answers too: that is how a test fails.
 #![allow(clippy::unwrap_used)]
 

@@ -2,7 +2,10 @@
 //! idempotency stores, as separate processes would have), checked against the guarantees of DESIGN.md that need
 //! many instances: one stock, any instance serves any hold, shared idempotency, one clock for expiry, the sold-out
 //! flag clearing everywhere, the journal reaching Postgres, fail closed, and recovery after Redis lost its data.
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

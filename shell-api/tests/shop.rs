@@ -2,6 +2,10 @@
 //! concurrent orders, orders all or nothing (a card charge refunded when a later step fails), points balances
 //! equal to their ledger and never negative, one decision per refund, idempotent orders, settlement figures that
 //! a rerun rewrites, carts, search terms, and bad input answered with its status and code (never a 500).
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 // Helpers outside `#[test]` functions unwrap too: a panic there is a failed test, which is what we want.
 #![allow(clippy::unwrap_used)]
 

@@ -1,4 +1,8 @@
 //! Smoke tests of the service frame: health, unknown routes and the real binary's start-up contract.
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 
 mod common;
 

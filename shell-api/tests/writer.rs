@@ -2,7 +2,10 @@
 //! purchase stored twice is stored once (a second attempt answers with the first), a drop with sales cannot be
 //! deleted, shutdown drains the queue, and a purchase that cannot be stored is
 //! never acknowledged (the payment answers 503, the charge is refunded, the hold is kept).
-
+#![allow(
+    clippy::too_many_lines,
+    reason = "each test is one scenario read top to bottom: its setup, the fault or load, and every check"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -3,10 +3,18 @@
 use uuid::Uuid;
 
 use super::{bump, hold_row, Engine, EngineError};
-use crate::core::{HoldState, ReleaseReason, TransitionError};
+use crate::core::{HoldState, HoldView, ReleaseReason, TransitionError};
 use crate::payment::{ChargeOutcome, ChargeRequest};
 use crate::types::Purchase;
 use crate::writer::WriteError;
+
+/// Where a payment stands once it asked the gate for its hold.
+enum Paying {
+    /// The hold is `paying`: charge it.
+    Hold(HoldView),
+    /// The reservation was paid before: answer its purchase.
+    PaidBefore,
+}
 
 impl Engine {
     /// Pays for a hold: `paying`, charge, durable purchase, `paid`. Paying a paid hold again answers the same
@@ -23,33 +31,9 @@ impl Engine {
         };
         let drop = self.locate(reservation).await?;
         let spec = self.spec(drop).await?;
-        let now_ms = self.clock.now_ms();
-        let hold = match self
-            .gate
-            .begin_payment(drop, reservation, member, now_ms)
-            .await?
-        {
-            Ok(hold) => hold,
-            Err(TransitionError::AlreadyPaid) => {
-                return self.paid_receipt(reservation, member).await
-            }
-            Err(TransitionError::NotFound) => {
-                return match self.settled_before_start(reservation, member).await? {
-                    HoldState::Paid => self.paid_receipt(reservation, member).await,
-                    HoldState::Released(reason) => Err(EngineError::AlreadyReleased(reason)),
-                    HoldState::Held | HoldState::Paying => Err(EngineError::ReservationNotFound),
-                };
-            }
-            Err(TransitionError::Expired) => {
-                // begin_payment released it as expired; record that like the reaper would.
-                bump(&self.stats.released_expired);
-                if let Some(view) = self.gate.hold(drop, reservation).await? {
-                    self.queue_release(drop, &view, ReleaseReason::Expired, now_ms)
-                        .await;
-                }
-                return Err(EngineError::HoldExpired);
-            }
-            Err(err) => return Err(err.into()),
+        let hold = match self.begin_paying(drop, reservation, member).await? {
+            Paying::Hold(hold) => hold,
+            Paying::PaidBefore => return self.paid_receipt(reservation, member).await,
         };
         let amount = spec.price.saturating_mul(i64::from(hold.quantity));
         let request = ChargeRequest {
@@ -59,37 +43,7 @@ impl Engine {
             currency: spec.currency.clone(),
             payment_token: payment_token.to_owned(),
         };
-        let Ok(outcome) =
-            tokio::time::timeout(self.payment_timeout, self.gateway.charge(&request)).await
-        else {
-            // No answer in time. The charge may yet go through at the gateway: refund it (refunds are idempotent on
-            // the reservation), and the hold is `held` again for a retry.
-            tracing::warn!(%reservation, timeout = ?self.payment_timeout, "payment gateway did not answer; giving the charge up");
-            bump(&self.stats.payments_unavailable);
-            self.gateway.refund(reservation).await;
-            self.gate.abort_payment(drop, reservation).await??;
-            return Err(EngineError::PaymentUnavailable);
-        };
-        match outcome {
-            ChargeOutcome::Approved { .. } => {}
-            ChargeOutcome::Declined => {
-                bump(&self.stats.payments_declined);
-                let released = self.gate.decline_payment(drop, reservation).await??;
-                self.queue_release(
-                    drop,
-                    &released,
-                    ReleaseReason::PaymentDeclined,
-                    self.clock.now_ms(),
-                )
-                .await;
-                return Err(EngineError::PaymentDeclined);
-            }
-            ChargeOutcome::Unavailable => {
-                bump(&self.stats.payments_unavailable);
-                self.gate.abort_payment(drop, reservation).await??;
-                return Err(EngineError::PaymentUnavailable);
-            }
-        }
+        self.charge(drop, &request).await?;
         let purchase = Purchase {
             id: Uuid::now_v7(),
             reservation_id: reservation,
@@ -101,10 +55,110 @@ impl Engine {
             currency: spec.currency.clone(),
             paid_at: self.now(),
         };
-        // The stored purchase comes back: if an earlier attempt at this reservation (on any instance) stored one
-        // first, that one is the purchase, and its id is the one answered.
-        let purchase = match self.writer.purchase(purchase, hold_row(drop, &hold)).await {
-            Ok(stored) => stored,
+        let purchase = self.store_purchase(drop, purchase, &hold).await?;
+        self.receipts.insert(reservation, purchase.clone());
+        // The purchase is durable from here on, so the answer is 200 whatever the gate says now. A gate that cannot
+        // be reached leaves the hold `paying`, which no reaper expires; the gate settles it from Postgres later.
+        match self.gate.complete_payment(drop, reservation).await {
+            Ok(Ok(paid)) => debug_assert_eq!(paid.state, HoldState::Paid),
+            Ok(Err(TransitionError::AlreadyPaid)) => {}
+            Ok(Err(err)) => {
+                tracing::error!(?err, %reservation, "stored purchase, but the gate refused to mark it paid")
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, %reservation, "stored purchase, gate not told yet")
+            }
+        }
+        bump(&self.stats.payments);
+        Ok(purchase)
+    }
+
+    /// Marks the hold `paying` in the gate, or says why it cannot be paid now (a hold paid before answers its
+    /// purchase).
+    async fn begin_paying(
+        &self,
+        drop: Uuid,
+        reservation: Uuid,
+        member: Uuid,
+    ) -> Result<Paying, EngineError> {
+        let now_ms = self.clock.now_ms();
+        match self
+            .gate
+            .begin_payment(drop, reservation, member, now_ms)
+            .await?
+        {
+            Ok(hold) => Ok(Paying::Hold(hold)),
+            Err(TransitionError::AlreadyPaid) => Ok(Paying::PaidBefore),
+            Err(TransitionError::NotFound) => {
+                match self.settled_before_start(reservation, member).await? {
+                    HoldState::Paid => Ok(Paying::PaidBefore),
+                    HoldState::Released(reason) => Err(EngineError::AlreadyReleased(reason)),
+                    HoldState::Held | HoldState::Paying => Err(EngineError::ReservationNotFound),
+                }
+            }
+            Err(TransitionError::Expired) => {
+                // begin_payment released it as expired; record that like the reaper would.
+                bump(&self.stats.released_expired);
+                if let Some(view) = self.gate.hold(drop, reservation).await? {
+                    self.queue_release(drop, &view, ReleaseReason::Expired, now_ms)
+                        .await;
+                }
+                Err(EngineError::HoldExpired)
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Charges a `paying` hold, bounded by the payment timeout. Unless the charge is approved, the hold leaves
+    /// `paying`: declined releases it, no answer (refunded, in case it went through late) or an unavailable gateway
+    /// makes it `held` again for a retry.
+    async fn charge(&self, drop: Uuid, request: &ChargeRequest) -> Result<(), EngineError> {
+        let reservation = request.reservation_id;
+        let Ok(outcome) =
+            tokio::time::timeout(self.payment_timeout, self.gateway.charge(request)).await
+        else {
+            // No answer in time. The charge may yet go through at the gateway: refund it (refunds are idempotent on
+            // the reservation), and the hold is `held` again for a retry.
+            tracing::warn!(%reservation, timeout = ?self.payment_timeout, "payment gateway did not answer; giving the charge up");
+            bump(&self.stats.payments_unavailable);
+            self.gateway.refund(reservation).await;
+            self.gate.abort_payment(drop, reservation).await??;
+            return Err(EngineError::PaymentUnavailable);
+        };
+        match outcome {
+            ChargeOutcome::Approved { .. } => Ok(()),
+            ChargeOutcome::Declined => {
+                bump(&self.stats.payments_declined);
+                let released = self.gate.decline_payment(drop, reservation).await??;
+                self.queue_release(
+                    drop,
+                    &released,
+                    ReleaseReason::PaymentDeclined,
+                    self.clock.now_ms(),
+                )
+                .await;
+                Err(EngineError::PaymentDeclined)
+            }
+            ChargeOutcome::Unavailable => {
+                bump(&self.stats.payments_unavailable);
+                self.gate.abort_payment(drop, reservation).await??;
+                Err(EngineError::PaymentUnavailable)
+            }
+        }
+    }
+
+    /// Stores a charged purchase and returns it as stored: if an earlier attempt at this reservation (on any
+    /// instance) stored one first, that one is the purchase, and its id is the one answered. A purchase that is not
+    /// stored has its charge refunded.
+    async fn store_purchase(
+        &self,
+        drop: Uuid,
+        purchase: Purchase,
+        hold: &HoldView,
+    ) -> Result<Purchase, EngineError> {
+        let reservation = purchase.reservation_id;
+        match self.writer.purchase(purchase, hold_row(drop, hold)).await {
+            Ok(stored) => Ok(stored),
             Err(WriteError::Fenced) => {
                 // Postgres refused it (guarantee 5a): this payment outlived its lease and the hold's release is stored
                 // (its units may be another buyer's by now), or the drop's stored paid units are at its stock. Give
@@ -128,31 +182,16 @@ impl Engine {
                         tracing::error!(?err, %reservation, "a fenced payment's hold could not be released in the gate")
                     }
                 }
-                return Err(EngineError::HoldExpired);
+                Err(EngineError::HoldExpired)
             }
             Err(err) => {
                 // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
                 tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
                 self.gateway.refund(reservation).await;
                 self.gate.abort_payment(drop, reservation).await??;
-                return Err(EngineError::StorageUnavailable(err));
-            }
-        };
-        self.receipts.insert(reservation, purchase.clone());
-        // The purchase is durable from here on, so the answer is 200 whatever the gate says now. A gate that cannot
-        // be reached leaves the hold `paying`, which no reaper expires; the gate settles it from Postgres later.
-        match self.gate.complete_payment(drop, reservation).await {
-            Ok(Ok(paid)) => debug_assert_eq!(paid.state, HoldState::Paid),
-            Ok(Err(TransitionError::AlreadyPaid)) => {}
-            Ok(Err(err)) => {
-                tracing::error!(?err, %reservation, "stored purchase, but the gate refused to mark it paid")
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, %reservation, "stored purchase, gate not told yet")
+                Err(EngineError::StorageUnavailable(err))
             }
         }
-        bump(&self.stats.payments);
-        Ok(purchase)
     }
 
     /// The purchase of a paid reservation, for its owner: paying again answers the same purchase.

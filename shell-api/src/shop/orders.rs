@@ -264,6 +264,10 @@ async fn committed(state: &AppState, order_id: Uuid) -> bool {
 /// The transaction of an order. `seen` is the first look at the products; if anything the charge was computed
 /// from changed since, the order is refused rather than sold at another price.
 #[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one order's transaction in its lock order (products in id order, then the balance), kept in one place"
+)]
 async fn store_order(
     state: &AppState,
     member: Uuid,

@@ -194,7 +194,19 @@ pub async fn request_refund(
     fields.finish()?;
     let reason = input.reason.unwrap_or_default().trim().to_owned();
     lines.sort_by_key(|(product, _)| *product);
+    let refund = open_refund(&state, member.id, order_id, &lines, &reason).await?;
+    Ok((StatusCode::CREATED, Json(refund)))
+}
 
+/// Opens a refund of `lines` (sorted by product) of the buyer's order in one transaction: the order's items are
+/// locked and claimed, then the refund and its items are stored.
+async fn open_refund(
+    state: &AppState,
+    buyer: Uuid,
+    order_id: Uuid,
+    lines: &[(Uuid, i32)],
+    reason: &str,
+) -> Result<Refund, ApiError> {
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
     let order = tx
@@ -204,11 +216,44 @@ pub async fn request_refund(
         )
         .await?
         .ok_or_else(order_not_found)?;
-    let buyer: Uuid = order.get(0);
     let currency: String = order.get(1);
-    if buyer != member.id {
+    if order.get::<_, Uuid>(0) != buyer {
         return Err(ApiError::forbidden());
     }
+    let (seller, items) = claim_items(&tx, order_id, lines).await?;
+    let id = Uuid::now_v7();
+    let amount: i64 = items.iter().map(|item| item.amount).sum();
+    tx.execute(
+        "INSERT INTO refunds (id, order_id, seller_id, member_id, amount, currency, reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[&id, &order_id, &seller, &buyer, &amount, &currency, &reason],
+    )
+    .await?;
+    let ids: Vec<Uuid> = items.iter().map(|item| item.product_id).collect();
+    let quantities: Vec<i32> = items.iter().map(|item| item.quantity).collect();
+    let prices: Vec<i64> = items.iter().map(|item| item.unit_price).collect();
+    let amounts: Vec<i64> = items.iter().map(|item| item.amount).collect();
+    tx.execute(
+        "INSERT INTO refund_items (refund_id, product_id, quantity, unit_price, amount)
+         SELECT $1, product_id, quantity, unit_price, amount
+         FROM UNNEST($2::uuid[], $3::int[], $4::bigint[], $5::bigint[])
+              AS t (product_id, quantity, unit_price, amount)",
+        &[&id, &ids, &quantities, &prices, &amounts],
+    )
+    .await?;
+    let refund = find_refund(&tx, id).await?;
+    tx.commit().await?;
+    Ok(refund)
+}
+
+/// Locks the order's items named by `lines` (in product order, the lock order), checks them (all in the order, of
+/// one seller, within what was ordered and not yet claimed) and claims them; returns the seller and the refund's
+/// items.
+async fn claim_items(
+    tx: &deadpool_postgres::Transaction<'_>,
+    order_id: Uuid,
+    lines: &[(Uuid, i32)],
+) -> Result<(Uuid, Vec<RefundItem>), ApiError> {
     let ids: Vec<Uuid> = lines.iter().map(|(product, _)| *product).collect();
     let rows = tx
         .query(
@@ -267,29 +312,7 @@ pub async fn request_refund(
         &[&order_id, &ids, &quantities],
     )
     .await?;
-    let id = Uuid::now_v7();
-    let amount: i64 = items.iter().map(|item| item.amount).sum();
-    tx.execute(
-        "INSERT INTO refunds (id, order_id, seller_id, member_id, amount, currency, reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        &[
-            &id, &order_id, &seller, &member.id, &amount, &currency, &reason,
-        ],
-    )
-    .await?;
-    let prices: Vec<i64> = items.iter().map(|item| item.unit_price).collect();
-    let amounts: Vec<i64> = items.iter().map(|item| item.amount).collect();
-    tx.execute(
-        "INSERT INTO refund_items (refund_id, product_id, quantity, unit_price, amount)
-         SELECT $1, product_id, quantity, unit_price, amount
-         FROM UNNEST($2::uuid[], $3::int[], $4::bigint[], $5::bigint[])
-              AS t (product_id, quantity, unit_price, amount)",
-        &[&id, &ids, &quantities, &prices, &amounts],
-    )
-    .await?;
-    let refund = find_refund(&tx, id).await?;
-    tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(refund)))
+    Ok((seller, items))
 }
 
 /// The buyer, that seller, or an admin.
@@ -342,6 +365,10 @@ pub async fn accept_refund(
         .await
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "one acceptance's transaction in its lock order (refund, products, order items, balance), kept in one place"
+)]
 async fn accept(state: &AppState, member: &AuthMember, id: Uuid) -> Result<Refund, ApiError> {
     let mut client = state.db.get().await?;
     decidable(&client, member, id).await?;

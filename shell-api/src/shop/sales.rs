@@ -5,6 +5,7 @@
 use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -151,7 +152,18 @@ pub async fn dashboard(
     member: AuthMember,
 ) -> Result<Json<Dashboard>, ApiError> {
     require_seller(&member)?;
-    let now = Utc::now();
+    let client = state.db.get().await?;
+    Ok(Json(
+        seller_dashboard(&client, member.id, Utc::now()).await?,
+    ))
+}
+
+/// A seller's dashboard as of `now`.
+async fn seller_dashboard(
+    client: &impl GenericClient,
+    seller: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Dashboard, ApiError> {
     let today = now
         .date_naive()
         .and_hms_opt(0, 0, 0)
@@ -159,7 +171,6 @@ pub async fn dashboard(
     let week = now - Duration::days(7);
     let month = now - Duration::days(30);
     let end = now + Duration::days(1);
-    let client = state.db.get().await?;
     let totals = client
         .query_one(
             concat!(
@@ -171,10 +182,38 @@ pub async fn dashboard(
                 sales_of_seller!(),
                 ") s WHERE currency = $4"
             ),
-            &[&member.id, &month, &end, &POINTS_CURRENCY, &today, &week],
+            &[&seller, &month, &end, &POINTS_CURRENCY, &today, &week],
         )
         .await?;
-    let top = client
+    let pending: i64 = client
+        .query_one(
+            "SELECT count(*) FROM refunds WHERE seller_id = $1 AND status = 'requested'",
+            &[&seller],
+        )
+        .await?
+        .get(0);
+    Ok(Dashboard {
+        revenue: Revenue {
+            today: totals.get(0),
+            last_7_days: totals.get(1),
+            last_30_days: totals.get(2),
+        },
+        currency: POINTS_CURRENCY,
+        orders_today: totals.get(3),
+        refunds_pending: pending,
+        top_products: top_products(client, seller, month, end).await?,
+        drops: latest_drops(client, seller).await?,
+    })
+}
+
+/// The seller's best sellers between `from` and `to`, by units, at most 5.
+async fn top_products(
+    client: &impl GenericClient,
+    seller: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<TopProduct>, ApiError> {
+    let rows = client
         .query(
             concat!(
                 "SELECT s.product_id, p.name, sum(s.quantity)::int8 AS units, sum(s.amount)::int8 AS revenue
@@ -185,59 +224,49 @@ pub async fn dashboard(
                  GROUP BY s.product_id, p.name
                  ORDER BY units DESC, revenue DESC, s.product_id LIMIT 5"
             ),
-            &[&member.id, &month, &end, &POINTS_CURRENCY],
+            &[&seller, &from, &to, &POINTS_CURRENCY],
         )
         .await?;
-    let pending: i64 = client
-        .query_one(
-            "SELECT count(*) FROM refunds WHERE seller_id = $1 AND status = 'requested'",
-            &[&member.id],
-        )
-        .await?
-        .get(0);
-    let drops = client
+    Ok(rows
+        .iter()
+        .map(|row| TopProduct {
+            product_id: row.get(0),
+            name: row.get(1),
+            units: row.get(2),
+            revenue: row.get(3),
+        })
+        .collect())
+}
+
+/// The seller's latest drops, at most 10, with their sell-through.
+async fn latest_drops(
+    client: &impl GenericClient,
+    seller: Uuid,
+) -> Result<Vec<DropSummary>, ApiError> {
+    let rows = client
         .query(
             "SELECT d.id, d.stock,
                     (SELECT COALESCE(sum(p.quantity), 0)::int8 FROM purchases p WHERE p.drop_id = d.id)
              FROM drops d WHERE d.seller_id = $1
              ORDER BY d.opens_at DESC, d.id DESC LIMIT 10",
-            &[&member.id],
+            &[&seller],
         )
         .await?;
-    Ok(Json(Dashboard {
-        revenue: Revenue {
-            today: totals.get(0),
-            last_7_days: totals.get(1),
-            last_30_days: totals.get(2),
-        },
-        currency: POINTS_CURRENCY,
-        orders_today: totals.get(3),
-        refunds_pending: pending,
-        top_products: top
-            .iter()
-            .map(|row| TopProduct {
-                product_id: row.get(0),
-                name: row.get(1),
-                units: row.get(2),
-                revenue: row.get(3),
-            })
-            .collect(),
-        drops: drops
-            .iter()
-            .map(|row| {
-                let stock: i32 = row.get(1);
-                let sold: i64 = row.get(2);
-                DropSummary {
-                    drop_id: row.get(0),
-                    stock,
-                    sold,
-                    sell_through: if stock > 0 {
-                        sold as f64 / f64::from(stock)
-                    } else {
-                        0.0
-                    },
-                }
-            })
-            .collect(),
-    }))
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let stock: i32 = row.get(1);
+            let sold: i64 = row.get(2);
+            DropSummary {
+                drop_id: row.get(0),
+                stock,
+                sold,
+                sell_through: if stock > 0 {
+                    sold as f64 / f64::from(stock)
+                } else {
+                    0.0
+                },
+            }
+        })
+        .collect())
 }

@@ -87,41 +87,7 @@ impl Inner {
         };
         let outcomes = reply.next().ok_or_else(|| malformed("reserve outcomes"))?;
         let outcomes = text(&outcomes).ok_or_else(|| malformed("reserve outcomes"))?;
-        // '' means every request was granted.
-        let all_granted = vec![b'g'; if outcomes.is_empty() { batch.len() } else { 0 }];
-        let outcomes = if outcomes.is_empty() {
-            &all_granted[..]
-        } else {
-            outcomes.as_bytes()
-        };
-        if outcomes.len() != batch.len() {
-            return Err(malformed("reserve outcome count"));
-        }
-        let mut grants = Vec::with_capacity(batch.len());
-        let mut index = 0;
-        for (request, &outcome) in batch.iter().zip(outcomes) {
-            grants.push(match outcome {
-                b'g' => {
-                    let place = entry
-                        .filter(|_| index <= ids::INDEX_MAX)
-                        .map(|entry| HoldRef { index, ..entry })
-                        .ok_or_else(|| malformed("reserve grant"))?;
-                    index += 1;
-                    let created = i64::try_from(place.ms).unwrap_or(i64::MAX);
-                    Ok(HoldView {
-                        id: place.id(),
-                        member: request.member,
-                        quantity: request.quantity,
-                        state: HoldState::Held,
-                        created_at_ms: created,
-                        expires_at_ms: created.saturating_add(lane.hold_ms),
-                    })
-                }
-                b'l' => Err(ReserveRejection::LimitExceeded),
-                _ => Err(ReserveRejection::SoldOut),
-            });
-        }
-        Ok(Some(grants))
+        grants(lane, batch, entry, outcomes).map(Some)
     }
 
     pub(super) async fn reserve_batch(
@@ -225,4 +191,49 @@ pub(super) async fn poll_sold_out(inner: Arc<Inner>) {
             }
         }
     }
+}
+
+/// Each request's answer from a reserve call's outcomes (`g` granted, `l` over the member's limit, else sold out;
+/// '' when every request was granted): the grants are the records of `entry`, in order.
+fn grants(
+    lane: &Lane,
+    batch: &[Request],
+    entry: Option<HoldRef>,
+    outcomes: &str,
+) -> GateResult<Vec<Grant>> {
+    // '' means every request was granted.
+    let all_granted = vec![b'g'; if outcomes.is_empty() { batch.len() } else { 0 }];
+    let outcomes = if outcomes.is_empty() {
+        &all_granted[..]
+    } else {
+        outcomes.as_bytes()
+    };
+    if outcomes.len() != batch.len() {
+        return Err(malformed("reserve outcome count"));
+    }
+    let mut grants = Vec::with_capacity(batch.len());
+    let mut index = 0;
+    for (request, &outcome) in batch.iter().zip(outcomes) {
+        grants.push(match outcome {
+            b'g' => {
+                let place = entry
+                    .filter(|_| index <= ids::INDEX_MAX)
+                    .map(|entry| HoldRef { index, ..entry })
+                    .ok_or_else(|| malformed("reserve grant"))?;
+                index += 1;
+                let created = i64::try_from(place.ms).unwrap_or(i64::MAX);
+                Ok(HoldView {
+                    id: place.id(),
+                    member: request.member,
+                    quantity: request.quantity,
+                    state: HoldState::Held,
+                    created_at_ms: created,
+                    expires_at_ms: created.saturating_add(lane.hold_ms),
+                })
+            }
+            b'l' => Err(ReserveRejection::LimitExceeded),
+            _ => Err(ReserveRejection::SoldOut),
+        });
+    }
+    Ok(grants)
 }

@@ -250,6 +250,10 @@ impl Inner {
 
 #[async_trait]
 impl Gate for RedisGate {
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one drop's load: its lane, batchers, journal and sold-out flag, set up in the order they depend on each other"
+    )]
     async fn load(
         &self,
         drop: &DropSpec,
@@ -452,6 +456,10 @@ impl Gate for RedisGate {
         self.inner.transition(drop, hold, "fence", None).await
     }
 
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one pass of the reap script over every lane, its answer decoded where it is used"
+    )]
     async fn reap(&self, _now_ms: i64, out: &mut Reaped) -> GateResult<usize> {
         /// Reserve entries one script call visits, and calls per drop per pass: bounded work per pass.
         const ENTRIES_PER_CALL: i64 = 256;

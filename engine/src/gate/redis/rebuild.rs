@@ -1,6 +1,8 @@
 //! Rebuilding a drop's Redis state from Postgres: loading a drop (`init`), reloading one whose keys Redis lost, and
 //! `reconcile`'s check and repair.
 
+use std::collections::BTreeMap;
+
 use uuid::Uuid;
 
 use super::codec::{
@@ -10,7 +12,7 @@ use super::ids::HoldRef;
 use super::lanes::Lane;
 use super::{Inner, RedisGate};
 use crate::clock::to_datetime;
-use crate::core::{Counts, ReleaseReason, RestoreError};
+use crate::core::{Counts, ReleaseReason, RestoreError, RestoredHold};
 use crate::gate::{GateResult, GateUnavailable, Restore};
 use crate::types::DropSpec;
 use crate::writer;
@@ -183,23 +185,7 @@ impl Inner {
                 committed: paid_total + held_total,
             }));
         }
-        let mut entries: std::collections::BTreeMap<(u64, u64), Vec<(u32, String)>> =
-            Default::default();
-        let mut foreign = Vec::new();
-        for hold in &restore.held {
-            match HoldRef::from_id(hold.id).filter(|place| place.drop_seq == seq) {
-                Some(place) if (1..=9999).contains(&hold.quantity) => {
-                    let mut record = [0u8; RECORD_BYTES];
-                    write_record(&mut record, hold.member, hold.quantity);
-                    let record = String::from_utf8_lossy(&record).into_owned();
-                    entries
-                        .entry((place.ms, place.seq))
-                        .or_default()
-                        .push((place.index, record));
-                }
-                _ => foreign.push(*hold),
-            }
-        }
+        let (entries, foreign) = stream_entries(&restore.held, seq);
         let mut invocation = self.scripts.init.prepare_invoke();
         for key in keys {
             invocation.key(key);
@@ -223,20 +209,10 @@ impl Inner {
         for paid_ref in &paid_refs {
             invocation.arg(paid_ref);
         }
-        for ((ms, entry_seq), mut records) in entries {
-            records.sort_by_key(|(index, _)| *index);
-            // Records keep their index in the entry; the gaps (holds since paid or released) are zero records.
-            let mut value = String::new();
-            let mut next = 0;
-            for (index, record) in records {
-                while next < index {
-                    value.push_str(&"0".repeat(36));
-                    next += 1;
-                }
-                value.push_str(&record);
-                next = index + 1;
-            }
-            invocation.arg(format!("{ms}-{entry_seq}")).arg(value);
+        for ((ms, entry_seq), records) in entries {
+            invocation
+                .arg(format!("{ms}-{entry_seq}"))
+                .arg(entry_value(records));
         }
         let mut conn = self.conn.clone();
         let loaded: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
@@ -250,31 +226,7 @@ impl Inner {
         )
         .await?;
         if loaded == 1 && !foreign.is_empty() {
-            let now = chrono::Utc::now();
-            let released = foreign
-                .iter()
-                .map(|hold| {
-                    let row = writer::HoldRow {
-                        id: hold.id,
-                        drop_id: drop.id,
-                        member_id: hold.member,
-                        quantity: hold.quantity,
-                        created_at: to_datetime(hold.created_at_ms),
-                        expires_at: to_datetime(hold.expires_at_ms),
-                    };
-                    (row, ReleaseReason::Expired, now)
-                })
-                .collect();
-            let stored = match self.writer() {
-                Ok(writer) => writer
-                    .journal(Vec::new(), released)
-                    .await
-                    .map_err(|err| err.to_string()),
-                Err(err) => Err(err.to_string()),
-            };
-            if let Err(err) = stored {
-                tracing::warn!(error = %err, drop = %drop.id, "holds of another gate not released in Postgres");
-            }
+            self.release_foreign(drop.id, &foreign).await;
         }
         if loaded == 1 {
             tracing::info!(drop = %drop.id, paid = paid_total, held = held_total, "drop loaded into Redis from Postgres");
@@ -296,4 +248,74 @@ impl Inner {
             .await?
             .map_err(|err| GateUnavailable(format!("cannot rebuild drop {}: {err}", lane.drop)))
     }
+
+    /// Releases, as expired, live holds whose ids this gate did not make (`init`), in Postgres.
+    async fn release_foreign(&self, drop: Uuid, foreign: &[RestoredHold]) {
+        let now = chrono::Utc::now();
+        let released = foreign
+            .iter()
+            .map(|hold| {
+                let row = writer::HoldRow {
+                    id: hold.id,
+                    drop_id: drop,
+                    member_id: hold.member,
+                    quantity: hold.quantity,
+                    created_at: to_datetime(hold.created_at_ms),
+                    expires_at: to_datetime(hold.expires_at_ms),
+                };
+                (row, ReleaseReason::Expired, now)
+            })
+            .collect();
+        let stored = match self.writer() {
+            Ok(writer) => writer
+                .journal(Vec::new(), released)
+                .await
+                .map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(err) = stored {
+            tracing::warn!(error = %err, %drop, "holds of another gate not released in Postgres");
+        }
+    }
+}
+
+/// Stream entries by id (ms, seq), each with its records by index.
+type Entries = BTreeMap<(u64, u64), Vec<(u32, String)>>;
+
+/// The stream entries that hold `held` under their own ids, by entry id (ms, seq): each hold's record at its index.
+/// Holds whose ids this gate did not make (another drop seq, or no hold id of the Redis gate) come back apart.
+fn stream_entries(held: &[RestoredHold], seq: u32) -> (Entries, Vec<RestoredHold>) {
+    let mut entries = Entries::new();
+    let mut foreign = Vec::new();
+    for hold in held {
+        match HoldRef::from_id(hold.id).filter(|place| place.drop_seq == seq) {
+            Some(place) if (1..=9999).contains(&hold.quantity) => {
+                let mut record = [0u8; RECORD_BYTES];
+                write_record(&mut record, hold.member, hold.quantity);
+                let record = String::from_utf8_lossy(&record).into_owned();
+                entries
+                    .entry((place.ms, place.seq))
+                    .or_default()
+                    .push((place.index, record));
+            }
+            _ => foreign.push(*hold),
+        }
+    }
+    (entries, foreign)
+}
+
+/// One stream entry's value: its records in index order, the gaps (holds since paid or released) as zero records.
+fn entry_value(mut records: Vec<(u32, String)>) -> String {
+    records.sort_by_key(|(index, _)| *index);
+    let mut value = String::new();
+    let mut next = 0;
+    for (index, record) in records {
+        while next < index {
+            value.push_str(&"0".repeat(RECORD_BYTES));
+            next += 1;
+        }
+        value.push_str(&record);
+        next = index + 1;
+    }
+    value
 }
