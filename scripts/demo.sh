@@ -284,6 +284,23 @@ LOAD_ADMIN_PASSWORD=$ADMIN_PASSWORD "$LOAD" drop --base-url "$BASE_URL_LIST" --d
 LOAD_STATUS=$?
 set -e
 
+# The drop report, as its page (inline SVG, no assets from elsewhere), saved before the servers stop: signed in as
+# the demo's admin, from the first server, after the servers' next tick has written their last counts.
+DROP_REPORT=$ROOT/reports/drop-$STAMP.report.html
+save_drop_report() {
+  local drop token
+  drop=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["drop_id"])' "$SUMMARY" 2>/dev/null) || return 1
+  token=$(curl -fsS -H 'content-type: application/json' \
+    -d "{\"email\":\"$ADMIN_EMAIL\",\"password\":\"$ADMIN_PASSWORD\"}" "${BASE_URLS[0]}/api/v1/auth/login" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])') || return 1
+  sleep 1
+  curl -fsS -H "authorization: Bearer $token" "${BASE_URLS[0]}/live/drops/$drop/report" -o "$DROP_REPORT" || return 1
+  say "drop report: $DROP_REPORT (served at ${BASE_URLS[0]}/live/drops/$drop/report for the drop's seller and admins)"
+}
+if [ -s "$SUMMARY" ]; then
+  save_drop_report || say "the drop report could not be saved"
+fi
+
 step "stopping $INSTANCES server(s) (SIGTERM: finish requests, drain the writer)"
 stop_servers
 for i in "${!SERVER_STATUSES[@]}"; do
@@ -293,6 +310,7 @@ done
 report_line() {
   if [ -s "$HTML_REPORT" ]; then
     say "goose's HTML report: $HTML_REPORT ($(wc -c <"$HTML_REPORT") bytes); JSON: $JSON_REPORT; summary: $SUMMARY"
+    if [ -s "$DROP_REPORT" ]; then say "the drop report page: $DROP_REPORT"; fi
   else
     say "goose wrote no HTML report at $HTML_REPORT"
   fi

@@ -150,6 +150,31 @@ pub struct Restore {
     pub held: Vec<RestoredHold>,
 }
 
+/// What a drop's report counts, each second (`service::tally`): the column order of `drop_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Reserved,
+    Paid,
+    Expired,
+    Cancelled,
+    Declined,
+    RefusedSoldOut,
+    RefusedLimit,
+    RefusedOverload,
+}
+
+/// How many kinds of `Event` there are.
+pub const EVENTS: usize = 8;
+
+/// A drop's counts in one second (seconds from its opening), per `Event`, as the writer stores them: added to what
+/// other instances stored for the same second.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecondRow {
+    pub drop_id: Uuid,
+    pub second: i32,
+    pub counts: [i64; EVENTS],
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Purchase {
     pub id: Uuid,

@@ -37,7 +37,7 @@ use uuid::Uuid;
 use crate::client::{jitter, send, send_retrying, Call, Reply, RetryPolicy, Targets};
 use crate::config::{FunnelArgs, Shares, TargetArgs};
 use crate::setup::{self, progress, Member, API};
-use crate::verify::{DbFacts, DropCounts, Observations};
+use crate::verify::{DbFacts, DropCounts, Observations, ReportCounts, ReportFunnel};
 
 const EP_RESERVE: &str = "/drops/{id}/reservations";
 const EP_PAY: &str = "/reservations/{id}/payment";
@@ -956,18 +956,7 @@ impl FunnelRun {
             &self.purchases,
         )
         .await?;
-        let instances = targets
-            .bases()
-            .iter()
-            .zip(&instance_finals)
-            .zip(targets.sent())
-            .map(|((base, reading), requests)| InstanceState {
-                base_url: base.clone(),
-                requests,
-                final_state: reading.as_ref().map(|(counts, _)| *counts),
-                final_status: reading.as_ref().map(|(_, status)| status.clone()),
-            })
-            .collect::<Vec<_>>();
+        let instances = instance_states(&targets, &instance_finals);
         let observations = Observations {
             stock: i64::from(self.stock),
             snapshots,
@@ -980,9 +969,100 @@ impl FunnelRun {
             released_mismatched,
             instance_finals: instances.iter().map(|i| i.final_state).collect(),
             server_failures: i64::try_from(self.outcomes.server_failures)?,
+            report: report_counts(database_url, &self.drop_id, self.harness_funnel()).await,
         };
         Ok((observations, instances))
     }
+}
+
+/// Each instance as the run left it: its address, the requests sent to it and its final reading of the drop.
+fn instance_states(
+    targets: &Targets,
+    finals: &[Option<(DropCounts, String)>],
+) -> Vec<InstanceState> {
+    targets
+        .bases()
+        .iter()
+        .zip(finals)
+        .zip(targets.sent())
+        .map(|((base, reading), requests)| InstanceState {
+            base_url: base.clone(),
+            requests,
+            final_state: reading.as_ref().map(|(counts, _)| *counts),
+            final_status: reading.as_ref().map(|(_, status)| status.clone()),
+        })
+        .collect()
+}
+
+impl FunnelRun {
+    /// The drop report's funnel as this run's answers tell it.
+    fn harness_funnel(&self) -> ReportFunnel {
+        let o = &self.outcomes;
+        let answers = |label: &str| {
+            let count = |answers: &BTreeMap<String, u64>| answers.get(label).copied().unwrap_or(0);
+            count(&o.spike_answers) + count(&o.restock_answers)
+        };
+        let n = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
+        ReportFunnel {
+            reserved: n(o.holds_at_opening + o.holds_in_restock),
+            paid: n(o.paid),
+            expired: n(o.expired),
+            cancelled: n(o.cancelled),
+            declined: n(o.declined),
+            refused_sold_out: n(answers("409 sold_out")),
+            refused_limit: n(answers("409 limit_exceeded")),
+        }
+    }
+}
+
+/// The drop report's funnel beside `harness`, read from `drop_seconds` (what the report sums). Every instance
+/// writes its counts on its reaper's tick, so this reads again for up to 5 s until they agree; `None` when it
+/// cannot be read.
+async fn report_counts(
+    database_url: &str,
+    drop_id: &str,
+    harness: ReportFunnel,
+) -> Option<ReportCounts> {
+    let drop: Uuid = drop_id.parse().ok()?;
+    let (client, connection) = tokio::time::timeout(
+        DB_TIMEOUT,
+        tokio_postgres::connect(database_url, tokio_postgres::NoTls),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let connection = tokio::spawn(connection);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut server = None;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT COALESCE(sum(reserved), 0)::int8, COALESCE(sum(paid), 0)::int8,
+                        COALESCE(sum(expired), 0)::int8, COALESCE(sum(cancelled), 0)::int8,
+                        COALESCE(sum(declined), 0)::int8, COALESCE(sum(refused_sold_out), 0)::int8,
+                        COALESCE(sum(refused_limit), 0)::int8
+                 FROM drop_seconds WHERE drop_id = $1",
+                &[&drop],
+            )
+            .await;
+        let Ok(row) = row else { break };
+        let read = ReportFunnel {
+            reserved: row.get(0),
+            paid: row.get(1),
+            expired: row.get(2),
+            cancelled: row.get(3),
+            declined: row.get(4),
+            refused_sold_out: row.get(5),
+            refused_limit: row.get(6),
+        };
+        server = Some(read);
+        if read == harness || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    connection.abort();
+    server.map(|server| ReportCounts { server, harness })
 }
 
 /// Reads the drop's counters and status on one instance.

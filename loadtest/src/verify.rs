@@ -36,6 +36,26 @@ pub struct DbFacts {
     pub acknowledged_found: i64,
 }
 
+/// A drop report's funnel (`GET /drops/{id}/report`, read from `drop_seconds`), or the same counted by the harness
+/// from the answers it got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ReportFunnel {
+    pub reserved: i64,
+    pub paid: i64,
+    pub expired: i64,
+    pub cancelled: i64,
+    pub declined: i64,
+    pub refused_sold_out: i64,
+    pub refused_limit: i64,
+}
+
+/// The server's report of the drop beside the harness's own counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ReportCounts {
+    pub server: ReportFunnel,
+    pub harness: ReportFunnel,
+}
+
 /// Everything the checks look at.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Observations {
@@ -61,6 +81,8 @@ pub struct Observations {
     pub instance_finals: Vec<Option<DropCounts>>,
     /// Server errors (5xx other than back-pressure with `Retry-After`) and calls that got no answer.
     pub server_failures: i64,
+    /// The drop report's funnel beside the harness's counts (`None`: it could not be read).
+    pub report: Option<ReportCounts>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -261,6 +283,19 @@ pub fn verify(obs: &Observations) -> Vec<Check> {
         )
     });
 
+    checks.push(match obs.report {
+        None => skip("the drop report matches the run", "the report could not be read"),
+        Some(report) => check(
+            "the drop report matches the run",
+            report.server == report.harness,
+            format!(
+                "server {} / harness {} (reserved, paid, expired, cancelled, declined, refused sold out, refused \
+                 over the limit; refusals for overload are not compared: the harness retries them)",
+                show_funnel(&report.server),
+                show_funnel(&report.harness)
+            ),
+        ),
+    });
     checks
 }
 
@@ -304,6 +339,13 @@ pub fn passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.verdict != Verdict::Fail)
 }
 
+fn show_funnel(f: &ReportFunnel) -> String {
+    format!(
+        "{}/{}/{}/{}/{}/{}/{}",
+        f.reserved, f.paid, f.expired, f.cancelled, f.declined, f.refused_sold_out, f.refused_limit
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,7 +387,41 @@ mod tests {
             released_mismatched: 0,
             instance_finals: vec![Some(counts(0, 0, 200)); 3],
             server_failures: 0,
+            report: Some(ReportCounts {
+                server: funnel(),
+                harness: funnel(),
+            }),
         }
+    }
+
+    fn funnel() -> ReportFunnel {
+        ReportFunnel {
+            reserved: 260,
+            paid: 200,
+            expired: 30,
+            cancelled: 20,
+            declined: 10,
+            refused_sold_out: 900,
+            refused_limit: 0,
+        }
+    }
+
+    #[test]
+    fn a_report_that_differs_from_the_run_fails() {
+        assert_eq!(
+            verdict(&verify(&consistent()), "the drop report matches the run"),
+            Verdict::Pass
+        );
+        let mut obs = consistent();
+        if let Some(report) = obs.report.as_mut() {
+            report.server.paid -= 1;
+        }
+        assert_eq!(failed(&obs), vec!["the drop report matches the run"]);
+        obs.report = None;
+        assert_eq!(
+            verdict(&verify(&obs), "the drop report matches the run"),
+            Verdict::Skip
+        );
     }
 
     fn verdict(checks: &[Check], name: &str) -> Verdict {

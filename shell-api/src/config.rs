@@ -137,6 +137,10 @@ pub struct EngineArgs {
     /// gateway never keeps a unit from sale. Keep it well below PAY_LEASE_SECONDS.
     #[arg(long, env = "PAYMENT_TIMEOUT_MS", default_value_t = 30_000)]
     pub payment_timeout_ms: u64,
+    /// Count each drop's decisions for its report (GET /api/v1/drops/{id}/report); `false` only to measure what the
+    /// counting costs.
+    #[arg(long, env = "DROP_REPORT_COUNTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub drop_report_counts: bool,
     /// Latency the simulated payment gateway adds to each charge.
     #[arg(long, env = "PAYMENT_LATENCY_MS", default_value_t = 0)]
     pub payment_latency_ms: u64,
@@ -153,6 +157,7 @@ impl EngineArgs {
             reaper_interval: std::time::Duration::from_millis(self.reaper_interval_ms.max(1)),
             payment_timeout: std::time::Duration::from_millis(self.payment_timeout_ms.max(1)),
             settled_retain: std::time::Duration::from_secs(self.drop_retain_seconds),
+            report_counts: self.drop_report_counts,
             writer: engine::writer::WriterConfig {
                 batch_rows_max: self.writer_batch_rows_max,
                 channel_capacity: self.writer_channel_capacity,
@@ -181,6 +186,7 @@ impl Default for EngineArgs {
             reaper_interval_ms: 1000,
             payment_timeout_ms: 30_000,
             drop_retain_seconds: 3600,
+            drop_report_counts: true,
             writer_batch_rows_max: 1000,
             writer_flush_interval_ms: 0,
             writer_unawaited_linger_ms: 5,

@@ -51,6 +51,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "purchase_fence",
         include_str!("../migrations/0012_purchase_fence.sql"),
     ),
+    (
+        13,
+        "drop_seconds",
+        include_str!("../migrations/0013_drop_seconds.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

@@ -1424,3 +1424,160 @@ async fn a_hung_gateway_is_given_up_after_the_payment_timeout_and_strands_no_uni
         (Some(1), Some(0))
     );
 }
+
+/// The id of a granted hold.
+fn hold_id(response: &common::TestResponse) -> String {
+    assert_eq!(response.status, StatusCode::CREATED, "{:?}", response.body);
+    response.body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_drop_report_counts_every_decision_in_its_second_and_in_total() {
+    let start = Utc::now().timestamp_millis();
+    let clock = Arc::new(ManualClock::new(start));
+    let app = TestApp::with_clock(EngineArgs::default(), clock.clone()).await;
+    let seller = app.member(Role::Seller).await;
+    let product = app.product(&seller, 10).await;
+    let opens = chrono::DateTime::from_timestamp_millis(start - 500).unwrap();
+    let drop = app
+        .drop(&seller, json!({ "product_id": product, "stock": 3, "opens_at": opens.to_rfc3339(), "hold_seconds": 60 }))
+        .await;
+    let id = drop["id"].as_str().unwrap().to_owned();
+    let mut buyers = Vec::new();
+    for _ in 0..6 {
+        buyers.push(app.member(Role::Customer).await);
+    }
+    // Second 0: a hold, paid.
+    let paid = hold_id(&reserve(&app, &buyers[0], &drop, 1).await);
+    assert_eq!(
+        pay(&app, &buyers[0], &paid, "tok_ok").await.status,
+        StatusCode::OK
+    );
+    // Second 1: a hold cancelled, a hold declined, and a buyer over the limit.
+    clock.advance_ms(1_000);
+    let cancelled = hold_id(&reserve(&app, &buyers[1], &drop, 1).await);
+    assert_eq!(
+        common::cancel(&app, &buyers[1], &cancelled).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let declined = hold_id(&reserve(&app, &buyers[2], &drop, 1).await);
+    assert_eq!(
+        pay(&app, &buyers[2], &declined, "tok_declined")
+            .await
+            .status,
+        StatusCode::PAYMENT_REQUIRED
+    );
+    assert_eq!(
+        reserve(&app, &buyers[0], &drop, 1).await.code(),
+        "limit_exceeded"
+    );
+    // Second 2: the last two units held, then sold out.
+    clock.advance_ms(1_000);
+    hold_id(&reserve(&app, &buyers[3], &drop, 1).await);
+    hold_id(&reserve(&app, &buyers[4], &drop, 1).await);
+    assert_eq!(reserve(&app, &buyers[5], &drop, 1).await.code(), "sold_out");
+    // The reaper's tick takes the counts every second; a minute later both holds expire.
+    app.state.engine.record_report().await;
+    clock.advance_ms(60_000);
+    assert_eq!(app.state.engine.reap().await.unwrap(), 2);
+    app.state.engine.record_report().await;
+    app.state.engine.writer().flush().await.unwrap();
+
+    let path = format!("/api/v1/drops/{id}/report");
+    let report = app.call("GET", &path, Some(&seller.token), None).await;
+    assert_eq!(report.status, StatusCode::OK, "{:?}", report.body);
+    let body = &report.body;
+    assert_eq!(
+        body["funnel"],
+        json!({ "reserved": 5, "paid": 1, "expired": 2, "cancelled": 1, "declined": 1,
+                "refused_sold_out": 1, "refused_limit": 1, "refused_overload": 0 })
+    );
+    assert_eq!(
+        (body["stock"].as_i64(), body["sold"].as_i64()),
+        (Some(3), Some(1))
+    );
+    assert!(body["sold_out_at"].is_null() && body["seconds_to_sell_out"].is_null());
+    assert_eq!(body["peak_reservations_per_second"], 2);
+    let series = body["series"].as_array().unwrap();
+    assert_eq!(series.len(), 63, "every second from 0 to the last counted");
+    let second = |s: usize| {
+        let v = &series[s];
+        (
+            v["second"].as_i64().unwrap(),
+            v["reserved"].as_i64().unwrap(),
+            v["paid"].as_i64().unwrap(),
+            v["released"].as_i64().unwrap(),
+            v["refused"].as_i64().unwrap(),
+        )
+    };
+    assert_eq!(second(0), (0, 1, 1, 0, 0));
+    assert_eq!(second(1), (1, 2, 0, 2, 1));
+    assert_eq!(second(2), (2, 2, 0, 0, 1));
+    assert_eq!(second(30), (30, 0, 0, 0, 0));
+    assert_eq!(second(62), (62, 0, 0, 2, 0));
+
+    // The drop's seller and admins only; an unknown drop is a 404.
+    let admin = app.member(Role::Admin).await;
+    assert_eq!(
+        app.call("GET", &path, Some(&admin.token), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let other = app.member(Role::Seller).await;
+    assert_eq!(
+        app.call("GET", &path, Some(&other.token), None)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        app.call("GET", &path, Some(&buyers[0].token), None)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let missing = format!("/api/v1/drops/{}/report", Uuid::now_v7());
+    assert_eq!(
+        app.call("GET", &missing, Some(&admin.token), None)
+            .await
+            .code(),
+        "drop_not_found"
+    );
+}
+
+#[tokio::test]
+async fn the_drop_report_says_when_the_last_unit_was_paid() {
+    let start = Utc::now().timestamp_millis();
+    let clock = Arc::new(ManualClock::new(start));
+    let app = TestApp::with_clock(EngineArgs::default(), clock.clone()).await;
+    let seller = app.member(Role::Seller).await;
+    let product = app.product(&seller, 10).await;
+    let opens = chrono::DateTime::from_timestamp_millis(start).unwrap();
+    let drop = app
+        .drop(
+            &seller,
+            json!({ "product_id": product, "stock": 2, "opens_at": opens.to_rfc3339() }),
+        )
+        .await;
+    for step in 0..2 {
+        clock.advance_ms(1_250);
+        let buyer = app.member(Role::Customer).await;
+        let hold = hold_id(&reserve(&app, &buyer, &drop, 1).await);
+        assert_eq!(
+            pay(&app, &buyer, &hold, "tok_ok").await.status,
+            StatusCode::OK,
+            "step {step}"
+        );
+    }
+    app.state.engine.record_report().await;
+    app.state.engine.writer().flush().await.unwrap();
+    let path = format!("/api/v1/drops/{}/report", drop["id"].as_str().unwrap());
+    let body = app.call("GET", &path, Some(&seller.token), None).await.body;
+    assert_eq!(body["sold"], 2);
+    assert_eq!(body["seconds_to_sell_out"].as_f64(), Some(2.5));
+    let sold_out_at =
+        chrono::DateTime::parse_from_rfc3339(body["sold_out_at"].as_str().unwrap()).unwrap();
+    assert_eq!(sold_out_at.timestamp_millis(), start + 2_500);
+    assert_eq!(body["funnel"]["paid"], 2);
+}

@@ -1,7 +1,8 @@
 //! The live drop page in a real browser: headless Chromium (installed with apt-get when missing) loads
 //! `/live/drops/{id}` from the app on a real socket while buyers reserve, pay and cancel, and the test reads the
 //! page's numbers through the DevTools protocol: they must change during the drop without a reload and end at the
-//! drop's final counts. A phone-sized screenshot mid-drop goes to `reports/live-drop-mid.png`.
+//! drop's final counts. A phone-sized screenshot mid-drop goes to `reports/live-drop-mid.png`. Then the drop's report
+//! page: its chart lines must have a point per second and be drawn across the chart (`reports/drop-report.png`).
 //!
 //! Chromium is driven over `--remote-debugging-pipe` (DevTools messages on fds 3 and 4, NUL-separated), which a
 //! `bash -c 'exec chromium ... 3<&0 4>&1'` maps to the child's stdin and stdout: no websocket client needed.
@@ -409,5 +410,54 @@ async fn run() {
         .eval("performance.getEntriesByType('navigation').length")
         .await;
     assert_eq!(navigations, 1, "no reload");
+
+    // The drop's report page, drawn in the browser: a chart line per series with a point per second, laid out with
+    // a width (rendered, not just present), and a phone-sized screenshot of it.
+    app.state.engine.record_report().await;
+    app.state.engine.writer().flush().await.unwrap();
+    let report = app
+        .call(
+            "GET",
+            &format!("/api/v1/drops/{id}/report"),
+            Some(&seller.token),
+            None,
+        )
+        .await;
+    let seconds = report.body["series"].as_array().unwrap().len();
+    assert!(seconds >= 2, "{}", report.body);
+    browser
+        .call(
+            "Page.navigate",
+            json!({ "url": format!("{base}/live/drops/{id}/report?access_token={}", seller.token) }),
+            true,
+        )
+        .await;
+    let started = Instant::now();
+    let drawn = loop {
+        let drawn = browser
+            .eval(
+                "(() => { const lines = [...document.querySelectorAll('polyline')];
+                   return lines.map((l) => ({ class: l.getAttribute('class'),
+                       points: l.points.numberOfItems, width: l.getBBox().width })); })()",
+            )
+            .await;
+        if drawn.as_array().is_some_and(|lines| lines.len() == 4) {
+            break drawn;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no report drawn: {drawn}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for line in drawn.as_array().unwrap() {
+        assert_eq!(line["points"].as_u64(), Some(seconds as u64), "{line}");
+        assert!(
+            line["width"].as_f64().unwrap() > 100.0,
+            "drawn across the chart: {line}"
+        );
+    }
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../reports/drop-report.png");
+    browser.screenshot(&shot).await;
     browser.close().await;
 }

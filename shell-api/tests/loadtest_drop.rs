@@ -94,6 +94,12 @@ async fn a_drop_run_passes_and_a_deleted_purchase_fails_its_verification() {
     assert_eq!(summary.outcomes.paid, 6, "{report}");
     assert!(summary.outcomes.holds_at_opening >= 6, "{report}");
     assert!(summary.checks.iter().all(|c| c.verdict != Verdict::Fail));
+    // The server's drop report tells the same story as the harness's answers, count for count.
+    let reported = summary
+        .checks
+        .iter()
+        .find(|c| c.name == "the drop report matches the run");
+    assert_eq!(reported.map(|c| c.verdict), Some(Verdict::Pass), "{report}");
     let html_len = std::fs::metadata(&html).unwrap().len();
     assert!(html_len > 10_000, "goose's HTML report is {html_len} bytes");
 

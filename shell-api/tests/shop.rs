@@ -883,6 +883,11 @@ async fn settlement_rewrites_the_same_rows_from_sales_refunds_and_fee() {
     assert_eq!(dashboard.body["orders_today"], 2);
     assert_eq!(dashboard.body["refunds_pending"], 0);
     assert_eq!(dashboard.body["drops"][0]["sold"], 1);
+    let drop_id = dashboard.body["drops"][0]["drop_id"].as_str().unwrap();
+    assert_eq!(
+        dashboard.body["drops"][0]["report_url"],
+        format!("/live/drops/{drop_id}/report")
+    );
     assert_eq!(dashboard.body["top_products"][0]["units"], 3);
     let customer = app.member(Role::Customer).await;
     refused(

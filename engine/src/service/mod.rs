@@ -14,10 +14,12 @@ mod errors;
 mod pay;
 mod reaper;
 mod stats;
+mod tally;
 
 pub use errors::EngineError;
 use stats::bump;
 pub use stats::{Counter, EngineStats};
+use tally::DropTally;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +39,7 @@ use crate::core::{
 use crate::gate::{Gate, Restore};
 use crate::payment::PaymentGateway;
 use crate::store;
-use crate::types::{DropInfo, DropSpec, DropStatus, NewDrop, Purchase, Reservation};
+use crate::types::{DropInfo, DropSpec, DropStatus, Event, NewDrop, Purchase, Reservation};
 use crate::writer::{self, HoldRow, WriterConfig, WriterHandle};
 
 /// Limits and intervals of the engine.
@@ -56,6 +58,9 @@ pub struct EngineConfig {
     /// How long a drop whose sale is settled (no holds left, and sold out or closed) stays in memory before it is
     /// unloaded; reads of it after that come from Postgres.
     pub settled_retain: Duration,
+    /// Whether each drop's decisions are counted for its report (`tally.rs`); off only to measure what counting
+    /// costs.
+    pub report_counts: bool,
     pub writer: WriterConfig,
 }
 
@@ -67,6 +72,7 @@ impl Default for EngineConfig {
             reaper_interval: Duration::from_secs(1),
             payment_timeout: Duration::from_secs(30),
             settled_retain: Duration::from_secs(60 * 60),
+            report_counts: true,
             writer: WriterConfig::default(),
         }
     }
@@ -86,6 +92,10 @@ pub struct Engine {
     /// Fx-hashed (like the gate's maps): every key is a drop id the service made, so a client can look ids up but
     /// cannot choose ones that collide; every reservation and refusal reads it.
     drops: DashMap<Uuid, Arc<DropSpec>, IdHasher>,
+    /// Each loaded drop's counts for its report, taken by the reaper's tick (`tally.rs`); none when
+    /// `EngineConfig::report_counts` is off.
+    tallies: DashMap<Uuid, Arc<DropTally>, IdHasher>,
+    report_counts: bool,
     /// When each loaded drop was first seen settled (unix ms); it is unloaded `settled_retain` later.
     settled_since: DashMap<Uuid, i64>,
     settled_retain: Duration,
@@ -137,6 +147,8 @@ impl Engine {
             gateway,
             clock,
             drops: DashMap::with_hasher(IdHasher::default()),
+            tallies: DashMap::with_hasher(IdHasher::default()),
+            report_counts: config.report_counts,
             settled_since: DashMap::new(),
             settled_retain: config.settled_retain,
             receipts: DashMap::new(),
@@ -192,6 +204,11 @@ impl Engine {
         restore: Restore,
     ) -> Result<Arc<DropSpec>, EngineError> {
         self.gate.load(&spec, restore).await??;
+        if self.report_counts {
+            self.tallies
+                .entry(spec.id)
+                .or_insert_with(|| Arc::new(DropTally::new(spec.id, spec.opens_at_ms())));
+        }
         let spec = Arc::new(spec);
         Ok(Arc::clone(
             self.drops.entry(spec.id).or_insert(spec).value(),
@@ -376,6 +393,7 @@ impl Engine {
             }
         }) else {
             bump(&self.stats.rejected_overloaded);
+            self.count(drop, Event::RefusedOverload, now_ms);
             return Err(EngineError::Overloaded);
         };
         let hold_id = Uuid::now_v7();
@@ -390,14 +408,21 @@ impl Engine {
             Ok(hold) => hold,
             Err(rejection) => {
                 match rejection {
-                    ReserveRejection::SoldOut => bump(&self.stats.rejected_sold_out),
-                    ReserveRejection::LimitExceeded => bump(&self.stats.rejected_limit),
+                    ReserveRejection::SoldOut => {
+                        bump(&self.stats.rejected_sold_out);
+                        self.count(drop, Event::RefusedSoldOut, now_ms);
+                    }
+                    ReserveRejection::LimitExceeded => {
+                        bump(&self.stats.rejected_limit);
+                        self.count(drop, Event::RefusedLimit, now_ms);
+                    }
                     _ => {}
                 }
                 return Err(rejection.into());
             }
         };
         bump(&self.stats.reservations);
+        self.count(drop, Event::Reserved, now_ms);
         if !self.gate.journals_holds() {
             if let Err(err) = self.writer.hold_created(hold_row(drop, &hold)).await {
                 // Shutting down: the hold stands in memory; its row is lost with this process, and its stock
@@ -423,9 +448,35 @@ impl Engine {
         }
         if self.gate.is_sold_out(spec.id) {
             bump(&self.stats.rejected_sold_out);
+            self.count(spec.id, Event::RefusedSoldOut, now_ms);
             return Err(EngineError::SoldOut);
         }
         Ok(())
+    }
+
+    /// Counts `event` of a loaded drop for its report.
+    fn count(&self, drop: Uuid, event: Event, now_ms: i64) {
+        if !self.report_counts {
+            return;
+        }
+        if let Some(tally) = self.tallies.get(&drop) {
+            tally.count(event, now_ms);
+        }
+    }
+
+    /// Queues for the writer what every loaded drop counted for its report since the last call (the reaper's tick
+    /// calls it; tests call it, then flush the writer, to read a report at once).
+    pub async fn record_report(&self) {
+        let mut rows = Vec::new();
+        for tally in &self.tallies {
+            tally.take(&mut rows);
+        }
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(err) = self.writer.seconds(rows).await {
+            tracing::warn!(error = %err, "a drop report's counts not queued");
+        }
     }
 
     /// Which drop a reservation belongs to: the gate's answer (memory, or the id itself), then its stored row.
@@ -493,6 +544,7 @@ impl Engine {
             Err(err) => return Err(err.into()),
         };
         bump(&self.stats.released_cancelled);
+        self.count(drop, Event::Cancelled, self.clock.now_ms());
         self.queue_release(
             drop,
             &released,
@@ -546,6 +598,8 @@ impl Engine {
         if let Some(reaper) = reaper {
             let _ = reaper.await;
         }
+        // The reports' last counts go out with everything else the writer drains.
+        self.record_report().await;
         self.gate.shutdown().await;
         if let Err(err) = self.writer.shutdown().await {
             tracing::warn!(error = %err, "writer already stopped");

@@ -5,7 +5,7 @@ use uuid::Uuid;
 use super::{bump, hold_row, Engine, EngineError};
 use crate::core::{HoldState, HoldView, ReleaseReason, TransitionError};
 use crate::payment::{ChargeOutcome, ChargeRequest};
-use crate::types::Purchase;
+use crate::types::{Event, Purchase};
 use crate::writer::WriteError;
 
 /// Where a payment stands once it asked the gate for its hold.
@@ -70,6 +70,7 @@ impl Engine {
             }
         }
         bump(&self.stats.payments);
+        self.count(drop, Event::Paid, self.clock.now_ms());
         Ok(purchase)
     }
 
@@ -99,6 +100,7 @@ impl Engine {
             Err(TransitionError::Expired) => {
                 // begin_payment released it as expired; record that like the reaper would.
                 bump(&self.stats.released_expired);
+                self.count(drop, Event::Expired, now_ms);
                 if let Some(view) = self.gate.hold(drop, reservation).await? {
                     self.queue_release(drop, &view, ReleaseReason::Expired, now_ms)
                         .await;
@@ -129,6 +131,7 @@ impl Engine {
             ChargeOutcome::Approved { .. } => Ok(()),
             ChargeOutcome::Declined => {
                 bump(&self.stats.payments_declined);
+                self.count(drop, Event::Declined, self.clock.now_ms());
                 let released = self.gate.decline_payment(drop, reservation).await??;
                 self.queue_release(
                     drop,
@@ -169,6 +172,7 @@ impl Engine {
                 match self.gate.release_fenced(drop, reservation).await? {
                     Ok(released) => {
                         bump(&self.stats.released_expired);
+                        self.count(drop, Event::Expired, self.clock.now_ms());
                         self.queue_release(
                             drop,
                             &released,

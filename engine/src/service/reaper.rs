@@ -11,7 +11,7 @@ use super::{bump, hold_row, Engine, EngineError};
 use crate::core::{HoldView, ReleaseReason};
 use crate::gate::Reaped;
 use crate::store;
-use crate::types::DropSpec;
+use crate::types::{DropSpec, Event};
 
 impl Engine {
     /// Releases every expired hold once, and settles payments whose lease ran out; returns how many holds it
@@ -22,6 +22,7 @@ impl Engine {
         let mut count = self.gate.reap(now_ms, &mut reaped).await?;
         for (drop, hold) in &reaped.released {
             bump(&self.stats.released_expired);
+            self.count(*drop, Event::Expired, now_ms);
             self.queue_release(*drop, hold, ReleaseReason::Expired, now_ms)
                 .await;
         }
@@ -50,6 +51,7 @@ impl Engine {
         let released = fence == store::Fence::Released && settled.is_ok();
         if released {
             bump(&self.stats.released_expired);
+            self.count(drop, Event::Expired, self.clock.now_ms());
         }
         Ok(released)
     }
@@ -76,6 +78,15 @@ impl Engine {
                 continue;
             }
             self.drops.remove(&spec.id);
+            if let Some((_, tally)) = self.tallies.remove(&spec.id) {
+                let mut rows = Vec::new();
+                tally.take(&mut rows);
+                if !rows.is_empty() {
+                    if let Err(err) = self.writer.seconds(rows).await {
+                        tracing::warn!(error = %err, drop = %spec.id, "an unloaded drop's last counts not queued");
+                    }
+                }
+            }
             self.settled_since.remove(&spec.id);
             self.receipts
                 .retain(|_, purchase| purchase.drop_id != spec.id);
@@ -128,6 +139,8 @@ pub(super) async fn run(
             Ok(count) => tracing::debug!(count, "reaper released expired holds"),
             Err(err) => tracing::warn!(error = %err, "reaper pass failed"),
         }
+        // After the reap, so the holds it released go out in the same tick.
+        engine.record_report().await;
         if last_sweep.elapsed() >= SWEEP_INTERVAL.min(engine.settled_retain) {
             last_sweep = tokio::time::Instant::now();
             if let Err(err) = engine.unload_settled().await {

@@ -33,6 +33,15 @@ impl Counter {
         self.0.iter().map(|slot| slot.load(Ordering::Relaxed)).sum()
     }
 
+    /// Takes the count so far, leaving zero: a bump lands either before (taken) or after (left for the next take),
+    /// never in neither.
+    pub(super) fn take(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|slot| slot.swap(0, Ordering::Relaxed))
+            .sum()
+    }
+
     fn bump(&self) {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         thread_local! {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::commit::write;
 use super::{WriteError, WriteOp, WriterConfig, WriterStats};
 use crate::core::ReleaseReason;
-use crate::types::{HoldRow, Purchase};
+use crate::types::{HoldRow, Purchase, SecondRow};
 
 #[derive(Default)]
 struct Batch {
@@ -22,6 +22,7 @@ struct Batch {
     holds: Vec<HoldRow>,
     released: Vec<(HoldRow, ReleaseReason, DateTime<Utc>)>,
     purchases: Vec<(Purchase, HoldRow)>,
+    seconds: Vec<SecondRow>,
     acks: Vec<oneshot::Sender<Result<Purchase, WriteError>>>,
     journal_acks: Vec<oneshot::Sender<Result<(), WriteError>>>,
     flushes: Vec<oneshot::Sender<()>>,
@@ -35,11 +36,16 @@ pub(super) struct Rows<'a> {
     pub(super) holds: &'a [HoldRow],
     pub(super) released: &'a [(HoldRow, ReleaseReason, DateTime<Utc>)],
     pub(super) purchases: &'a [(Purchase, HoldRow)],
+    pub(super) seconds: &'a [SecondRow],
 }
 
 impl Rows<'_> {
     pub(super) fn len(&self) -> usize {
-        self.journaled.len() + self.holds.len() + self.released.len() + self.purchases.len()
+        self.journaled.len()
+            + self.holds.len()
+            + self.released.len()
+            + self.purchases.len()
+            + self.seconds.len()
     }
 }
 
@@ -62,6 +68,7 @@ impl Batch {
             holds: &self.holds,
             released: &self.released,
             purchases: &self.purchases,
+            seconds: &self.seconds,
         }
     }
 
@@ -86,6 +93,7 @@ impl Batch {
                 self.released.extend(released);
                 self.journal_acks.push(ack);
             }
+            WriteOp::Seconds(rows) => self.seconds.extend(rows),
             WriteOp::Flush(done) => self.flushes.push(done),
             WriteOp::Shutdown(done) => self.shutdown = Some(done),
         }

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::batching::{Rows, Stored, Written};
 use super::sql::{
-    HoldColumns, PurchaseColumns, ReleaseColumns, INSERT_HOLDS, JOURNAL_HOLDS, PURCHASES_FENCED,
-    PURCHASES_PLAIN, UPSERT_RELEASES,
+    HoldColumns, PurchaseColumns, ReleaseColumns, SecondColumns, INSERT_HOLDS, JOURNAL_HOLDS,
+    PURCHASES_FENCED, PURCHASES_PLAIN, UPSERT_RELEASES, UPSERT_SECONDS,
 };
 use super::{WriteError, WriterConfig, WriterStats};
 use crate::core::ReleaseReason;
@@ -56,6 +56,7 @@ pub(super) async fn write(
                     holds: &[],
                     released: &[],
                     purchases: one,
+                    seconds: &[],
                 };
                 match write_with_retries(pool, config, alone, stats).await {
                     Ok(stored) => outcome.extend(all(stored)),
@@ -239,6 +240,9 @@ async fn write_batch(pool: &Pool, batch: Rows<'_>, plain: bool) -> Result<Stored
     if let Some(releases) = &plan.releases {
         steps.push(release_step(&client, releases).await?);
     }
+    if let Some(seconds) = &plan.seconds {
+        steps.push(seconds_step(&client, seconds).await?);
+    }
     steps.push(Box::pin(async {
         client.batch_execute("COMMIT").await.map(|()| 0)
     }));
@@ -265,6 +269,8 @@ struct Plan<'a> {
     purchases: Option<PurchaseColumns<'a>>,
     /// One release per hold (a journal replay can name a release twice; an upsert may touch a row only once).
     releases: Option<ReleaseColumns>,
+    /// A drop report's counts, one row per drop and second (summed here: an upsert may touch a row only once).
+    seconds: Option<SecondColumns>,
 }
 
 impl<'a> Plan<'a> {
@@ -292,12 +298,14 @@ impl<'a> Plan<'a> {
             .filter(|(hold, _, _)| seen.insert(hold.id))
             .collect();
         let releases = (!released.is_empty()).then(|| ReleaseColumns::of(&released));
+        let seconds = (!batch.seconds.is_empty()).then(|| SecondColumns::of(batch.seconds));
         Self {
             journaled,
             holds,
             unique,
             purchases,
             releases,
+            seconds,
         }
     }
 }
@@ -420,6 +428,21 @@ async fn release_step<'a>(
             &r.reasons,
             &r.at,
         ];
+        client.execute(&upsert, &params).await
+    }))
+}
+
+/// A drop report's counts, added to what is stored for each drop and second.
+async fn seconds_step<'a>(
+    client: &'a ClientWrapper,
+    c: &'a SecondColumns,
+) -> Result<Step<'a>, BatchError> {
+    let upsert = client.prepare_cached(UPSERT_SECONDS).await.map_err(text)?;
+    Ok(Box::pin(async move {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&c.drops, &c.seconds];
+        for column in &c.counts {
+            params.push(column);
+        }
         client.execute(&upsert, &params).await
     }))
 }

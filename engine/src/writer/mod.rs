@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 
 use crate::core::ReleaseReason;
 pub use crate::types::HoldRow;
-use crate::types::Purchase;
+use crate::types::{Purchase, SecondRow};
 
 /// Limits of the writer.
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +108,8 @@ enum WriteOp {
         released: Vec<(HoldRow, ReleaseReason, DateTime<Utc>)>,
         ack: oneshot::Sender<Result<(), WriteError>>,
     },
+    /// A drop report's counts (`service::tally`), added to what is stored; nobody awaits them.
+    Seconds(Vec<SecondRow>),
     /// Answered once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
     /// Like Flush, then the writer stops.
@@ -185,6 +187,11 @@ impl WriterHandle {
         })
         .await?;
         done.await.unwrap_or(Err(WriteError::Closed))
+    }
+
+    /// Queues a drop report's counts; waits only while the queue is full.
+    pub async fn seconds(&self, rows: Vec<SecondRow>) -> Result<(), WriteError> {
+        self.send(WriteOp::Seconds(rows)).await
     }
 
     /// Returns once everything queued so far is committed (or given up on).

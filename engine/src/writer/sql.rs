@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::core::ReleaseReason;
-use crate::types::{reason_name, HoldRow, Purchase};
+use crate::types::{reason_name, HoldRow, Purchase, SecondRow, EVENTS};
 
 /// One row of `hold_batches` per drop of a batch: the embedded gate's new holds, journaled compactly.
 pub(super) const JOURNAL_HOLDS: &str =
@@ -33,6 +33,22 @@ pub(super) const UPSERT_RELEASES: &str =
      ON CONFLICT (id) DO UPDATE SET status = 'released', reason = EXCLUDED.reason,
                                     updated_at = EXCLUDED.updated_at
      WHERE reservations.status <> 'paid'";
+
+/// A drop report's counts per drop and second (`types::Event` order), added to what other instances stored.
+pub(super) const UPSERT_SECONDS: &str =
+    "INSERT INTO drop_seconds (drop_id, second, reserved, paid, expired, cancelled, declined, refused_sold_out,
+                               refused_limit, refused_overload)
+     SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
+                          $8::int8[], $9::int8[], $10::int8[])
+     ON CONFLICT (drop_id, second) DO UPDATE SET
+         reserved = drop_seconds.reserved + EXCLUDED.reserved,
+         paid = drop_seconds.paid + EXCLUDED.paid,
+         expired = drop_seconds.expired + EXCLUDED.expired,
+         cancelled = drop_seconds.cancelled + EXCLUDED.cancelled,
+         declined = drop_seconds.declined + EXCLUDED.declined,
+         refused_sold_out = drop_seconds.refused_sold_out + EXCLUDED.refused_sold_out,
+         refused_limit = drop_seconds.refused_limit + EXCLUDED.refused_limit,
+         refused_overload = drop_seconds.refused_overload + EXCLUDED.refused_overload";
 
 /// A purchase's reservation row, as paid (`$1`..`$7`); the two statements below differ only in what they do with a
 /// row already there.
@@ -186,4 +202,36 @@ impl HoldColumns {
 pub(super) fn quantity(q: u32) -> i32 {
     // Quantities are bounded by a drop's stock, which the API caps far below i32::MAX.
     i32::try_from(q).unwrap_or(i32::MAX)
+}
+
+/// A drop report's counts as the column arrays `UPSERT_SECONDS` takes, one row per drop and second.
+pub(super) struct SecondColumns {
+    pub(super) drops: Vec<Uuid>,
+    pub(super) seconds: Vec<i32>,
+    pub(super) counts: [Vec<i64>; EVENTS],
+}
+
+impl SecondColumns {
+    pub(super) fn of(rows: &[SecondRow]) -> Self {
+        let mut summed: HashMap<(Uuid, i32), [i64; EVENTS]> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let sum = summed.entry((row.drop_id, row.second)).or_default();
+            for (total, count) in sum.iter_mut().zip(row.counts) {
+                *total = total.saturating_add(count);
+            }
+        }
+        let mut c = Self {
+            drops: Vec::with_capacity(summed.len()),
+            seconds: Vec::with_capacity(summed.len()),
+            counts: Default::default(),
+        };
+        for ((drop, second), counts) in summed {
+            c.drops.push(drop);
+            c.seconds.push(second);
+            for (column, count) in c.counts.iter_mut().zip(counts) {
+                column.push(count);
+            }
+        }
+        c
+    }
 }

@@ -2,6 +2,7 @@
 //! Wire types live here and convert from engine types; the engine never sees JSON.
 
 pub mod hot;
+pub mod report;
 pub mod wire;
 
 use axum::extract::State;
@@ -35,7 +36,8 @@ const HOLD_SECONDS_MAX: i64 = 86_400;
 /// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(create_drop, list_drops, get_drop, reserve, get_reservation, cancel_reservation, pay, my_purchases),
+    paths(create_drop, list_drops, get_drop, reserve, get_reservation, cancel_reservation, pay, my_purchases,
+        report::drop_report),
     tags((name = "drops", description = "Timed drops: holds, payments and purchases (the engine)"))
 )]
 pub struct Doc;
@@ -51,6 +53,7 @@ pub fn router() -> crate::Routes {
         )
         .route(api!("/reservations/{id}/payment"), post(pay))
         .route(api!("/members/me/purchases"), get(my_purchases))
+        .route(api!("/drops/{id}/report"), get(report::drop_report))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

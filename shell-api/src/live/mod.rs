@@ -16,6 +16,7 @@ pub mod events;
 pub mod hearts;
 pub mod notifications;
 pub mod page;
+pub mod report_page;
 pub mod streams;
 
 use std::time::Duration;
@@ -36,6 +37,7 @@ use tokio::sync::watch;
     notifications::list,
     notifications::mark_read,
     notifications::stream,
+    report_page::report_page,
 ))]
 pub struct Doc;
 
@@ -43,6 +45,7 @@ pub fn router() -> crate::Routes {
     crate::Routes::new()
         .route(api!("/drops/{id}/events"), get(events::drop_events))
         .route("/live/drops/{id}", get(page::live_page))
+        .route("/live/drops/{id}/report", get(report_page::report_page))
         .route("/live/assets/{file}", get(page::asset))
         .route(
             api!("/products/{id}/heart"),

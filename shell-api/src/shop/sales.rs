@@ -126,6 +126,8 @@ pub struct DropSummary {
     pub sold: i64,
     /// `sold / stock`, from 0.0 to 1.0.
     pub sell_through: f64,
+    /// The drop report's page (`/live/drops/{id}/report`); its JSON is `/api/v1/drops/{id}/report`.
+    pub report_url: String,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -257,8 +259,10 @@ async fn latest_drops(
         .map(|row| {
             let stock: i32 = row.get(1);
             let sold: i64 = row.get(2);
+            let drop_id: Uuid = row.get(0);
             DropSummary {
-                drop_id: row.get(0),
+                drop_id,
+                report_url: format!("/live/drops/{drop_id}/report"),
                 stock,
                 sold,
                 sell_through: if stock > 0 {
