@@ -56,7 +56,7 @@ async fn two_instances_sell_exactly_the_stock_and_keep_the_limit_across_them() {
     const STOCK: u32 = 60;
     let a = Arc::new(TestApp::with_redis(EngineArgs::default()).await);
     let b = Arc::new(a.another_instance().await);
-    let (_, drop) = a
+    let (seller, drop) = a
         .open_drop(STOCK, 100, json!({ "per_member_limit": 2 }))
         .await;
     let mut members = Vec::new();
@@ -80,13 +80,13 @@ async fn two_instances_sell_exactly_the_stock_and_keep_the_limit_across_them() {
         }
     }
     let mut granted = std::collections::HashMap::<Uuid, u32>::new();
-    let mut sold_out = 0;
+    let (mut sold_out, mut over_limit) = (0, 0);
     for task in tasks {
         let (member, status, code) = task.await.unwrap();
         match status {
             StatusCode::CREATED => *granted.entry(member).or_default() += 1,
             StatusCode::CONFLICT if code == "sold_out" => sold_out += 1,
-            StatusCode::CONFLICT if code == "limit_exceeded" => {}
+            StatusCode::CONFLICT if code == "limit_exceeded" => over_limit += 1,
             other => panic!("unexpected {other} {code}"),
         }
     }
@@ -114,6 +114,30 @@ async fn two_instances_sell_exactly_the_stock_and_keep_the_limit_across_them() {
         stored_statuses(&a, id).await == vec![("held".to_owned(), i64::from(STOCK))]
     })
     .await;
+    // The drop report adds up what each instance decided: it equals what the clients were answered.
+    for app in [&a, &b] {
+        app.state.engine.record_report().await;
+        app.state.engine.writer().flush().await.unwrap();
+    }
+    let report = b
+        .call(
+            "GET",
+            &format!("/api/v1/drops/{id}/report"),
+            Some(&seller.token),
+            None,
+        )
+        .await;
+    let funnel = &report.body["funnel"];
+    assert_eq!(
+        (
+            funnel["reserved"].as_u64(),
+            funnel["refused_sold_out"].as_u64(),
+            funnel["refused_limit"].as_u64()
+        ),
+        (Some(u64::from(STOCK)), Some(sold_out), Some(over_limit)),
+        "{}",
+        report.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
