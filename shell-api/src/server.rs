@@ -47,6 +47,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         live: crate::live::LiveConfig::from(&args.live),
     };
 
+    raise_open_files(
+        args.live.live_streams_max
+            + args.engine.reserve_inflight_max
+            + args.engine.pay_inflight_max
+            + args.db.db_pool_size,
+    );
+
     let mut hashing = crate::abuse::HashingConfig {
         queue_max: args.password_hash_queue_max,
         wait_max: Duration::from_millis(args.password_hash_wait_ms),
@@ -223,4 +230,43 @@ pub struct ServeArgs {
     pub shop: ShopArgs,
     #[command(flatten)]
     pub live: LiveArgs,
+}
+
+/// Raises this process's open-files limit (soft) to its hard limit, since every connection is a file and a drop's
+/// opening brings thousands at once, and logs the limit. Warns when it stays below `wanted`, the files the settings
+/// can keep open at once (streams, requests in flight, the database pool).
+pub fn raise_open_files(wanted: usize) -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        tracing::warn!("cannot read the open-files limit");
+        return None;
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                tracing::info!(
+                    from = soft,
+                    to = hard,
+                    "raised the open-files limit to its hard limit"
+                );
+                hard
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, soft, hard, "cannot raise the open-files limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    let wanted = u64::try_from(wanted).unwrap_or(u64::MAX);
+    if limit < wanted {
+        tracing::warn!(
+            limit,
+            wanted,
+            "the open-files limit is below what the settings can keep open (LIVE_STREAMS_MAX + RESERVE_INFLIGHT_MAX + \
+             PAY_INFLIGHT_MAX + DB_POOL_SIZE); connections past it are refused by the kernel (raise `ulimit -Hn`)"
+        );
+    }
+    Some(limit)
 }

@@ -44,6 +44,30 @@ async fn binary_serves_on_port_zero_and_stops_on_sigterm() {
 }
 
 #[tokio::test]
+async fn the_server_raises_its_open_files_limit_to_the_hard_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    // The server starts with a soft limit far below the hard one (it inherits this process's).
+    setrlimit(Resource::RLIMIT_NOFILE, 256.min(hard), hard).unwrap();
+    let db = TestDb::new().await;
+    let server = TestServer::start(&db.url, &[]).await;
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    let pid = server.child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let (server_soft, server_hard) = match line.split_whitespace().collect::<Vec<_>>()[..] {
+        [_, _, _, soft, hard, ..] => (soft.to_owned(), hard.to_owned()),
+        _ => panic!("{line}"),
+    };
+    assert_eq!(server_hard, hard.to_string(), "{line}");
+    assert_eq!(server_soft, server_hard, "soft raised to hard: {line}");
+    assert!(server.terminate(Duration::from_secs(15)).await);
+}
+
+#[tokio::test]
 async fn serve_refuses_to_start_without_a_jwt_secret() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .arg("serve")
