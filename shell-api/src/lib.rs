@@ -135,6 +135,19 @@ impl AppState {
     }
 }
 
+impl AppInner {
+    /// Whether the shared Redis answers a PING within `timeout`; `None` without Redis (the embedded gate).
+    pub async fn redis_answers(&self, timeout: std::time::Duration) -> Option<bool> {
+        let mut redis = self.redis.clone()?;
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut redis);
+        Some(matches!(
+            tokio::time::timeout(timeout, ping).await,
+            Ok(Ok(_))
+        ))
+    }
+}
+
 /// The shared Redis of a multi-instance deployment, as the HTTP layer uses it.
 #[derive(Debug, Clone)]
 pub struct Redis {
@@ -311,13 +324,8 @@ pub async fn readyz(
         .query_one("SELECT 1", &[])
         .await
         .map_err(|_| ApiError::unavailable("database_unavailable", 1))?;
-    if let Some(mut redis) = state.redis.clone() {
-        let ping = redis::cmd("PING");
-        let ping = ping.query_async::<String>(&mut redis);
-        match tokio::time::timeout(std::time::Duration::from_secs(1), ping).await {
-            Ok(Ok(_)) => {}
-            _ => return Err(ApiError::unavailable("redis_unavailable", 1)),
-        }
+    if state.redis_answers(std::time::Duration::from_secs(1)).await == Some(false) {
+        return Err(ApiError::unavailable("redis_unavailable", 1));
     }
     Ok(Json(json!({ "status": "ready" })))
 }

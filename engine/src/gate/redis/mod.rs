@@ -16,7 +16,7 @@ mod conn;
 pub mod ids;
 mod journal;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,6 +135,9 @@ struct Lane {
     hold_ms: i64,
     keys: DropKeys,
     sold_out: AtomicBool,
+    /// When the oldest stream entry this instance's journal has read and not yet written was appended (Redis's
+    /// clock, unix ms), or 0 when its last read found nothing new: how far the drop's journal is behind.
+    journal_behind_since_ms: AtomicI64,
     requests: mpsc::Sender<Request>,
     /// Tells the lane's batchers and journal to stop (unload, shutdown); the journal writes out what it has first.
     stop: watch::Sender<bool>,
@@ -959,6 +962,7 @@ impl Gate for RedisGate {
                 hold_ms: i64::from(drop.hold_seconds) * 1000,
                 keys,
                 sold_out: AtomicBool::new(available == Some(0)),
+                journal_behind_since_ms: AtomicI64::new(0),
                 requests,
                 stop: watch::channel(false).0,
                 tasks: Mutex::new(Vec::new()),
@@ -1216,6 +1220,25 @@ impl Gate for RedisGate {
 
     fn journals_holds(&self) -> bool {
         true
+    }
+
+    fn journal_lag(&self, now_ms: i64) -> Vec<(Uuid, std::time::Duration)> {
+        if !self.inner.config.journal {
+            return Vec::new();
+        }
+        self.inner
+            .lanes
+            .iter()
+            .map(|lane| {
+                let since = lane.journal_behind_since_ms.load(Ordering::Relaxed);
+                let behind_ms = if since > 0 {
+                    u64::try_from(now_ms.saturating_sub(since)).unwrap_or(0)
+                } else {
+                    0
+                };
+                (lane.drop, std::time::Duration::from_millis(behind_ms))
+            })
+            .collect()
     }
 
     fn use_writer(&self, writer: WriterHandle) {
