@@ -186,6 +186,11 @@ pub async fn run(
     {
         return Err(err.context("setting the run up"));
     }
+    // Goose has written its reports when it ran to the end, whatever the thresholds said: the HTML ones are made to
+    // draw offline.
+    if matches!(result, Ok(_) | Err(GooseError::ThresholdsFailed { .. })) {
+        crate::report::make_offline(&report_files)?;
+    }
     match result {
         Ok(metrics) => Ok(Ended {
             metrics,

@@ -103,6 +103,19 @@ impl AppState {
     }
 }
 
+impl AppInner {
+    /// Whether the shared Redis answers a PING within `timeout`; `None` without Redis (the embedded gate).
+    pub async fn redis_answers(&self, timeout: std::time::Duration) -> Option<bool> {
+        let mut redis = self.redis.clone()?;
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut redis);
+        Some(matches!(
+            tokio::time::timeout(timeout, ping).await,
+            Ok(Ok(_))
+        ))
+    }
+}
+
 /// The shared Redis of a multi-instance deployment, as the HTTP layer uses it.
 #[derive(Debug, Clone)]
 pub struct Redis {

@@ -5,7 +5,9 @@
 //! `guard`, with the handles cached per worker thread so the hot path does no label formatting or registry lookup),
 //! the gate's latency per reservation (engine), the writer's batch rows and flush seconds (engine). What is read
 //! when scraped, at no cost to requests: the engine's outcome counters (`EngineStats`), permits in flight, the
-//! writer's queue depth and the Postgres pool.
+//! writer's queue depth, the Postgres pool, each loaded drop's journal lag (Redis gate), and whether Redis answers a
+//! PING (one per scrape, bounded by `REDIS_PING_TIMEOUT`: the gate calls Redis only while a drop is loaded, so the
+//! last call's outcome can be hours old on an idle instance).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -37,6 +39,9 @@ const ROWS_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 50
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Cached request handles per worker thread; past this the cache starts over (it cannot grow without bound).
 const HTTP_HANDLES_MAX: usize = 4096;
+/// Longest wait for Redis's PING during a scrape; no answer by then is `flashsale_redis_up 0`. Well under a
+/// one-second scrape interval.
+const REDIS_PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Installs the recorder (once per process) and starts its upkeep. Must run inside the Tokio runtime, before the
 /// engine starts (the engine takes its handles at start).
@@ -136,6 +141,10 @@ fn describe() {
     describe_gauge!(
         "flashsale_db_pool_waiting",
         "Requests waiting for a Postgres connection"
+    );
+    describe_gauge!(
+        "flashsale_redis_up",
+        "1 when the shared Redis answered a PING during this scrape, else 0 (only with REDIS_URL)"
     );
 }
 
@@ -245,6 +254,10 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
     metrics::gauge!("flashsale_db_pool_connections", "state" => "idle").set(pool.available as f64);
     metrics::gauge!("flashsale_db_pool_max").set(pool.max_size as f64);
     metrics::gauge!("flashsale_db_pool_waiting").set(pool.waiting as f64);
+    if let Some(up) = state.redis_answers(REDIS_PING_TIMEOUT).await {
+        metrics::gauge!("flashsale_redis_up").set(if up { 1.0 } else { 0.0 });
+    }
+
     let hashing = crate::abuse::hashing();
     metrics::gauge!("flashsale_password_hashes", "state" => "running")
         .set(hashing.in_flight().0 as f64);
@@ -252,9 +265,64 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
         .set(hashing.waiting() as f64);
     metrics::gauge!("flashsale_password_hashes", "state" => "limit")
         .set(hashing.concurrency() as f64);
+    let mut body = handle.render();
+    journal_lag(&mut body, &state.engine.journal_lag());
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        handle.render(),
+        body,
     )
         .into_response()
+}
+
+/// Appends `flashsale_journal_lag_seconds{drop="<id>"}` for each drop loaded now. Written here rather than through
+/// the recorder, which never forgets a series: a drop's series must leave with the drop (unloaded once settled), so
+/// a process that sells drops for weeks exports only the live ones.
+fn journal_lag(body: &mut String, lags: &[(uuid::Uuid, Duration)]) {
+    use std::fmt::Write as _;
+    if lags.is_empty() {
+        return;
+    }
+    if !body.is_empty() && !body.ends_with('\n') {
+        body.push('\n');
+    }
+    body.push_str(
+        "# HELP flashsale_journal_lag_seconds Per loaded drop (Redis gate): how long the oldest stream entry this \
+         instance's journal has not yet written to Postgres has waited; 0 when caught up\n\
+         # TYPE flashsale_journal_lag_seconds gauge\n",
+    );
+    for (drop, lag) in lags {
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            body,
+            "flashsale_journal_lag_seconds{{drop=\"{drop}\"}} {}",
+            lag.as_secs_f64()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_lag_lines_name_each_loaded_drop() {
+        let mut body = String::from("flashsale_in_flight{kind=\"pay\"} 0\n");
+        journal_lag(&mut body, &[]);
+        assert_eq!(
+            body, "flashsale_in_flight{kind=\"pay\"} 0\n",
+            "no drop, no family"
+        );
+        let drop = uuid::Uuid::from_u128(7);
+        journal_lag(&mut body, &[(drop, Duration::from_millis(1500))]);
+        assert!(
+            body.contains("# TYPE flashsale_journal_lag_seconds gauge\n"),
+            "{body}"
+        );
+        assert!(
+            body.ends_with(&format!(
+                "flashsale_journal_lag_seconds{{drop=\"{drop}\"}} 1.5\n"
+            )),
+            "{body}"
+        );
+    }
 }

@@ -1,8 +1,15 @@
-//! The live drop page in a real browser: headless Chromium (installed with apt-get when missing) loads
-//! `/live/drops/{id}` from the app on a real socket while buyers reserve, pay and cancel, and the test reads the
-//! page's numbers through the DevTools protocol: they must change during the drop without a reload and end at the
-//! drop's final counts. A phone-sized screenshot mid-drop goes to `reports/live-drop-mid.png`. Then the drop's report
-//! page: its chart lines must have a point per second and be drawn across the chart (`reports/drop-report.png`).
+//! Pages in a real browser, headless Chromium (installed with apt-get when missing):
+//! - the live drop page: Chromium loads `/live/drops/{id}` from the app on a real socket while buyers reserve, pay
+//!   and cancel, and the test reads the page's numbers through the DevTools protocol: they must change during the
+//!   drop without a reload and end at the drop's final counts. A phone-sized screenshot mid-drop goes to
+//!   `reports/live-drop-mid.png`. Then the drop's report page: its chart lines must have a point per second and be
+//!   drawn across the chart (`reports/drop-report.png`);
+//! - the load harness's HTML report, offline: a short goose drop run against the real binary writes it, Chromium
+//!   opens the file with the network cut (DevTools `Network.emulateNetworkConditions`, and the CDN is checked to be
+//!   unreachable from the page), and every chart must be drawn (an ECharts instance with data and ink on its canvas).
+//!   The same report in goose's own form (ECharts from the CDN) must draw none, so the check cannot pass by a
+//!   network it was not meant to have. Screenshots: `<target>/tmp/load-report-offline.png` and
+//!   `<target>/tmp/load-report-cdn-offline.png`.
 //!
 //! Chromium is driven over `--remote-debugging-pipe` (DevTools messages on fds 3 and 4, NUL-separated), which a
 //! `bash -c 'exec chromium ... 3<&0 4>&1'` maps to the child's stdin and stdout: no websocket client needed.
@@ -76,7 +83,16 @@ impl Drop for TempDir {
 }
 
 impl Browser {
+    /// A phone, 412 x 915 CSS pixels.
     async fn launch() -> Self {
+        Self::launch_as(
+            json!({ "width": 412, "height": 915, "deviceScaleFactor": 2, "mobile": true }),
+        )
+        .await
+    }
+
+    /// A page with `metrics` (`Emulation.setDeviceMetricsOverride`).
+    async fn launch_as(metrics: Value) -> Self {
         let bin = chromium();
         let profile =
             std::env::temp_dir().join(format!("fs-chromium-{}", uuid::Uuid::new_v4().simple()));
@@ -145,13 +161,8 @@ impl Browser {
             )
             .await;
         browser.session = attached["sessionId"].as_str().unwrap().to_owned();
-        // A phone: 412 x 915 CSS pixels.
         browser
-            .call(
-                "Emulation.setDeviceMetricsOverride",
-                json!({ "width": 412, "height": 915, "deviceScaleFactor": 2, "mobile": true }),
-                true,
-            )
+            .call("Emulation.setDeviceMetricsOverride", metrics, true)
             .await;
         browser
     }
@@ -184,7 +195,7 @@ impl Browser {
         let result = self
             .call(
                 "Runtime.evaluate",
-                json!({ "expression": expression, "returnByValue": true }),
+                json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
                 true,
             )
             .await;
@@ -204,9 +215,24 @@ impl Browser {
     }
 
     async fn screenshot(&self, path: &std::path::Path) {
-        let shot = self
-            .call("Page.captureScreenshot", json!({ "format": "png" }), true)
-            .await;
+        self.capture(path, json!({ "format": "png" })).await;
+    }
+
+    /// The whole page, not only the viewport.
+    async fn screenshot_page(&self, path: &std::path::Path) {
+        let layout = self.call("Page.getLayoutMetrics", json!({}), true).await;
+        let size = &layout["cssContentSize"];
+        let clip =
+            json!({ "x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1 });
+        self.capture(
+            path,
+            json!({ "format": "png", "captureBeyondViewport": true, "clip": clip }),
+        )
+        .await;
+    }
+
+    async fn capture(&self, path: &std::path::Path, params: Value) {
+        let shot = self.call("Page.captureScreenshot", params, true).await;
         let png = base64_decode(shot["data"].as_str().unwrap());
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, png).unwrap();
@@ -460,4 +486,223 @@ async fn run() {
     let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../reports/drop-report.png");
     browser.screenshot(&shot).await;
     browser.close().await;
+}
+
+// ---- the load harness's HTML report, with no network
+
+/// What the page says about each chart of goose's report: an ECharts instance, its data points, how many of its
+/// canvas's pixels are drawn dark (lines, areas, axes, text; the background is white), and how many in the series'
+/// colours (goose's greens for lines and areas, the heatmap's blues): an empty chart still draws its axes.
+const CHARTS: &str = r#"(() => {
+  const graphs = [...document.querySelectorAll('.graph div[id^="graph-"][style*="height"]')];
+  return { echarts: typeof echarts, online: navigator.onLine, graphs: graphs.map((el) => {
+    const chart = typeof echarts === 'undefined' ? null : echarts.getInstanceByDom(el);
+    const canvas = el.querySelector('canvas');
+    let inked = 0, colored = 0;
+    if (canvas) {
+      const d = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+      for (let i = 0; i < d.length; i += 4) {
+        if (d[i + 3] === 0) continue;
+        const [r, g, b] = [d[i], d[i + 1], d[i + 2]];
+        if (Math.min(r, g, b) < 160) inked++;
+        if ((g - r > 40 && g > b + 10) || (b - r > 40 && b > g)) colored++;
+      }
+    }
+    const series = chart ? chart.getOption().series || [] : [];
+    const points = series.reduce((n, s) => n + (Array.isArray(s.data) ? s.data.length : 0), 0);
+    return { id: el.id, chart: !!chart, canvas: !!canvas, points, inked, colored };
+  }) };
+})()"#;
+
+/// Whether a `fetch` from the page reaches the CDN goose's report loads ECharts from.
+const CDN_PROBE: &str =
+    "fetch('https://cdn.jsdelivr.net/npm/echarts@5.2.2/dist/echarts.min.js', { cache: 'no-store' })
+    .then(() => 'reached', () => 'unreachable')";
+
+/// Opens `path` in a fresh desktop-sized page with the network cut; returns the charts once they stop changing.
+async fn charts_offline(path: &std::path::Path, screenshot: &std::path::Path) -> Value {
+    let browser = Browser::launch_as(
+        json!({ "width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false }),
+    )
+    .await;
+    browser.call("Network.enable", json!({}), true).await;
+    browser
+        .call(
+            "Network.emulateNetworkConditions",
+            json!({ "offline": true, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1 }),
+            true,
+        )
+        .await;
+    browser
+        .call(
+            "Page.navigate",
+            json!({ "url": format!("file://{}", path.display()) }),
+            true,
+        )
+        .await;
+    let started = Instant::now();
+    while browser.eval("document.readyState").await != "complete" {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the report never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        browser.eval(CDN_PROBE).await,
+        "unreachable",
+        "the page must have no network"
+    );
+    // ECharts animates its first drawing (about a second): wait until two looks agree.
+    let mut last = Value::Null;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = browser.eval(CHARTS).await;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    browser.screenshot_page(screenshot).await;
+    browser.close().await;
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_report_draws_its_charts_offline_in_headless_chromium() {
+    tokio::time::timeout(TEST_LIMIT, load_report())
+        .await
+        .expect("report test took too long");
+}
+
+async fn load_report() {
+    use clap::Parser;
+    use loadtest::config::{Cli, Command};
+    const ADMIN_EMAIL: &str = "admin@report.test";
+    const ADMIN_PASSWORD: &str = "report-test-admin-password";
+    // The browser first: on a fresh machine this installs Chromium.
+    chromium();
+
+    let db = common::TestDb::new().await;
+    let admin = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args([
+            "admin",
+            "create",
+            "--email",
+            ADMIN_EMAIL,
+            "--password",
+            ADMIN_PASSWORD,
+        ])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        admin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
+    let server = common::TestServer::start(&db.url, &[("REAPER_INTERVAL_MS", "200")]).await;
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let html = out.join(format!(
+        "load-report-{}.html",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let cli = Cli::try_parse_from([
+        "flashsale-load",
+        "drop",
+        "--base-url",
+        &server.base_url,
+        "--database-url",
+        &db.url,
+        "--admin-email",
+        ADMIN_EMAIL,
+        "--admin-password",
+        ADMIN_PASSWORD,
+        "--buyers",
+        "12",
+        "--attempts-per-buyer",
+        "3",
+        "--stock",
+        "6",
+        "--hold-seconds",
+        "2",
+        "--opens-in-ms",
+        "1500",
+        "--restock-slack-seconds",
+        "2",
+        "--reaper-interval-ms",
+        "200",
+        "--report-file",
+        html.to_str().unwrap(),
+        "--quiet",
+    ])
+    .unwrap();
+    let Command::Drop(args) = cli.command else {
+        unreachable!("parsed the drop subcommand")
+    };
+    let outcome = loadtest::run::drop(args).await.unwrap();
+    assert!(
+        outcome.summary.passed,
+        "{}",
+        loadtest::summary::render(&outcome.summary)
+    );
+    assert!(server.terminate(Duration::from_secs(15)).await);
+
+    // The harness's report: self-contained, every chart drawn with the network cut.
+    let report = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        !report.contains("cdn.jsdelivr.net"),
+        "the report still loads from a CDN"
+    );
+    let offline = charts_offline(&html, &out.join("load-report-offline.png")).await;
+    eprintln!("offline report: {offline}");
+    assert_eq!(offline["echarts"], "object", "{offline}");
+    assert_eq!(offline["online"], false, "{offline}");
+    let graphs = offline["graphs"].as_array().unwrap();
+    assert!(
+        graphs.len() >= 5,
+        "goose's report has its charts: {offline}"
+    );
+    let mut drawn = 0;
+    for graph in graphs {
+        assert_eq!(graph["chart"], true, "{graph}");
+        assert!(
+            graph["inked"].as_u64().unwrap() > 2_000,
+            "a chart not drawn: {graph}"
+        );
+        // A series of two points or more is a line or an area in the series' colours: 94k-316k such pixels in these
+        // charts, where an empty chart's zoom slider and toolbox alone make about 22k. (Errors per second has no point
+        // in a run without errors, and a series of one point draws no line: those show their axes only.)
+        if graph["points"].as_u64().unwrap() >= 2 {
+            drawn += 1;
+            assert!(
+                graph["colored"].as_u64().unwrap() > 50_000,
+                "its series not drawn: {graph}"
+            );
+        }
+    }
+    assert!(drawn >= 4, "charts with their series drawn: {offline}");
+
+    // The same report as goose writes it, ECharts from the CDN: nothing draws, so the test above had no network.
+    let start = report.find("<!-- Apache ECharts").unwrap();
+    let end = start + report[start..].find("</script>").unwrap() + "</script>".len();
+    let goose_form = format!(
+        "{}{}{}",
+        &report[..start],
+        loadtest::report::ECHARTS_CDN_TAG,
+        &report[end..]
+    );
+    let cdn_html = html.with_extension("cdn.html");
+    std::fs::write(&cdn_html, goose_form).unwrap();
+    let online_only = charts_offline(&cdn_html, &out.join("load-report-cdn-offline.png")).await;
+    eprintln!("goose's own report, offline: {online_only}");
+    assert_eq!(online_only["echarts"], "undefined", "{online_only}");
+    assert!(online_only["graphs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|graph| graph["inked"] == 0 && graph["colored"] == 0));
+    let _ = std::fs::remove_file(&html);
+    let _ = std::fs::remove_file(&cdn_html);
 }

@@ -1,6 +1,9 @@
 //! `GET /metrics` on the real binary: the exposition parses as Prometheus text, names the series the operations
 //! contract lists, and its counters move with a small drop (reservations, a sold-out refusal, a payment, the
-//! writer's batches). With `METRICS=false` the route says so and nothing is recorded.
+//! writer's batches). With `METRICS=false` the route says so and nothing is recorded. On the Redis gate, the
+//! gauges the alerts in `deploy/prometheus/alerts.yml` read follow real faults: `flashsale_redis_up` falls to 0 when
+//! the private Redis stops, and a drop's `flashsale_journal_lag_seconds` grows while Postgres is cut and returns to 0
+//! once the journal has caught up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(
     clippy::too_many_lines,
@@ -11,7 +14,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{post_json, seed_member, seed_product, TestDb, TestServer};
+use std::time::Duration;
+
+use common::{
+    eventually, post_json, seed_member, seed_product, RedisServer, TcpProxy, TestDb, TestServer,
+};
 use serde_json::json;
 use shell_api::auth::Role;
 
@@ -216,7 +223,117 @@ async fn metrics_parse_name_the_series_and_move_with_a_drop() {
     assert!(value(&samples, "flashsale_writer_batch_rows_count", &[]).unwrap() >= 1.0);
     assert!(value(&samples, "flashsale_writer_flush_seconds_sum", &[]).unwrap() > 0.0);
     assert!(value(&samples, "flashsale_db_pool_max", &[]).unwrap() >= 1.0);
+    // The embedded gate has no Redis and no journal: neither family is there.
+    assert!(!types.contains_key("flashsale_redis_up"));
+    assert!(!types.contains_key("flashsale_journal_lag_seconds"));
     assert!(server.terminate(std::time::Duration::from_secs(15)).await);
+}
+
+/// The value of one series in a fresh scrape.
+async fn scraped(
+    http: &reqwest::Client,
+    server: &TestServer,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let (samples, _) = scrape(http, server).await;
+    value(&samples, name, labels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_up_and_journal_lag_follow_real_faults() {
+    let db = TestDb::new().await;
+    let mut redis = RedisServer::start().await;
+    // The server reaches Postgres through a proxy the test can cut; Redis is its own.
+    let target = {
+        let url: reqwest::Url = db.url.parse().unwrap();
+        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+    };
+    let proxy = TcpProxy::start(target).await;
+    let proxied = {
+        let mut url: reqwest::Url = db.url.parse().unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(proxy.port)).unwrap();
+        url.to_string()
+    };
+    let server = TestServer::start(
+        &proxied,
+        &[
+            ("REDIS_URL", &redis.url()),
+            ("REDIS_KEY_PREFIX", "metrics-test:"),
+            ("DB_POOL_WAIT_MS", "1000"),
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let seller = seed_member(&db, Role::Seller).await;
+    let product = seed_product(&db, &seller, 1_000).await;
+    let opens = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    let (status, drop) = post_json(
+        &http,
+        server.url("/api/v1/drops"),
+        &seller,
+        json!({ "product_id": product, "stock": 50, "opens_at": opens }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{drop}");
+    let drop = drop["id"].as_str().unwrap().to_owned();
+    let reservations = server.url(&format!("/api/v1/drops/{drop}/reservations"));
+    let mut buyers = Vec::new();
+    for _ in 0..6 {
+        buyers.push(seed_member(&db, Role::Customer).await);
+    }
+    let reserve = |n: usize| {
+        let (http, url, buyer) = (http.clone(), reservations.clone(), &buyers[n]);
+        async move {
+            let (status, body) = post_json(&http, url, buyer, json!({})).await.unwrap();
+            assert_eq!(status, 201, "reservations need only Redis: {body}");
+        }
+    };
+    let lag = [("drop", drop.as_str())];
+
+    // Healthy: Redis answers, and the journal writes the first hold at once.
+    reserve(0).await;
+    assert_eq!(
+        scraped(&http, &server, "flashsale_redis_up", &[]).await,
+        Some(1.0)
+    );
+    eventually("the journal caught up", Duration::from_secs(10), || async {
+        scraped(&http, &server, "flashsale_journal_lag_seconds", &lag).await == Some(0.0)
+    })
+    .await;
+
+    // Postgres cut: holds still go into the stream, the journal cannot write them, and its lag grows.
+    proxy.cut();
+    for n in 1..4 {
+        reserve(n).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let behind = scraped(&http, &server, "flashsale_journal_lag_seconds", &lag)
+        .await
+        .unwrap();
+    assert!(
+        behind >= 2.5,
+        "journal lag {behind} s with Postgres cut for 3 s"
+    );
+    proxy.restore();
+    eventually(
+        "the journal caught up after Postgres came back",
+        Duration::from_secs(30),
+        || async {
+            scraped(&http, &server, "flashsale_journal_lag_seconds", &lag).await == Some(0.0)
+        },
+    )
+    .await;
+
+    // Redis stopped: the next scrape's PING finds nobody.
+    redis.stop().await;
+    eventually("flashsale_redis_up 0", Duration::from_secs(10), || async {
+        scraped(&http, &server, "flashsale_redis_up", &[]).await == Some(0.0)
+    })
+    .await;
+    server.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,6 +108,11 @@ pub trait Gate: Send + Sync + 'static {
     fn journals_holds(&self) -> bool {
         false
     }
+    /// For a gate that journals: each loaded drop with how long its oldest entry not yet written to Postgres by this
+    /// instance's journal has waited (zero when it is caught up), as of `now_ms`. Read from memory, for the metrics.
+    fn journal_lag(&self, _now_ms: i64) -> Vec<(Uuid, std::time::Duration)> {
+        Vec::new()
+    }
     /// Forgets a drop whose sale is settled (nothing about it can change any more), so a process that runs for weeks
     /// keeps only live drops in memory. A later `load` brings it back from Postgres.
     async fn unload(&self, drop: Uuid);

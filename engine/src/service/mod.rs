@@ -263,6 +263,12 @@ impl Engine {
         self.writer.queue_depth()
     }
 
+    /// For each loaded drop whose gate journals (Redis), how long the oldest entry this instance's journal has not
+    /// yet written to Postgres has waited; zero when caught up. For the metrics.
+    pub fn journal_lag(&self) -> Vec<(Uuid, Duration)> {
+        self.gate.journal_lag(self.clock.now_ms())
+    }
+
     /// The payment gateway, for the shell's other payments (the regular shop's orders, charges and refunds).
     pub fn gateway(&self) -> &Arc<dyn PaymentGateway> {
         &self.gateway

@@ -25,13 +25,8 @@ pub async fn readyz(
         .query_one("SELECT 1", &[])
         .await
         .map_err(|_| ApiError::unavailable("database_unavailable", 1))?;
-    if let Some(mut redis) = state.redis.clone() {
-        let ping = redis::cmd("PING");
-        let ping = ping.query_async::<String>(&mut redis);
-        match tokio::time::timeout(std::time::Duration::from_secs(1), ping).await {
-            Ok(Ok(_)) => {}
-            _ => return Err(ApiError::unavailable("redis_unavailable", 1)),
-        }
+    if state.redis_answers(std::time::Duration::from_secs(1)).await == Some(false) {
+        return Err(ApiError::unavailable("redis_unavailable", 1));
     }
     Ok(Json(json!({ "status": "ready" })))
 }

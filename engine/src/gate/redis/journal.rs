@@ -4,6 +4,7 @@
 //! (XAUTOCLAIM) and writes it. Every write is idempotent (holds insert-if-missing, releases upsert), so an entry
 //! written twice, or a release written before its hold, stores the same rows.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -76,10 +77,7 @@ fn decode(lane: &Lane, entries: &[Entry], rows: &mut Rows) {
                 }
             }
             "x" => {
-                let at = entry
-                    .id
-                    .split_once('-')
-                    .and_then(|(ms, _)| ms.parse::<i64>().ok())
+                let at = entry_ms(&entry.id)
                     .map(to_datetime)
                     .unwrap_or_else(Utc::now);
                 for record in value.split(';').filter(|record| !record.is_empty()) {
@@ -107,6 +105,11 @@ fn decode(lane: &Lane, entries: &[Entry], rows: &mut Rows) {
             _ => {}
         }
     }
+}
+
+/// When a stream entry was appended: the milliseconds part of its id (`<ms>-<seq>`, Redis's clock).
+fn entry_ms(id: &str) -> Option<i64> {
+    id.split_once('-')?.0.parse().ok().filter(|&ms| ms > 0)
 }
 
 /// Entries from an XREADGROUP reply (`[[key, [[id, [field, value, ...]], ...]]]`) or an XAUTOCLAIM reply's
@@ -260,6 +263,11 @@ impl Inner {
         if entries.is_empty() && claim_due {
             entries = self.claim(lane).await?;
         }
+        // Entries come in stream order, so the first is the oldest not yet written; nothing read means caught up. A
+        // failed write leaves the mark where it is (the same entries are read again), so the lag keeps growing.
+        let behind_since = entries.first().and_then(|entry| entry_ms(&entry.id));
+        lane.journal_behind_since_ms
+            .store(behind_since.unwrap_or(0), Ordering::Relaxed);
         if entries.is_empty() {
             return Ok(0);
         }
@@ -337,5 +345,12 @@ mod tests {
         assert_eq!(entries[0].id, "17-0");
         assert_eq!(entries[0].fields.len(), 2);
         assert!(entries[1].fields.is_empty());
+    }
+
+    #[test]
+    fn an_entry_is_dated_by_its_id() {
+        assert_eq!(entry_ms("1733490000123-7"), Some(1_733_490_000_123));
+        assert_eq!(entry_ms("0-1"), None);
+        assert_eq!(entry_ms("garbage"), None);
     }
 }

@@ -1,7 +1,7 @@
 //! A drop's lane: the reservation batchers of one drop on this instance (requests that arrive while a script call is
 //! in flight go together in the next call) and the poller that clears local sold-out flags.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -24,6 +24,9 @@ pub(super) struct Lane {
     pub(super) hold_ms: i64,
     pub(super) keys: DropKeys,
     pub(super) sold_out: AtomicBool,
+    /// When the oldest stream entry this instance's journal has read and not yet written was appended (Redis's
+    /// clock, unix ms), or 0 when its last read found nothing new: how far the drop's journal is behind.
+    pub(super) journal_behind_since_ms: AtomicI64,
     pub(super) requests: mpsc::Sender<Request>,
     /// Tells the lane's batchers and journal to stop (unload, shutdown); the journal writes out what it has first.
     pub(super) stop: watch::Sender<bool>,

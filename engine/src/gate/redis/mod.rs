@@ -26,7 +26,7 @@ mod journal;
 mod lanes;
 mod rebuild;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -316,6 +316,7 @@ impl Gate for RedisGate {
                 hold_ms: i64::from(drop.hold_seconds) * 1000,
                 keys,
                 sold_out: AtomicBool::new(available == Some(0)),
+                journal_behind_since_ms: AtomicI64::new(0),
                 requests,
                 stop: watch::channel(false).0,
                 tasks: Mutex::new(Vec::new()),
@@ -577,6 +578,25 @@ impl Gate for RedisGate {
 
     fn journals_holds(&self) -> bool {
         true
+    }
+
+    fn journal_lag(&self, now_ms: i64) -> Vec<(Uuid, std::time::Duration)> {
+        if !self.inner.config.journal {
+            return Vec::new();
+        }
+        self.inner
+            .lanes
+            .iter()
+            .map(|lane| {
+                let since = lane.journal_behind_since_ms.load(Ordering::Relaxed);
+                let behind_ms = if since > 0 {
+                    u64::try_from(now_ms.saturating_sub(since)).unwrap_or(0)
+                } else {
+                    0
+                };
+                (lane.drop, std::time::Duration::from_millis(behind_ms))
+            })
+            .collect()
     }
 
     fn use_writer(&self, writer: WriterHandle) {
