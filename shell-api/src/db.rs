@@ -51,6 +51,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "purchase_fence",
         include_str!("../migrations/0012_purchase_fence.sql"),
     ),
+    (13, "draw", include_str!("../migrations/0013_draw.sql")),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.
