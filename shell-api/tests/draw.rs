@@ -345,7 +345,7 @@ async fn concurrent_duplicate_entries_of_one_member_make_one_entry() {
     assert_eq!(entry_rows(&app, &drop).await.len(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_draw_happens_once_whichever_instances_run_it() {
     let DrawSetup {
         app,
@@ -364,13 +364,25 @@ async fn the_draw_happens_once_whichever_instances_run_it() {
     clock.set_ms(draw_at.timestamp_millis() + 1);
     let now = clock.now_ms();
     let states = [app.state.clone(), other.state.clone()];
+    let drop_id: Uuid = drop["id"].as_str().unwrap().parse().unwrap();
     let mut tasks = Vec::new();
     for index in 0..8 {
         let state = states[index % 2].clone();
         tasks.push(tokio::spawn(async move {
-            draw::draw_due(&state, engine::clock::to_datetime(now))
-                .await
-                .unwrap()
+            // Half the passes look for due draws; half go straight to the claim, as a pass that found the drop
+            // due just before another drew it would.
+            if index < 4 {
+                draw::draw_due(&state, engine::clock::to_datetime(now))
+                    .await
+                    .unwrap()
+            } else {
+                let mut client = state.db.get().await.unwrap();
+                usize::from(
+                    draw::draw_one(&mut client, drop_id, engine::clock::to_datetime(now))
+                        .await
+                        .unwrap(),
+                )
+            }
         }));
     }
     let mut drawn = 0;
@@ -378,13 +390,19 @@ async fn the_draw_happens_once_whichever_instances_run_it() {
         drawn += task.await.unwrap();
     }
     assert_eq!(drawn, 1, "eight passes on two instances drew the drop once");
-    // Later passes find nothing to draw, and the ranks are a permutation of 1..=30.
+    // Later passes, and a late claim, find nothing to draw.
     clock.advance_ms(10_000);
     assert_eq!(
         draw::draw_due(&other.state, other.state.engine.now())
             .await
             .unwrap(),
         0
+    );
+    let mut client = other.state.db.get().await.unwrap();
+    assert!(
+        !draw::draw_one(&mut client, drop_id, other.state.engine.now())
+            .await
+            .unwrap()
     );
     let body = app
         .call("GET", &path(&drop, "/draw"), None, None)
