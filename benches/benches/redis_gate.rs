@@ -23,7 +23,7 @@ use engine::gate::redis::{
     drop_keys, reserve_script, DropKeys, RedisConn, RedisGate, RedisGateConfig,
 };
 use engine::gate::{Gate, Restore};
-use engine::types::DropSpec;
+use engine::types::{DropMode, DropSpec};
 use uuid::Uuid;
 
 /// Concurrent clients, as a spike's requests in flight on one instance.
@@ -60,6 +60,8 @@ fn spec(stock: u32) -> DropSpec {
         price: 100,
         currency: "KRW".into(),
         created_at: now,
+        mode: DropMode::FirstCome,
+        draw_at: None,
     }
 }
 

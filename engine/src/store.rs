@@ -8,14 +8,16 @@ use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
 use crate::core::{HoldState, RestoredHold};
-use crate::types::{parse_reason, DropSpec, DropStatus, HoldRow, Purchase, Reservation, Restore};
+use crate::types::{
+    parse_reason, DropMode, DropSpec, DropStatus, HoldRow, Purchase, Reservation, Restore,
+};
 
 const DROP_COLUMNS: &str =
     "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
-                            price, currency, created_at";
+                            price, currency, created_at, mode, draw_at, draw_seed";
 const DROP_COLUMNS_READ: &str =
     "id, seq, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, \
-                                 hold_seconds, price, currency, created_at";
+                                 hold_seconds, price, currency, created_at, mode, draw_at";
 
 fn to_u32(value: i32) -> u32 {
     // Every such column has a CHECK (> 0 or >= 0) in the migration.
@@ -40,6 +42,9 @@ fn drop_from_row(row: &Row) -> DropSpec {
         price: row.get("price"),
         currency: row.get("currency"),
         created_at: row.get("created_at"),
+        // The column's CHECK names only the modes `DropMode` knows.
+        mode: DropMode::parse(row.get("mode")).unwrap_or(DropMode::FirstCome),
+        draw_at: row.get("draw_at"),
     }
 }
 
@@ -61,11 +66,12 @@ pub(crate) fn purchase_from_row(row: &Row) -> Purchase {
 pub async fn insert_drop(
     client: &impl GenericClient,
     drop: &DropSpec,
+    draw_seed: Option<&[u8]>,
 ) -> Result<i64, tokio_postgres::Error> {
     let row = client
         .query_one(
             &format!(
-                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                  RETURNING seq"
             ),
             &[
@@ -80,6 +86,9 @@ pub async fn insert_drop(
                 &drop.price,
                 &drop.currency,
                 &drop.created_at,
+                &drop.mode.as_str(),
+                &drop.draw_at,
+                &draw_seed,
             ],
         )
         .await?;

@@ -24,6 +24,34 @@ pub struct DropSpec {
     pub price: i64,
     pub currency: String,
     pub created_at: DateTime<Utc>,
+    /// How units are given out: a race (`FirstCome`) or by a draw, whose holds only the draw's allocator takes.
+    pub mode: DropMode,
+    /// When a draw ranks its entries; `None` for other modes.
+    pub draw_at: Option<DateTime<Utc>>,
+}
+
+/// A drop's launch mode (API.md, "Launch modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropMode {
+    FirstCome,
+    Draw,
+}
+
+impl DropMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropMode::FirstCome => "first_come",
+            DropMode::Draw => "draw",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "first_come" => Some(DropMode::FirstCome),
+            "draw" => Some(DropMode::Draw),
+            _ => None,
+        }
+    }
 }
 
 impl DropSpec {
@@ -62,6 +90,16 @@ pub struct NewDrop {
     pub hold_seconds: u32,
     pub price: i64,
     pub currency: String,
+    pub mode: DropMode,
+    /// A draw's time and its 32-byte secret seed (stored with the drop, in the same statement).
+    pub draw: Option<DrawTerms>,
+}
+
+/// What a draw drop is created with.
+#[derive(Debug, Clone)]
+pub struct DrawTerms {
+    pub draw_at: DateTime<Utc>,
+    pub seed: [u8; 32],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -56,6 +56,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "drop_seconds",
         include_str!("../migrations/0013_drop_seconds.sql"),
     ),
+    (14, "draw", include_str!("../migrations/0014_draw.sql")),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

@@ -365,6 +365,11 @@ impl From<engine::EngineError> for ApiError {
             E::NotOpen => Self::conflict("not_open", "the drop is not open yet"),
             E::Closed => Self::conflict("closed", "the drop is closed"),
             E::SoldOut => Self::conflict("sold_out", "sold out"),
+            E::NotAdmitted => Self::new(
+                StatusCode::FORBIDDEN,
+                "not_admitted",
+                "this drop is a draw: enter it (POST .../entries); its holds are given in the draw's rank order",
+            ),
             E::LimitExceeded => {
                 Self::conflict("limit_exceeded", "per-member limit reached for this drop")
             }

@@ -99,6 +99,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.shop.settlement_fee_bps,
     ));
     tokio::spawn(crate::live::notifications::notify_forever(state.clone()));
+    tokio::spawn(crate::drops::draw::draw_forever(state.clone()));
     let live = Arc::clone(&state.live);
 
     let listener = TcpListener::bind(args.bind_addr)

@@ -13,6 +13,8 @@ pub enum EngineError {
     NotOpen,
     #[error("the drop is closed")]
     Closed,
+    #[error("this drop's holds are given by its draw")]
+    NotAdmitted,
     #[error("sold out")]
     SoldOut,
     #[error("per-member limit reached")]

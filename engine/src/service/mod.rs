@@ -39,7 +39,9 @@ use crate::core::{
 use crate::gate::{Gate, Restore};
 use crate::payment::PaymentGateway;
 use crate::store;
-use crate::types::{DropInfo, DropSpec, DropStatus, Event, NewDrop, Purchase, Reservation};
+use crate::types::{
+    DropInfo, DropMode, DropSpec, DropStatus, Event, NewDrop, Purchase, Reservation,
+};
 use crate::writer::{self, HoldRow, WriterConfig, WriterHandle};
 
 /// Limits and intervals of the engine.
@@ -293,9 +295,12 @@ impl Engine {
             price: new.price,
             currency: new.currency,
             created_at: self.now(),
+            mode: new.mode,
+            draw_at: new.draw.as_ref().map(|draw| draw.draw_at),
         };
         let client = self.db.get().await?;
-        spec.seq = store::insert_drop(&**client, &spec).await?;
+        let seed = new.draw.as_ref().map(|draw| &draw.seed[..]);
+        spec.seq = store::insert_drop(&**client, &spec, seed).await?;
         let spec = self.install(spec, Restore::default()).await?;
         self.info(&spec).await
     }
@@ -369,12 +374,37 @@ impl Engine {
         Ok((infos, cursor))
     }
 
-    /// Places a hold of `quantity` units of the drop for `member`.
+    /// Places a hold of `quantity` units of the drop for `member`. A draw drop refuses (`NotAdmitted`): its holds
+    /// are given by its draw (`reserve_drawn`).
     pub async fn reserve(
         &self,
         drop: Uuid,
         member: Uuid,
         quantity: u32,
+    ) -> Result<Reservation, EngineError> {
+        self.reserve_as(drop, member, quantity, DropMode::FirstCome)
+            .await
+    }
+
+    /// Places a hold for an entry the draw of a draw drop admitted: the same path as `reserve`, for the draw's
+    /// allocator only.
+    pub async fn reserve_drawn(
+        &self,
+        drop: Uuid,
+        member: Uuid,
+        quantity: u32,
+    ) -> Result<Reservation, EngineError> {
+        self.reserve_as(drop, member, quantity, DropMode::Draw)
+            .await
+    }
+
+    /// `admitted_as`: the mode whose admission the caller speaks for; a drop of another mode refuses.
+    async fn reserve_as(
+        &self,
+        drop: Uuid,
+        member: Uuid,
+        quantity: u32,
+        admitted_as: DropMode,
     ) -> Result<Reservation, EngineError> {
         // Admission of a loaded drop comes from memory before a permit is taken: a refusal there (not open, closed,
         // sold out) does no I/O, so it needs no place among the requests in flight and touches no shared counter of
@@ -383,7 +413,7 @@ impl Engine {
         let admitted = self
             .drops
             .get(&drop)
-            .map(|spec| self.admit(&spec, now_ms, quantity));
+            .map(|spec| self.admit(&spec, now_ms, quantity, admitted_as));
         let Ok(_permit) = (match admitted {
             Some(admitted) => {
                 admitted?;
@@ -393,7 +423,7 @@ impl Engine {
                 let permit = self.reserve_permits.try_acquire();
                 if permit.is_ok() {
                     let spec = self.spec(drop).await?;
-                    self.admit(&spec, now_ms, quantity)?;
+                    self.admit(&spec, now_ms, quantity, admitted_as)?;
                 }
                 permit
             }
@@ -441,7 +471,17 @@ impl Engine {
 
     /// The checks a reservation passes before it may ask the gate: the drop is open and not closed, the quantity is
     /// possible, and the local sold-out flag is clear.
-    fn admit(&self, spec: &DropSpec, now_ms: i64, quantity: u32) -> Result<(), EngineError> {
+    fn admit(
+        &self,
+        spec: &DropSpec,
+        now_ms: i64,
+        quantity: u32,
+        admitted_as: DropMode,
+    ) -> Result<(), EngineError> {
+        // One enum compare on the first-come path.
+        if spec.mode != admitted_as {
+            return Err(EngineError::NotAdmitted);
+        }
         if now_ms < spec.opens_at_ms() {
             bump(&self.stats.rejected_not_open);
             return Err(EngineError::NotOpen);

@@ -1,6 +1,7 @@
 //! Drop routes: thin handlers over `engine::Engine` (create and read drops, reserve, pay, cancel, purchases).
 //! Wire types live here and convert from engine types; the engine never sees JSON.
 
+pub mod draw;
 pub mod hot;
 pub mod report;
 pub mod wire;
@@ -13,7 +14,8 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use engine::core::HoldState;
 use engine::types::{
-    reason_name, state_name, DropInfo, DropStatus, NewDrop, Purchase, Reservation,
+    reason_name, state_name, DrawTerms, DropInfo, DropMode, DropStatus, NewDrop, Purchase,
+    Reservation,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -37,7 +39,8 @@ const HOLD_SECONDS_MAX: i64 = 86_400;
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(create_drop, list_drops, get_drop, reserve, get_reservation, cancel_reservation, pay, my_purchases,
-        report::drop_report),
+        report::drop_report, draw::enter, draw::get_my_entry, draw::withdraw, draw::get_draw,
+        draw::get_ranking),
     tags((name = "drops", description = "Timed drops: holds, payments and purchases (the engine)"))
 )]
 pub struct Doc;
@@ -54,6 +57,13 @@ pub fn router() -> crate::Routes {
         .route(api!("/reservations/{id}/payment"), post(pay))
         .route(api!("/members/me/purchases"), get(my_purchases))
         .route(api!("/drops/{id}/report"), get(report::drop_report))
+        .route(api!("/drops/{id}/entries"), post(draw::enter))
+        .route(
+            api!("/drops/{id}/entries/me"),
+            get(draw::get_my_entry).delete(draw::withdraw),
+        )
+        .route(api!("/drops/{id}/draw"), get(draw::get_draw))
+        .route(api!("/drops/{id}/draw/ranking"), get(draw::get_ranking))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -75,6 +85,21 @@ struct CreateDrop {
     /// Default: the product's price.
     #[schema(minimum = 0)]
     price: Option<i64>,
+    /// `first_come` (default) or `draw`; `queue` is not available yet (422).
+    #[schema(value_type = Option<DropModeName>)]
+    mode: Option<String>,
+    /// When a draw ranks its entries: required for a draw (after `opens_at`, before `closes_at`); refused for
+    /// other modes.
+    draw_at: Option<DateTime<Utc>>,
+}
+
+/// A drop's launch mode, as `mode` names it (documentation only).
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum DropModeName {
+    FirstCome,
+    Draw,
 }
 
 /// A drop's state, as `status` names it (documentation only: the engine's `DropStatus` names itself).
@@ -126,6 +151,10 @@ pub(crate) struct DropJson {
     currency: String,
     #[schema(value_type = DropStatusName)]
     status: &'static str,
+    #[schema(value_type = DropModeName)]
+    mode: &'static str,
+    /// When a draw drop ranks its entries; null for other modes.
+    draw_at: Option<DateTime<Utc>>,
 }
 
 impl From<DropInfo> for DropJson {
@@ -145,6 +174,8 @@ impl From<DropInfo> for DropJson {
             price: spec.price,
             currency: spec.currency,
             status: info.status.as_str(),
+            mode: spec.mode.as_str(),
+            draw_at: spec.draw_at,
         }
     }
 }
@@ -273,7 +304,8 @@ impl From<Purchase> for PurchaseJson {
 #[utoipa::path(post, path = "/api/v1/drops", tag = "drops", security(("bearer" = [])), request_body = CreateDrop,
     responses((status = 201, description = "The drop", body = DropJson),
         (status = 403, description = "`forbidden`: not a seller, or not the product's seller", body = crate::error::ErrorBody),
-        (status = 422, description = "`validation`: bounds, `closes_at` before `opens_at`, no such product",
+        (status = 422, description = "`validation`: bounds, `closes_at` before `opens_at`, no such product, `mode` \
+`queue` (not available yet), a draw without `draw_at` or with one outside (`opens_at`, `closes_at`)",
             body = crate::error::ErrorBody)))]
 async fn create_drop(
     State(state): State<AppState>,
@@ -281,6 +313,41 @@ async fn create_drop(
     ApiJson(body): ApiJson<CreateDrop>,
 ) -> Result<(StatusCode, Json<DropJson>), ApiError> {
     member.require(&[Role::Seller, Role::Admin])?;
+    let (per_member_limit, hold_seconds, mode) = check_create(&body)?;
+    let product = {
+        let client = state.db.get().await?;
+        crate::catalog::products::product_owner_and_price(&client, body.product_id).await?
+    };
+    let Some(product) = product else {
+        return Err(ApiError::invalid("product_id", "no such product"));
+    };
+    member.require_owner_or_admin(product.seller_id)?;
+    // Every bound was checked above, so these conversions cannot fail.
+    let to_u32 = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    let info = state
+        .engine
+        .create_drop(NewDrop {
+            product_id: body.product_id,
+            seller_id: product.seller_id,
+            stock: to_u32(body.stock),
+            opens_at: body.opens_at,
+            closes_at: body.closes_at,
+            per_member_limit: to_u32(per_member_limit),
+            hold_seconds: to_u32(hold_seconds),
+            price: body.price.unwrap_or(product.price),
+            currency: product.currency,
+            mode,
+            draw: body.draw_at.map(|draw_at| DrawTerms {
+                draw_at,
+                seed: draw::new_seed(),
+            }),
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(info.into())))
+}
+
+/// The create body's bounds: the per-member limit, the hold's seconds and the mode, or 422.
+fn check_create(body: &CreateDrop) -> Result<(i64, i64, DropMode), ApiError> {
     let per_member_limit = body.per_member_limit.unwrap_or(1);
     let hold_seconds = body.hold_seconds.unwrap_or(300);
     let mut fields = Fields::default();
@@ -310,32 +377,46 @@ async fn create_drop(
             "closes_at",
             "must be after opens_at",
         );
+    let mode = match body.mode.as_deref() {
+        None => Some(DropMode::FirstCome),
+        Some("queue") => {
+            return Err(ApiError::invalid(
+                "mode",
+                "queue drops are not available yet",
+            ));
+        }
+        Some(text) => DropMode::parse(text),
+    };
+    fields.check(mode.is_some(), "mode", "must be first_come or draw");
+    let draw = mode == Some(DropMode::Draw);
+    fields
+        .check(
+            !draw || body.draw_at.is_some(),
+            "draw_at",
+            "required for a draw",
+        )
+        .check(
+            draw || body.draw_at.is_none(),
+            "draw_at",
+            "only a draw has a draw_at",
+        )
+        .check(
+            body.draw_at.is_none_or(|at| at > body.opens_at),
+            "draw_at",
+            "must be after opens_at",
+        )
+        .check(
+            body.draw_at
+                .is_none_or(|at| body.closes_at.is_none_or(|closes| at < closes)),
+            "draw_at",
+            "must be before closes_at",
+        );
     fields.finish()?;
-    let product = {
-        let client = state.db.get().await?;
-        crate::catalog::products::product_owner_and_price(&client, body.product_id).await?
-    };
-    let Some(product) = product else {
-        return Err(ApiError::invalid("product_id", "no such product"));
-    };
-    member.require_owner_or_admin(product.seller_id)?;
-    // Every bound was checked above, so these conversions cannot fail.
-    let to_u32 = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
-    let info = state
-        .engine
-        .create_drop(NewDrop {
-            product_id: body.product_id,
-            seller_id: product.seller_id,
-            stock: to_u32(body.stock),
-            opens_at: body.opens_at,
-            closes_at: body.closes_at,
-            per_member_limit: to_u32(per_member_limit),
-            hold_seconds: to_u32(hold_seconds),
-            price: body.price.unwrap_or(product.price),
-            currency: product.currency,
-        })
-        .await?;
-    Ok((StatusCode::CREATED, Json(info.into())))
+    Ok((
+        per_member_limit,
+        hold_seconds,
+        mode.unwrap_or(DropMode::FirstCome),
+    ))
 }
 
 /// A drop with its live counts (`available + held + sold == stock`).
@@ -398,6 +479,8 @@ pub(crate) struct ReserveBody {
     params(("id" = Uuid, Path, description = "The drop"), crate::idempotency::IdempotencyParams),
     request_body = Option<ReserveBody>,
     responses((status = 201, description = "The hold", body = ReservationJson),
+        (status = 403, description = "`not_admitted`: a draw drop, whose holds only its draw gives (enter it with \
+`POST .../entries`)", body = crate::error::ErrorBody),
         (status = 404, description = "`drop_not_found`", body = crate::error::ErrorBody),
         (status = 409, description = "`not_open`, `closed`, `sold_out` or `limit_exceeded`", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: a quantity that is not positive or is over the limit",

@@ -265,6 +265,13 @@ impl TestApp {
     /// Stops the engine (draining its writer) and starts a new app on the same database with a fresh embedded gate
     /// and the system clock, as a restarted process would. Tokens stay valid (same secret); in-memory state such
     /// as idempotency records and the simulated gateway's charges is gone.
+    /// Another in-process instance on this app's database, with its own embedded gate and the given clock (for
+    /// what Postgres alone decides across instances, such as a draw's claim).
+    pub async fn sharing_db_with_clock(&self, clock: Arc<dyn Clock>) -> Self {
+        let gate = Arc::new(engine::gate::EmbeddedGate::new(self.args.engine_shards));
+        Self::over(Arc::clone(&self.db), self.args.clone(), gate, clock, None).await
+    }
+
     pub async fn restart(self) -> Self {
         self.state.engine.shutdown().await;
         let gate = Arc::new(engine::gate::EmbeddedGate::new(self.args.engine_shards));
