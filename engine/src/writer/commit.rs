@@ -350,15 +350,7 @@ async fn hold_step<'a>(
 ) -> Result<Step<'a>, BatchError> {
     let insert = client.prepare_cached(INSERT_HOLDS).await.map_err(text)?;
     Ok(Box::pin(async move {
-        let params: [&(dyn ToSql + Sync); 6] = [
-            &c.ids,
-            &c.drops,
-            &c.members,
-            &c.quantities,
-            &c.created,
-            &c.expires,
-        ];
-        client.execute(&insert, &params).await
+        client.execute(&insert, &c.params()).await
     }))
 }
 
@@ -376,14 +368,8 @@ async fn purchase_step<'a>(
     };
     let insert = client.prepare_cached(statement).await.map_err(text)?;
     Ok(Box::pin(async move {
-        let h = &p.holds;
-        let rows: [&(dyn ToSql + Sync); 16] = [
-            &h.ids,
-            &h.drops,
-            &h.members,
-            &h.quantities,
-            &h.created,
-            &h.expires,
+        let mut rows: Vec<&(dyn ToSql + Sync)> = p.holds.params().to_vec();
+        rows.extend::<[&(dyn ToSql + Sync); 10]>([
             &p.paid_at,
             &p.ids,
             &p.reservations,
@@ -394,13 +380,12 @@ async fn purchase_step<'a>(
             &p.amounts,
             &p.currencies,
             &p.paid_at,
-        ];
+        ]);
         if plain {
             // Every row goes in or the statement fails, so each drop's units are known here.
-            let mut params = rows.to_vec();
-            params.push(&p.sold_drops);
-            params.push(&p.sold_units);
-            client.execute(&insert, &params).await?;
+            rows.push(&p.sold_drops);
+            rows.push(&p.sold_units);
+            client.execute(&insert, &rows).await?;
             Ok(p.ids.len() as u64)
         } else {
             // The purchases this statement inserted.
@@ -417,17 +402,9 @@ async fn release_step<'a>(
 ) -> Result<Step<'a>, BatchError> {
     let upsert = client.prepare_cached(UPSERT_RELEASES).await.map_err(text)?;
     Ok(Box::pin(async move {
-        let h = &r.holds;
-        let params: [&(dyn ToSql + Sync); 8] = [
-            &h.ids,
-            &h.drops,
-            &h.members,
-            &h.quantities,
-            &h.created,
-            &h.expires,
-            &r.reasons,
-            &r.at,
-        ];
+        let mut params = r.holds.params().to_vec();
+        params.push(&r.reasons);
+        params.push(&r.at);
         client.execute(&upsert, &params).await
     }))
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::core::ReleaseReason;
@@ -177,6 +178,18 @@ pub(super) struct HoldColumns {
 }
 
 impl HoldColumns {
+    /// The six columns as statement parameters, in the order every statement above takes them.
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.ids,
+            &self.drops,
+            &self.members,
+            &self.quantities,
+            &self.created,
+            &self.expires,
+        ]
+    }
+
     pub(super) fn of<'a>(holds: impl ExactSizeIterator<Item = &'a HoldRow>) -> Self {
         let n = holds.len();
         let mut c = Self {

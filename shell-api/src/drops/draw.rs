@@ -91,7 +91,7 @@ fn not_a_draw() -> ApiError {
 }
 
 fn drop_not_found() -> ApiError {
-    ApiError::not_found("drop_not_found").with_message("no such drop")
+    engine::EngineError::DropNotFound.into()
 }
 
 fn closed() -> ApiError {

@@ -92,7 +92,7 @@ pub async fn report_for(
             &[&drop],
         )
         .await?
-        .ok_or_else(|| ApiError::not_found("drop_not_found").with_message("no such drop"))?;
+        .ok_or_else(|| ApiError::from(engine::EngineError::DropNotFound))?;
     member.require_owner_or_admin(row.get(0))?;
     let (stock, sold, opened_at): (i32, i32, DateTime<Utc>) = (row.get(1), row.get(2), row.get(3));
     let sold_out_at = if sold >= stock {

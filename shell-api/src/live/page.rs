@@ -16,7 +16,7 @@ const PAGE_HTML: &str = include_str!("assets/page.html");
 const PAGE_CSS: &str = include_str!("assets/page.css");
 const PAGE_JS: &str = include_str!("assets/page.js");
 
-const NOT_FOUND_HTML: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+pub(super) const NOT_FOUND_HTML: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>No such drop</title></head>\
 <body style=\"font-family:system-ui,sans-serif;max-width:30rem;margin:3rem auto;padding:0 1rem\">\
 <h1>No such drop</h1><p>This drop does not exist. Check the link you were given.</p></body></html>";

@@ -36,11 +36,7 @@ pub async fn report_page(
     axum::extract::Path(drop): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
     let Ok(drop) = Uuid::parse_str(&drop) else {
-        return Ok(message(
-            StatusCode::NOT_FOUND,
-            "No such drop",
-            "This drop does not exist.",
-        ));
+        return Ok(not_found());
     };
     let Some(member) = caller.0 else {
         return Ok(message(
@@ -52,13 +48,7 @@ pub async fn report_page(
     let client = state.db.get().await?;
     let report = match report_for(&client, &member, drop).await {
         Ok(report) => report,
-        Err(err) if err.status() == StatusCode::NOT_FOUND => {
-            return Ok(message(
-                StatusCode::NOT_FOUND,
-                "No such drop",
-                "This drop does not exist.",
-            ))
-        }
+        Err(err) if err.status() == StatusCode::NOT_FOUND => return Ok(not_found()),
         Err(err) if err.status() == StatusCode::FORBIDDEN => {
             return Ok(message(
                 StatusCode::FORBIDDEN,
@@ -70,6 +60,11 @@ pub async fn report_page(
     };
     let page = render(&report);
     Ok(([(header::CACHE_CONTROL, "no-store")], Html(page)).into_response())
+}
+
+/// The live page's own "no such drop" page.
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Html(super::page::NOT_FOUND_HTML)).into_response()
 }
 
 fn message(status: StatusCode, title: &str, text: &str) -> Response {
