@@ -57,6 +57,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0013_drop_seconds.sql"),
     ),
     (14, "draw", include_str!("../migrations/0014_draw.sql")),
+    (
+        15,
+        "notification_kinds",
+        include_str!("../migrations/0015_notification_kinds.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

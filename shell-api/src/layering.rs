@@ -19,6 +19,7 @@ const PLUMBING: &[&str] = &[
     "guard",
     "idempotency",
     "metrics",
+    "notify",
     "openapi",
     "pagination",
 ];

@@ -29,6 +29,7 @@ mod layering;
 pub mod live;
 pub mod members;
 pub mod metrics;
+pub mod notify;
 pub mod openapi;
 pub mod ops;
 pub mod pagination;

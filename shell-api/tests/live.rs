@@ -788,6 +788,79 @@ async fn refund_decided_is_written_once_per_refund() {
     assert!(list["items"][0].get("drop_id").is_none());
 }
 
+#[tokio::test]
+async fn notify_members_writes_each_kind_with_its_references_and_the_shape_check_refuses_a_bare_one(
+) {
+    use shell_api::notify::{notify_members, About, Kind};
+    let app = TestApp::new().await;
+    let buyer = app.member(Role::Customer).await;
+    let (_seller, drop) = app.open_drop(5, 1000, json!({})).await;
+    let drop_id: Uuid = drop["id"].as_str().unwrap().parse().unwrap();
+    let (purchase, subscription) = (Uuid::now_v7(), Uuid::now_v7());
+    let client = app.db.client().await;
+    let on_drop = About {
+        drop_id: Some(drop_id),
+        ..About::default()
+    };
+    for (kind, about) in [
+        (Kind::DrawWon, on_drop),
+        (
+            Kind::Shipped,
+            About {
+                purchase_id: Some(purchase),
+                ..on_drop
+            },
+        ),
+        (
+            Kind::SubscriptionRenewed,
+            About {
+                subscription_id: Some(subscription),
+                ..About::default()
+            },
+        ),
+    ] {
+        assert_eq!(
+            notify_members(&client, kind, &[buyer.id], about)
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    // A kind without the reference its shape needs is refused by Postgres, not stored half-made.
+    assert!(notify_members(&client, Kind::Shipped, &[buyer.id], on_drop)
+        .await
+        .is_err());
+    assert!(notify_members(
+        &client,
+        Kind::SubscriptionChanged,
+        &[buyer.id],
+        About::default()
+    )
+    .await
+    .is_err());
+    // Written in one millisecond, so found by kind rather than by place in the newest-first list.
+    let list = notifications(&app, &buyer).await;
+    let of = |kind: &str| {
+        let found = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["kind"] == kind);
+        let found: Vec<&Value> = found.collect();
+        assert_eq!(found.len(), 1, "one {kind} in {list}");
+        found[0].clone()
+    };
+    assert_eq!(list["items"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        of("subscription_renewed")["subscription_id"],
+        subscription.to_string()
+    );
+    assert_eq!(of("shipped")["purchase_id"], purchase.to_string());
+    assert_eq!(of("shipped")["drop_id"], drop_id.to_string());
+    assert_eq!(of("draw_won")["drop_id"], drop_id.to_string());
+    assert!(of("draw_won").get("purchase_id").is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_instances_drop_open_is_written_once_and_streamed_by_the_other_instance() {
     let a = TestApp::with_redis(fast_reaper()).await;

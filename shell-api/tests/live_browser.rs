@@ -48,13 +48,19 @@ fn chromium() -> String {
             return bin.to_owned();
         }
     }
-    let status = std::process::Command::new("sh")
+    // Both browser tests run at once in their own processes: on a fresh machine the second one's apt-get found
+    // dpkg locked by the first and failed the first run. One lock file serialises the installs, and the second
+    // finds Chromium there.
+    let status = std::process::Command::new("flock")
         .args([
+            "/tmp/flashsale-chromium-install.lock",
+            "sh",
             "-c",
-            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
+            "[ -x /usr/bin/chromium ] || { apt-get update -qq \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }",
         ])
         .status()
-        .expect("running apt-get");
+        .expect("running flock and apt-get");
     assert!(
         status.success(),
         "apt-get install chromium failed (needs root)"

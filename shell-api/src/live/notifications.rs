@@ -46,6 +46,7 @@ use super::streams::{StreamCaller, StreamPermit};
 use crate::auth::AuthMember;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiQuery};
+use crate::notify::Kind;
 use crate::pagination::{Page, PageQuery};
 use crate::AppState;
 
@@ -56,30 +57,13 @@ const MEMBER_CHANNEL_CAPACITY: usize = 64;
 /// Drops announced per kind and notifier tick (bounds one transaction; the rest follow on the next tick).
 const ANNOUNCE_DROPS_MAX: i64 = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    DropScheduled,
-    DropOpen,
-    Restock,
-    RefundDecided,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::DropScheduled => "drop_scheduled",
-            Kind::DropOpen => "drop_open",
-            Kind::Restock => "restock",
-            Kind::RefundDecided => "refund_decided",
-        }
-    }
-}
-
 /// A notification on the wire.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NotificationJson {
     pub id: Uuid,
-    /// `drop_scheduled`, `drop_open`, `restock` or `refund_decided`.
+    /// `drop_scheduled`, `drop_open`, `restock`, `refund_decided`, `draw_won`, `draw_lost`, `campaign_funded`,
+    /// `campaign_unfunded`, `shipped`, `subscription_renewed`, `subscription_payment_failed` or
+    /// `subscription_changed`.
     #[schema(example = "drop_open")]
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,12 +72,18 @@ pub struct NotificationJson {
     pub product_id: Option<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refund_id: Option<Uuid>,
+    /// The purchase a `shipped` notification is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purchase_id: Option<Uuid>,
+    /// The subscription a `subscription_*` notification is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription_id: Option<Uuid>,
     pub read: bool,
     pub created_at: DateTime<Utc>,
 }
 
 const NOTIFICATION_COLUMNS: &str =
-    "id, kind, drop_id, product_id, refund_id, read, created_at, member_id";
+    "id, kind, drop_id, product_id, refund_id, read, created_at, member_id, purchase_id, subscription_id";
 
 impl NotificationJson {
     /// From a row selected with `NOTIFICATION_COLUMNS`.
@@ -106,6 +96,8 @@ impl NotificationJson {
             refund_id: row.get(4),
             read: row.get(5),
             created_at: row.get(6),
+            purchase_id: row.get(8),
+            subscription_id: row.get(9),
         }
     }
 }
@@ -246,7 +238,7 @@ async fn announce(client: &mut deadpool_postgres::Client, kind: Kind) -> Result<
             "d.opens_at <= now() AND d.opens_at > now() - interval '1 hour'
              AND (d.closes_at IS NULL OR d.closes_at > now())"
         }
-        Kind::Restock | Kind::RefundDecided => return Ok(0),
+        _ => return Ok(0),
     };
     let tx = client.transaction().await?;
     let rows = tx
