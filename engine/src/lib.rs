@@ -15,4 +15,5 @@ pub mod store;
 pub mod types;
 pub mod writer;
 
-pub use service::{Engine, EngineConfig, EngineError};
+pub use service::{Engine, EngineConfig, EngineError, QueueStatus, Standing, QUEUE_TICK};
+pub use types::{QueueCounts, QueueTerms};

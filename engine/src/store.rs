@@ -9,15 +9,18 @@ use uuid::Uuid;
 
 use crate::core::{HoldState, RestoredHold};
 use crate::types::{
-    parse_reason, DropMode, DropSpec, DropStatus, HoldRow, Purchase, Reservation, Restore,
+    parse_reason, DropMode, DropSpec, DropStatus, HoldRow, Purchase, QueueTerms, Reservation,
+    Restore,
 };
 
 const DROP_COLUMNS: &str =
     "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
-                            price, currency, created_at, mode, draw_at, draw_seed";
+                            price, currency, created_at, mode, draw_at, draw_seed, queue_opens_at, pass_seconds, \
+                            admit_per_second";
 const DROP_COLUMNS_READ: &str =
     "id, seq, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, \
-                                 hold_seconds, price, currency, created_at, mode, draw_at";
+                                 hold_seconds, price, currency, created_at, mode, draw_at, queue_opens_at, \
+                                 pass_seconds, admit_per_second";
 
 fn to_u32(value: i32) -> u32 {
     // Every such column has a CHECK (> 0 or >= 0) in the migration.
@@ -45,7 +48,19 @@ fn drop_from_row(row: &Row) -> DropSpec {
         // The column's CHECK names only the modes `DropMode` knows.
         mode: DropMode::parse(row.get("mode")).unwrap_or(DropMode::FirstCome),
         draw_at: row.get("draw_at"),
+        queue: queue_terms(row),
     }
+}
+
+fn queue_terms(row: &Row) -> Option<QueueTerms> {
+    // The drops_queue_shape check sets both or neither.
+    let queue_opens_at: Option<DateTime<Utc>> = row.get("queue_opens_at");
+    let pass_seconds: Option<i32> = row.get("pass_seconds");
+    Some(QueueTerms {
+        queue_opens_at: queue_opens_at?,
+        pass_seconds: to_u32(pass_seconds?),
+        admit_per_second: row.get::<_, Option<i32>>("admit_per_second").map(to_u32),
+    })
 }
 
 pub(crate) fn purchase_from_row(row: &Row) -> Purchase {
@@ -71,7 +86,7 @@ pub async fn insert_drop(
     let row = client
         .query_one(
             &format!(
-                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
                  RETURNING seq"
             ),
             &[
@@ -89,6 +104,9 @@ pub async fn insert_drop(
                 &drop.mode.as_str(),
                 &drop.draw_at,
                 &draw_seed,
+                &drop.queue.map(|queue| queue.queue_opens_at),
+                &drop.queue.map(|queue| to_i32(queue.pass_seconds)),
+                &drop.queue.and_then(|queue| queue.admit_per_second.map(to_i32)),
             ],
         )
         .await?;

@@ -28,6 +28,30 @@ pub struct DropSpec {
     pub mode: DropMode,
     /// When a draw ranks its entries; `None` for other modes.
     pub draw_at: Option<DateTime<Utc>>,
+    /// A queue drop's waiting room terms; `None` for other modes.
+    pub queue: Option<QueueTerms>,
+}
+
+/// How a queue drop's waiting room runs (API.md, "Launch modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueTerms {
+    /// From when members may join (never after `opens_at`).
+    pub queue_opens_at: DateTime<Utc>,
+    /// How long an admission pass is valid.
+    pub pass_seconds: u32,
+    /// A ceiling on admissions per second; `None`: the stock alone decides.
+    pub admit_per_second: Option<u32>,
+}
+
+/// A drop's waiting room in numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QueueCounts {
+    /// Members waiting (the pre-queue included).
+    pub waiting: u64,
+    /// Admitted members whose pass is valid and who have not reserved yet.
+    pub admitted: u64,
+    /// Members admitted per second, measured over the last window.
+    pub admit_rate: f64,
 }
 
 /// A drop's launch mode (API.md, "Launch modes").
@@ -35,6 +59,7 @@ pub struct DropSpec {
 pub enum DropMode {
     FirstCome,
     Draw,
+    Queue,
 }
 
 impl DropMode {
@@ -42,6 +67,7 @@ impl DropMode {
         match self {
             DropMode::FirstCome => "first_come",
             DropMode::Draw => "draw",
+            DropMode::Queue => "queue",
         }
     }
 
@@ -49,6 +75,7 @@ impl DropMode {
         match text {
             "first_come" => Some(DropMode::FirstCome),
             "draw" => Some(DropMode::Draw),
+            "queue" => Some(DropMode::Queue),
             _ => None,
         }
     }
@@ -93,6 +120,8 @@ pub struct NewDrop {
     pub mode: DropMode,
     /// A draw's time and its 32-byte secret seed (stored with the drop, in the same statement).
     pub draw: Option<DrawTerms>,
+    /// A queue drop's terms.
+    pub queue: Option<QueueTerms>,
 }
 
 /// What a draw drop is created with.
@@ -137,6 +166,8 @@ pub struct DropInfo {
     pub spec: DropSpec,
     pub counts: Counts,
     pub status: DropStatus,
+    /// A queue drop's waiting room; `None` for other modes.
+    pub queue: Option<QueueCounts>,
 }
 
 /// A reservation (hold) as the API shows it.

@@ -113,6 +113,9 @@ pub struct EngineArgs {
     /// How often the reaper releases expired holds.
     #[arg(long, env = "REAPER_INTERVAL_MS", default_value_t = 1000)]
     pub reaper_interval_ms: u64,
+    /// How often each instance runs an admission step of every queue drop it has loaded.
+    #[arg(long, env = "QUEUE_TICK_MS", default_value_t = 100)]
+    pub queue_tick_ms: u64,
     /// How long a drop whose sale is settled (no holds, and sold out or closed) stays in memory before it is
     /// unloaded (reads then come from Postgres).
     #[arg(long, env = "DROP_RETAIN_SECONDS", default_value_t = 3600)]
@@ -155,6 +158,7 @@ impl EngineArgs {
             reserve_inflight_max: self.reserve_inflight_max,
             pay_inflight_max: self.pay_inflight_max,
             reaper_interval: std::time::Duration::from_millis(self.reaper_interval_ms.max(1)),
+            queue_tick: std::time::Duration::from_millis(self.queue_tick_ms.max(1)),
             payment_timeout: std::time::Duration::from_millis(self.payment_timeout_ms.max(1)),
             settled_retain: std::time::Duration::from_secs(self.drop_retain_seconds),
             report_counts: self.drop_report_counts,
@@ -184,6 +188,7 @@ impl Default for EngineArgs {
             reserve_inflight_max: 4096,
             pay_inflight_max: 1024,
             reaper_interval_ms: 1000,
+            queue_tick_ms: 100,
             payment_timeout_ms: 30_000,
             drop_retain_seconds: 3600,
             drop_report_counts: true,

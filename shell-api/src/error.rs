@@ -368,7 +368,12 @@ impl From<engine::EngineError> for ApiError {
             E::NotAdmitted => Self::new(
                 StatusCode::FORBIDDEN,
                 "not_admitted",
-                "this drop is a draw: enter it (POST .../entries); its holds are given in the draw's rank order",
+                "this drop's holds are given by its draw (enter it: POST .../entries) or its waiting room (join it: \
+                 POST .../queue, then reserve with the Admission-Pass it gives)",
+            ),
+            E::NotAQueue => Self::conflict(
+                "not_a_queue",
+                "this drop has no waiting room; reserve it with POST .../reservations",
             ),
             E::LimitExceeded => {
                 Self::conflict("limit_exceeded", "per-member limit reached for this drop")

@@ -594,7 +594,7 @@ async fn drop_modes_are_validated_and_a_first_come_drop_takes_no_entries() {
         body
     };
     for (extra, field) in [
-        (json!({ "mode": "queue" }), "mode"),
+        (json!({ "mode": "queue", "draw_at": at(10) }), "draw_at"),
         (json!({ "mode": "lottery" }), "mode"),
         (json!({ "mode": "draw" }), "draw_at"),
         (json!({ "mode": "draw", "draw_at": at(0) }), "draw_at"),

@@ -10,6 +10,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod room;
 
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -119,6 +120,11 @@ pub trait Gate: Send + Sync + 'static {
     /// Gives the gate the service's writer. A gate that journals writes through it, so every Postgres write of the
     /// engine shares one group commit: two writers storing the same reservations wait on each other's transactions.
     fn use_writer(&self, _writer: crate::writer::WriterHandle) {}
+    /// The gate's own waiting rooms for queue drops, when it keeps them (Redis: beside each drop's keys, shared by
+    /// every instance); `None`: the service keeps them in memory.
+    fn waiting_room(&self) -> Option<std::sync::Arc<dyn room::WaitingRoom>> {
+        None
+    }
     /// Stops background work and writes out what it journals; the service calls it before draining its writer.
     async fn shutdown(&self) {}
 }

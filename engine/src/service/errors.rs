@@ -13,8 +13,10 @@ pub enum EngineError {
     NotOpen,
     #[error("the drop is closed")]
     Closed,
-    #[error("this drop's holds are given by its draw")]
+    #[error("this drop's holds are given by its draw or its waiting room")]
     NotAdmitted,
+    #[error("this drop has no waiting room")]
+    NotAQueue,
     #[error("sold out")]
     SoldOut,
     #[error("per-member limit reached")]

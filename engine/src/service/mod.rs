@@ -12,11 +12,13 @@
 
 mod errors;
 mod pay;
+mod queue;
 mod reaper;
 mod stats;
 mod tally;
 
 pub use errors::EngineError;
+pub use queue::{QueueStatus, Standing, QUEUE_TICK};
 use stats::bump;
 pub use stats::{Counter, EngineStats};
 use tally::DropTally;
@@ -36,6 +38,7 @@ use crate::clock::{to_datetime, Clock};
 use crate::core::{
     HoldState, HoldView, IdHasher, ReleaseReason, ReserveRejection, TransitionError,
 };
+use crate::gate::room::{MemoryRoom, WaitingRoom};
 use crate::gate::{Gate, Restore};
 use crate::payment::PaymentGateway;
 use crate::store;
@@ -53,6 +56,8 @@ pub struct EngineConfig {
     pub pay_inflight_max: usize,
     /// How often the reaper releases expired holds.
     pub reaper_interval: Duration,
+    /// How often an admission step runs for each loaded queue drop.
+    pub queue_tick: Duration,
     /// Longest wait for the payment gateway's answer to a charge. Past it the charge is given up: refunded (in case
     /// it went through) and answered as the gateway being unavailable, and the hold goes back to `held`. A hung
     /// gateway never keeps a unit from sale.
@@ -72,6 +77,7 @@ impl Default for EngineConfig {
             reserve_inflight_max: 4096,
             pay_inflight_max: 1024,
             reaper_interval: Duration::from_secs(1),
+            queue_tick: queue::QUEUE_TICK,
             payment_timeout: Duration::from_secs(30),
             settled_retain: Duration::from_secs(60 * 60),
             report_counts: true,
@@ -89,6 +95,8 @@ const LIST_PAGE_PRESIZE_MAX: usize = 100;
 pub struct Engine {
     db: Pool,
     gate: Arc<dyn Gate>,
+    /// The waiting rooms of queue drops: the gate's own (Redis: shared by every instance) or one in memory.
+    room: Arc<dyn WaitingRoom>,
     gateway: Arc<dyn PaymentGateway>,
     clock: Arc<dyn Clock>,
     /// Fx-hashed (like the gate's maps): every key is a drop id the service made, so a client can look ids up but
@@ -106,6 +114,7 @@ pub struct Engine {
     writer: WriterHandle,
     writer_task: Mutex<Option<JoinHandle<()>>>,
     reaper_task: Mutex<Option<JoinHandle<()>>>,
+    queue_task: Mutex<Option<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
     reserve_permits: Semaphore,
     pay_permits: Semaphore,
@@ -143,9 +152,13 @@ impl Engine {
         let (writer, writer_task) = writer::spawn(db.clone(), writer_config);
         gate.use_writer(writer.clone());
         let (stop, stop_rx) = watch::channel(false);
+        let room = gate
+            .waiting_room()
+            .unwrap_or_else(|| Arc::new(MemoryRoom::default()));
         let engine = Arc::new(Self {
             db,
             gate,
+            room,
             gateway,
             clock,
             drops: DashMap::with_hasher(IdHasher::default()),
@@ -157,6 +170,7 @@ impl Engine {
             writer,
             writer_task: Mutex::new(Some(writer_task)),
             reaper_task: Mutex::new(None),
+            queue_task: Mutex::new(None),
             stop,
             reserve_permits: Semaphore::new(config.reserve_inflight_max.max(1)),
             pay_permits: Semaphore::new(config.pay_inflight_max.max(1)),
@@ -170,9 +184,15 @@ impl Engine {
         let reaper = tokio::spawn(reaper::run(
             Arc::downgrade(&engine),
             config.reaper_interval,
-            stop_rx,
+            stop_rx.clone(),
         ));
         *engine.reaper_task.lock() = Some(reaper);
+        let admission = tokio::spawn(queue::run(
+            Arc::downgrade(&engine),
+            config.queue_tick,
+            stop_rx,
+        ));
+        *engine.queue_task.lock() = Some(admission);
         Ok(engine)
     }
 
@@ -297,6 +317,7 @@ impl Engine {
             created_at: self.now(),
             mode: new.mode,
             draw_at: new.draw.as_ref().map(|draw| draw.draw_at),
+            queue: new.queue,
         };
         let client = self.db.get().await?;
         let seed = new.draw.as_ref().map(|draw| &draw.seed[..]);
@@ -316,6 +337,7 @@ impl Engine {
             spec: DropSpec::clone(spec),
             counts,
             status,
+            queue: self.queue_counts(spec).await?,
         })
     }
 
@@ -643,6 +665,10 @@ impl Engine {
         let reaper = self.reaper_task.lock().take();
         if let Some(reaper) = reaper {
             let _ = reaper.await;
+        }
+        let admission = self.queue_task.lock().take();
+        if let Some(admission) = admission {
+            let _ = admission.await;
         }
         // The reports' last counts go out with everything else the writer drains.
         self.record_report().await;

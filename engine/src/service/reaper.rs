@@ -91,6 +91,7 @@ impl Engine {
             self.receipts
                 .retain(|_, purchase| purchase.drop_id != spec.id);
             self.gate.unload(spec.id).await;
+            self.room.unload(spec.id).await;
             // Its holds are all settled and stored as rows; the journal of its new holds can go.
             if let Err(err) = self.forget_journal(spec.id).await {
                 tracing::warn!(error = %err, drop = %spec.id, "journal of an unloaded drop not cleared");

@@ -121,7 +121,8 @@ async fn answer(
     let member = AuthMember::from_headers(headers, state).await?;
     let key = crate::idempotency::key_from(headers)?;
     let body: ReserveBody = optional_json(body)?;
-    drops::reserve_answer(state, member.id, drop_id, key, body).await
+    let pass = drops::queue::pass_of(headers);
+    drops::reserve_answer(state, member.id, drop_id, key, pass, body).await
 }
 
 #[cfg(test)]

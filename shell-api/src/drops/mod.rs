@@ -3,6 +3,7 @@
 
 pub mod draw;
 pub mod hot;
+pub mod queue;
 pub mod report;
 pub mod wire;
 
@@ -15,7 +16,7 @@ use chrono::{DateTime, Utc};
 use engine::core::HoldState;
 use engine::types::{
     reason_name, state_name, DrawTerms, DropInfo, DropMode, DropStatus, NewDrop, Purchase,
-    Reservation,
+    QueueTerms, Reservation,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -40,7 +41,7 @@ const HOLD_SECONDS_MAX: i64 = 86_400;
 #[openapi(
     paths(create_drop, list_drops, get_drop, reserve, get_reservation, cancel_reservation, pay, my_purchases,
         report::drop_report, draw::enter, draw::get_my_entry, draw::withdraw, draw::get_draw,
-        draw::get_ranking),
+        draw::get_ranking, queue::join, queue::my_place),
     tags((name = "drops", description = "Timed drops: holds, payments and purchases (the engine)"))
 )]
 pub struct Doc;
@@ -64,6 +65,8 @@ pub fn router() -> crate::Routes {
         )
         .route(api!("/drops/{id}/draw"), get(draw::get_draw))
         .route(api!("/drops/{id}/draw/ranking"), get(draw::get_ranking))
+        .route(api!("/drops/{id}/queue"), post(queue::join))
+        .route(api!("/drops/{id}/queue/me"), get(queue::my_place))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -85,12 +88,20 @@ struct CreateDrop {
     /// Default: the product's price.
     #[schema(minimum = 0)]
     price: Option<i64>,
-    /// `first_come` (default) or `draw`; `queue` is not available yet (422).
+    /// `first_come` (default), `queue` or `draw`.
     #[schema(value_type = Option<DropModeName>)]
     mode: Option<String>,
     /// When a draw ranks its entries: required for a draw (after `opens_at`, before `closes_at`); refused for
     /// other modes.
     draw_at: Option<DateTime<Utc>>,
+    /// A queue drop: when members may start joining; default 30 minutes before `opens_at`, never after it.
+    queue_opens_at: Option<DateTime<Utc>>,
+    /// A queue drop: how long an admission pass is valid; default 120.
+    #[schema(minimum = 1, maximum = 3_600)]
+    pass_seconds: Option<i64>,
+    /// A queue drop: a ceiling on admissions per second; default none (the stock alone decides).
+    #[schema(minimum = 1, maximum = 100_000)]
+    admit_per_second: Option<i64>,
 }
 
 /// A drop's launch mode, as `mode` names it (documentation only).
@@ -99,6 +110,7 @@ struct CreateDrop {
 #[allow(dead_code)]
 enum DropModeName {
     FirstCome,
+    Queue,
     Draw,
 }
 
@@ -155,6 +167,16 @@ pub(crate) struct DropJson {
     mode: &'static str,
     /// When a draw drop ranks its entries; null for other modes.
     draw_at: Option<DateTime<Utc>>,
+    /// A queue drop's waiting room (absent for other modes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue: Option<queue::QueueCountsJson>,
+    /// A queue drop's terms (absent for other modes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_opens_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pass_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admit_per_second: Option<u32>,
 }
 
 impl From<DropInfo> for DropJson {
@@ -176,6 +198,10 @@ impl From<DropInfo> for DropJson {
             status: info.status.as_str(),
             mode: spec.mode.as_str(),
             draw_at: spec.draw_at,
+            queue: info.queue.map(Into::into),
+            queue_opens_at: spec.queue.map(|terms| terms.queue_opens_at),
+            pass_seconds: spec.queue.map(|terms| terms.pass_seconds),
+            admit_per_second: spec.queue.and_then(|terms| terms.admit_per_second),
         }
     }
 }
@@ -305,7 +331,7 @@ impl From<Purchase> for PurchaseJson {
     responses((status = 201, description = "The drop", body = DropJson),
         (status = 403, description = "`forbidden`: not a seller, or not the product's seller", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: bounds, `closes_at` before `opens_at`, no such product, `mode` \
-`queue` (not available yet), a draw without `draw_at` or with one outside (`opens_at`, `closes_at`)",
+a queue's terms out of bounds or on another mode, a draw without `draw_at` or with one outside (`opens_at`, `closes_at`)",
             body = crate::error::ErrorBody)))]
 async fn create_drop(
     State(state): State<AppState>,
@@ -313,7 +339,7 @@ async fn create_drop(
     ApiJson(body): ApiJson<CreateDrop>,
 ) -> Result<(StatusCode, Json<DropJson>), ApiError> {
     member.require(&[Role::Seller, Role::Admin])?;
-    let (per_member_limit, hold_seconds, mode) = check_create(&body)?;
+    let (per_member_limit, hold_seconds, mode, queue) = check_create(&body)?;
     let product = {
         let client = state.db.get().await?;
         crate::catalog::products::product_owner_and_price(&client, body.product_id).await?
@@ -337,6 +363,7 @@ async fn create_drop(
             price: body.price.unwrap_or(product.price),
             currency: product.currency,
             mode,
+            queue,
             draw: body.draw_at.map(|draw_at| DrawTerms {
                 draw_at,
                 seed: draw::new_seed(),
@@ -346,8 +373,8 @@ async fn create_drop(
     Ok((StatusCode::CREATED, Json(info.into())))
 }
 
-/// The create body's bounds: the per-member limit, the hold's seconds and the mode, or 422.
-fn check_create(body: &CreateDrop) -> Result<(i64, i64, DropMode), ApiError> {
+/// The create body's bounds: the per-member limit, the hold's seconds, the mode and a queue's terms, or 422.
+fn check_create(body: &CreateDrop) -> Result<(i64, i64, DropMode, Option<QueueTerms>), ApiError> {
     let per_member_limit = body.per_member_limit.unwrap_or(1);
     let hold_seconds = body.hold_seconds.unwrap_or(300);
     let mut fields = Fields::default();
@@ -377,17 +404,12 @@ fn check_create(body: &CreateDrop) -> Result<(i64, i64, DropMode), ApiError> {
             "closes_at",
             "must be after opens_at",
         );
-    let mode = match body.mode.as_deref() {
-        None => Some(DropMode::FirstCome),
-        Some("queue") => {
-            return Err(ApiError::invalid(
-                "mode",
-                "queue drops are not available yet",
-            ));
-        }
-        Some(text) => DropMode::parse(text),
-    };
-    fields.check(mode.is_some(), "mode", "must be first_come or draw");
+    let mode = body
+        .mode
+        .as_deref()
+        .map_or(Some(DropMode::FirstCome), DropMode::parse);
+    fields.check(mode.is_some(), "mode", "must be first_come, queue or draw");
+    let queue = queue::check_terms(body, mode == Some(DropMode::Queue), &mut fields);
     let draw = mode == Some(DropMode::Draw);
     fields
         .check(
@@ -416,6 +438,7 @@ fn check_create(body: &CreateDrop) -> Result<(i64, i64, DropMode), ApiError> {
         per_member_limit,
         hold_seconds,
         mode.unwrap_or(DropMode::FirstCome),
+        queue,
     ))
 }
 
@@ -476,11 +499,14 @@ pub(crate) struct ReserveBody {
 
 /// Holds units of an open drop for `hold_seconds`, to be paid or released. The body is optional.
 #[utoipa::path(post, path = "/api/v1/drops/{id}/reservations", tag = "drops", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "The drop"), crate::idempotency::IdempotencyParams),
+    params(("id" = Uuid, Path, description = "The drop"), crate::idempotency::IdempotencyParams,
+        ("Admission-Pass" = Option<String>, Header, description = "A queue drop: the pass its waiting room gave \
+this member")),
     request_body = Option<ReserveBody>,
     responses((status = 201, description = "The hold", body = ReservationJson),
         (status = 403, description = "`not_admitted`: a draw drop, whose holds only its draw gives (enter it with \
-`POST .../entries`)", body = crate::error::ErrorBody),
+`POST .../entries`), or a queue drop without this member's `Admission-Pass`; `pass_expired`: the pass expired \
+(join the queue again)", body = crate::error::ErrorBody),
         (status = 404, description = "`drop_not_found`", body = crate::error::ErrorBody),
         (status = 409, description = "`not_open`, `closed`, `sold_out` or `limit_exceeded`", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: a quantity that is not positive or is over the limit",
@@ -493,10 +519,12 @@ async fn reserve(
     State(state): State<AppState>,
     member: AuthMember,
     ApiPath(drop_id): ApiPath<Uuid>,
+    headers: axum::http::HeaderMap,
     IdempotencyKey(key): IdempotencyKey,
     OptionalJson(body): OptionalJson<ReserveBody>,
 ) -> Result<Response, ApiError> {
-    reserve_answer(&state, member.id, drop_id, key, body).await
+    let pass = queue::pass_of(&headers);
+    reserve_answer(&state, member.id, drop_id, key, pass, body).await
 }
 
 /// The route of reservations, as the router names it (and the metrics label it), and its parts around `{id}` (the
@@ -512,8 +540,15 @@ pub(crate) async fn reserve_answer(
     member: Uuid,
     drop_id: Uuid,
     key: Option<String>,
+    pass: Option<&str>,
     body: ReserveBody,
 ) -> Result<Response, ApiError> {
+    // A pass is checked before anything is recorded, with no I/O: a refused one leaves no idempotency record.
+    if let Some(pass) = pass {
+        let now_ms = state.engine.now().timestamp_millis();
+        queue::check_pass(&queue::pass_key(state), pass, drop_id, member, now_ms)?;
+    }
+    let admitted = pass.is_some();
     let quantity = body.quantity.unwrap_or(1);
     let quantity = u32::try_from(quantity)
         .ok()
@@ -523,7 +558,12 @@ pub(crate) async fn reserve_answer(
     Ok(state
         .idempotency
         .run(member, "reserve", key, || async move {
-            match engine.reserve(drop_id, member, quantity).await {
+            let reserved = if admitted {
+                engine.reserve_admitted(drop_id, member, quantity).await
+            } else {
+                engine.reserve(drop_id, member, quantity).await
+            };
+            match reserved {
                 Ok(reservation) => created_json(ReservationJson::from(reservation).to_json()),
                 Err(err) => ApiError::from(err).into_response(),
             }

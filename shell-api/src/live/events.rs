@@ -45,12 +45,15 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 pub struct DropSnapshot {
     pub counts: Counts,
     pub status: DropStatus,
+    /// A queue drop's waiting and admitted members (the rate is not part of "changed").
+    pub queue: Option<(u64, u64)>,
     pub json: Arc<str>,
 }
 
 impl DropSnapshot {
     fn of(info: engine::types::DropInfo) -> Result<Self, ApiError> {
         let (counts, status) = (info.counts, info.status);
+        let queue = queue_of(&info);
         // Conservation, asserted where the stream reads the counts (and checked by the tests in every event).
         debug_assert_eq!(
             u64::from(counts.available) + u64::from(counts.held) + u64::from(counts.paid),
@@ -60,13 +63,18 @@ impl DropSnapshot {
         Ok(Self {
             counts,
             status,
+            queue,
             json: json.into(),
         })
     }
 
-    fn same_state(&self, counts: &Counts, status: DropStatus) -> bool {
-        self.counts == *counts && self.status == status
+    fn same_state(&self, info: &engine::types::DropInfo) -> bool {
+        self.counts == info.counts && self.status == info.status && self.queue == queue_of(info)
     }
+}
+
+fn queue_of(info: &engine::types::DropInfo) -> Option<(u64, u64)> {
+    info.queue.map(|queue| (queue.waiting, queue.admitted))
 }
 
 /// The producers of this instance: one `watch` channel per watched drop.
@@ -142,7 +150,7 @@ async fn produce(state: AppState, drop: Uuid, sender: watch::Sender<DropSnapshot
         match state.engine.drop_info(drop).await {
             Ok(info) => {
                 failures = 0;
-                if sender.borrow().same_state(&info.counts, info.status) {
+                if sender.borrow().same_state(&info) {
                     continue;
                 }
                 match DropSnapshot::of(info) {

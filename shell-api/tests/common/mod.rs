@@ -213,6 +213,17 @@ impl TestApp {
         urls: &[String],
         prefix: &str,
     ) -> Self {
+        Self::redis_instance_with_clock(db, args, urls, prefix, Arc::new(SystemClock)).await
+    }
+
+    /// `redis_instance` with the given clock (instances of one test share one, as processes share time).
+    pub async fn redis_instance_with_clock(
+        db: Arc<TestDb>,
+        args: EngineArgs,
+        urls: &[String],
+        prefix: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let redis_args = shell_api::config::RedisArgs {
             redis_url: Some(urls.join(",")),
             redis_key_prefix: prefix.to_owned(),
@@ -228,8 +239,7 @@ impl TestApp {
             conn: gate.connection(),
             key_prefix: prefix.to_owned(),
         };
-        let mut app =
-            Self::over(db, args, Arc::new(gate), Arc::new(SystemClock), Some(redis)).await;
+        let mut app = Self::over(db, args, Arc::new(gate), clock, Some(redis)).await;
         app.redis_urls = urls.to_vec();
         app
     }

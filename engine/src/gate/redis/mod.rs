@@ -25,6 +25,7 @@ pub mod ids;
 mod journal;
 mod lanes;
 mod rebuild;
+mod room;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -601,6 +602,16 @@ impl Gate for RedisGate {
 
     fn use_writer(&self, writer: WriterHandle) {
         let _ = self.inner.writer.set(writer);
+    }
+
+    fn waiting_room(&self) -> Option<Arc<dyn crate::gate::room::WaitingRoom>> {
+        let config = &self.inner.config;
+        Some(Arc::new(room::RedisRoom::new(
+            self.inner.conn.clone(),
+            &config.key_prefix,
+            config.call_timeout,
+            config.settled_ttl,
+        )))
     }
 
     async fn unload(&self, drop: Uuid) {

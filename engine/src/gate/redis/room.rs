@@ -1,0 +1,208 @@
+//! `RedisRoom`: the waiting rooms of queue drops in Redis (`room.lua`), beside each drop's keys under its hash tag,
+//! so every instance sees one queue and the script can read the drop's counters and members atomically with the
+//! admission step (it works on Redis Cluster unchanged). The rules are `gate/room.rs`'s.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::{Script, Value};
+use uuid::Uuid;
+
+use super::codec::{array, int, malformed, member_hex, text, unavailable};
+use super::conn::RedisConn;
+use crate::core::Counts;
+use crate::gate::room::{Place, WaitingRoom};
+use crate::gate::{GateResult, GateUnavailable};
+use crate::types::{DropSpec, QueueCounts};
+
+/// Below this, a pre-queue member's random key (2^52: every such integer is exact in a double score).
+const PRE_QUEUE_KEYS: u64 = 1 << 52;
+
+pub struct RedisRoom {
+    conn: RedisConn,
+    prefix: String,
+    script: Script,
+    timeout: Duration,
+    /// How long a settled drop's room stays in Redis after an instance unloads it (the gate's `settled_ttl`).
+    settled_ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRoom")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisRoom {
+    pub(super) fn new(
+        conn: RedisConn,
+        prefix: &str,
+        timeout: Duration,
+        settled_ttl: Duration,
+    ) -> Self {
+        Self {
+            conn,
+            prefix: prefix.to_owned(),
+            script: Script::new(include_str!("room.lua")),
+            timeout,
+            settled_ttl,
+        }
+    }
+
+    /// The room's keys of `drop`, in `room.lua`'s order: the gate's counters and members, then the room's own.
+    fn keys(&self, drop: Uuid) -> [String; 6] {
+        let base = format!("{}{{drop:{drop}}}", self.prefix);
+        [
+            format!("{base}:c"),
+            format!("{base}:m"),
+            format!("{base}:qw"),
+            format!("{base}:qa"),
+            format!("{base}:qs"),
+            format!("{base}:qm"),
+        ]
+    }
+
+    async fn call(&self, drop: Uuid, args: &[String]) -> GateResult<Value> {
+        let mut invocation = self.script.prepare_invoke();
+        for key in self.keys(drop) {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(GateUnavailable("redis call timed out".into())),
+        }
+    }
+}
+
+fn bad() -> GateUnavailable {
+    malformed("waiting room")
+}
+
+/// A place as `room.lua` answers it: kind and value.
+fn place_of(kind: &str, value: &str) -> GateResult<Place> {
+    let number: i64 = value.parse().map_err(|_| bad())?;
+    Ok(match kind {
+        "w" => Place::Waiting {
+            position: u64::try_from(number).ok(),
+        },
+        "a" | "u" => Place::Admitted {
+            pass_expires_ms: number,
+            used: kind == "u",
+        },
+        "x" => Place::Expired,
+        _ => return Err(bad()),
+    })
+}
+
+fn texts(reply: Value) -> GateResult<Vec<Value>> {
+    array(reply).ok_or_else(bad)
+}
+
+#[async_trait]
+impl WaitingRoom for RedisRoom {
+    async fn join(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<(Place, bool)> {
+        let key = rand::random::<u64>() % PRE_QUEUE_KEYS;
+        let reply = self
+            .call(
+                drop.id,
+                &[
+                    "join".into(),
+                    member_hex(member),
+                    now_ms.to_string(),
+                    drop.opens_at_ms().to_string(),
+                    key.to_string(),
+                ],
+            )
+            .await?;
+        let reply = texts(reply)?;
+        let [kind, value, new] = reply.as_slice() else {
+            return Err(bad());
+        };
+        let place = place_of(text(kind).ok_or_else(bad)?, text(value).ok_or_else(bad)?)?;
+        Ok((place, int(new) == Some(1)))
+    }
+
+    async fn place(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<Option<Place>> {
+        let reply = self
+            .call(
+                drop.id,
+                &[
+                    "place".into(),
+                    member_hex(member),
+                    now_ms.to_string(),
+                    drop.opens_at_ms().to_string(),
+                ],
+            )
+            .await?;
+        match texts(reply)?.as_slice() {
+            [] => Ok(None),
+            [kind, value] => Ok(Some(place_of(
+                text(kind).ok_or_else(bad)?,
+                text(value).ok_or_else(bad)?,
+            )?)),
+            _ => Err(bad()),
+        }
+    }
+
+    async fn tick(&self, drop: &DropSpec, now_ms: i64, _counts: Counts) -> GateResult<u64> {
+        // The script reads the drop's counters itself, in the same atomic step as the admission.
+        let Some(terms) = drop.queue.as_ref() else {
+            return Ok(0);
+        };
+        let reply = self
+            .call(
+                drop.id,
+                &[
+                    "tick".into(),
+                    now_ms.to_string(),
+                    (u64::from(terms.pass_seconds) * 1000).to_string(),
+                    terms.admit_per_second.unwrap_or(0).to_string(),
+                ],
+            )
+            .await?;
+        int(&reply)
+            .and_then(|admitted| u64::try_from(admitted).ok())
+            .ok_or_else(bad)
+    }
+
+    async fn counts(&self, drop: &DropSpec, now_ms: i64) -> GateResult<QueueCounts> {
+        let reply = self
+            .call(drop.id, &["counts".into(), now_ms.to_string()])
+            .await?;
+        let reply = texts(reply)?;
+        let [waiting, admitted, rate] = reply.as_slice() else {
+            return Err(bad());
+        };
+        Ok(QueueCounts {
+            waiting: int(waiting)
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or_else(bad)?,
+            admitted: int(admitted)
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or_else(bad)?,
+            admit_rate: text(rate)
+                .and_then(|rate| rate.parse().ok())
+                .ok_or_else(bad)?,
+        })
+    }
+
+    async fn unload(&self, drop: Uuid) {
+        // Like the gate's own keys: the room of a settled drop leaves Redis after `settled_ttl`.
+        let ttl_ms = u64::try_from(self.settled_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for key in &self.keys(drop)[2..] {
+            pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
+        }
+        let mut conn = self.conn.clone();
+        if let Err(err) = pipe.query_async::<()>(&mut conn).await {
+            tracing::warn!(error = %err, %drop, "waiting room keys not set to expire");
+        }
+    }
+}
