@@ -63,6 +63,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0015_notification_kinds.sql"),
     ),
     (19, "queue", include_str!("../migrations/0019_queue.sql")),
+    (
+        20,
+        "draw_notices",
+        include_str!("../migrations/0020_draw_notices.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

@@ -548,12 +548,14 @@ async fn closes_at_makes_the_waitlist_lose() {
         json!({ "closes_at": (Utc::now() + chrono::Duration::seconds(600)).to_rfc3339() }),
     )
     .await;
+    let mut entrants = Vec::new();
     for _ in 0..3 {
         let member = app.member(Role::Customer).await;
         assert_eq!(
             enter(&app, &member, &drop, 1).await.status,
             StatusCode::CREATED
         );
+        entrants.push(member);
     }
     clock.set_ms(draw_at.timestamp_millis());
     draw::tick(&app.state).await.unwrap();
@@ -564,9 +566,34 @@ async fn closes_at_makes_the_waitlist_lose() {
     );
     clock.advance_ms(600_000);
     draw::tick(&app.state).await.unwrap();
+    // Ticking again changes nothing and tells nobody twice.
+    draw::tick(&app.state).await.unwrap();
     assert_eq!(
         statuses(entry_rows(&app, &drop).await),
         ["won", "lost", "lost"]
+    );
+    // Each entrant was told once, on the drop: the winner draw_won, the others draw_lost.
+    let mut told = HashMap::new();
+    for member in &entrants {
+        let list = app
+            .call(
+                "GET",
+                "/api/v1/members/me/notifications",
+                Some(&member.token),
+                None,
+            )
+            .await
+            .body;
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "{list}");
+        assert_eq!(items[0]["drop_id"], drop["id"]);
+        *told
+            .entry(items[0]["kind"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        told,
+        HashMap::from([("draw_won".to_owned(), 1), ("draw_lost".to_owned(), 2)])
     );
 }
 

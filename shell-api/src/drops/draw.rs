@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::auth::AuthMember;
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery, OptionalJson};
+use crate::notify::{notify_members, About, Kind};
 use crate::pagination::{Page, PageQuery};
 use crate::AppState;
 
@@ -616,6 +617,7 @@ async fn allocate_next(
                 &[&entry.get::<_, Uuid>("id"), &hold.id],
             )
             .await?;
+            notify_members(&tx, Kind::DrawWon, &[member], about(drop)).await?;
             tx.commit().await?;
             Ok(Step::Next(rank))
         }
@@ -629,15 +631,30 @@ async fn allocate_next(
     }
 }
 
-/// The waitlist loses: every waitlisted entry becomes `lost`, and the drop needs no more allocation.
+/// What a draw's notifications are about: the drop.
+fn about(drop: Uuid) -> About {
+    About {
+        drop_id: Some(drop),
+        ..About::default()
+    }
+}
+
+/// The waitlist loses: every waitlisted entry becomes `lost` (each told `draw_lost` in the same transaction), and
+/// the drop needs no more allocation.
 async fn settle(state: &AppState, drop: Uuid, now: DateTime<Utc>) -> Result<(), ApiError> {
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
-    tx.execute(
-        "UPDATE drop_entries SET status = 'lost' WHERE drop_id = $1 AND status = 'waitlisted'",
-        &[&drop],
-    )
-    .await?;
+    let losers: Vec<Uuid> = tx
+        .query(
+            "UPDATE drop_entries SET status = 'lost' WHERE drop_id = $1 AND status = 'waitlisted'
+             RETURNING member_id",
+            &[&drop],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    notify_members(&tx, Kind::DrawLost, &losers, about(drop)).await?;
     tx.execute(
         "UPDATE drops SET draw_settled_at = $2 WHERE id = $1 AND draw_settled_at IS NULL",
         &[&drop, &now],
