@@ -60,6 +60,28 @@ wire_row("(a) reserve while stock lasts, embedded gate", embedded, "reserve", "�
 wire_row("(b) sold-out rejection, embedded gate", embedded, "sold_out", "≥ 0.85×")
 wire_row("(a) reserve while stock lasts, Redis gate", redis, "reserve", "")
 wire_row("(b) sold-out rejection, Redis gate", redis, "sold_out", "")
+def queue_row(kind, rows):
+    # The queue drop's reserve against the same round's first-come reserve: both ratios are to that round's
+    # /healthz, so their quotient is the round's queue/first-come ratio.
+    q, r = rows.get("reserve_queue"), rows.get("reserve")
+    if not q or not r:
+        return
+    per_round = [a / b for a, b in zip(map(float, q["rounds"].split()), map(float, r["rounds"].split()))]
+    median = sorted(per_round)[len(per_round) // 2]
+    w(f"| (g) reserve with an admission pass, queue drop, {kind} gate | {fmt(float(q['req_per_s']))} req/s "
+      f"({q['server_cpu_us_per_req']} µs server CPU/req) | first-come reserve {fmt(float(r['req_per_s']))} req/s "
+      f"({r['server_cpu_us_per_req']} µs) | **{median:.2f}×** (rounds: {', '.join(f'{x:.2f}' for x in per_round)}) | ≥ 0.9× |")
+    for name, label in (("queue_join", "joining again (the place answered)"), ("queue_poll", "status poll (`GET .../queue/me`)")):
+        j = rows.get(name)
+        if j:
+            w(f"| (g) queue {label}, {kind} gate | {fmt(float(j['req_per_s']))} req/s ({j['server_cpu_us_per_req']} µs "
+              f"server CPU/req) | `GET /healthz` {fmt(float(rows['healthz']['req_per_s']))} req/s | {j['ratio_to_healthz']}× | |")
+    memory = rows.get("queue_bytes_per_waiting")
+    if memory:
+        w(f"| (g) Redis memory per waiting member | {memory['req_per_s']} bytes (`MEMORY USAGE` of the waiting line and "
+          f"member states over the members waiting) | | | |")
+queue_row("embedded", embedded)
+queue_row("Redis", redis)
 b, m, p = (crit.get(f"redis_gate_reserve/{n}/256", 0) for n in ("batched_gate", "one_evalsha_multiplexed", "one_evalsha_bb8_pool"))
 if b and m:
     w(f"| (c) Redis gate, batched Lua | {fmt(b)} reservations/s | one EVALSHA per request: {fmt(m)}/s multiplexed, {fmt(p)}/s bb8 pool | **{b/m:.1f}×** | ≥ 4× and ≥ 250,000/s |")

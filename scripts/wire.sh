@@ -3,6 +3,10 @@
 #   healthz    GET /healthz (the floor: hyper, the kernel, wrk)
 #   reserve    POST /api/v1/drops/{id}/reservations while stock lasts (a new buyer per request, rotating tokens)
 #   sold_out   the same POST on a sold-out drop (rejected from the local flag)
+#   reserve_queue  the same POST on a queue drop, each buyer with its admission pass (checked with no I/O)
+#   queue_join     POST /api/v1/drops/{id}/queue by buyers already in that queue (their place, answered again: the
+#                  script's read path; a first join adds one ZADD and one HSET)
+#   queue_poll     GET /api/v1/drops/{id}/queue/me (a waiting room's status poll)
 # The three alternate for WIRE_ROUNDS rounds (default 3), each round's ratios against its own healthz. Prints one
 # line per path with the median req/s, the median ratio to healthz and every round's ratio, and writes them to
 # $WIRE_OUT (default target/wire.tsv). Each run is `wrk -t1 -c64 -d${WIRE_SECONDS}s` (the issue's method); the
@@ -149,16 +153,50 @@ settle() {
   [ "$waited" -eq 0 ] || say "waited $((waited * 100)) ms for the writer's queue (depth ${depth:-?})"
 }
 
-# The three paths alternate, WIRE_ROUNDS times (default 3): this machine's speed drifts by a quarter from one run to
+# A queue drop for the same buyers: all join, all are admitted (the stock is far larger), and each one's pass is
+# written on the line of its token (WRK_PASSES), for the reserve_queue runs (a new drop each round, like the
+# first-come one).
+queue_drop() {
+  local queue
+  queue=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":10000000,\"opens_at\":\"$opens\",\"per_member_limit\":1000,\"mode\":\"queue\",\"pass_seconds\":3600}" "$admin" |
+    json '["id"]')
+  python3 - "$BASE" "$queue" "$WORK/tokens" "$WORK/passes" <<'PY' || die "the queue drop's buyers were not all admitted"
+import json, sys, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+base, queue, tokens_file, passes_file = sys.argv[1:5]
+tokens = [line.strip() for line in open(tokens_file) if line.strip()]
+def call(method, token):
+    path = f"{base}/api/v1/drops/{queue}/queue" + ("/me" if method == "GET" else "")
+    request = urllib.request.Request(path, method=method, headers={"authorization": f"Bearer {token}"})
+    return json.load(urllib.request.urlopen(request))
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(lambda token: call("POST", token), tokens))
+    for _ in range(50):  # admission steps run every 100 ms
+        time.sleep(0.1)
+        places = list(pool.map(lambda token: call("GET", token), tokens))
+        if all(place["status"] == "admitted" for place in places):
+            break
+    else:
+        sys.exit(1)
+with open(passes_file, "w") as out:
+    out.writelines(place["pass"] + "\n" for place in places)
+PY
+  printf '%s' "$queue"
+}
+# The paths alternate, WIRE_ROUNDS times (default 3): this machine's speed drifts by a quarter from one run to
 # the next, so each round's ratios are taken against that round's own /healthz, and the rows are the medians (the
 # ratio column is the median of the rounds' ratios; every round's ratio is listed beside it).
 ROUNDS=${WIRE_ROUNDS:-3}
 : >"$WORK/rounds"
 for round in $(seq 1 "$ROUNDS"); do
   live=$(live_drop)
+  queue=$(queue_drop)
   for row in "healthz	$(settle && run healthz /healthz GET)" \
     "reserve	$(settle && run reserve "/api/v1/drops/$live/reservations" POST)" \
-    "sold_out	$(settle && run sold_out "/api/v1/drops/$gone/reservations" POST)"; do
+    "sold_out	$(settle && run sold_out "/api/v1/drops/$gone/reservations" POST)" \
+    "reserve_queue	$(settle && WRK_PASSES="$WORK/passes" run reserve_queue "/api/v1/drops/$queue/reservations" POST)" \
+    "queue_join	$(settle && run queue_join "/api/v1/drops/$queue/queue" POST)" \
+    "queue_poll	$(settle && run queue_poll "/api/v1/drops/$queue/queue/me" GET)"; do
     printf '%s\t%s\n' "$round" "$row" >>"$WORK/rounds"
   done
   say "round $round: $(awk -F'\t' -v r="$round" '$1 == r {printf "%s %s req/s  ", $2, $3}' "$WORK/rounds")"
@@ -188,6 +226,23 @@ for path, rows in rounds.items():
                      " ".join(f"{x:.2f}" for x in ratios)]))
 PY
 }
+# What a waiting member costs in Redis: a queue drop that opens in an hour, joined by every buyer, then the memory of
+# its waiting line and member states over the buyers (MEMORY USAGE, samples 0: every element counted).
+queue_memory=
+if [ "$REDIS" = 1 ]; then
+  later=$(date -u -d '+1 hour' +%Y-%m-%dT%H:%M:%SZ)
+  waiting=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":10,\"opens_at\":\"$later\",\"queue_opens_at\":\"$opens\",\"mode\":\"queue\"}" "$admin" | json '["id"]')
+  xargs -P 8 -I{} curl -fsS -o /dev/null -X POST "$BASE/api/v1/drops/$waiting/queue" -H "authorization: Bearer {}" \
+    <"$WORK/tokens"
+  prefix=$(printf '%s' "${env_args[*]}" | grep -o 'REDIS_KEY_PREFIX=[^ ]*' | cut -d= -f2)
+  bytes=0
+  for key in qw qs; do
+    used=$(redis-cli -u "$REDIS_URL" MEMORY USAGE "$prefix{drop:$waiting}:$key" SAMPLES 0)
+    bytes=$((bytes + ${used:-0}))
+  done
+  queue_memory=$(python3 -c "print(f'{$bytes / $MEMBERS:.0f}')")
+  say "queue: $queue_memory bytes of Redis memory per waiting member ($MEMBERS waiting)"
+fi
 if [ -n "${WIRE_POST_FLOOR:-}" ]; then
   # The same POST (headers and body) to /healthz, answered 405 by the router's fallback: what a POST costs the
   # server before any handler runs.
@@ -219,4 +274,5 @@ cat "$WORK/rate.out" >&2
   latency=$(grep '^latency from the intended send time' "$WORK/rate.out" | sed 's/.*time: //')
   achieved=$(grep -o '= [0-9]* req/s achieved' "$WORK/rate.out" | awk '{print $2}')
   printf 'reserve_at_%s\t%s\t\t\t\t%s\n' "$rate_rps" "$achieved" "$latency"
+  if [ -n "$queue_memory" ]; then printf 'queue_bytes_per_waiting\t%s\t\t\t\t\n' "$queue_memory"; fi
 } | tee "$OUT"

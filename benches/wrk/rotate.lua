@@ -2,8 +2,11 @@
 -- a different buyer. Settings come from the environment:
 --   WRK_TOKENS  file with one access token per line    WRK_PATH  the request path
 --   WRK_METHOD  POST (default) or GET                  WRK_BODY  request body (default "{}")
+--   WRK_PASSES  optional file with one admission pass per line, for the token on the same line of WRK_TOKENS
+--               (sent as Admission-Pass: a queue drop's reservations)
 -- At the end it prints the counts of 2xx, 409 and other answers, so a run shows it measured what it meant to.
 local tokens = {}
+local passes = {}
 local index = 0
 local path = os.getenv("WRK_PATH") or "/healthz"
 local method = os.getenv("WRK_METHOD") or "POST"
@@ -23,6 +26,12 @@ function init(args)
       if #line > 0 then table.insert(tokens, line) end
     end
   end
+  local pass_file = os.getenv("WRK_PASSES")
+  if pass_file then
+    for line in io.lines(pass_file) do
+      if #line > 0 then table.insert(passes, line) end
+    end
+  end
   -- Threads start at different offsets so they do not send the same member at once.
   index = math.random(0, math.max(#tokens - 1, 0))
 end
@@ -32,6 +41,7 @@ function request()
   if #tokens > 0 then
     index = index % #tokens + 1
     headers["Authorization"] = "Bearer " .. tokens[index]
+    if passes[index] then headers["Admission-Pass"] = passes[index] end
   end
   if method == "GET" then return wrk.format("GET", path, headers) end
   return wrk.format(method, path, headers, body)

@@ -12,6 +12,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -683,4 +684,119 @@ async fn drop_modes_are_validated_and_a_first_come_drop_takes_no_entries() {
         (unknown.status, unknown.code()),
         (StatusCode::NOT_FOUND, "drop_not_found")
     );
+}
+
+/// The draw happens once even when the instance drawing it is SIGKILLed in the middle: instance A (the real binary,
+/// with the test hook `DRAW_TEST_PAUSE_MS`) claims the draw and is killed while its transaction is open; Postgres
+/// rolls the claim back, and instance B draws it, ranking every entry once. Were the claim committed apart from
+/// the ranking, A's death would leave the drop "drawn" with no ranks, and this test would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_in_the_middle_of_a_draw_leaves_it_to_another_which_draws_once() {
+    let db = common::TestDb::new().await;
+    let seller = common::seed_member(&db, Role::Seller).await;
+    let product = common::seed_product(&db, &seller, 1_000).await;
+    let a = common::TestServer::start(&db.url, &[("DRAW_TEST_PAUSE_MS", "60000")]).await;
+    let http = reqwest::Client::new();
+    let now = Utc::now();
+    let draw_at = now + chrono::Duration::milliseconds(2_500);
+    let (status, drop) = common::post_json(
+        &http,
+        a.url("/api/v1/drops"),
+        &seller,
+        json!({ "product_id": product, "stock": 5, "mode": "draw",
+                "opens_at": (now - chrono::Duration::seconds(1)).to_rfc3339(), "draw_at": draw_at.to_rfc3339() }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{drop}");
+    let drop_id: Uuid = drop["id"].as_str().unwrap().parse().unwrap();
+    for _ in 0..30 {
+        let member = common::seed_member(&db, Role::Customer).await;
+        let entry = format!("/api/v1/drops/{drop_id}/entries");
+        let (status, body) = common::post_json(&http, a.url(&entry), &member, json!({}))
+            .await
+            .unwrap();
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+    }
+    // Wait for A's claim: its transaction has updated the drop row and sits open (the hook's pause).
+    let client = db.client().await;
+    let claimed = async {
+        loop {
+            let open: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND state = 'idle in transaction'
+                       AND query LIKE 'UPDATE drops SET drawn_at%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if open == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), claimed)
+        .await
+        .expect("instance A never claimed the draw");
+    a.kill().await;
+    let b = common::TestServer::start(&db.url, &[]).await;
+    // B's draw task (every 200 ms) finds the drop undrawn once A's transaction is rolled back.
+    let drawn = async {
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT drawn_at IS NOT NULL, draw_entries FROM drops WHERE id = $1",
+                    &[&drop_id],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, bool>(0) {
+                return row.get::<_, Option<i32>>(1);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let entries = tokio::time::timeout(Duration::from_secs(20), drawn)
+        .await
+        .expect("instance B never drew");
+    assert_eq!(entries, Some(30));
+    let ranks: Vec<i32> = client
+        .query(
+            "SELECT rank FROM drop_entries WHERE drop_id = $1 AND rank IS NOT NULL ORDER BY rank",
+            &[&drop_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        ranks,
+        (1..=30).collect::<Vec<i32>>(),
+        "every entry ranked once"
+    );
+    // The ranking B published is the one the seed gives.
+    let draw: Value = http
+        .get(b.url(&format!("/api/v1/drops/{drop_id}/draw")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<String> = client
+        .query(
+            "SELECT id::text FROM drop_entries WHERE drop_id = $1 ORDER BY rank",
+            &[&drop_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(recompute_ranking(draw["seed"].as_str().unwrap(), &ids), ids);
+    b.kill().await;
 }

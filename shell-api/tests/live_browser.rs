@@ -712,3 +712,131 @@ async fn load_report() {
     let _ = std::fs::remove_file(&html);
     let _ = std::fs::remove_file(&cdn_html);
 }
+
+/// A queue drop's live page, opened by a waiting member with `?access_token=`: it shows the waiting room's counts
+/// from the event stream and the member's own place (position, people ahead), then "sold out" once the one unit is
+/// sold to the member admitted ahead of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_page_shows_a_queued_member_their_place_in_headless_chromium() {
+    tokio::time::timeout(TEST_LIMIT, queue_page())
+        .await
+        .expect("queue page test took too long");
+}
+
+async fn queue_page() {
+    let app = Arc::new(TestApp::new().await);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = app.router.clone();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service(router),
+        )
+        .await
+    });
+    let browser = Browser::launch().await;
+    let seller = app.member(Role::Seller).await;
+    let product = app.product(&seller, 59_000).await;
+    let now = chrono::Utc::now();
+    let drop = TestApp::drop(
+        &app,
+        &seller,
+        json!({ "product_id": product, "stock": 1, "mode": "queue",
+                "opens_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
+                "queue_opens_at": (now - chrono::Duration::seconds(2)).to_rfc3339() }),
+    )
+    .await;
+    let id = drop["id"].as_str().unwrap().to_owned();
+    let (first, second) = (
+        app.member(Role::Customer).await,
+        app.member(Role::Customer).await,
+    );
+    for member in [&first, &second] {
+        let path = format!("/api/v1/drops/{id}/queue");
+        let joined = app.call("POST", &path, Some(&member.token), None).await;
+        assert_eq!(joined.status, axum::http::StatusCode::CREATED);
+    }
+    let url = format!("{base}/live/drops/{id}?access_token={}", second.token);
+    browser
+        .call("Page.navigate", json!({ "url": url }), true)
+        .await;
+    let shown = || async {
+        browser
+            .eval(
+                "(() => ({ mine: document.body.dataset.mine || '',
+                   text: document.getElementById('mine-text').textContent,
+                   waiting: document.getElementById('q-waiting').textContent,
+                   admitted: document.getElementById('q-admitted').textContent }))()",
+            )
+            .await
+    };
+    // The admission loop lets the first member in (one unit): the second is first in line.
+    let started = Instant::now();
+    let waiting = loop {
+        let now = shown().await;
+        if now["mine"] == "waiting" && now["admitted"] == "1" {
+            break now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the page never showed the place: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        waiting["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("#1 · 0 ahead"),
+        "{waiting}"
+    );
+    assert_eq!(waiting["waiting"], "1");
+    browser
+        .screenshot(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-queue.png"))
+        .await;
+    // The first buys the unit with their pass: the second is told "sold out".
+    let place = app
+        .call(
+            "GET",
+            &format!("/api/v1/drops/{id}/queue/me"),
+            Some(&first.token),
+            None,
+        )
+        .await;
+    let pass = place.body["pass"].as_str().unwrap().to_owned();
+    let held = app
+        .call_with(
+            "POST",
+            &format!("/api/v1/drops/{id}/reservations"),
+            &first.token,
+            &[("admission-pass", &pass)],
+            None,
+        )
+        .await;
+    assert_eq!(
+        held.status,
+        axum::http::StatusCode::CREATED,
+        "{:?}",
+        held.body
+    );
+    let hold = held.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pay(&app, &first, &hold, "tok_ok").await.status,
+        axum::http::StatusCode::OK
+    );
+    let started = Instant::now();
+    loop {
+        let now = shown().await;
+        if now["mine"] == "sold_out" {
+            assert_eq!(now["text"], "sold out");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the page never said sold out: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    browser.close().await;
+}

@@ -473,6 +473,18 @@ pub async fn draw_due(state: &AppState, now: DateTime<Utc>) -> Result<usize, Api
     Ok(drawn)
 }
 
+/// A test hook: `DRAW_TEST_PAUSE_MS` makes every draw wait that long after its claim, inside its transaction, so a
+/// test can SIGKILL the process mid-draw (tests/draw.rs). Unset in production; read once.
+fn test_pause() -> Option<Duration> {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        std::env::var("DRAW_TEST_PAUSE_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis)
+    })
+}
+
 /// Draws one drop if nobody has: the claim (`drawn_at IS NULL`), the ranks and what the draw reveals are one
 /// transaction. Returns whether this call drew it.
 pub async fn draw_one(
@@ -491,6 +503,11 @@ pub async fn draw_one(
     else {
         return Ok(false);
     };
+    if let Some(pause) = test_pause() {
+        // The crash test's window: this instance has claimed the draw in an open transaction and is killed here.
+        tracing::warn!(%drop, ?pause, "draw claimed; pausing inside its transaction (DRAW_TEST_PAUSE_MS)");
+        tokio::time::sleep(pause).await;
+    }
     let seed: Vec<u8> = claimed.get("draw_seed");
     let ids: Vec<Uuid> = tx
         .query("SELECT id FROM drop_entries WHERE drop_id = $1", &[&drop])

@@ -1,9 +1,13 @@
 // The live drop page: renders the drop from the page's initial JSON, then from `event: drop` of the drop's event
 // stream (EventSource reconnects by itself and gets the current state at once). Units per second and the time to
-// sell out come from how fast `available` fell over the last RATE_WINDOW_MS.
+// sell out come from how fast `available` fell over the last RATE_WINDOW_MS. A queue drop also shows its waiting room;
+// opened with `?access_token=` (as the event streams take it), the page shows a queue drop's member their place,
+// the people ahead and the wait, and a draw's entrant their entry, polled every MINE_POLL_MS.
 (() => {
   "use strict";
   const RATE_WINDOW_MS = 10000;
+  const MINE_POLL_MS = 1000;
+  const token = new URLSearchParams(location.search).get("access_token");
   const $ = (id) => document.getElementById(id);
   const id = location.pathname.split("/").filter(Boolean).pop();
   let drop = JSON.parse($("initial").textContent);
@@ -45,6 +49,11 @@
     const r = rate();
     $("rate").textContent = r > 0 ? r.toFixed(1) : "0";
     $("eta").textContent = drop.available === 0 ? "sold out" : r > 0 ? span(1000 * drop.available / r) : "–";
+    if (drop.queue) {
+      $("queue").style.display = "";
+      $("q-waiting").textContent = fmt(drop.queue.waiting);
+      $("q-admitted").textContent = fmt(drop.queue.admitted);
+    }
     document.body.dataset.events = String(events);
     document.body.dataset.status = drop.status;
     tick();
@@ -65,6 +74,43 @@
     }
   }
 
+  const clock = (at) => new Date(at).toLocaleTimeString("en-GB");
+
+  function queueText(p) {
+    if (p.status === "waiting") {
+      if (p.position == null) return "in the pre-queue: places are drawn at the opening";
+      const wait = p.eta_seconds == null ? "wait unknown" : "about " + span(1000 * p.eta_seconds);
+      return "#" + fmt(p.position) + " · " + fmt(p.ahead) + " ahead · " + wait;
+    }
+    if (p.status === "admitted") return "admitted: reserve before " + clock(p.pass_expires_at);
+    return { sold_out: "sold out", closed: "closed", expired: "your pass expired: join again" }[p.status] || p.status;
+  }
+
+  function drawText(p) {
+    return {
+      entered: "entered: the draw is at " + clock(drop.draw_at),
+      won: "won (rank " + fmt(p.rank) + "): pay your hold",
+      waitlisted: "waitlisted (rank " + fmt(p.rank) + ")",
+      lost: "not drawn",
+    }[p.status] || p.status;
+  }
+
+  // The signed-in member's own place (queue) or entry (draw).
+  function mine() {
+    if (!token || (drop.mode !== "queue" && drop.mode !== "draw")) return;
+    const path = "/api/v1/drops/" + id + (drop.mode === "queue" ? "/queue/me" : "/entries/me");
+    fetch(path, { headers: { authorization: "Bearer " + token } })
+      .then((r) => (r.status === 404 ? { status: "none" } : r.ok ? r.json() : null))
+      .then((p) => {
+        if (!p) return;
+        $("mine").style.display = "";
+        const none = drop.mode === "queue" ? "not in the queue" : "not entered";
+        $("mine-text").textContent = p.status === "none" ? none : drop.mode === "queue" ? queueText(p) : drawText(p);
+        document.body.dataset.mine = p.status;
+      })
+      .catch(() => {});
+  }
+
   function link(state, text) {
     $("link").className = "link " + state;
     $("link-text").textContent = text;
@@ -78,6 +124,8 @@
   sample(Date.now());
   render();
   setInterval(tick, 250);
+  mine();
+  setInterval(mine, MINE_POLL_MS);
   const source = new EventSource("/api/v1/drops/" + id + "/events");
   source.addEventListener("open", () => link("live", "live"));
   source.addEventListener("error", () => link("down", "reconnecting…"));
