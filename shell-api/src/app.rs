@@ -21,7 +21,9 @@ use crate::auth::{MemberCache, TokenKeys};
 use crate::drops::hot::App;
 use crate::error::ApiError;
 use crate::idempotency::IdempotencyStore;
-use crate::{abuse, catalog, config, drops, feeds, guard, live, members, openapi, ops, shop};
+use crate::{
+    abuse, catalog, config, drops, feeds, guard, live, members, openapi, ops, shop, stores,
+};
 
 /// Settings the handlers need, resolved from the command line once at start.
 #[derive(Debug, Clone)]
@@ -213,6 +215,7 @@ pub fn routes() -> Routes {
         .route("/docs", get(openapi::docs_page))
         .merge(members::router())
         .merge(catalog::router())
+        .merge(stores::router())
         .merge(drops::router())
         .merge(feeds::router())
         .merge(shop::router())
@@ -253,6 +256,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         members::Doc::openapi(),
         members::sessions::Doc::openapi(),
         catalog::Doc::openapi(),
+        stores::Doc::openapi(),
         drops::Doc::openapi(),
         feeds::Doc::openapi(),
         shop::Doc::openapi(),

@@ -62,6 +62,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "notification_kinds",
         include_str!("../migrations/0015_notification_kinds.sql"),
     ),
+    (16, "stores", include_str!("../migrations/0016_stores.sql")),
     (19, "queue", include_str!("../migrations/0019_queue.sql")),
     (
         20,

@@ -1,7 +1,9 @@
 //! The catalogue: products, regular (shelf) and preorder (drop), seller-owned (`products.rs`), and the search terms
-//! members' product searches leave behind (`search.rs`).
+//! members' product searches leave behind (`search.rs`), and restock alerts on sold-out shelf products
+//! (`restock.rs`).
 
 pub mod products;
+pub mod restock;
 pub mod search;
 
 /// The catalogue's part of the OpenAPI document (its search routes are listed with the products).

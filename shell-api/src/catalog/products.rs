@@ -4,10 +4,15 @@
 //! deleted rows. Lists are newest first by id (UUID v7, so creation order), paged by keyset on the id. Name search
 //! is a case-insensitive substring match (`ILIKE`) served by a trigram index. Bulk create validates every item
 //! first and then inserts all of them in one statement (UNNEST), so it is all or nothing.
+//!
+//! A product may sit in one of its seller's stores (`store_id`, API.md "Stores"). The catalogue knows stores only as
+//! SQL: the owner check of a `store_id`, and the join that hides the products of a suspended store from the list and
+//! tells drops and the shop that a product's store is suspended (`ProductRef::store_suspended`,
+//! `store_suspended()`), so neither of them imports the `stores` area.
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -17,7 +22,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::auth::{AuthMember, Role};
-use crate::error::{ApiError, Fields};
+use crate::error::{ApiError, Fields, OnConstraint};
 use crate::extract::{nullable, ApiJson, ApiPath, ApiQuery};
 use crate::pagination::{Page, PageQuery};
 use crate::AppState;
@@ -34,13 +39,17 @@ pub const CURRENCY_DEFAULT: &str = "KRW";
 
 /// Every column `ProductBody::from_row` reads, in its order (`heart_count`: see `live/hearts.rs`).
 pub(crate) const PRODUCT_COLUMNS: &str =
-    "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at, heart_count";
+    "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at, heart_count, store_id";
+/// A condition on `products` (unaliased) that holds when the product's store is suspended.
+pub(crate) const IN_SUSPENDED_STORE: &str =
+    "EXISTS (SELECT 1 FROM stores s WHERE s.id = products.store_id AND s.status = 'suspended')";
 
 /// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(create_handler, list_handler, bulk_create_handler, get_handler, update_handler, delete_handler,
-        crate::catalog::search::recent, crate::catalog::search::popular),
+        crate::catalog::search::recent, crate::catalog::search::popular,
+        crate::catalog::restock::ask, crate::catalog::restock::withdraw),
     tags((name = "products", description = "The catalogue: regular (shelf) and preorder (drop) products"))
 )]
 pub struct Doc;
@@ -49,6 +58,10 @@ pub fn router() -> crate::Routes {
     crate::Routes::new()
         .route(api!("/products"), post(create_handler).get(list_handler))
         .route(api!("/products/bulk"), post(bulk_create_handler))
+        .route(
+            api!("/products/{id}/restock-alert"),
+            put(crate::catalog::restock::ask).delete(crate::catalog::restock::withdraw),
+        )
         .route(
             api!("/products/{id}"),
             get(get_handler)
@@ -108,6 +121,8 @@ pub struct ProductBody {
     pub updated_at: DateTime<Utc>,
     /// Members who hearted it, exact (moved in the heart's transaction, see `live/hearts.rs`).
     pub heart_count: i32,
+    /// The seller's store it sits in, if any.
+    pub store_id: Option<Uuid>,
 }
 
 impl ProductBody {
@@ -125,6 +140,7 @@ impl ProductBody {
             created_at: row.get(8),
             updated_at: row.get(9),
             heart_count: row.get(10),
+            store_id: row.get(11),
         })
     }
 }
@@ -137,6 +153,16 @@ pub struct ProductRef {
     pub price: i64,
     pub currency: String,
     pub kind: ProductKind,
+    /// Its store is suspended: it takes no new drop and cannot be ordered (`store_suspended()`).
+    pub store_suspended: bool,
+}
+
+/// 409 `store_suspended`: the product's store is suspended by an admin.
+pub fn store_suspended() -> ApiError {
+    ApiError::conflict(
+        "store_suspended",
+        "the product's store is suspended; it takes no new drops or orders",
+    )
 }
 
 /// Loads a live (not deleted) product's owner, price and kind; `None` when there is no such product.
@@ -147,8 +173,10 @@ pub async fn product_owner_and_price(
 ) -> Result<Option<ProductRef>, ApiError> {
     let row = client
         .query_opt(
-            "SELECT seller_id, price, currency, kind FROM products
-             WHERE id = $1 AND deleted_at IS NULL",
+            &format!(
+                "SELECT seller_id, price, currency, kind, {IN_SUSPENDED_STORE} FROM products
+                 WHERE id = $1 AND deleted_at IS NULL"
+            ),
             &[&id],
         )
         .await?;
@@ -159,6 +187,7 @@ pub async fn product_owner_and_price(
             price: row.get(1),
             currency: row.get(2),
             kind: ProductKind::from_db(row.get(3))?,
+            store_suspended: row.get(4),
         })
     })
     .transpose()
@@ -181,6 +210,8 @@ pub struct ProductInput {
     /// Shelf stock of a regular product (ignored for preorder products); default 0.
     #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000)]
     pub stock: Option<i64>,
+    /// One of the seller's own stores (403 for another seller's, 422 for none).
+    pub store_id: Option<Uuid>,
 }
 
 /// Changes to a product; absent fields stay, `description: null` clears the description.
@@ -199,6 +230,10 @@ pub struct ProductPatch {
     pub kind: Option<String>,
     #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000)]
     pub stock: Option<i64>,
+    /// Moves it into one of the seller's own stores; `null` takes it out of its store.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Uuid>)]
+    pub store_id: Option<Option<Uuid>>,
 }
 
 /// `items` stay raw JSON until validation, so a wrongly typed item is reported as `items[i]` instead of
@@ -233,6 +268,7 @@ struct NewProduct {
     kind: ProductKind,
     /// Always 0 for preorder products.
     stock: i64,
+    store_id: Option<Uuid>,
 }
 
 impl ProductInput {
@@ -252,11 +288,12 @@ impl ProductInput {
             currency: currency?,
             kind: kind?,
             stock: stock?,
+            store_id: self.store_id,
         })
     }
 }
 
-fn check_name(name: Option<&str>) -> Result<String, &'static str> {
+pub(crate) fn check_name(name: Option<&str>) -> Result<String, &'static str> {
     match name.map(str::trim) {
         None => Err("required"),
         Some("") => Err("must not be empty"),
@@ -269,7 +306,9 @@ fn check_name(name: Option<&str>) -> Result<String, &'static str> {
 }
 
 /// A blank description is no description.
-fn check_description(description: Option<String>) -> Result<Option<String>, &'static str> {
+pub(crate) fn check_description(
+    description: Option<String>,
+) -> Result<Option<String>, &'static str> {
     match description {
         Some(text) if text.trim().is_empty() => Ok(None),
         Some(text) if text.chars().count() > DESCRIPTION_CHARS_MAX => {
@@ -330,6 +369,7 @@ impl ProductPatch {
                     .unwrap_or_else(|| current.kind.as_str().to_owned()),
             ),
             stock: Some(self.stock.unwrap_or(current.stock)),
+            store_id: self.store_id.unwrap_or(current.store_id),
         }
     }
 }
@@ -434,6 +474,38 @@ fn product_not_found() -> ApiError {
     ApiError::not_found("product_not_found").with_message("no such product")
 }
 
+/// A `store_id` naming no store (also when the store is deleted while the product is written: the foreign key).
+fn store_not_found() -> ApiError {
+    ApiError::invalid("store_id", "no such store")
+}
+
+/// Every store named must exist (422) and belong to `seller`, the products' seller (403). A store's seller never
+/// changes, so the check cannot be outrun; a store deleted meanwhile is caught by `products_store_fkey`.
+async fn check_stores(
+    client: &impl GenericClient,
+    seller: Uuid,
+    stores: &[Option<Uuid>],
+) -> Result<(), ApiError> {
+    let mut named: Vec<Uuid> = stores.iter().flatten().copied().collect();
+    named.sort_unstable();
+    named.dedup();
+    if named.is_empty() {
+        return Ok(());
+    }
+    let rows = client
+        .query("SELECT seller_id FROM stores WHERE id = ANY($1)", &[&named])
+        .await?;
+    if rows.len() != named.len() {
+        return Err(store_not_found());
+    }
+    if rows.iter().any(|row| row.get::<_, Uuid>(0) != seller) {
+        return Err(
+            ApiError::forbidden().with_message("store_id is not one of the seller's stores")
+        );
+    }
+    Ok(())
+}
+
 /// Creates one product owned by the caller (a seller or an admin).
 pub async fn create_product(
     state: &AppState,
@@ -492,6 +564,7 @@ async fn insert_products(
     let mut currencies = Vec::with_capacity(products.len());
     let mut kinds = Vec::with_capacity(products.len());
     let mut stocks = Vec::with_capacity(products.len());
+    let mut stores = Vec::with_capacity(products.len());
     for product in products {
         names.push(product.name);
         descriptions.push(product.description);
@@ -499,16 +572,18 @@ async fn insert_products(
         currencies.push(product.currency);
         kinds.push(product.kind.as_str());
         stocks.push(product.stock);
+        stores.push(product.store_id);
     }
     let client = state.db.get().await?;
+    check_stores(&client, seller, &stores).await?;
     let rows = client
         .query(
             &format!(
-                "INSERT INTO products (id, seller_id, name, description, price, currency, kind, stock)
-                 SELECT id, $1, name, description, price, currency, kind, stock
+                "INSERT INTO products (id, seller_id, name, description, price, currency, kind, stock, store_id)
+                 SELECT id, $1, name, description, price, currency, kind, stock, store_id
                  FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
-                             $8::bigint[])
-                      AS t (id, name, description, price, currency, kind, stock)
+                             $8::bigint[], $9::uuid[])
+                      AS t (id, name, description, price, currency, kind, stock, store_id)
                  RETURNING {PRODUCT_COLUMNS}"
             ),
             &[
@@ -520,9 +595,11 @@ async fn insert_products(
                 &currencies,
                 &kinds,
                 &stocks,
+                &stores,
             ],
         )
-        .await?;
+        .await
+        .on_constraint("products_store_fkey", store_not_found)?;
     let mut stored = rows
         .iter()
         .map(ProductBody::from_row)
@@ -566,7 +643,9 @@ pub async fn list_products(
     // Only the filters given become SQL, so each query is one the planner can serve from an index.
     let kind = kind.map(ProductKind::as_str);
     let fetch = limit + 1;
-    let mut sql = format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE deleted_at IS NULL");
+    let mut sql = format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE deleted_at IS NULL AND NOT {IN_SUSPENDED_STORE}"
+    );
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
     if let Some(kind) = &kind {
         params.push(kind);
@@ -593,7 +672,7 @@ pub async fn list_products(
 }
 
 /// `%text%` for ILIKE with the user's `%`, `_` and `\` escaped, so they match themselves. Blank: no filter.
-fn search_pattern(q: Option<&str>) -> Result<Option<String>, &'static str> {
+pub(crate) fn search_pattern(q: Option<&str>) -> Result<Option<String>, &'static str> {
     let Some(text) = q.map(str::trim).filter(|text| !text.is_empty()) else {
         return Ok(None);
     };
@@ -635,15 +714,17 @@ pub async fn update_product(
         .ok_or_else(product_not_found)?;
     let current = ProductBody::from_row(&current)?;
     caller.require_owner_or_admin(current.seller_id)?;
+    let (seller, stock_before) = (current.seller_id, current.stock);
     let mut fields = Fields::default();
     let product = patch.apply_to(current).validate("", &mut fields);
     let product = fields.into_result(product)?;
+    check_stores(&tx, seller, &[product.store_id]).await?;
     let row = tx
         .query_one(
             &format!(
                 "UPDATE products
                  SET name = $2, description = $3, price = $4, currency = $5, kind = $6, stock = $7,
-                     updated_at = now()
+                     store_id = $8, updated_at = now()
                  WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
             ),
             &[
@@ -654,9 +735,15 @@ pub async fn update_product(
                 &product.currency,
                 &product.kind.as_str(),
                 &product.stock,
+                &product.store_id,
             ],
         )
-        .await?;
+        .await
+        .on_constraint("products_store_fkey", store_not_found)?;
+    // Under the row lock taken above, so of two racing restocks only the first sees the shelf at 0.
+    if stock_before == 0 && product.stock > 0 {
+        crate::catalog::restock::restocked(&tx, &[id]).await?;
+    }
     tx.commit().await?;
     ProductBody::from_row(&row)
 }

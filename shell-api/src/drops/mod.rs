@@ -330,6 +330,7 @@ impl From<Purchase> for PurchaseJson {
 #[utoipa::path(post, path = "/api/v1/drops", tag = "drops", security(("bearer" = [])), request_body = CreateDrop,
     responses((status = 201, description = "The drop", body = DropJson),
         (status = 403, description = "`forbidden`: not a seller, or not the product's seller", body = crate::error::ErrorBody),
+        (status = 409, description = "`store_suspended`: the product's store is suspended", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: bounds, `closes_at` before `opens_at`, no such product, `mode` \
 a queue's terms out of bounds or on another mode, a draw without `draw_at` or with one outside (`opens_at`, `closes_at`)",
             body = crate::error::ErrorBody)))]
@@ -348,6 +349,10 @@ async fn create_drop(
         return Err(ApiError::invalid("product_id", "no such product"));
     };
     member.require_owner_or_admin(product.seller_id)?;
+    // Drops already scheduled or open go on; a suspended store's products take no new one.
+    if product.store_suspended {
+        return Err(crate::catalog::products::store_suspended());
+    }
     // Every bound was checked above, so these conversions cannot fail.
     let to_u32 = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
     let info = state

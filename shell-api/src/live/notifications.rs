@@ -2,7 +2,8 @@
 //!
 //! **Who is told what.** Hearts are the subscription: the members who hearted a product are told when a drop of it
 //! is scheduled (`drop_scheduled`), when it opens (`drop_open`) and when units come back to it while it was sold out
-//! (`restock`); a buyer is told when a refund is decided (`refund_decided`, written by `refund_decided` from the
+//! (`restock`); the followers of the product's store are told the first two as well (once, if they also hearted
+//! it); a buyer is told when a refund is decided (`refund_decided`, written by `refund_decided` from the
 //! refund's code).
 //!
 //! **Exactly once across instances.** Every instance runs the notifier (`notify_forever`). For drop_scheduled and
@@ -195,8 +196,11 @@ pub async fn refund_decided(
     Ok(written == 1)
 }
 
-/// One notification per member who hearted `product` (ON CONFLICT DO NOTHING: the unique indexes keep each kind
-/// once per member and drop, or burst). Returns how many were written.
+/// One notification per member who hearted `product`, and for drop_scheduled and drop_open also per member who
+/// follows its store (API.md, "Stores"). The UNION makes a member who does both one recipient, and ON CONFLICT DO
+/// NOTHING with the unique indexes keeps each kind once per member and drop, or burst. Returns how many were
+/// written. The store follows are read as SQL (`store_follows` joined through `products.store_id`), so `live` does
+/// not import the `stores` area.
 async fn notify_hearts(
     tx: &impl GenericClient,
     kind: Kind,
@@ -204,10 +208,14 @@ async fn notify_hearts(
     product: Uuid,
     burst: Option<Uuid>,
 ) -> Result<u64, ApiError> {
+    let followers_too = matches!(kind, Kind::DropScheduled | Kind::DropOpen);
     let members: Vec<Uuid> = tx
         .query(
-            "SELECT member_id FROM product_hearts WHERE product_id = $1",
-            &[&product],
+            "SELECT member_id FROM product_hearts WHERE product_id = $1
+             UNION
+             SELECT f.member_id FROM store_follows f JOIN products p ON p.store_id = f.store_id
+             WHERE p.id = $1 AND $2",
+            &[&product, &followers_too],
         )
         .await?
         .iter()

@@ -90,6 +90,7 @@ pub async fn get_cart(
     params(("product_id" = Uuid, Path, description = "The product")), request_body = QuantityInput,
     responses((status = 200, description = "The cart", body = Cart),
         (status = 404, description = "`product_not_found`", body = crate::error::ErrorBody),
+        (status = 409, description = "`store_suspended`: the product's store is suspended", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: a quantity outside 1..=99, a product that is not regular, \
 or of another currency than the cart", body = crate::error::ErrorBody)))]
 pub async fn put_item(
@@ -109,6 +110,9 @@ pub async fn put_item(
             "product_id",
             "not a regular product; preorder products sell in drops",
         ));
+    }
+    if product.store_suspended {
+        return Err(crate::catalog::products::store_suspended());
     }
     let others = client
         .query(

@@ -28,7 +28,7 @@ use super::{
     ItemInput, Lines, POINTS_CURRENCY,
 };
 use crate::auth::AuthMember;
-use crate::catalog::products::ProductKind;
+use crate::catalog::products::{ProductKind, IN_SUSPENDED_STORE};
 use crate::error::{ApiError, Fields};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::idempotency::IdempotencyKey;
@@ -101,6 +101,8 @@ struct Shelf {
     currency: String,
     kind: ProductKind,
     stock: i64,
+    /// Its store is suspended by an admin: it cannot be ordered.
+    store_suspended: bool,
 }
 
 impl Shelf {
@@ -115,10 +117,12 @@ impl Shelf {
                 ApiError::internal(anyhow::anyhow!("unknown product kind {kind:?}"))
             })?,
             stock: row.get(5),
+            store_suspended: row.get(6),
         })
     }
 }
 
+/// The columns `Shelf::from_row` reads (the last: `catalog::products::IN_SUSPENDED_STORE`).
 const SHELF_COLUMNS: &str = "id, seller_id, price, currency, kind, stock";
 
 /// Orders the items given, or the cart; all or nothing across stock, items and payment.
@@ -126,7 +130,8 @@ const SHELF_COLUMNS: &str = "id, seller_id, price, currency, kind, stock";
     params(crate::idempotency::IdempotencyParams), request_body = OrderInput,
     responses((status = 201, description = "The paid order", body = Order),
         (status = 402, description = "`insufficient_balance` or `payment_declined`: nothing was taken", body = crate::error::ErrorBody),
-        (status = 409, description = "`out_of_stock`: `fields` names the products short of stock", body = crate::error::ErrorBody),
+        (status = 409, description = "`out_of_stock`: `fields` names the products short of stock; `store_suspended`: \
+`fields` names the products whose store is suspended", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: empty, unknown or non-regular items, mixed currencies", body = crate::error::ErrorBody),
         (status = 503, description = "`payment_unavailable`: nothing was taken, retry", body = crate::error::ErrorBody)))]
 pub async fn create_order(
@@ -206,6 +211,7 @@ pub async fn place_order(
         read_shelves(&client, &ids, false).await?
     };
     let (total, currency) = check_shelves(&lines, &seen, &payment)?;
+    check_stores_open(&seen)?;
     check_stock(&lines, &seen)?;
 
     let order_id = Uuid::now_v7();
@@ -294,6 +300,7 @@ async fn store_order(
             "a price changed while ordering; nothing was taken, order again",
         ));
     }
+    check_stores_open(&locked)?;
     check_stock(lines, &locked)?;
 
     let quantities: Vec<i64> = lines.iter().map(|(_, q)| i64::from(*q)).collect();
@@ -418,11 +425,12 @@ async fn read_shelves(
     ids: &[Uuid],
     lock: bool,
 ) -> Result<BTreeMap<Uuid, Shelf>, ApiError> {
-    let lock = if lock { " FOR UPDATE" } else { "" };
+    let lock = if lock { " FOR UPDATE OF products" } else { "" };
     let rows = client
         .query(
             &format!(
-                "SELECT {SHELF_COLUMNS} FROM products WHERE id = ANY($1) AND deleted_at IS NULL
+                "SELECT {SHELF_COLUMNS}, {IN_SUSPENDED_STORE} FROM products
+                 WHERE id = ANY($1) AND deleted_at IS NULL
                  ORDER BY id{lock}"
             ),
             &[&ids],
@@ -474,6 +482,21 @@ fn check_shelves(
     }
     fields.finish()?;
     Ok((total, currency))
+}
+
+/// 409 `store_suspended` naming every product whose store is suspended (API.md, "Stores"). Read with the shelf, in
+/// the first look and again under the row locks; a suspension that commits after the locks were taken lets that
+/// one order through, as an order that came a moment earlier would.
+fn check_stores_open(shelves: &BTreeMap<Uuid, Shelf>) -> Result<(), ApiError> {
+    let suspended: BTreeMap<String, String> = shelves
+        .values()
+        .filter(|shelf| shelf.store_suspended)
+        .map(|shelf| (shelf.id.to_string(), "its store is suspended".to_owned()))
+        .collect();
+    if suspended.is_empty() {
+        return Ok(());
+    }
+    Err(crate::catalog::products::store_suspended().with_fields(suspended))
 }
 
 /// 409 `out_of_stock` naming every product whose shelf holds fewer units than ordered.

@@ -427,12 +427,18 @@ async fn accept(state: &AppState, member: &AuthMember, id: Uuid) -> Result<Refun
         .iter()
         .map(|row| i64::from(row.get::<_, i32>(1)))
         .collect();
-    // Lock the product rows in id order (as orders do) before putting the units back.
-    tx.query(
-        "SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        &[&products],
-    )
-    .await?;
+    // Lock the product rows in id order (as orders do) before putting the units back; a shelf found empty under
+    // its lock is restocked by this refund, and its restock alerts are used up below.
+    let emptied: Vec<Uuid> = tx
+        .query(
+            "SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&products],
+        )
+        .await?
+        .iter()
+        .filter(|row| row.get::<_, i64>(1) == 0)
+        .map(|row| row.get(0))
+        .collect();
     tx.execute(
         "UPDATE products SET stock = products.stock + t.quantity, updated_at = now()
          FROM UNNEST($1::uuid[], $2::bigint[]) AS t (id, quantity)
@@ -440,6 +446,8 @@ async fn accept(state: &AppState, member: &AuthMember, id: Uuid) -> Result<Refun
         &[&products, &quantities],
     )
     .await?;
+    // Refund items have positive quantities, so every emptied shelf is above 0 now.
+    crate::catalog::restock::restocked(&tx, &emptied).await?;
     if method == "points" && amount > 0 {
         move_balance(
             &tx,
