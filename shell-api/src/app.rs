@@ -21,7 +21,9 @@ use crate::auth::{MemberCache, TokenKeys};
 use crate::drops::hot::App;
 use crate::error::ApiError;
 use crate::idempotency::IdempotencyStore;
-use crate::{abuse, catalog, config, drops, feeds, guard, live, members, openapi, ops, shop};
+use crate::{
+    abuse, catalog, config, drops, feeds, guard, live, members, openapi, ops, shop, subscriptions,
+};
 
 /// Settings the handlers need, resolved from the command line once at start.
 #[derive(Debug, Clone)]
@@ -216,6 +218,7 @@ pub fn routes() -> Routes {
         .merge(drops::router())
         .merge(feeds::router())
         .merge(shop::router())
+        .merge(subscriptions::router())
         .merge(live::router())
 }
 
@@ -256,6 +259,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         drops::Doc::openapi(),
         feeds::Doc::openapi(),
         shop::Doc::openapi(),
+        subscriptions::Doc::openapi(),
         live::Doc::openapi(),
     ])
 }

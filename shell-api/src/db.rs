@@ -62,7 +62,18 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "notification_kinds",
         include_str!("../migrations/0015_notification_kinds.sql"),
     ),
+    (
+        18,
+        "subscriptions",
+        include_str!("../migrations/0018_subscriptions.sql"),
+    ),
 ];
+
+/// The versions of every migration this binary applies, in order. Branches take numbers as they are assigned, so
+/// the list may have gaps until they all land.
+pub fn migration_versions() -> Vec<i32> {
+    MIGRATIONS.iter().map(|(version, _, _)| *version).collect()
+}
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.
 const MIGRATION_LOCK_KEY: i64 = 0x666c_6173_6873_616c;

@@ -32,6 +32,7 @@ const AREAS: &[(&str, &[&str])] = &[
     ("drops", &["drops"]),
     ("feeds", &["feeds"]),
     ("shop", &["shop"]),
+    ("subscriptions", &["subscriptions"]),
     ("live", &["live"]),
     ("ops", &["ops"]),
 ];
@@ -40,6 +41,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("drops", &["catalog"]),
     ("live", &["drops", "catalog"]),
     ("shop", &["catalog", "live"]),
+    ("subscriptions", &["shop"]),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

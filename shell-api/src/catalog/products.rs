@@ -1,4 +1,6 @@
-//! Products (`/api/v1/products*`): seller-owned, regular (shelf stock) or preorder (stock lives in drops).
+//! Products (`/api/v1/products*`): seller-owned, regular (shelf stock), preorder (stock lives in drops) or
+//! subscription (a price per `interval`, sold by `subscriptions/`). Changing a subscription product tells its
+//! subscribers (`subscription_changed`) in the patch's transaction.
 //!
 //! Deleting a product is soft (`deleted_at`): drops and purchases keep a valid reference, every read here skips
 //! deleted rows. Lists are newest first by id (UUID v7, so creation order), paged by keyset on the id. Name search
@@ -34,7 +36,8 @@ pub const CURRENCY_DEFAULT: &str = "KRW";
 
 /// Every column `ProductBody::from_row` reads, in its order (`heart_count`: see `live/hearts.rs`).
 pub(crate) const PRODUCT_COLUMNS: &str =
-    "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at, heart_count";
+    "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at, heart_count, \
+     billing_interval";
 
 /// This module's part of the OpenAPI document (`crate::openapi`): every handler the router names.
 #[derive(utoipa::OpenApi)]
@@ -67,6 +70,7 @@ pub fn router() -> crate::Routes {
 pub enum ProductKind {
     Regular,
     Preorder,
+    Subscription,
 }
 
 impl ProductKind {
@@ -74,6 +78,7 @@ impl ProductKind {
         match self {
             ProductKind::Regular => "regular",
             ProductKind::Preorder => "preorder",
+            ProductKind::Subscription => "subscription",
         }
     }
 
@@ -81,6 +86,7 @@ impl ProductKind {
         match text {
             "regular" => Some(ProductKind::Regular),
             "preorder" => Some(ProductKind::Preorder),
+            "subscription" => Some(ProductKind::Subscription),
             _ => None,
         }
     }
@@ -108,6 +114,9 @@ pub struct ProductBody {
     pub updated_at: DateTime<Utc>,
     /// Members who hearted it, exact (moved in the heart's transaction, see `live/hearts.rs`).
     pub heart_count: i32,
+    /// A subscription product's billing period, `week` or `month`; absent for other kinds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
 }
 
 impl ProductBody {
@@ -125,6 +134,7 @@ impl ProductBody {
             created_at: row.get(8),
             updated_at: row.get(9),
             heart_count: row.get(10),
+            interval: row.get(11),
         })
     }
 }
@@ -181,6 +191,9 @@ pub struct ProductInput {
     /// Shelf stock of a regular product (ignored for preorder products); default 0.
     #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000)]
     pub stock: Option<i64>,
+    /// A subscription product's billing period, `week` or `month` (required for it, ignored for other kinds).
+    #[schema(value_type = String, example = "month")]
+    pub interval: Option<String>,
 }
 
 /// Changes to a product; absent fields stay, `description: null` clears the description.
@@ -199,6 +212,8 @@ pub struct ProductPatch {
     pub kind: Option<String>,
     #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000)]
     pub stock: Option<i64>,
+    #[schema(value_type = String)]
+    pub interval: Option<String>,
 }
 
 /// `items` stay raw JSON until validation, so a wrongly typed item is reported as `items[i]` instead of
@@ -231,8 +246,10 @@ struct NewProduct {
     price: i64,
     currency: String,
     kind: ProductKind,
-    /// Always 0 for preorder products.
+    /// Always 0 for preorder and subscription products.
     stock: i64,
+    /// Set for subscription products only.
+    interval: Option<&'static str>,
 }
 
 impl ProductInput {
@@ -245,6 +262,10 @@ impl ProductInput {
         let currency = fields.take(&key("currency"), check_currency(self.currency.as_deref()));
         let kind = fields.take(&key("kind"), check_kind(self.kind.as_deref()));
         let stock = fields.take(&key("stock"), check_stock(self.stock, kind));
+        let interval = fields.take(
+            &key("interval"),
+            check_interval(self.interval.as_deref(), kind),
+        );
         Some(NewProduct {
             name: name?,
             description: description?,
@@ -252,6 +273,7 @@ impl ProductInput {
             currency: currency?,
             kind: kind?,
             stock: stock?,
+            interval: interval?,
         })
     }
 }
@@ -302,8 +324,23 @@ fn check_currency(currency: Option<&str>) -> Result<String, &'static str> {
 
 fn check_kind(kind: Option<&str>) -> Result<ProductKind, &'static str> {
     kind.map_or(Err("required"), |kind| {
-        ProductKind::parse(kind).ok_or("must be regular or preorder")
+        ProductKind::parse(kind).ok_or("must be regular, preorder or subscription")
     })
+}
+
+/// A subscription product's billing period; other kinds have none, and whatever came is ignored (as before
+/// subscriptions existed).
+fn check_interval(
+    interval: Option<&str>,
+    kind: Option<ProductKind>,
+) -> Result<Option<&'static str>, &'static str> {
+    match (kind, interval) {
+        (Some(ProductKind::Subscription), None) => Err("required for a subscription product"),
+        (Some(ProductKind::Subscription), Some("week")) => Ok(Some("week")),
+        (Some(ProductKind::Subscription), Some("month")) => Ok(Some("month")),
+        (Some(ProductKind::Subscription), Some(_)) => Err("must be week or month"),
+        _ => Ok(None),
+    }
 }
 
 /// Shelf stock of a regular product. A preorder product's stock lives in its drops: whatever came is ignored.
@@ -330,6 +367,7 @@ impl ProductPatch {
                     .unwrap_or_else(|| current.kind.as_str().to_owned()),
             ),
             stock: Some(self.stock.unwrap_or(current.stock)),
+            interval: self.interval.or(current.interval),
         }
     }
 }
@@ -492,6 +530,7 @@ async fn insert_products(
     let mut currencies = Vec::with_capacity(products.len());
     let mut kinds = Vec::with_capacity(products.len());
     let mut stocks = Vec::with_capacity(products.len());
+    let mut intervals = Vec::with_capacity(products.len());
     for product in products {
         names.push(product.name);
         descriptions.push(product.description);
@@ -499,16 +538,18 @@ async fn insert_products(
         currencies.push(product.currency);
         kinds.push(product.kind.as_str());
         stocks.push(product.stock);
+        intervals.push(product.interval);
     }
     let client = state.db.get().await?;
     let rows = client
         .query(
             &format!(
-                "INSERT INTO products (id, seller_id, name, description, price, currency, kind, stock)
-                 SELECT id, $1, name, description, price, currency, kind, stock
+                "INSERT INTO products (id, seller_id, name, description, price, currency, kind, stock,
+                                       billing_interval)
+                 SELECT id, $1, name, description, price, currency, kind, stock, billing_interval
                  FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
-                             $8::bigint[])
-                      AS t (id, name, description, price, currency, kind, stock)
+                             $8::bigint[], $9::text[])
+                      AS t (id, name, description, price, currency, kind, stock, billing_interval)
                  RETURNING {PRODUCT_COLUMNS}"
             ),
             &[
@@ -520,6 +561,7 @@ async fn insert_products(
                 &currencies,
                 &kinds,
                 &stocks,
+                &intervals,
             ],
         )
         .await?;
@@ -635,6 +677,7 @@ pub async fn update_product(
         .ok_or_else(product_not_found)?;
     let current = ProductBody::from_row(&current)?;
     caller.require_owner_or_admin(current.seller_id)?;
+    let before = current.clone();
     let mut fields = Fields::default();
     let product = patch.apply_to(current).validate("", &mut fields);
     let product = fields.into_result(product)?;
@@ -643,7 +686,7 @@ pub async fn update_product(
             &format!(
                 "UPDATE products
                  SET name = $2, description = $3, price = $4, currency = $5, kind = $6, stock = $7,
-                     updated_at = now()
+                     billing_interval = $8, updated_at = now()
                  WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
             ),
             &[
@@ -654,11 +697,54 @@ pub async fn update_product(
                 &product.currency,
                 &product.kind.as_str(),
                 &product.stock,
+                &product.interval,
             ],
         )
         .await?;
+    let after = ProductBody::from_row(&row)?;
+    if before.kind == ProductKind::Subscription && subscription_terms_changed(&before, &after) {
+        notify_subscribers(&tx, id).await?;
+    }
     tx.commit().await?;
-    ProductBody::from_row(&row)
+    Ok(after)
+}
+
+/// Whether a patch changed what a subscriber pays for (name, price, currency, interval, kind).
+fn subscription_terms_changed(before: &ProductBody, after: &ProductBody) -> bool {
+    before.name != after.name
+        || before.price != after.price
+        || before.currency != after.currency
+        || before.interval != after.interval
+        || before.kind != after.kind
+}
+
+/// Tells every subscriber of a subscription product that is not canceled `subscription_changed`, in the patch's
+/// transaction, so the notices exist exactly when the change does. What a higher price does to a renewal is the
+/// subscriptions area's (it compares the product's price with the price each member agreed to); the catalogue
+/// only reads who subscribes, by SQL, so it does not import that area (which reads products).
+async fn notify_subscribers(tx: &impl GenericClient, product: Uuid) -> Result<(), ApiError> {
+    let rows = tx
+        .query(
+            "SELECT id, member_id FROM subscriptions WHERE product_id = $1 AND status <> 'canceled'",
+            &[&product],
+        )
+        .await?;
+    for row in rows {
+        let about = crate::notify::About {
+            product_id: Some(product),
+            subscription_id: Some(row.get(0)),
+            ..crate::notify::About::default()
+        };
+        let member: Uuid = row.get(1);
+        crate::notify::notify_members(
+            tx,
+            crate::notify::Kind::SubscriptionChanged,
+            &[member],
+            about,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Soft-deletes a product (owner or admin).
