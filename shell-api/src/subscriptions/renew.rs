@@ -26,15 +26,16 @@ use futures_util::{StreamExt, TryStreamExt};
 use uuid::Uuid;
 
 use super::model::{charge_id, retry_at, Interval, Subscription, ATTEMPTS_MAX, COLUMNS};
-use super::subscribe::{insert_attempt, record_failed, record_paid, Attempt};
+use super::subscribe::{record_failed, record_paid, Attempt};
 use crate::config::{DbArgs, EngineArgs};
 use crate::error::ApiError;
 use crate::notify::{notify_members, About, Kind};
 
 /// Subscriptions claimed per transaction.
 pub const BATCH_DEFAULT: i64 = 500;
-/// Gateway calls in flight at once within a pass.
-const GATEWAY_CONCURRENCY: usize = 32;
+/// Gateway calls in flight at once within a pass, each on a pooled connection of its own (so their commits share
+/// Postgres's WAL flushes); with the pass's own connection, at most this plus one of the pool's connections.
+const GATEWAY_CONCURRENCY: usize = 8;
 /// How long a renewal the gateway could not decide (unavailable) waits before it is asked again.
 const UNAVAILABLE_RETRY: chrono::Duration = chrono::Duration::minutes(10);
 /// How often `serve` runs renewals.
@@ -161,8 +162,14 @@ async fn renew_pass(
         claimed: plans.len() as u64,
         ..Tally::default()
     };
+    // Pipelined on the claim's connection: each subscription's statements run in order, and different
+    // subscriptions touch different rows (and members), so their statements may interleave.
+    let mut applies = Vec::with_capacity(plans.len());
     for ((subscription, plan), outcome) in plans.iter().zip(outcomes) {
-        tally.add(apply(&tx, subscription, plan, outcome, now).await?);
+        applies.push(apply(&tx, subscription, plan, outcome, now));
+    }
+    for applied in futures_util::future::try_join_all(applies).await? {
+        tally.add(applied);
     }
     tx.commit().await?;
     Ok(tally)
@@ -281,12 +288,24 @@ async fn ask_gateway(
     plans: &[(Subscription, Plan)],
     now: DateTime<Utc>,
 ) -> Result<Vec<Option<ChargeOutcome>>, ApiError> {
-    let outside = pool.get().await?;
-    let outside: &deadpool_postgres::Client = &outside;
+    let card_attempts: Vec<&Attempt> = plans
+        .iter()
+        .filter_map(|(subscription, plan)| match plan {
+            Plan::Charge(attempt) if subscription.payment_token.is_some() => Some(attempt),
+            _ => None,
+        })
+        .collect();
+    if card_attempts.is_empty() {
+        return Ok(vec![None; plans.len()]);
+    }
+    // Every card attempt of the pass is committed `pending` at once, before any gateway call.
+    let client = pool.get().await?;
+    insert_pending(&client, &card_attempts, now).await?;
+    drop(client);
     // Made first and streamed after: a closure inside the stream trips the compiler's Send inference.
     let mut calls = Vec::with_capacity(plans.len());
     for (subscription, plan) in plans {
-        calls.push(ask_one(outside, gateway, subscription, plan, now));
+        calls.push(ask_one(pool, gateway, subscription, plan));
     }
     futures_util::stream::iter(calls)
         .buffered(GATEWAY_CONCURRENCY)
@@ -294,18 +313,18 @@ async fn ask_gateway(
         .await
 }
 
-/// One subscription's gateway call, if a card attempt is due: written `pending` (committed), then asked.
+/// One subscription's gateway call, if a card attempt is due (already committed `pending`).
 async fn ask_one<'a>(
-    outside: &'a deadpool_postgres::Client,
+    pool: &'a Pool,
     gateway: &'a dyn PaymentGateway,
     subscription: &'a Subscription,
     plan: &'a Plan,
-    now: DateTime<Utc>,
 ) -> Result<Option<ChargeOutcome>, ApiError> {
     let (Plan::Charge(attempt), Some(token)) = (plan, &subscription.payment_token) else {
         return Ok(None);
     };
-    insert_attempt(outside, attempt, "pending", now).await?;
+    let outside = pool.get().await?;
+    let outside: &deadpool_postgres::Client = &outside;
     let request = ChargeRequest {
         reservation_id: attempt.id,
         member_id: attempt.member,
@@ -316,6 +335,52 @@ async fn ask_one<'a>(
     super::gateway::charge(outside, gateway, &request)
         .await
         .map(Some)
+}
+
+/// Writes card attempts `pending` in one statement (an attempt already written, by a renewer that died, stays).
+async fn insert_pending(
+    client: &impl GenericClient,
+    attempts: &[&Attempt],
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let column = |get: fn(&Attempt) -> Uuid| attempts.iter().map(|a| get(a)).collect::<Vec<_>>();
+    let ids = column(|a| a.id);
+    let subscriptions = column(|a| a.subscription);
+    let members = column(|a| a.member);
+    let sellers = column(|a| a.seller);
+    let products = column(|a| a.product);
+    let starts: Vec<DateTime<Utc>> = attempts.iter().map(|a| a.period_start).collect();
+    let ends: Vec<DateTime<Utc>> = attempts.iter().map(|a| a.period_end).collect();
+    let numbers: Vec<i32> = attempts.iter().map(|a| a.attempt).collect();
+    let amounts: Vec<i64> = attempts.iter().map(|a| a.amount).collect();
+    let currencies: Vec<&str> = attempts.iter().map(|a| a.currency.as_str()).collect();
+    client
+        .execute(
+            "INSERT INTO subscription_charges (id, subscription_id, member_id, seller_id, product_id, period_start,
+                 period_end, attempt, amount, currency, payment_method, status, created_at)
+             SELECT id, subscription_id, member_id, seller_id, product_id, period_start, period_end, attempt, amount,
+                    currency, 'card', 'pending', $11
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::timestamptz[],
+                         $7::timestamptz[], $8::int4[], $9::int8[], $10::text[])
+                  AS t (id, subscription_id, member_id, seller_id, product_id, period_start, period_end, attempt,
+                        amount, currency)
+             ON CONFLICT (id) DO NOTHING",
+            &[
+                &ids,
+                &subscriptions,
+                &members,
+                &sellers,
+                &products,
+                &starts,
+                &ends,
+                &numbers,
+                &amounts,
+                &currencies,
+                &now,
+            ],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Records one subscription's outcome in the claim's transaction.
