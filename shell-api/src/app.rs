@@ -23,6 +23,7 @@ use crate::error::ApiError;
 use crate::idempotency::IdempotencyStore;
 use crate::{
     abuse, catalog, config, drops, feeds, guard, live, members, openapi, ops, shop, stores,
+    subscriptions,
 };
 
 /// Settings the handlers need, resolved from the command line once at start.
@@ -219,6 +220,7 @@ pub fn routes() -> Routes {
         .merge(drops::router())
         .merge(feeds::router())
         .merge(shop::router())
+        .merge(subscriptions::router())
         .merge(live::router())
 }
 
@@ -260,6 +262,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         drops::Doc::openapi(),
         feeds::Doc::openapi(),
         shop::Doc::openapi(),
+        subscriptions::Doc::openapi(),
         live::Doc::openapi(),
     ])
 }

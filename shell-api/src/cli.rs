@@ -8,6 +8,7 @@ use crate::members::AdminCreateArgs;
 use crate::ops::reconcile::ReconcileArgs;
 use crate::server::ServeArgs;
 use crate::shop::settlement::SettleArgs;
+use crate::subscriptions::renew::RenewArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +32,9 @@ pub enum Command {
     /// Settle one UTC day of the regular shop per seller (gross, refunds, fee, net); running it again rewrites
     /// the same rows.
     Settle(SettleArgs),
+    /// Charge every subscription renewal due at `--at` (default now), each period exactly once, with dunning
+    /// retries; running it again, or on several machines at once, charges nothing twice.
+    Renew(Box<RenewArgs>),
     /// Administrative tasks.
     Admin {
         #[command(subcommand)]

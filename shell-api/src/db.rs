@@ -63,6 +63,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0015_notification_kinds.sql"),
     ),
     (16, "stores", include_str!("../migrations/0016_stores.sql")),
+    (
+        18,
+        "subscriptions",
+        include_str!("../migrations/0018_subscriptions.sql"),
+    ),
     (19, "queue", include_str!("../migrations/0019_queue.sql")),
     (
         20,

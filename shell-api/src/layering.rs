@@ -33,6 +33,7 @@ const AREAS: &[(&str, &[&str])] = &[
     ("drops", &["drops"]),
     ("feeds", &["feeds"]),
     ("shop", &["shop"]),
+    ("subscriptions", &["subscriptions"]),
     ("live", &["live"]),
     ("ops", &["ops"]),
 ];
@@ -43,6 +44,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("shop", &["catalog", "live"]),
     // A store's product list shows the catalogue's product body and reuses its search pattern.
     ("stores", &["catalog"]),
+    ("subscriptions", &["shop"]),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -36,6 +36,7 @@ pub mod pagination;
 pub mod server;
 pub mod shop;
 pub mod stores;
+pub mod subscriptions;
 
 pub use app::{
     app, app_from, document, openapi_json, routes, start_engine, start_engine_with_gate, AppInner,

@@ -1,4 +1,4 @@
-//! The `flashsale` binary: `serve`, `migrate`, `reconcile`, `settle` and `admin create`.
+//! The `flashsale` binary: `serve`, `migrate`, `reconcile`, `settle`, `renew` and `admin create`.
 
 use clap::Parser;
 use shell_api::cli::{AdminCommand, Cli, Command};
@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Settle(args) => shell_api::shop::settlement::run(args).await,
+        Command::Renew(args) => shell_api::subscriptions::renew::run(*args).await,
         Command::Admin {
             command: AdminCommand::Create(args),
         } => shell_api::members::admin_create(args).await,

@@ -100,6 +100,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     tokio::spawn(crate::live::notifications::notify_forever(state.clone()));
     tokio::spawn(crate::drops::draw::draw_forever(state.clone()));
+    tokio::spawn(crate::subscriptions::renew::renew_forever(state.clone()));
     let live = Arc::clone(&state.live);
 
     let listener = TcpListener::bind(args.bind_addr)

@@ -1,4 +1,6 @@
-//! Products (`/api/v1/products*`): seller-owned, regular (shelf stock) or preorder (stock lives in drops).
+//! Products (`/api/v1/products*`): seller-owned, regular (shelf stock), preorder (stock lives in drops) or
+//! subscription (a price per `interval`, sold by `subscriptions/`). Changing a subscription product tells its
+//! subscribers (`subscription_changed`) in the patch's transaction.
 //!
 //! Deleting a product is soft (`deleted_at`): drops and purchases keep a valid reference, every read here skips
 //! deleted rows. Lists are newest first by id (UUID v7, so creation order), paged by keyset on the id. Name search
@@ -39,7 +41,8 @@ pub const CURRENCY_DEFAULT: &str = "KRW";
 
 /// Every column `ProductBody::from_row` reads, in its order (`heart_count`: see `live/hearts.rs`).
 pub(crate) const PRODUCT_COLUMNS: &str =
-    "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at, heart_count, store_id";
+    "id, seller_id, name, description, price, currency, kind, stock, created_at, updated_at, heart_count, store_id, \
+     billing_interval";
 /// A condition on `products` (unaliased) that holds when the product's store is suspended.
 pub(crate) const IN_SUSPENDED_STORE: &str =
     "EXISTS (SELECT 1 FROM stores s WHERE s.id = products.store_id AND s.status = 'suspended')";
@@ -80,6 +83,7 @@ pub fn router() -> crate::Routes {
 pub enum ProductKind {
     Regular,
     Preorder,
+    Subscription,
 }
 
 impl ProductKind {
@@ -87,6 +91,7 @@ impl ProductKind {
         match self {
             ProductKind::Regular => "regular",
             ProductKind::Preorder => "preorder",
+            ProductKind::Subscription => "subscription",
         }
     }
 
@@ -94,6 +99,7 @@ impl ProductKind {
         match text {
             "regular" => Some(ProductKind::Regular),
             "preorder" => Some(ProductKind::Preorder),
+            "subscription" => Some(ProductKind::Subscription),
             _ => None,
         }
     }
@@ -123,6 +129,9 @@ pub struct ProductBody {
     pub heart_count: i32,
     /// The seller's store it sits in, if any.
     pub store_id: Option<Uuid>,
+    /// A subscription product's billing period, `week` or `month`; absent for other kinds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
 }
 
 impl ProductBody {
@@ -141,6 +150,7 @@ impl ProductBody {
             updated_at: row.get(9),
             heart_count: row.get(10),
             store_id: row.get(11),
+            interval: row.get(12),
         })
     }
 }
@@ -212,6 +222,9 @@ pub struct ProductInput {
     pub stock: Option<i64>,
     /// One of the seller's own stores (403 for another seller's, 422 for none).
     pub store_id: Option<Uuid>,
+    /// A subscription product's billing period, `week` or `month` (required for it, ignored for other kinds).
+    #[schema(value_type = String, example = "month")]
+    pub interval: Option<String>,
 }
 
 /// Changes to a product; absent fields stay, `description: null` clears the description.
@@ -234,6 +247,8 @@ pub struct ProductPatch {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<Uuid>)]
     pub store_id: Option<Option<Uuid>>,
+    #[schema(value_type = String)]
+    pub interval: Option<String>,
 }
 
 /// `items` stay raw JSON until validation, so a wrongly typed item is reported as `items[i]` instead of
@@ -266,9 +281,11 @@ struct NewProduct {
     price: i64,
     currency: String,
     kind: ProductKind,
-    /// Always 0 for preorder products.
+    /// Always 0 for preorder and subscription products.
     stock: i64,
     store_id: Option<Uuid>,
+    /// Set for subscription products only.
+    interval: Option<&'static str>,
 }
 
 impl ProductInput {
@@ -281,6 +298,10 @@ impl ProductInput {
         let currency = fields.take(&key("currency"), check_currency(self.currency.as_deref()));
         let kind = fields.take(&key("kind"), check_kind(self.kind.as_deref()));
         let stock = fields.take(&key("stock"), check_stock(self.stock, kind));
+        let interval = fields.take(
+            &key("interval"),
+            check_interval(self.interval.as_deref(), kind),
+        );
         Some(NewProduct {
             name: name?,
             description: description?,
@@ -289,6 +310,7 @@ impl ProductInput {
             kind: kind?,
             stock: stock?,
             store_id: self.store_id,
+            interval: interval?,
         })
     }
 }
@@ -341,8 +363,23 @@ fn check_currency(currency: Option<&str>) -> Result<String, &'static str> {
 
 fn check_kind(kind: Option<&str>) -> Result<ProductKind, &'static str> {
     kind.map_or(Err("required"), |kind| {
-        ProductKind::parse(kind).ok_or("must be regular or preorder")
+        ProductKind::parse(kind).ok_or("must be regular, preorder or subscription")
     })
+}
+
+/// A subscription product's billing period; other kinds have none, and whatever came is ignored (as before
+/// subscriptions existed).
+fn check_interval(
+    interval: Option<&str>,
+    kind: Option<ProductKind>,
+) -> Result<Option<&'static str>, &'static str> {
+    match (kind, interval) {
+        (Some(ProductKind::Subscription), None) => Err("required for a subscription product"),
+        (Some(ProductKind::Subscription), Some("week")) => Ok(Some("week")),
+        (Some(ProductKind::Subscription), Some("month")) => Ok(Some("month")),
+        (Some(ProductKind::Subscription), Some(_)) => Err("must be week or month"),
+        _ => Ok(None),
+    }
 }
 
 /// Shelf stock of a regular product. A preorder product's stock lives in its drops: whatever came is ignored.
@@ -370,6 +407,7 @@ impl ProductPatch {
             ),
             stock: Some(self.stock.unwrap_or(current.stock)),
             store_id: self.store_id.unwrap_or(current.store_id),
+            interval: self.interval.or(current.interval),
         }
     }
 }
@@ -565,6 +603,7 @@ async fn insert_products(
     let mut kinds = Vec::with_capacity(products.len());
     let mut stocks = Vec::with_capacity(products.len());
     let mut stores = Vec::with_capacity(products.len());
+    let mut intervals = Vec::with_capacity(products.len());
     for product in products {
         names.push(product.name);
         descriptions.push(product.description);
@@ -573,17 +612,19 @@ async fn insert_products(
         kinds.push(product.kind.as_str());
         stocks.push(product.stock);
         stores.push(product.store_id);
+        intervals.push(product.interval);
     }
     let client = state.db.get().await?;
     check_stores(&client, seller, &stores).await?;
     let rows = client
         .query(
             &format!(
-                "INSERT INTO products (id, seller_id, name, description, price, currency, kind, stock, store_id)
-                 SELECT id, $1, name, description, price, currency, kind, stock, store_id
+                "INSERT INTO products (id, seller_id, name, description, price, currency, kind, stock, store_id,
+                                       billing_interval)
+                 SELECT id, $1, name, description, price, currency, kind, stock, store_id, billing_interval
                  FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
-                             $8::bigint[], $9::uuid[])
-                      AS t (id, name, description, price, currency, kind, stock, store_id)
+                             $8::bigint[], $9::uuid[], $10::text[])
+                      AS t (id, name, description, price, currency, kind, stock, store_id, billing_interval)
                  RETURNING {PRODUCT_COLUMNS}"
             ),
             &[
@@ -596,6 +637,7 @@ async fn insert_products(
                 &kinds,
                 &stocks,
                 &stores,
+                &intervals,
             ],
         )
         .await
@@ -714,6 +756,7 @@ pub async fn update_product(
         .ok_or_else(product_not_found)?;
     let current = ProductBody::from_row(&current)?;
     caller.require_owner_or_admin(current.seller_id)?;
+    let before = current.clone();
     let (seller, stock_before) = (current.seller_id, current.stock);
     let mut fields = Fields::default();
     let product = patch.apply_to(current).validate("", &mut fields);
@@ -724,7 +767,7 @@ pub async fn update_product(
             &format!(
                 "UPDATE products
                  SET name = $2, description = $3, price = $4, currency = $5, kind = $6, stock = $7,
-                     store_id = $8, updated_at = now()
+                     store_id = $8, billing_interval = $9, updated_at = now()
                  WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
             ),
             &[
@@ -736,6 +779,7 @@ pub async fn update_product(
                 &product.kind.as_str(),
                 &product.stock,
                 &product.store_id,
+                &product.interval,
             ],
         )
         .await
@@ -744,8 +788,50 @@ pub async fn update_product(
     if stock_before == 0 && product.stock > 0 {
         crate::catalog::restock::restocked(&tx, &[id]).await?;
     }
+    let after = ProductBody::from_row(&row)?;
+    if before.kind == ProductKind::Subscription && subscription_terms_changed(&before, &after) {
+        notify_subscribers(&tx, id).await?;
+    }
     tx.commit().await?;
-    ProductBody::from_row(&row)
+    Ok(after)
+}
+
+/// Whether a patch changed what a subscriber pays for (name, price, currency, interval, kind).
+fn subscription_terms_changed(before: &ProductBody, after: &ProductBody) -> bool {
+    before.name != after.name
+        || before.price != after.price
+        || before.currency != after.currency
+        || before.interval != after.interval
+        || before.kind != after.kind
+}
+
+/// Tells every subscriber of a subscription product that is not canceled `subscription_changed`, in the patch's
+/// transaction, so the notices exist exactly when the change does. What a higher price does to a renewal is the
+/// subscriptions area's (it compares the product's price with the price each member agreed to); the catalogue
+/// only reads who subscribes, by SQL, so it does not import that area (which reads products).
+async fn notify_subscribers(tx: &impl GenericClient, product: Uuid) -> Result<(), ApiError> {
+    let rows = tx
+        .query(
+            "SELECT id, member_id FROM subscriptions WHERE product_id = $1 AND status <> 'canceled'",
+            &[&product],
+        )
+        .await?;
+    for row in rows {
+        let about = crate::notify::About {
+            product_id: Some(product),
+            subscription_id: Some(row.get(0)),
+            ..crate::notify::About::default()
+        };
+        let member: Uuid = row.get(1);
+        crate::notify::notify_members(
+            tx,
+            crate::notify::Kind::SubscriptionChanged,
+            &[member],
+            about,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Soft-deletes a product (owner or admin).

@@ -34,6 +34,8 @@ pub enum EntryKind {
     Charge,
     Order,
     Refund,
+    /// A subscription's period paid with points (`subscriptions/`).
+    Subscription,
 }
 
 impl EntryKind {
@@ -42,6 +44,7 @@ impl EntryKind {
             EntryKind::Charge => "charge",
             EntryKind::Order => "order",
             EntryKind::Refund => "refund",
+            EntryKind::Subscription => "subscription",
         }
     }
 
@@ -50,6 +53,7 @@ impl EntryKind {
             "charge" => Ok(EntryKind::Charge),
             "order" => Ok(EntryKind::Order),
             "refund" => Ok(EntryKind::Refund),
+            "subscription" => Ok(EntryKind::Subscription),
             other => Err(ApiError::internal(anyhow::anyhow!(
                 "unknown ledger kind {other:?}"
             ))),
@@ -68,10 +72,14 @@ pub struct Entry {
     pub order_id: Option<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refund_id: Option<Uuid>,
+    /// The subscription charge a `subscription` entry paid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription_charge_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
 }
 
-const ENTRY_COLUMNS: &str = "id, kind, amount, balance, order_id, refund_id, created_at";
+const ENTRY_COLUMNS: &str =
+    "id, kind, amount, balance, order_id, refund_id, created_at, subscription_charge_id";
 
 impl Entry {
     fn from_row(row: &Row) -> Result<Self, ApiError> {
@@ -83,6 +91,7 @@ impl Entry {
             order_id: row.get(4),
             refund_id: row.get(5),
             created_at: row.get(6),
+            subscription_charge_id: row.get(7),
         })
     }
 }
@@ -97,6 +106,7 @@ pub struct Movement {
     pub amount: i64,
     pub order_id: Option<Uuid>,
     pub refund_id: Option<Uuid>,
+    pub subscription_charge_id: Option<Uuid>,
 }
 
 /// Moves a balance and appends its ledger entry, in the caller's transaction. `None` when a debit would take the
@@ -121,8 +131,9 @@ pub async fn move_balance(
                      WHERE member_id = $1 AND balance + $2 >= 0
                      RETURNING balance
                  )
-                 INSERT INTO balance_entries (id, member_id, kind, amount, balance, order_id, refund_id, created_at)
-                 SELECT $3, $1, $4, $2, balance, $5, $6, now() FROM moved
+                 INSERT INTO balance_entries
+                     (id, member_id, kind, amount, balance, order_id, refund_id, created_at, subscription_charge_id)
+                 SELECT $3, $1, $4, $2, balance, $5, $6, now(), $7 FROM moved
                  RETURNING {ENTRY_COLUMNS}"
             ),
             &[
@@ -132,6 +143,7 @@ pub async fn move_balance(
                 &movement.kind.as_str(),
                 &movement.order_id,
                 &movement.refund_id,
+                &movement.subscription_charge_id,
             ],
         )
         .await?;
@@ -266,6 +278,7 @@ async fn charge_points(
                 amount,
                 order_id: None,
                 refund_id: None,
+                subscription_charge_id: None,
             },
         )
         .await?

@@ -62,7 +62,7 @@ pub enum Payment {
 }
 
 impl Payment {
-    fn method(&self) -> &'static str {
+    pub fn method(&self) -> &'static str {
         match self {
             Payment::Points => "points",
             Payment::Card { .. } => "card",
@@ -161,7 +161,17 @@ pub async fn create_order(
 fn check_order(input: OrderInput) -> Result<(Option<Lines>, Payment), ApiError> {
     let lines = input.items.map(check_items).transpose();
     let mut fields = Fields::default();
-    let payment = match input.payment {
+    let payment = check_payment(input.payment, &mut fields);
+    // Item errors come first: they say more about what is wrong with the order.
+    let lines = lines?;
+    let payment = fields.into_result(payment)?;
+    Ok((lines, payment))
+}
+
+/// A `payment` body (`{method: "points"}` or `{method: "card", payment_token}`), its failures recorded in
+/// `fields` under `payment.*`; orders and subscriptions take the same shape.
+pub(crate) fn check_payment(payment: Option<PaymentInput>, fields: &mut Fields) -> Option<Payment> {
+    match payment {
         None => {
             fields.add("payment", "required");
             None
@@ -183,11 +193,7 @@ fn check_order(input: OrderInput) -> Result<(Option<Lines>, Payment), ApiError> 
                 None
             }
         },
-    };
-    // Item errors come first: they say more about what is wrong with the order.
-    let lines = lines?;
-    let payment = fields.into_result(payment)?;
-    Ok((lines, payment))
+    }
 }
 
 /// Places an order: see the module comment for the steps and why in this order.
@@ -373,6 +379,7 @@ async fn store_order(
                 amount: -total,
                 order_id: Some(order_id),
                 refund_id: None,
+                subscription_charge_id: None,
             },
         )
         .await?;

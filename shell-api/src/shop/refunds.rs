@@ -458,6 +458,7 @@ async fn accept(state: &AppState, member: &AuthMember, id: Uuid) -> Result<Refun
                 amount,
                 order_id: Some(order_id),
                 refund_id: Some(id),
+                subscription_charge_id: None,
             },
         )
         .await?

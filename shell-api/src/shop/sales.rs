@@ -1,6 +1,7 @@
-//! A seller's sales and dashboard. Sales are shelf order items and drop purchases of the seller's products alike
-//! (drop purchases belong to the seller of their drop); both are read straight from the rows the orders and the
-//! engine's writer stored, so the figures are what was sold, not a counter kept beside it.
+//! A seller's sales and dashboard. Sales are shelf order items, drop purchases and paid subscription periods of the
+//! seller's products alike (drop purchases belong to the seller of their drop); all are read straight from the rows
+//! the orders, the engine's writer and the renewals stored, so the figures are what was sold, not a counter kept
+//! beside it.
 
 use axum::extract::State;
 use axum::Json;
@@ -26,7 +27,11 @@ macro_rules! sales_of_seller {
          UNION ALL
          SELECT 'drop', p.id, p.product_id, p.quantity, p.amount, p.currency, p.paid_at
          FROM purchases p JOIN drops d ON d.id = p.drop_id
-         WHERE d.seller_id = $1 AND p.paid_at >= $2 AND p.paid_at < $3"
+         WHERE d.seller_id = $1 AND p.paid_at >= $2 AND p.paid_at < $3
+         UNION ALL
+         SELECT 'subscription', c.id, c.product_id, 1, c.amount, c.currency, c.paid_at
+         FROM subscription_charges c
+         WHERE c.seller_id = $1 AND c.status = 'paid' AND c.paid_at >= $2 AND c.paid_at < $3"
     };
 }
 
@@ -135,13 +140,23 @@ pub struct Dashboard {
     /// Gross sales (before refunds and fees) in `currency`; today is the UTC day.
     pub revenue: Revenue,
     pub currency: &'static str,
-    /// Shelf orders and drop purchases paid today.
+    /// Shelf orders, drop purchases and subscription periods paid today.
     pub orders_today: i64,
     pub refunds_pending: i64,
     /// The best sellers of the last 30 days by units, at most 5.
     pub top_products: Vec<TopProduct>,
     /// The seller's latest drops, at most 10.
     pub drops: Vec<DropSummary>,
+    pub subscriptions: SubscriptionFigures,
+}
+
+/// The seller's subscriptions on the dashboard.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SubscriptionFigures {
+    pub active: i64,
+    pub past_due: i64,
+    /// What the active subscriptions bring in a month, in `currency`.
+    pub monthly_recurring_revenue: i64,
 }
 
 /// `GET /sellers/me/dashboard`. Money is in KRW, the shop's currency; sales in other currencies are left out
@@ -205,6 +220,30 @@ async fn seller_dashboard(
         refunds_pending: pending,
         top_products: top_products(client, seller, month, end).await?,
         drops: latest_drops(client, seller).await?,
+        subscriptions: subscription_figures(client, seller).await?,
+    })
+}
+
+/// The seller's subscriptions now: how many are active and past due, and the monthly recurring revenue of the
+/// active ones (a weekly price counts 52/12 times a month, rounded down), in the points currency.
+async fn subscription_figures(
+    client: &impl GenericClient,
+    seller: Uuid,
+) -> Result<SubscriptionFigures, ApiError> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'active'),
+                    count(*) FILTER (WHERE status = 'past_due'),
+                    COALESCE(sum(CASE billing_interval WHEN 'month' THEN price ELSE price * 52 / 12 END)
+                             FILTER (WHERE status = 'active' AND currency = $2), 0)::int8
+             FROM subscriptions WHERE seller_id = $1 AND status IN ('active', 'past_due')",
+            &[&seller, &POINTS_CURRENCY],
+        )
+        .await?;
+    Ok(SubscriptionFigures {
+        active: row.get(0),
+        past_due: row.get(1),
+        monthly_recurring_revenue: row.get(2),
     })
 }
 

@@ -1,5 +1,5 @@
-//! The daily settlement: per seller, UTC day and currency, `gross` (shelf order items and drop purchases paid
-//! that day), `refunds` (accepted that day), `fee` (`SETTLEMENT_FEE_BPS` of gross, rounded down) and
+//! The daily settlement: per seller, UTC day and currency, `gross` (shelf order items, drop purchases and
+//! subscription periods paid that day), `refunds` (accepted that day), `fee` (`SETTLEMENT_FEE_BPS` of gross, rounded down) and
 //! `net = gross - refunds - fee`.
 //!
 //! One statement computes every row from the stored sales and upserts it on `(seller_id, day, currency)`, so
@@ -69,6 +69,10 @@ pub async fn settle(
                          FROM purchases p JOIN drops d ON d.id = p.drop_id
                          WHERE p.paid_at >= $3 AND p.paid_at < $4
                          GROUP BY d.seller_id, p.currency
+                         UNION ALL
+                         SELECT seller_id, currency, count(*), sum(amount), 0
+                         FROM subscription_charges WHERE status = 'paid' AND paid_at >= $3 AND paid_at < $4
+                         GROUP BY seller_id, currency
                          UNION ALL
                          SELECT seller_id, currency, 0, 0, sum(amount)
                          FROM refunds WHERE status = 'accepted' AND decided_at >= $3 AND decided_at < $4
