@@ -62,6 +62,7 @@ fn spec(stock: u32) -> DropSpec {
         created_at: now,
         mode: DropMode::FirstCome,
         draw_at: None,
+        goal_units: None,
     }
 }
 

@@ -14,10 +14,10 @@ use crate::types::{
 
 const DROP_COLUMNS: &str =
     "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
-                            price, currency, created_at, mode, draw_at, draw_seed";
+                            price, currency, created_at, mode, draw_at, draw_seed, goal_units, campaign";
 const DROP_COLUMNS_READ: &str =
     "id, seq, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, \
-                                 hold_seconds, price, currency, created_at, mode, draw_at";
+                                 hold_seconds, price, currency, created_at, mode, draw_at, goal_units";
 
 fn to_u32(value: i32) -> u32 {
     // Every such column has a CHECK (> 0 or >= 0) in the migration.
@@ -45,6 +45,7 @@ fn drop_from_row(row: &Row) -> DropSpec {
         // The column's CHECK names only the modes `DropMode` knows.
         mode: DropMode::parse(row.get("mode")).unwrap_or(DropMode::FirstCome),
         draw_at: row.get("draw_at"),
+        goal_units: row.get::<_, Option<i32>>("goal_units").map(to_u32),
     }
 }
 
@@ -71,7 +72,7 @@ pub async fn insert_drop(
     let row = client
         .query_one(
             &format!(
-                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
                  RETURNING seq"
             ),
             &[
@@ -89,6 +90,9 @@ pub async fn insert_drop(
                 &drop.mode.as_str(),
                 &drop.draw_at,
                 &draw_seed,
+                &drop.goal_units.map(to_i32),
+                // A campaign starts live; the migration's trigger and the campaign closer move it on.
+                &drop.goal_units.map(|_| "live"),
             ],
         )
         .await?;

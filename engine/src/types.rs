@@ -28,6 +28,8 @@ pub struct DropSpec {
     pub mode: DropMode,
     /// When a draw ranks its entries; `None` for other modes.
     pub draw_at: Option<DateTime<Utc>>,
+    /// A campaign's goal (API.md, "Preorder campaigns"): all or nothing at `closes_at`; `None` for other drops.
+    pub goal_units: Option<u32>,
 }
 
 /// A drop's launch mode (API.md, "Launch modes").
@@ -93,6 +95,8 @@ pub struct NewDrop {
     pub mode: DropMode,
     /// A draw's time and its 32-byte secret seed (stored with the drop, in the same statement).
     pub draw: Option<DrawTerms>,
+    /// A campaign's goal in units (1..=stock, with `closes_at`); `None` for a drop that is not a campaign.
+    pub goal_units: Option<u32>,
 }
 
 /// What a draw drop is created with.

@@ -62,6 +62,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "notification_kinds",
         include_str!("../migrations/0015_notification_kinds.sql"),
     ),
+    (
+        17,
+        "campaigns",
+        include_str!("../migrations/0017_campaigns.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

@@ -34,12 +34,16 @@ const AREAS: &[(&str, &[&str])] = &[
     ("shop", &["shop"]),
     ("live", &["live"]),
     ("ops", &["ops"]),
+    ("campaigns", &["campaigns"]),
+    ("admin", &["admin"]),
 ];
 /// Which areas an area may import besides itself.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("drops", &["catalog"]),
     ("live", &["drops", "catalog"]),
     ("shop", &["catalog", "live"]),
+    ("campaigns", &["drops"]),
+    ("admin", &["catalog"]),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -297,6 +297,7 @@ impl Engine {
             created_at: self.now(),
             mode: new.mode,
             draw_at: new.draw.as_ref().map(|draw| draw.draw_at),
+            goal_units: new.goal_units,
         };
         let client = self.db.get().await?;
         let seed = new.draw.as_ref().map(|draw| &draw.seed[..]);

@@ -206,12 +206,52 @@ impl TestApp {
         .await
     }
 
+    /// The app on the Redis gate over a fresh database and key prefix, with the given clock.
+    pub async fn with_redis_clock(args: EngineArgs, clock: Arc<dyn Clock>) -> Self {
+        Self::redis_instance_with_clock(
+            Arc::new(TestDb::new().await),
+            args,
+            &[redis_url()],
+            &redis_prefix(),
+            clock,
+        )
+        .await
+    }
+
+    /// `another_instance` with the given clock.
+    pub async fn another_instance_with_clock(&self, clock: Arc<dyn Clock>) -> Self {
+        let redis = self
+            .redis
+            .as_ref()
+            .expect("another_instance needs a Redis-gated app");
+        let urls = self.redis_urls.clone();
+        Self::redis_instance_with_clock(
+            Arc::clone(&self.db),
+            self.args.clone(),
+            &urls,
+            &redis.key_prefix,
+            clock,
+        )
+        .await
+    }
+
     /// The app on the Redis gate over `urls` (one server, or cluster seeds), under `prefix`.
     pub async fn redis_instance(
         db: Arc<TestDb>,
         args: EngineArgs,
         urls: &[String],
         prefix: &str,
+    ) -> Self {
+        Self::redis_instance_with_clock(db, args, urls, prefix, Arc::new(SystemClock)).await
+    }
+
+    /// `redis_instance` with the given clock.
+    pub async fn redis_instance_with_clock(
+        db: Arc<TestDb>,
+        args: EngineArgs,
+        urls: &[String],
+        prefix: &str,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         let redis_args = shell_api::config::RedisArgs {
             redis_url: Some(urls.join(",")),
@@ -228,8 +268,7 @@ impl TestApp {
             conn: gate.connection(),
             key_prefix: prefix.to_owned(),
         };
-        let mut app =
-            Self::over(db, args, Arc::new(gate), Arc::new(SystemClock), Some(redis)).await;
+        let mut app = Self::over(db, args, Arc::new(gate), clock, Some(redis)).await;
         app.redis_urls = urls.to_vec();
         app
     }
