@@ -63,6 +63,7 @@ fn spec(stock: u32) -> DropSpec {
         mode: DropMode::FirstCome,
         draw_at: None,
         queue: None,
+        goal_units: None,
     }
 }
 

@@ -55,6 +55,18 @@ pub trait PaymentGateway: Send + Sync + 'static {
     async fn refund_amount(&self, request: &RefundRequest) -> RefundOutcome;
 }
 
+/// Where the simulated gateway keeps the idempotency records of its refunds when they must outlive the process,
+/// as a real gateway's do: a test that kills an instance in the middle of refunding, restarts it and counts the
+/// refunds "at the gateway" needs the gateway's memory to survive the kill. Without one, the records live in the
+/// gateway's own memory.
+#[async_trait]
+pub trait RefundLedger: std::fmt::Debug + Send + Sync + 'static {
+    /// Records the refund once per `refund_id`: `Ok(true)` when this call paid it, `Ok(false)` when that id was
+    /// paid before (a retry, answered as refunded without paying again), `Err` when it could not be recorded (the
+    /// gateway is unavailable and nothing was paid).
+    async fn record(&self, request: &RefundRequest) -> Result<bool, String>;
+}
+
 /// Settings of the simulated gateway.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SimulatedGatewayConfig {
@@ -74,8 +86,10 @@ pub struct SimulatedGateway {
     refunds: AtomicU64,
     /// What happened to each charge key, kept after a full refund so tests can count charges and refunds.
     history: DashMap<Uuid, ChargeHistory>,
-    /// Refund ids already paid: the idempotency record of `refund_amount`.
+    /// Refund ids already paid: the idempotency record of `refund_amount` (unless `ledger` is set).
     refund_ids: DashMap<Uuid, i64>,
+    /// A durable idempotency record of refunds, set once at start when the deployment asks for one.
+    ledger: std::sync::OnceLock<std::sync::Arc<dyn RefundLedger>>,
 }
 
 /// What the simulated gateway did for one charge key.
@@ -119,6 +133,12 @@ impl SimulatedGateway {
         self.charges
             .get(&reservation_id)
             .map_or(0, |c| c.times_asked)
+    }
+
+    /// Keeps the idempotency records of `refund_amount` in `ledger` from now on; a second call is ignored (the
+    /// first ledger stays, so two records never disagree).
+    pub fn use_refund_ledger(&self, ledger: std::sync::Arc<dyn RefundLedger>) {
+        let _ = self.ledger.set(ledger);
     }
 
     pub fn refunds(&self) -> u64 {
@@ -199,10 +219,23 @@ impl PaymentGateway for SimulatedGateway {
         if !self.config.latency.is_zero() {
             tokio::time::sleep(self.config.latency).await;
         }
-        if let dashmap::mapref::entry::Entry::Vacant(vacant) =
-            self.refund_ids.entry(request.refund_id)
-        {
-            vacant.insert(request.amount);
+        let paid_now = match self.ledger.get() {
+            Some(ledger) => match ledger.record(request).await {
+                Ok(paid_now) => paid_now,
+                Err(err) => {
+                    tracing::warn!(error = %err, "the simulated gateway's refund ledger is unavailable");
+                    return RefundOutcome::Unavailable;
+                }
+            },
+            None => match self.refund_ids.entry(request.refund_id) {
+                dashmap::mapref::entry::Entry::Vacant(vacant) => {
+                    vacant.insert(request.amount);
+                    true
+                }
+                dashmap::mapref::entry::Entry::Occupied(_) => false,
+            },
+        };
+        if paid_now {
             self.refunds.fetch_add(1, Ordering::Relaxed);
             let mut history = self.history.entry(request.charge_key).or_default();
             history.refunds += 1;

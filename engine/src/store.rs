@@ -16,11 +16,11 @@ use crate::types::{
 const DROP_COLUMNS: &str =
     "id, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, hold_seconds, \
                             price, currency, created_at, mode, draw_at, draw_seed, queue_opens_at, pass_seconds, \
-                            admit_per_second";
+                            admit_per_second, goal_units, campaign";
 const DROP_COLUMNS_READ: &str =
     "id, seq, product_id, seller_id, stock, opens_at, closes_at, per_member_limit, \
                                  hold_seconds, price, currency, created_at, mode, draw_at, queue_opens_at, \
-                                 pass_seconds, admit_per_second";
+                                 pass_seconds, admit_per_second, goal_units";
 
 fn to_u32(value: i32) -> u32 {
     // Every such column has a CHECK (> 0 or >= 0) in the migration.
@@ -49,6 +49,7 @@ fn drop_from_row(row: &Row) -> DropSpec {
         mode: DropMode::parse(row.get("mode")).unwrap_or(DropMode::FirstCome),
         draw_at: row.get("draw_at"),
         queue: queue_terms(row),
+        goal_units: row.get::<_, Option<i32>>("goal_units").map(to_u32),
     }
 }
 
@@ -86,7 +87,8 @@ pub async fn insert_drop(
     let row = client
         .query_one(
             &format!(
-                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                "INSERT INTO drops ({DROP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                 $18, $19)
                  RETURNING seq"
             ),
             &[
@@ -107,6 +109,9 @@ pub async fn insert_drop(
                 &drop.queue.map(|queue| queue.queue_opens_at),
                 &drop.queue.map(|queue| to_i32(queue.pass_seconds)),
                 &drop.queue.and_then(|queue| queue.admit_per_second.map(to_i32)),
+                &drop.goal_units.map(to_i32),
+                // A campaign starts live; the migration's trigger and the campaign closer move it on.
+                &drop.goal_units.map(|_| "live"),
             ],
         )
         .await?;

@@ -30,6 +30,8 @@ pub struct DropSpec {
     pub draw_at: Option<DateTime<Utc>>,
     /// A queue drop's waiting room terms; `None` for other modes.
     pub queue: Option<QueueTerms>,
+    /// A campaign's goal (API.md, "Preorder campaigns"): all or nothing at `closes_at`; `None` for other drops.
+    pub goal_units: Option<u32>,
 }
 
 /// How a queue drop's waiting room runs (API.md, "Launch modes").
@@ -122,6 +124,8 @@ pub struct NewDrop {
     pub draw: Option<DrawTerms>,
     /// A queue drop's terms.
     pub queue: Option<QueueTerms>,
+    /// A campaign's goal in units (1..=stock, with `closes_at`); `None` for a drop that is not a campaign.
+    pub goal_units: Option<u32>,
 }
 
 /// What a draw drop is created with.

@@ -22,8 +22,8 @@ use crate::drops::hot::App;
 use crate::error::ApiError;
 use crate::idempotency::IdempotencyStore;
 use crate::{
-    abuse, catalog, config, drops, feeds, guard, live, members, openapi, ops, shop, stores,
-    subscriptions,
+    abuse, admin, campaigns, catalog, config, drops, feeds, guard, live, members, openapi, ops,
+    shop, stores, subscriptions,
 };
 
 /// Settings the handlers need, resolved from the command line once at start.
@@ -37,6 +37,7 @@ pub struct Settings {
     pub request_timeout: std::time::Duration,
     pub login_limits: abuse::LoginLimits,
     pub live: live::LiveConfig,
+    pub campaigns: campaigns::CampaignConfig,
 }
 
 impl Settings {
@@ -50,6 +51,7 @@ impl Settings {
             request_timeout: std::time::Duration::from_secs(30),
             login_limits: abuse::LoginLimits::default(),
             live: live::LiveConfig::default(),
+            campaigns: campaigns::CampaignConfig::default(),
         }
     }
 }
@@ -173,8 +175,32 @@ pub async fn start_engine_with_gate(
     clock: Arc<dyn engine::clock::Clock>,
 ) -> Result<(Arc<Engine>, Arc<SimulatedGateway>), engine::EngineError> {
     let gateway = Arc::new(SimulatedGateway::new(args.gateway_config()));
+    if args.simulated_gateway_ledger {
+        gateway.use_refund_ledger(Arc::new(GatewayRefundLedger(db.clone())));
+    }
     let engine = Engine::start(db, args.engine_config(), gate, gateway.clone(), clock).await?;
     Ok((engine, gateway))
+}
+
+/// The simulated gateway's refund idempotency records in Postgres (`SIMULATED_GATEWAY_LEDGER`), so they outlive a
+/// killed process as a real gateway's would, and a test counts refunds at the gateway across restarts.
+#[derive(Debug)]
+struct GatewayRefundLedger(Pool);
+
+#[async_trait::async_trait]
+impl engine::payment::RefundLedger for GatewayRefundLedger {
+    async fn record(&self, request: &engine::payment::RefundRequest) -> Result<bool, String> {
+        let client = self.0.get().await.map_err(|err| err.to_string())?;
+        let row = client
+            .query_one(
+                "INSERT INTO simulated_gateway_refunds AS g (refund_id, charge_key, amount) VALUES ($1, $2, $3)
+                 ON CONFLICT (refund_id) DO UPDATE SET calls = g.calls + 1 RETURNING calls",
+                &[&request.refund_id, &request.charge_key, &request.amount],
+            )
+            .await
+            .map_err(|err| err.to_string())?;
+        Ok(row.get::<_, i32>(0) == 1)
+    }
 }
 
 /// The service's routes, each path kept beside the router: `tests/openapi.rs` compares them with the OpenAPI
@@ -222,6 +248,8 @@ pub fn routes() -> Routes {
         .merge(shop::router())
         .merge(subscriptions::router())
         .merge(live::router())
+        .merge(campaigns::router())
+        .merge(admin::router())
 }
 
 /// The whole HTTP service.
@@ -264,6 +292,8 @@ pub fn document() -> utoipa::openapi::OpenApi {
         shop::Doc::openapi(),
         subscriptions::Doc::openapi(),
         live::Doc::openapi(),
+        campaigns::Doc::openapi(),
+        admin::Doc::openapi(),
     ])
 }
 

@@ -150,6 +150,11 @@ pub struct EngineArgs {
     /// Share (0.0..=1.0) of charges the simulated gateway answers as unavailable.
     #[arg(long, env = "PAYMENT_FAILURE_RATE", default_value_t = 0.0)]
     pub payment_failure_rate: f64,
+    /// Keep the simulated gateway's refund idempotency records in Postgres (`simulated_gateway_refunds`) instead
+    /// of its memory, so they outlive the process as a real gateway's do: for tests and demos that kill instances
+    /// and count refunds at the gateway.
+    #[arg(long, env = "SIMULATED_GATEWAY_LEDGER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub simulated_gateway_ledger: bool,
 }
 
 impl EngineArgs {
@@ -198,6 +203,7 @@ impl Default for EngineArgs {
             writer_channel_capacity: 16_384,
             payment_latency_ms: 0,
             payment_failure_rate: 0.0,
+            simulated_gateway_ledger: false,
         }
     }
 }

@@ -64,6 +64,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (16, "stores", include_str!("../migrations/0016_stores.sql")),
     (
+        17,
+        "campaigns",
+        include_str!("../migrations/0017_campaigns.sql"),
+    ),
+    (
         18,
         "subscriptions",
         include_str!("../migrations/0018_subscriptions.sql"),

@@ -36,6 +36,8 @@ const AREAS: &[(&str, &[&str])] = &[
     ("subscriptions", &["subscriptions"]),
     ("live", &["live"]),
     ("ops", &["ops"]),
+    ("campaigns", &["campaigns"]),
+    ("admin", &["admin"]),
 ];
 /// Which areas an area may import besides itself.
 const ALLOWED: &[(&str, &[&str])] = &[
@@ -45,6 +47,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // A store's product list shows the catalogue's product body and reuses its search pattern.
     ("stores", &["catalog"]),
     ("subscriptions", &["shop"]),
+    ("campaigns", &["drops"]),
+    ("admin", &["catalog"]),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,8 +12,10 @@ macro_rules! api {
 }
 
 pub mod abuse;
+pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod campaigns;
 pub mod catalog;
 pub mod cli;
 pub mod config;

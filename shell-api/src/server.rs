@@ -45,6 +45,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             window: Duration::from_secs(args.login_failure_window_seconds),
         },
         live: crate::live::LiveConfig::from(&args.live),
+        campaigns: crate::campaigns::CampaignConfig::from(&args.campaigns),
     };
 
     raise_open_files(
@@ -101,6 +102,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::live::notifications::notify_forever(state.clone()));
     tokio::spawn(crate::drops::draw::draw_forever(state.clone()));
     tokio::spawn(crate::subscriptions::renew::renew_forever(state.clone()));
+    tokio::spawn(crate::campaigns::close::campaigns_forever(state.clone()));
     let live = Arc::clone(&state.live);
 
     let listener = TcpListener::bind(args.bind_addr)
@@ -232,6 +234,8 @@ pub struct ServeArgs {
     pub shop: ShopArgs,
     #[command(flatten)]
     pub live: LiveArgs,
+    #[command(flatten)]
+    pub campaigns: crate::campaigns::CampaignArgs,
 }
 
 /// Raises this process's open-files limit (soft) to its hard limit, since every connection is a file and a drop's

@@ -330,6 +330,7 @@ mod tests {
                 pass_seconds: 120,
                 admit_per_second,
             }),
+            goal_units: None,
         }
     }
 

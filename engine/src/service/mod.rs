@@ -318,6 +318,7 @@ impl Engine {
             mode: new.mode,
             draw_at: new.draw.as_ref().map(|draw| draw.draw_at),
             queue: new.queue,
+            goal_units: new.goal_units,
         };
         let client = self.db.get().await?;
         let seed = new.draw.as_ref().map(|draw| &draw.seed[..]);

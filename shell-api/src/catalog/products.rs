@@ -724,6 +724,12 @@ pub(crate) fn search_pattern(q: Option<&str>) -> Result<Option<String>, &'static
     if !crate::error::storable(text) {
         return Err(crate::error::NUL_REASON);
     }
+    Ok(Some(contains_pattern(text)))
+}
+
+/// `%text%` for ILIKE with LIKE's own characters (`%`, `_`, `\`) escaped, so they match themselves (also the back
+/// office's search).
+pub fn contains_pattern(text: &str) -> String {
     let mut pattern = String::with_capacity(text.len() + 2);
     pattern.push('%');
     for c in text.chars() {
@@ -733,7 +739,7 @@ pub(crate) fn search_pattern(q: Option<&str>) -> Result<Option<String>, &'static
         pattern.push(c);
     }
     pattern.push('%');
-    Ok(Some(pattern))
+    pattern
 }
 
 /// Applies a patch (owner or admin). The row is locked while merging so concurrent patches do not lose fields.

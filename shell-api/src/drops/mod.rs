@@ -3,6 +3,7 @@
 
 pub mod draw;
 pub mod hot;
+pub mod purchases;
 pub mod queue;
 pub mod report;
 pub mod wire;
@@ -13,10 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use engine::core::Counts;
 use engine::core::HoldState;
 use engine::types::{
-    reason_name, state_name, DrawTerms, DropInfo, DropMode, DropStatus, NewDrop, Purchase,
-    QueueTerms, Reservation,
+    reason_name, state_name, DrawTerms, DropInfo, DropMode, DropStatus, NewDrop, QueueTerms,
+    Reservation,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -27,6 +29,7 @@ use crate::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson};
 use crate::idempotency::IdempotencyKey;
 use crate::pagination::{encode_cursor, Page, PageQuery};
 use crate::AppState;
+use purchases::PurchaseJson;
 
 /// Largest stock one drop may sell: a drop's units live in the gate's memory (and its Redis hash), so it is
 /// bounded far below a shelf's `products::SHELF_STOCK_MAX`, which is one Postgres column.
@@ -102,6 +105,9 @@ struct CreateDrop {
     /// A queue drop: a ceiling on admissions per second; default none (the stock alone decides).
     #[schema(minimum = 1, maximum = 100_000)]
     admit_per_second: Option<i64>,
+    /// Makes the drop a campaign, all or nothing: 1..=stock, needs `closes_at`; not for a draw.
+    #[schema(minimum = 1)]
+    goal_units: Option<i64>,
 }
 
 /// A drop's launch mode, as `mode` names it (documentation only).
@@ -123,6 +129,34 @@ enum DropStatusName {
     Open,
     SoldOut,
     Closed,
+}
+
+/// A campaign's state, as `campaign` names it (documentation only).
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum CampaignName {
+    Live,
+    Funded,
+    Unfunded,
+}
+
+/// A campaign's state as its counts say it: `funded` once `sold` reaches the goal; `unfunded` once it is
+/// closed short of it with no hold left that could still be paid (the close decides then, from the same
+/// numbers: `campaigns::close`); `live` until then. `None` for a drop without a goal.
+pub fn campaign_state(
+    goal_units: Option<u32>,
+    counts: &Counts,
+    status: DropStatus,
+) -> Option<&'static str> {
+    let goal = goal_units?;
+    Some(if counts.paid >= goal {
+        "funded"
+    } else if status == DropStatus::Closed && counts.held == 0 {
+        "unfunded"
+    } else {
+        "live"
+    })
 }
 
 /// A hold's state and why it was released, as `status` and `reason` name them (documentation only).
@@ -177,6 +211,11 @@ pub(crate) struct DropJson {
     pass_seconds: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     admit_per_second: Option<u32>,
+    /// A campaign's goal in units; null for a drop that is not a campaign.
+    goal_units: Option<u32>,
+    /// Null for a drop that is not a campaign.
+    #[schema(value_type = Option<CampaignName>)]
+    campaign: Option<&'static str>,
 }
 
 impl From<DropInfo> for DropJson {
@@ -202,6 +241,8 @@ impl From<DropInfo> for DropJson {
             queue_opens_at: spec.queue.map(|terms| terms.queue_opens_at),
             pass_seconds: spec.queue.map(|terms| terms.pass_seconds),
             admit_per_second: spec.queue.and_then(|terms| terms.admit_per_second),
+            goal_units: spec.goal_units,
+            campaign: campaign_state(spec.goal_units, &info.counts, info.status),
         }
     }
 }
@@ -298,41 +339,14 @@ struct PaymentJson {
     paid_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-#[schema(as = Purchase)]
-struct PurchaseJson {
-    id: Uuid,
-    reservation_id: Uuid,
-    drop_id: Uuid,
-    product_id: Uuid,
-    quantity: u32,
-    amount: i64,
-    currency: String,
-    paid_at: DateTime<Utc>,
-}
-
-impl From<Purchase> for PurchaseJson {
-    fn from(p: Purchase) -> Self {
-        Self {
-            id: p.id,
-            reservation_id: p.reservation_id,
-            drop_id: p.drop_id,
-            product_id: p.product_id,
-            quantity: p.quantity,
-            amount: p.amount,
-            currency: p.currency,
-            paid_at: p.paid_at,
-        }
-    }
-}
-
 /// Schedules a drop of one of the caller's products (seller, admin).
 #[utoipa::path(post, path = "/api/v1/drops", tag = "drops", security(("bearer" = [])), request_body = CreateDrop,
     responses((status = 201, description = "The drop", body = DropJson),
         (status = 403, description = "`forbidden`: not a seller, or not the product's seller", body = crate::error::ErrorBody),
         (status = 409, description = "`store_suspended`: the product's store is suspended", body = crate::error::ErrorBody),
         (status = 422, description = "`validation`: bounds, `closes_at` before `opens_at`, no such product, `mode` \
-a queue's terms out of bounds or on another mode, a draw without `draw_at` or with one outside (`opens_at`, `closes_at`)",
+a queue's terms out of bounds or on another mode, a draw without `draw_at` or with one outside (`opens_at`, \
+`closes_at`), a `goal_units` outside 1..=stock, without `closes_at` or on a draw",
             body = crate::error::ErrorBody)))]
 async fn create_drop(
     State(state): State<AppState>,
@@ -373,6 +387,7 @@ async fn create_drop(
                 draw_at,
                 seed: draw::new_seed(),
             }),
+            goal_units: body.goal_units.map(to_u32),
         })
         .await?;
     Ok((StatusCode::CREATED, Json(info.into())))
@@ -438,6 +453,7 @@ fn check_create(body: &CreateDrop) -> Result<(i64, i64, DropMode, Option<QueueTe
             "draw_at",
             "must be before closes_at",
         );
+    check_goal(body, draw, &mut fields);
     fields.finish()?;
     Ok((
         per_member_limit,
@@ -445,6 +461,27 @@ fn check_create(body: &CreateDrop) -> Result<(i64, i64, DropMode, Option<QueueTe
         mode.unwrap_or(DropMode::FirstCome),
         queue,
     ))
+}
+
+/// A campaign's goal: within the stock, with a close, and not on a draw.
+fn check_goal(body: &CreateDrop, draw: bool, fields: &mut Fields) {
+    fields
+        .check(
+            body.goal_units
+                .is_none_or(|goal| (1..=body.stock).contains(&goal)),
+            "goal_units",
+            "must be between 1 and the stock",
+        )
+        .check(
+            body.goal_units.is_none() || body.closes_at.is_some(),
+            "goal_units",
+            "a campaign needs closes_at",
+        )
+        .check(
+            body.goal_units.is_none() || !draw,
+            "goal_units",
+            "a draw cannot be a campaign",
+        );
 }
 
 /// A drop with its live counts (`available + held + sold == stock`).
@@ -678,7 +715,7 @@ async fn cancel_reservation(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The signed-in member's drop purchases, newest first.
+/// The signed-in member's drop purchases, newest first, with what became of each (`status`).
 #[utoipa::path(get, path = "/api/v1/members/me/purchases", tag = "drops", security(("bearer" = [])),
     params(crate::pagination::PageParams),
     responses((status = 200, description = "A page of purchases", body = Page<PurchaseJson>)))]
@@ -689,15 +726,11 @@ async fn my_purchases(
 ) -> Result<Json<Page<PurchaseJson>>, ApiError> {
     let limit = page.limit()?;
     let after: Option<(DateTime<Utc>, Uuid)> = page.after()?;
-    let purchases = state
-        .engine
-        .purchases_of(member.id, after, limit + 1)
-        .await?;
-    Ok(Json(Page::from_rows(
-        purchases.into_iter().map(PurchaseJson::from).collect(),
-        limit,
-        |p| (p.paid_at, p.id),
-    )))
+    let client = state.db.get().await?;
+    let purchases = purchases::purchases_of_member(&client, member.id, after, limit + 1).await?;
+    Ok(Json(Page::from_rows(purchases, limit, |p| {
+        (p.paid_at, p.id)
+    })))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The daily settlement: per seller, UTC day and currency, `gross` (shelf order items, drop purchases and
-//! subscription periods paid that day), `refunds` (accepted that day), `fee` (`SETTLEMENT_FEE_BPS` of gross, rounded down) and
+//! subscription periods paid that day), `refunds` (shelf refunds accepted that day, and purchases of unfunded
+//! campaigns refunded that day: `campaigns::refunds`), `fee` (`SETTLEMENT_FEE_BPS` of gross, rounded down) and
 //! `net = gross - refunds - fee`.
 //!
 //! One statement computes every row from the stored sales and upserts it on `(seller_id, day, currency)`, so
@@ -77,6 +78,11 @@ pub async fn settle(
                          SELECT seller_id, currency, 0, 0, sum(amount)
                          FROM refunds WHERE status = 'accepted' AND decided_at >= $3 AND decided_at < $4
                          GROUP BY seller_id, currency
+                         UNION ALL
+                         SELECT d.seller_id, r.currency, 0, 0, sum(r.amount)
+                         FROM purchase_refunds r JOIN drops d ON d.id = r.drop_id
+                         WHERE r.refunded_at >= $3 AND r.refunded_at < $4
+                         GROUP BY d.seller_id, r.currency
                      ) parts
                      GROUP BY seller_id, currency
                  ) totals

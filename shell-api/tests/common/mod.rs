@@ -206,6 +206,35 @@ impl TestApp {
         .await
     }
 
+    /// The app on the Redis gate over a fresh database and key prefix, with the given clock.
+    pub async fn with_redis_clock(args: EngineArgs, clock: Arc<dyn Clock>) -> Self {
+        Self::redis_instance_with_clock(
+            Arc::new(TestDb::new().await),
+            args,
+            &[redis_url()],
+            &redis_prefix(),
+            clock,
+        )
+        .await
+    }
+
+    /// `another_instance` with the given clock.
+    pub async fn another_instance_with_clock(&self, clock: Arc<dyn Clock>) -> Self {
+        let redis = self
+            .redis
+            .as_ref()
+            .expect("another_instance needs a Redis-gated app");
+        let urls = self.redis_urls.clone();
+        Self::redis_instance_with_clock(
+            Arc::clone(&self.db),
+            self.args.clone(),
+            &urls,
+            &redis.key_prefix,
+            clock,
+        )
+        .await
+    }
+
     /// The app on the Redis gate over `urls` (one server, or cluster seeds), under `prefix`.
     pub async fn redis_instance(
         db: Arc<TestDb>,

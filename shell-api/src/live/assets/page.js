@@ -46,6 +46,7 @@
     pill.className = "pill " + drop.status;
     $("price").textContent = fmt(drop.price) + " " + drop.currency;
     $("limit").textContent = "limit " + drop.per_member_limit + " per buyer";
+    renderCampaign();
     const r = rate();
     $("rate").textContent = r > 0 ? r.toFixed(1) : "0";
     $("eta").textContent = drop.available === 0 ? "sold out" : r > 0 ? span(1000 * drop.available / r) : "–";
@@ -57,6 +58,21 @@
     document.body.dataset.events = String(events);
     document.body.dataset.status = drop.status;
     tick();
+  }
+
+  // A campaign (a drop with a goal): its progress toward the goal and its outcome, as the drop body says it.
+  const campaignText = { live: "Live", funded: "Funded", unfunded: "Not funded: refunded" };
+  function renderCampaign() {
+    if (!drop.goal_units) return;
+    $("campaign").hidden = false;
+    $("goal").textContent = fmt(drop.goal_units);
+    const progress = Math.min(100, 100 * drop.sold / drop.goal_units);
+    $("bar-goal").style.width = progress + "%";
+    $("goal-percent").textContent = Math.floor(100 * drop.sold / drop.goal_units) + "%";
+    const state = $("campaign-state");
+    state.textContent = campaignText[drop.campaign] || drop.campaign;
+    state.className = "pill " + drop.campaign;
+    document.body.dataset.campaign = drop.campaign;
   }
 
   function tick() {
