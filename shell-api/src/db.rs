@@ -79,6 +79,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "draw_notices",
         include_str!("../migrations/0020_draw_notices.sql"),
     ),
+    (
+        21,
+        "admin_store_search",
+        include_str!("../migrations/0021_admin_store_search.sql"),
+    ),
 ];
 
 /// Any fixed number: every instance takes this advisory lock so concurrent starts migrate once.

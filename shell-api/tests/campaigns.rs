@@ -712,7 +712,7 @@ async fn a_campaign_needs_a_goal_within_its_stock_and_a_close() {
 }
 
 #[tokio::test]
-async fn the_back_office_finds_members_products_and_drops() {
+async fn the_back_office_finds_members_products_drops_and_stores() {
     let app = TestApp::new().await;
     let admin = app.member(Role::Admin).await;
     let seller = app.member(Role::Seller).await;
@@ -740,6 +740,28 @@ async fn the_back_office_finds_members_products_and_drops() {
                    "opens_at": (Utc::now() + chrono::Duration::hours(1)).to_rfc3339()}),
         )
         .await;
+    // A store, suspended: the back office still finds it (newest of the four).
+    let store = app
+        .call(
+            "POST",
+            "/api/v1/stores",
+            Some(&seller.token),
+            Some(json!({ "name": format!("Bakery {tag}") })),
+        )
+        .await;
+    assert_eq!(store.status, StatusCode::CREATED, "{:?}", store.body);
+    let suspended = app
+        .call(
+            "PUT",
+            &format!(
+                "/api/v1/admin/stores/{}/status",
+                store.body["id"].as_str().unwrap()
+            ),
+            Some(&admin.token),
+            Some(json!({ "status": "suspended" })),
+        )
+        .await;
+    assert_eq!(suspended.status, StatusCode::OK, "{:?}", suspended.body);
     let search = |query: String| {
         let token = admin.token.clone();
         let app = &app;
@@ -761,7 +783,18 @@ async fn the_back_office_finds_members_products_and_drops() {
         .iter()
         .map(|i| i["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["drop", "product", "member"], "newest first");
+    assert_eq!(
+        kinds,
+        ["store", "drop", "product", "member"],
+        "newest first"
+    );
+    let stores = search(format!("q={tag}&kind=store")).await;
+    assert_eq!(
+        stores.body["items"][0]["id"], store.body["id"],
+        "{:?}",
+        stores.body
+    );
+    assert_eq!(stores.body["items"][0]["title"], format!("Bakery {tag}"));
     let by_id = search(format!("q={}&kind=drop", drop["id"].as_str().unwrap())).await;
     assert_eq!(by_id.body["items"][0]["id"], drop["id"], "{:?}", by_id.body);
     let members = search(format!("q={}&kind=member", &seller.email[20..32])).await;
@@ -778,7 +811,8 @@ async fn the_back_office_finds_members_products_and_drops() {
         paged.body["next_cursor"].as_str().unwrap()
     ))
     .await;
-    assert_eq!(next.body["items"][0]["kind"], "member");
+    assert_eq!(next.body["items"][0]["kind"], "product");
+    assert_eq!(next.body["items"][1]["kind"], "member");
     assert!(next.body["next_cursor"].is_null());
     let literal = search("q=%25&kind=product".to_owned()).await;
     assert_eq!(

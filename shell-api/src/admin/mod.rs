@@ -1,10 +1,12 @@
 //! The back office (API.md, "Preorder campaigns and fulfilment", Back office): one search over members (email,
-//! name), products (name) and drops (id, product name), for staff, newest first.
+//! name), products (name), drops (id, product name) and stores (name, suspended ones too: API.md's "Stores" asks
+//! the back office to find them), for staff, newest first.
 //!
 //! Substring matches (`ILIKE '%q%'`, the pattern made as `catalog`'s product search makes it: this area may
 //! import `catalog`) are served by trigram GIN indexes (migration 0017 for members' email and name, 0002 for
 //! product names, which also find drops through `drops_product_idx`); a drop's id is matched exactly. Each kind's branch is cut at the page's size before the branches are merged, so a page reads at most
-//! `limit` rows of each. Figures on 100k members and 100k products: `scripts/admin_search_bench.sh`.
+//! `limit` rows of each. Stores are matched by name through migration 0021's trigram index over every store (the
+//! stores area's own indexes cover active stores only). Figures on 100k members and 100k products: `scripts/admin_search_bench.sh`.
 
 use axum::extract::State;
 use axum::Json;
@@ -38,6 +40,7 @@ pub enum SearchKind {
     Member,
     Product,
     Drop,
+    Store,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,7 +57,7 @@ pub struct SearchHit {
     #[schema(value_type = SearchKind)]
     kind: String,
     id: Uuid,
-    /// A member's `name <email>`, a product's name, a drop's product name.
+    /// A member's `name <email>`, a product's name, a drop's product name, a store's name.
     title: String,
     created_at: DateTime<Utc>,
 }
@@ -75,6 +78,10 @@ const DROPS: &str = "((SELECT 'drop' AS kind, d.id, p.name AS title, d.created_a
     (SELECT 'drop' AS kind, d.id, p.name AS title, d.created_at FROM drops d
     JOIN products p ON p.id = d.product_id WHERE d.id = $2 AND (d.created_at, d.id) < ($3, $4)))";
 
+const STORES: &str = "(SELECT 'store' AS kind, id, name AS title, created_at FROM stores
+    WHERE name ILIKE $1 AND (created_at, id) < ($3, $4)
+    ORDER BY created_at DESC, id DESC LIMIT $5)";
+
 /// Beyond any row's `created_at`: the first page's cursor.
 fn far_future() -> DateTime<Utc> {
     DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
@@ -86,14 +93,18 @@ fn parse_kind(kind: Option<&str>) -> Result<Option<SearchKind>, ApiError> {
         Some("member") => Ok(Some(SearchKind::Member)),
         Some("product") => Ok(Some(SearchKind::Product)),
         Some("drop") => Ok(Some(SearchKind::Drop)),
-        Some(_) => Err(ApiError::invalid("kind", "must be member, product or drop")),
+        Some("store") => Ok(Some(SearchKind::Store)),
+        Some(_) => Err(ApiError::invalid(
+            "kind",
+            "must be member, product, drop or store",
+        )),
     }
 }
 
-/// Members, products and drops matching `q`, newest first (admin; paged). Without `kind`, all three.
+/// Members, products, drops and stores matching `q`, newest first (admin; paged). Without `kind`, all four.
 #[utoipa::path(get, path = "/api/v1/admin/search", tag = "admin", security(("bearer" = [])),
     params(("q" = String, Query, description = "Text to find (1..=100 characters): in a member's email or name, a \
-product's name, a drop's product name; or a drop's id"),
+product's name, a drop's product name, a store's name; or a drop's id"),
         ("kind" = Option<SearchKind>, Query, description = "Only this kind"),
         crate::pagination::PageParams),
     responses((status = 200, description = "A page of hits, newest first", body = Page<SearchHit>),
@@ -117,6 +128,7 @@ pub async fn search(
         (SearchKind::Member, MEMBERS),
         (SearchKind::Product, PRODUCTS),
         (SearchKind::Drop, DROPS),
+        (SearchKind::Store, STORES),
     ]
     .into_iter()
     .filter(|(k, _)| kind.is_none_or(|kind| kind == *k))
