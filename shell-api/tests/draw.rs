@@ -800,3 +800,136 @@ async fn an_instance_killed_in_the_middle_of_a_draw_leaves_it_to_another_which_d
     assert_eq!(recompute_ranking(draw["seed"].as_str().unwrap(), &ids), ids);
     b.kill().await;
 }
+
+/// The draw and its allocator on three instances over one Redis (the stock authority every instance shares): all
+/// three run their draw pass at once, the draw happens once and ranks as the seed says, the first `stock` ranks win;
+/// winners who cancel (on another instance than the one that gave their hold) free units that go to the next ranks,
+/// exactly those, and no more units are sold than the stock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_redis_instances_the_draw_happens_once_and_released_units_go_down_the_ranking() {
+    const STOCK: usize = 10;
+    let now = engine::clock::to_datetime(Utc::now().timestamp_millis());
+    let clock = Arc::new(ManualClock::new(now.timestamp_millis()));
+    let db = Arc::new(common::TestDb::new().await);
+    let prefix = common::redis_prefix();
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        apps.push(
+            TestApp::redis_instance_with_clock(
+                Arc::clone(&db),
+                EngineArgs::default(),
+                &[common::redis_url()],
+                &prefix,
+                clock.clone(),
+            )
+            .await,
+        );
+    }
+    let seller = apps[0].member(Role::Seller).await;
+    let product = apps[0].product(&seller, 1_000).await;
+    let draw_at = now + chrono::Duration::seconds(60);
+    let drop = apps[0]
+        .drop(
+            &seller,
+            json!({ "product_id": product, "stock": STOCK, "mode": "draw", "hold_seconds": 60,
+                    "opens_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
+                    "draw_at": draw_at.to_rfc3339() }),
+        )
+        .await;
+    let mut members = HashMap::new();
+    for i in 0..60 {
+        let member = apps[i % 3].member(Role::Customer).await;
+        let entered = enter(&apps[i % 3], &member, &drop, 1).await;
+        assert_eq!(entered.status, StatusCode::CREATED, "{:?}", entered.body);
+        members.insert(member.id, member);
+    }
+    clock.set_ms(draw_at.timestamp_millis());
+    let all_tick = || async {
+        let passes = apps.iter().map(|app| draw::tick(&app.state));
+        for pass in futures_util::future::join_all(passes).await {
+            pass.unwrap();
+        }
+    };
+    all_tick().await;
+    let seed = apps[1]
+        .call("GET", &path(&drop, "/draw"), None, None)
+        .await
+        .body["seed"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rows = entry_rows(&apps[2], &drop).await;
+    let ids: Vec<String> = rows.iter().map(|row| row.0.to_string()).collect();
+    assert_eq!(
+        recompute_ranking(&seed, &ids),
+        ids,
+        "ranked once, as the seed says"
+    );
+    let winners: Vec<EntryRow> = rows.iter().filter(|row| row.2 == "won").cloned().collect();
+    assert_eq!(winners.len(), STOCK);
+    assert!(winners.iter().all(|row| row.3.unwrap() <= STOCK as i32));
+
+    // Four winners cancel on one instance, the rest pay on another.
+    for (i, row) in winners.iter().enumerate() {
+        let (member, hold) = (&members[&row.1], row.4.unwrap().to_string());
+        if i < 4 {
+            let cancelled = common::cancel(&apps[(i + 1) % 3], member, &hold).await;
+            assert_eq!(
+                cancelled.status,
+                StatusCode::NO_CONTENT,
+                "{:?}",
+                cancelled.body
+            );
+        } else {
+            let paid = pay(&apps[(i + 2) % 3], member, &hold, "tok_ok").await;
+            assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+        }
+    }
+    all_tick().await;
+    let rows = entry_rows(&apps[0], &drop).await;
+    let next: Vec<&EntryRow> = rows
+        .iter()
+        .filter(|row| row.2 == "won" && row.3.unwrap() > STOCK as i32)
+        .collect();
+    let ranks: Vec<i32> = next.iter().map(|row| row.3.unwrap()).collect();
+    assert_eq!(
+        ranks,
+        [11, 12, 13, 14],
+        "the released units go to the next ranks, in order"
+    );
+    for (i, row) in next.iter().enumerate() {
+        let paid = pay(
+            &apps[i % 3],
+            &members[&row.1],
+            &row.4.unwrap().to_string(),
+            "tok_ok",
+        )
+        .await;
+        assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+    }
+    // Sold out with nothing held: the waitlist loses, on whichever instance settles it.
+    all_tick().await;
+    let rows = entry_rows(&apps[1], &drop).await;
+    let count = |status: &str| rows.iter().filter(|row| row.2 == status).count();
+    assert_eq!(
+        (count("won"), count("waitlisted"), count("lost")),
+        (14, 0, 46)
+    );
+    let drop_id: Uuid = drop["id"].as_str().unwrap().parse().unwrap();
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*), coalesce(sum(quantity), 0)::int8, count(DISTINCT member_id) FROM purchases
+             WHERE drop_id = $1",
+            &[&drop_id],
+        )
+        .await
+        .unwrap();
+    let (purchases, units, buyers): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (purchases, units, buyers),
+        (10, 10, 10),
+        "the stock sold once, one unit per buyer"
+    );
+}
