@@ -214,7 +214,9 @@ async fn a_queue_drop_shuffles_its_pre_queue_admits_by_the_stock_and_checks_ever
         (borrowed.status, borrowed.code()),
         (StatusCode::FORBIDDEN, "not_admitted")
     );
-    let forged = format!("{}0", &pass[..pass.len() - 1]);
+    // The mac's last digit changed (to another digit: replacing it with "0" would be no change one time in 16).
+    let last = if pass.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &pass[..pass.len() - 1]);
     let forged = reserve_with(&app, head(1), &drop, Some(&forged)).await;
     assert_eq!(forged.code(), "not_admitted");
     let held = reserve_with(&app, head(1), &drop, Some(&pass)).await;
@@ -429,9 +431,13 @@ async fn queue_across_instances(urls: Vec<String>, count: usize) {
     println!(
         "pre-queue: Spearman rank correlation of join order and position over {count}: {rho:.4}"
     );
+    // Under a uniform shuffle rho has a standard deviation of 1/sqrt(n-1): five of them is a bound a fair shuffle
+    // passes but for about one run in a million (0.07 at 5,000 members, 0.2 at 600), and a kept join order (rho 1)
+    // or a partial one fails.
+    let bound = 5.0 / ((count - 1) as f64).sqrt();
     assert!(
-        rho.abs() < 0.1,
-        "pre-queue order correlates with join order: {rho}"
+        rho.abs() < bound,
+        "pre-queue order correlates with join order: {rho} (bound {bound:.3})"
     );
 
     // Every instance ticks; admission still follows the stock: exactly `stock` passes, to the first `stock`.
