@@ -82,6 +82,9 @@ pub struct AppInner {
     pub live: Arc<live::Live>,
     /// Failed logins per account and per address (`abuse`).
     pub login_limiter: abuse::LoginLimiter,
+    /// The key admission passes are signed with (`drops::queue`), derived from the JWT secret once here rather than
+    /// on every reservation that carries a pass.
+    pub admission_key: [u8; 32],
 }
 
 impl AppState {
@@ -89,6 +92,7 @@ impl AppState {
     pub fn new(db: Pool, settings: Settings, engine: Arc<Engine>, redis: Option<&Redis>) -> Self {
         let tokens = TokenKeys::new(&settings.jwt_secret, settings.access_token_seconds);
         let settings_live = settings.live;
+        let admission_key = drops::queue::pass_key(&settings.jwt_secret);
         let login_limits = settings.login_limits;
         let idempotency = match redis {
             Some(redis) => IdempotencyStore::shared(redis.conn.clone(), &redis.key_prefix),
@@ -104,6 +108,7 @@ impl AppState {
             redis: redis.map(|redis| redis.conn.clone()),
             live: Arc::new(live::Live::new(settings_live)),
             login_limiter: abuse::LoginLimiter::new(login_limits),
+            admission_key,
         }))
     }
 }

@@ -42,7 +42,8 @@ pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     } else {
         block[..key.len()].copy_from_slice(key);
     }
-    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    // On the stack: the admission pass is checked with this on the reservation path.
+    let pad = |byte: u8| block.map(|b| b ^ byte);
     let inner = Sha256::new()
         .chain_update(pad(0x36))
         .chain_update(message)

@@ -588,7 +588,7 @@ pub(crate) async fn reserve_answer(
     // A pass is checked before anything is recorded, with no I/O: a refused one leaves no idempotency record.
     if let Some(pass) = pass {
         let now_ms = state.engine.now().timestamp_millis();
-        queue::check_pass(&queue::pass_key(state), pass, drop_id, member, now_ms)?;
+        queue::check_pass(&state.admission_key, pass, drop_id, member, now_ms)?;
     }
     let admitted = pass.is_some();
     let quantity = body.quantity.unwrap_or(1);

@@ -78,9 +78,10 @@ pub(super) fn check_terms(
     })
 }
 
-/// The key passes are signed with, derived from the service's secret (so it is never the JWT key itself).
-pub fn pass_key(state: &AppState) -> [u8; 32] {
-    hmac_sha256(&state.settings.jwt_secret, b"flashsale admission pass v1")
+/// The key passes are signed with, derived from the service's secret (so it is never the JWT key itself); derived
+/// once, at start (`AppInner::admission_key`).
+pub fn pass_key(secret: &[u8]) -> [u8; 32] {
+    hmac_sha256(secret, b"flashsale admission pass v1")
 }
 
 fn mac(key: &[u8; 32], drop: Uuid, member: Uuid, expires_ms: i64) -> [u8; MAC_BYTES] {
@@ -187,7 +188,8 @@ impl QueueJson {
             position: standing.position,
             ahead: standing.ahead,
             eta_seconds: standing.eta_seconds,
-            pass: pass_expires_ms.map(|expires| sign_pass(&pass_key(state), drop, member, expires)),
+            pass: pass_expires_ms
+                .map(|expires| sign_pass(&state.admission_key, drop, member, expires)),
             pass_expires_at: pass_expires_ms.map(to_datetime),
         }
     }
@@ -265,7 +267,7 @@ mod tests {
 
     #[test]
     fn a_pass_admits_its_member_at_its_drop_until_it_expires_and_nobody_else() {
-        let state = &hmac_sha256(b"a test secret", b"flashsale admission pass v1");
+        let state = &pass_key(b"a test secret");
         let (drop, member) = (Uuid::now_v7(), Uuid::now_v7());
         let pass = sign_pass(state, drop, member, 10_000);
         assert_eq!(check_pass(state, &pass, drop, member, 9_999), Ok(()));
