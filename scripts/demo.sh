@@ -5,19 +5,21 @@
 # stock comes back. Goose writes its HTML report; the harness then verifies the invariants through the API and in
 # Postgres and prints its summary.
 #
-#   scripts/demo.sh [--redis] [--instances N] [-- DRIVER_ARGS...]
+#   scripts/demo.sh [--mode MODE] [--redis] [--instances N] [-- DRIVER_ARGS...]
 #     e.g. scripts/demo.sh -- --buyers 2000 --stock 500
 #          scripts/demo.sh -- --threshold "p99<500ms" --threshold "error-rate<1%"
 #          scripts/demo.sh --redis --instances 3
 #
 # Without options: one server on the embedded gate (its in-memory core is the stock authority).
+# --mode MODE      the goose scenario to run, a subcommand of flashsale-load with its own checks afterwards:
+#                  drop (the default, the funnel above).
 # --redis          the servers use the Redis gate: REDIS_URL from scripts/services.sh, and a key prefix of this
 #                  run's own (REDIS_KEY_PREFIX=demo-<timestamp>-<pid>:) whose keys are deleted at the end.
 # --instances N    start N servers (default 1, at most 16) on one database and one Redis, all selling the same
 #                  drop; N > 1 needs --redis. The harness spreads buyers over them round robin and pays or cancels
 #                  each hold through another instance than the one that granted it; its checks add that every
 #                  instance serves the same counts at the end.
-# DRIVER_ARGS (after --) go to `flashsale-load drop` (see `flashsale-load drop --help`: the funnel's settings and
+# DRIVER_ARGS (after --) go to `flashsale-load MODE` (see `flashsale-load MODE --help`: the scenario's settings and
 # goose's options, such as --threshold); they override the LOAD_* settings.
 # Settings: DEMO_DB (database name, default flashsale_demo; dropped and recreated on every run),
 # DEMO_SERVER_ENV (extra VAR=value settings for every server, space-separated, e.g. "RESERVE_INFLIGHT_MAX=512"),
@@ -46,14 +48,15 @@ die() {
 
 usage() {
   cat <<'USAGE'
-usage: scripts/demo.sh [--redis] [--instances N] [-- DRIVER_ARGS...]
+usage: scripts/demo.sh [--mode MODE] [--redis] [--instances N] [-- DRIVER_ARGS...]
 
+  --mode MODE      the goose scenario (a flashsale-load subcommand, checked afterwards): drop (default)
   --redis          use the Redis gate (REDIS_URL from scripts/services.sh) under a fresh REDIS_KEY_PREFIX,
                    whose keys are deleted at the end
   --instances N    run N servers on one database and one Redis, selling the same drop (default 1, at most 16;
                    N > 1 needs --redis)
   -h, --help       this text
-  DRIVER_ARGS      options of `flashsale-load drop` and goose, e.g. -- --buyers 2000 --stock 500
+  DRIVER_ARGS      options of `flashsale-load MODE` and goose, e.g. -- --buyers 2000 --stock 500
                    or -- --threshold "p99<500ms"
 
 Settings: DEMO_DB (default flashsale_demo, recreated every run), DEMO_SERVER_ENV (extra VAR=value settings for
@@ -69,8 +72,18 @@ usage_error() {
 
 USE_REDIS=0
 INSTANCES=1
+MODE=drop
+# The scenarios demo.sh runs: each is a flashsale-load subcommand that takes the target's options and
+# --summary-file, and exits 0 / 1 / 2 as the drop funnel does.
+MODES="drop"
 while [ $# -gt 0 ]; do
   case $1 in
+    --mode)
+      [ $# -ge 2 ] || usage_error "--mode needs a name ($MODES)"
+      MODE=$2
+      shift
+      ;;
+    --mode=*) MODE=${1#--mode=} ;;
     --redis) USE_REDIS=1 ;;
     --instances)
       [ $# -ge 2 ] || usage_error "--instances needs a number"
@@ -90,6 +103,10 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+case " $MODES " in
+  *" $MODE "*) ;;
+  *) usage_error "unknown --mode '$MODE' (one of: $MODES)" ;;
+esac
 case $INSTANCES in
   '' | *[!0-9]* | 0*) usage_error "--instances must be a whole number from 1 to $INSTANCES_MAX (got '$INSTANCES')" ;;
 esac
@@ -225,9 +242,9 @@ step "admin $ADMIN_EMAIL"
 mkdir -p "$ROOT/reports"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 # Goose's reports (HTML for people, JSON for tools) and the harness's summary of the funnel and its checks.
-HTML_REPORT=$ROOT/reports/drop-$STAMP.html
-JSON_REPORT=$ROOT/reports/drop-$STAMP.json
-SUMMARY=$ROOT/reports/drop-$STAMP.summary.json
+HTML_REPORT=$ROOT/reports/$MODE-$STAMP.html
+JSON_REPORT=$ROOT/reports/$MODE-$STAMP.json
+SUMMARY=$ROOT/reports/$MODE-$STAMP.summary.json
 read -r -a server_env <<<"${DEMO_SERVER_ENV:-}"
 # Every server signs with the same JWT secret, so a token from one is good on all of them.
 common_env=(BIND_ADDR=127.0.0.1:0 JWT_SECRET=flashsale-demo-secret-not-for-production RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1)
@@ -276,9 +293,9 @@ BASE_URL_LIST=$(
   printf '%s' "${BASE_URLS[*]}"
 )
 
-step "flashsale-load drop (goose) $*"
+step "flashsale-load $MODE (goose) $*"
 set +e
-LOAD_ADMIN_PASSWORD=$ADMIN_PASSWORD "$LOAD" drop --base-url "$BASE_URL_LIST" --database-url "$DATABASE_URL" \
+LOAD_ADMIN_PASSWORD=$ADMIN_PASSWORD "$LOAD" "$MODE" --base-url "$BASE_URL_LIST" --database-url "$DATABASE_URL" \
   --admin-email "$ADMIN_EMAIL" --report-file "$HTML_REPORT" --report-file "$JSON_REPORT" \
   --summary-file "$SUMMARY" "$@"
 LOAD_STATUS=$?
@@ -286,10 +303,12 @@ set -e
 
 # The drop report, as its page (inline SVG, no assets from elsewhere), saved before the servers stop: signed in as
 # the demo's admin, from the first server, after the servers' next tick has written their last counts.
-DROP_REPORT=$ROOT/reports/drop-$STAMP.report.html
+DROP_REPORT=$ROOT/reports/$MODE-$STAMP.report.html
 save_drop_report() {
   local drop token
-  drop=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["drop_id"])' "$SUMMARY" 2>/dev/null) || return 1
+  # A scenario without a drop (no drop_id in its summary) has no drop report.
+  drop=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("drop_id") or "")' "$SUMMARY" 2>/dev/null) || return 1
+  [ -n "$drop" ] || return 0
   token=$(curl -fsS -H 'content-type: application/json' \
     -d "{\"email\":\"$ADMIN_EMAIL\",\"password\":\"$ADMIN_PASSWORD\"}" "${BASE_URLS[0]}/api/v1/auth/login" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])') || return 1
