@@ -12,7 +12,9 @@
 #
 # Without options: one server on the embedded gate (its in-memory core is the stock authority).
 # --mode MODE      the goose scenario to run, a subcommand of flashsale-load with its own checks afterwards:
-#                  drop (the default, the funnel above).
+#                  drop (the default, the funnel above); queue (a waiting room: 400 members join before and after the
+#                  opening, reserve with their admission pass); draw (400 members enter a raffle, winners pay or pass
+#                  their hold down the ranking, which the harness recomputes from the revealed seed).
 # --redis          the servers use the Redis gate: REDIS_URL from scripts/services.sh, and a key prefix of this
 #                  run's own (REDIS_KEY_PREFIX=demo-<timestamp>-<pid>:) whose keys are deleted at the end.
 # --instances N    start N servers (default 1, at most 16) on one database and one Redis, all selling the same
@@ -50,7 +52,8 @@ usage() {
   cat <<'USAGE'
 usage: scripts/demo.sh [--mode MODE] [--redis] [--instances N] [-- DRIVER_ARGS...]
 
-  --mode MODE      the goose scenario (a flashsale-load subcommand, checked afterwards): drop (default)
+  --mode MODE      the goose scenario (a flashsale-load subcommand, checked afterwards): drop (default),
+                   queue, draw
   --redis          use the Redis gate (REDIS_URL from scripts/services.sh) under a fresh REDIS_KEY_PREFIX,
                    whose keys are deleted at the end
   --instances N    run N servers on one database and one Redis, selling the same drop (default 1, at most 16;
@@ -75,7 +78,7 @@ INSTANCES=1
 MODE=drop
 # The scenarios demo.sh runs: each is a flashsale-load subcommand that takes the target's options and
 # --summary-file, and exits 0 / 1 / 2 as the drop funnel does.
-MODES="drop"
+MODES="drop queue draw"
 while [ $# -gt 0 ]; do
   case $1 in
     --mode)

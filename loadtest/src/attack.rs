@@ -12,6 +12,7 @@ use goose::threshold::ThresholdResult;
 use crate::browse::Shop;
 use crate::drop_funnel::Funnel;
 use crate::feed::Social;
+use crate::launch::Launch;
 use crate::setup::progress;
 use crate::shopping::Shoppers;
 
@@ -22,6 +23,8 @@ pub struct Parts {
     pub shop: Option<(Arc<Shop>, usize)>,
     pub social: Option<(Arc<Social>, usize)>,
     pub shelf: Option<(Arc<Shoppers>, usize)>,
+    /// A fair launch (`queue`, `draw`): one user per member.
+    pub launch: Option<Arc<Launch>>,
     pub setup_concurrency: usize,
 }
 
@@ -31,6 +34,7 @@ impl Parts {
             + self.shop.as_ref().map_or(0, |(_, n)| *n)
             + self.social.as_ref().map_or(0, |(_, n)| *n)
             + self.shelf.as_ref().map_or(0, |(_, n)| *n)
+            + self.launch.as_ref().map_or(0, |l| l.users())
     }
 
     /// Everything the scenarios need, catalog and members first: the drop opens a fixed time after its setup.
@@ -46,6 +50,9 @@ impl Parts {
         }
         if let Some(funnel) = &self.funnel {
             funnel.setup(user).await?;
+        }
+        if let Some(launch) = &self.launch {
+            launch.setup(user).await?;
         }
         Ok(())
     }
@@ -85,8 +92,8 @@ pub async fn run(
     shape: Shape,
 ) -> anyhow::Result<Ended> {
     let users = match config.users {
-        // Browse and feed alone take `-u`; a funnel's users follow from its buyers and tabs.
-        Some(users) if parts.funnel.is_none() => users,
+        // Browse and feed alone take `-u`; a funnel's and a launch's users follow from their buyers (and tabs).
+        Some(users) if parts.funnel.is_none() && parts.launch.is_none() => users,
         _ => parts.users(),
     };
     anyhow::ensure!(users > 0, "no goose users to run");
@@ -173,6 +180,14 @@ pub async fn run(
                     .map_err(goose_error)?,
             );
         }
+    }
+    if let Some(launch) = &parts.launch {
+        attack = attack.register_scenario(
+            launch
+                .scenario()
+                .set_weight(launch.users())
+                .map_err(goose_error)?,
+        );
     }
     progress(format!(
         "goose: {users} users; reports {}",

@@ -72,6 +72,8 @@ pub struct Call {
     token: Option<String>,
     body: Option<Value>,
     idempotency_key: Option<String>,
+    /// Other request headers (a queue drop's `Admission-Pass`).
+    headers: Vec<(&'static str, String)>,
     /// Index of the instance to send to (taken modulo the number of instances).
     instance: usize,
 }
@@ -106,6 +108,7 @@ impl Call {
             token: None,
             body,
             idempotency_key: None,
+            headers: Vec::new(),
             instance: 0,
         }
     }
@@ -125,6 +128,12 @@ impl Call {
     /// Sends `Idempotency-Key`, so that a retry after 429/503 (or a lost answer) cannot take a second hold.
     pub fn idempotency_key(mut self, key: String) -> Self {
         self.idempotency_key = Some(key);
+        self
+    }
+
+    /// Sends the header `name: value` too.
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
         self
     }
 
@@ -237,6 +246,9 @@ pub async fn send(user: &mut GooseUser, targets: &Targets, call: &Call, expect: 
     }
     if let Some(key) = &call.idempotency_key {
         builder = builder.header("Idempotency-Key", key);
+    }
+    for (name, value) in &call.headers {
+        builder = builder.header(*name, value);
     }
     if let Some(body) = &call.body {
         builder = builder.json(body);

@@ -41,6 +41,15 @@ pub enum Command {
     /// A realistic blend: the drop funnel while shoppers browse, members read and write the feeds and others buy
     /// from the shelf; the run ends when the funnel is done, and the drop's and the shop's invariants are verified.
     Mixed(MixedArgs),
+    /// A waiting room: members join a queue drop (some before the opening, the rest after), wait for their pass,
+    /// reserve with it and pay, cancel, are declined or let the pass expire. Then the room's guarantees are checked
+    /// (no reservation without a pass, admission in the published order, the pre-queue shuffled, everyone waiting
+    /// told sold_out within 1 s) with the stock's. Exits 1 if one or a threshold fails.
+    Queue(QueueArgs),
+    /// A draw: members enter (some twice, some withdraw), the draw ranks them at `draw_at`, winners pay, are
+    /// declined, cancel or let their hold expire (the units go down the ranking). Then the draw is recomputed from
+    /// its seed and checked against the winners and Postgres. Exits 1 if a check or a threshold fails.
+    Draw(DrawArgs),
     /// A constant arrival rate over raw HTTP/1.1 connections: requests are scheduled at fixed intended times and
     /// their latency counts from that time, so a stalled server shows in every request it delayed.
     Rate(RateArgs),
@@ -145,6 +154,105 @@ pub struct DropArgs {
     pub target: TargetArgs,
     #[command(flatten)]
     pub funnel: FunnelArgs,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
+/// What the fair launches (`queue`, `draw`) share: one goose user per member, and the funnel's rates applied to
+/// what a member is given (a pass, a won hold).
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct LaunchArgs {
+    /// Members who take part, one goose user each.
+    #[arg(long, env = "LOAD_BUYERS", default_value_t = 400)]
+    pub buyers: u32,
+    /// Units the drop sells (one per member).
+    #[arg(long, env = "LOAD_STOCK", default_value_t = 80)]
+    pub stock: u32,
+    /// Seconds a hold lasts.
+    #[arg(long, env = "LOAD_HOLD_SECONDS", default_value_t = 5)]
+    pub hold_seconds: u32,
+    /// The drop opens this long after it is created, once every member is signed in (queue: the pre-queue joins
+    /// before; draw: entries are taken from then).
+    #[arg(long, env = "LOAD_OPENS_IN_MS", default_value_t = 4000)]
+    pub opens_in_ms: u64,
+    /// Share of those given something who abandon it: a pass never used, a won hold left to expire.
+    #[arg(long, env = "LOAD_ABANDON_RATE", default_value_t = 0.15)]
+    pub abandon_rate: f64,
+    /// Share who cancel their hold.
+    #[arg(long, env = "LOAD_CANCEL_RATE", default_value_t = 0.1)]
+    pub cancel_rate: f64,
+    /// Share who pay with `tok_declined`; the rest pay with `tok_ok`.
+    #[arg(long, env = "LOAD_DECLINE_RATE", default_value_t = 0.1)]
+    pub decline_rate: f64,
+    /// How often a member looks at its place or entry, in milliseconds.
+    #[arg(long, env = "LOAD_POLL_MS", default_value_t = 250)]
+    pub poll_ms: u64,
+    /// Also write the summary (figures and checks) as JSON here.
+    #[arg(long, env = "LOAD_SUMMARY_FILE")]
+    pub summary_file: Option<PathBuf>,
+}
+
+impl LaunchArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.buyers > 0 && self.stock > 0,
+            "--buyers and --stock must be above 0"
+        );
+        ensure!(self.hold_seconds > 0, "--hold-seconds must be above 0");
+        ensure!(
+            self.opens_in_ms >= 1000,
+            "--opens-in-ms must be at least 1000"
+        );
+        ensure!(
+            (20..=5_000).contains(&self.poll_ms),
+            "--poll-ms must be between 20 and 5000"
+        );
+        let shares = [self.abandon_rate, self.cancel_rate, self.decline_rate];
+        ensure!(
+            shares.iter().all(|s| (0.0..=1.0).contains(s)) && shares.iter().sum::<f64>() <= 1.0,
+            "--abandon-rate, --cancel-rate and --decline-rate are shares: each in 0..=1, together at most 1"
+        );
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueueArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+    /// Share of members who join the pre-queue, before the opening.
+    #[arg(long, env = "LOAD_PRE_SHARE", default_value_t = 0.25)]
+    pub pre_share: f64,
+    /// The others join within this long after the opening.
+    #[arg(long, env = "LOAD_LATE_JOIN_MS", default_value_t = 3000)]
+    pub late_join_ms: u64,
+    /// The drop's `pass_seconds`.
+    #[arg(long, env = "LOAD_PASS_SECONDS", default_value_t = 4)]
+    pub pass_seconds: u32,
+    /// The drop's `admit_per_second` (none by default).
+    #[arg(long, env = "LOAD_ADMIT_PER_SECOND")]
+    pub admit_per_second: Option<u32>,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrawArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+    /// Entries are taken for this long after the opening; then the draw.
+    #[arg(long, env = "LOAD_ENTRY_WINDOW_MS", default_value_t = 3000)]
+    pub entry_window_ms: u64,
+    /// The drop closes this long after the draw (waitlisted entries lose then at the latest).
+    #[arg(long, env = "LOAD_CLOSES_AFTER_MS", default_value_t = 120_000)]
+    pub closes_after_ms: u64,
+    /// Share of members who withdraw their entry before the draw.
+    #[arg(long, env = "LOAD_WITHDRAW_RATE", default_value_t = 0.1)]
+    pub withdraw_rate: f64,
     #[command(flatten)]
     pub goose: GooseConfiguration,
 }

@@ -17,6 +17,8 @@ async fn main() -> ExitCode {
         Command::Browse(args) => run::browse(args).await.map(|e| goose_verdict("browse", &e)),
         Command::Feed(args) => run::feed(args).await.map(|e| goose_verdict("feed", &e)),
         Command::Shop(args) => run::shop(args).await.map(|o| shop_verdict(&o)),
+        Command::Queue(args) => run::queue(args).await.map(|o| launch_verdict(&o.summary)),
+        Command::Draw(args) => run::draw(args).await.map(|o| launch_verdict(&o.summary)),
         Command::Rate(args) => run::rate(args).await.map(|report| {
             print!("{}", report.render());
             report.errors() == 0
@@ -39,6 +41,14 @@ async fn main() -> ExitCode {
 fn drop_verdict(outcome: &run::DropOutcome) -> bool {
     print!("{}", summary::render(&outcome.summary));
     outcome.summary.passed
+}
+
+fn launch_verdict(summary: &loadtest::launch::LaunchSummary) -> bool {
+    print!("{}", summary.render());
+    for file in &summary.report_files {
+        println!("goose report: {file}");
+    }
+    summary.passed
 }
 
 fn shop_verdict(outcome: &run::ShopOutcome) -> bool {

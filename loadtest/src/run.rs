@@ -15,11 +15,12 @@ use crate::browse::Shop;
 use crate::chaos::{self, ChaosOutcome};
 use crate::client::{plain_user, Targets};
 use crate::config::{
-    refuse_goose_options, BrowseArgs, ChaosArgs, DropArgs, FeedArgs, FunnelArgs, MixedArgs,
-    RateArgs, ShopArgs, TargetArgs,
+    refuse_goose_options, BrowseArgs, ChaosArgs, DrawArgs, DropArgs, FeedArgs, FunnelArgs,
+    MixedArgs, QueueArgs, RateArgs, ShopArgs, TargetArgs,
 };
 use crate::drop_funnel::{Funnel, FunnelRun};
 use crate::feed::Social;
+use crate::launch::{self, Kind, Launch, LaunchSummary};
 use crate::rate::{self, RateReport};
 use crate::setup::{self, progress};
 use crate::shopping::{self, ShopRun, Shoppers};
@@ -105,6 +106,7 @@ pub async fn mixed(args: MixedArgs) -> anyhow::Result<DropOutcome> {
         )),
         social: Some((Social::new(args.social, Arc::clone(&targets)), args.readers)),
         shelf: Some((Arc::clone(&shoppers), args.shelf_shoppers)),
+        launch: None,
         setup_concurrency: args.target.setup_concurrency,
     };
     // A cap in case the funnel never reports done (goose started fewer tabs than asked): the opening, every hold
@@ -135,6 +137,188 @@ pub async fn mixed(args: MixedArgs) -> anyhow::Result<DropOutcome> {
         shop_checks,
     )
     .await
+}
+
+/// `flashsale-load queue`: the waiting room, then its checks.
+pub async fn queue(args: QueueArgs) -> anyhow::Result<LaunchOutcome> {
+    refuse_goose_options(&args.goose, "queue")?;
+    args.launch.validate()?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.pre_share),
+        "--pre-share is a share, in 0..=1"
+    );
+    anyhow::ensure!(args.pass_seconds > 0, "--pass-seconds must be above 0");
+    let terms = launch::queue::Terms {
+        pass_seconds: args.pass_seconds,
+        admit_per_second: args.admit_per_second,
+        pre_share: args.pre_share,
+        late_join_ms: args.late_join_ms,
+        poll_ms: args.launch.poll_ms,
+    };
+    run_launch(Kind::Queue(terms), args.launch, args.target, args.goose).await
+}
+
+/// `flashsale-load draw`: the draw, then its checks.
+pub async fn draw(args: DrawArgs) -> anyhow::Result<LaunchOutcome> {
+    refuse_goose_options(&args.goose, "draw")?;
+    args.launch.validate()?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.withdraw_rate),
+        "--withdraw-rate is a share, in 0..=1"
+    );
+    anyhow::ensure!(
+        args.entry_window_ms >= 1000 && args.closes_after_ms >= 1000,
+        "--entry-window-ms and --closes-after-ms must be at least 1000"
+    );
+    let terms = launch::draw::Terms {
+        entry_window_ms: args.entry_window_ms,
+        closes_after_ms: args.closes_after_ms,
+        withdraw_rate: args.withdraw_rate,
+        poll_ms: args.launch.poll_ms,
+    };
+    run_launch(Kind::Draw(terms), args.launch, args.target, args.goose).await
+}
+
+async fn run_launch(
+    kind: Kind,
+    args: crate::config::LaunchArgs,
+    target: TargetArgs,
+    goose: goose::config::GooseConfiguration,
+) -> anyhow::Result<LaunchOutcome> {
+    let targets = targets(&target)?;
+    let run = Launch::new(kind, args, target, Arc::clone(&targets));
+    let parts = Parts {
+        launch: Some(Arc::clone(&run)),
+        setup_concurrency: run.target.setup_concurrency,
+        ..Parts::default()
+    };
+    let shape = Shape {
+        name: run.name(),
+        host: targets.base(0).to_owned(),
+        one_iteration: true,
+        run_time_default: None,
+    };
+    let ended = attack::run(goose, parts, shape).await?;
+    let (checks, figures) = judge_launch(&run).await?;
+    let thresholds_failed: Vec<String> =
+        ended.thresholds_failed.iter().map(threshold_line).collect();
+    let summary = LaunchSummary {
+        scenario: run.name(),
+        passed: verify::passed(&checks) && thresholds_failed.is_empty(),
+        drop_id: run.fixture.get().map(|f| f.drop_id.clone()),
+        args: run.args.clone(),
+        figures,
+        unexpected: launch::lock(&run.tally).unexpected.clone(),
+        checks,
+        thresholds_failed,
+        report_files: ended.report_files,
+    };
+    if let Some(path) = &run.args.summary_file {
+        summary.write_json(path)?;
+    }
+    Ok(LaunchOutcome { summary, run })
+}
+
+/// A finished fair launch: its summary, and the run, to judge again.
+#[derive(Debug)]
+pub struct LaunchOutcome {
+    pub summary: LaunchSummary,
+    pub run: Arc<Launch>,
+}
+
+/// Judges a finished fair launch from what it saw, the API and Postgres; again after a fault is planted behind the
+/// server's back, the checks must catch it.
+#[allow(
+    clippy::too_many_lines,
+    reason = "each mode's facts, checks and figures, then the shared ones, in report order"
+)]
+pub async fn judge_launch(
+    run: &Launch,
+) -> anyhow::Result<(
+    Vec<Check>,
+    std::collections::BTreeMap<&'static str, serde_json::Value>,
+)> {
+    let fixture = run.fixture.get().context("the launch was never set up")?;
+    let (snapshots, last) = run.finish().await?;
+    let instances = run.on_every_instance().await;
+    let client = launch::connect(&run.target.database_url).await?;
+    let db = launch::db_facts(&client, &fixture.drop_id).await?;
+    let member_ids: Vec<String> = fixture.members.iter().map(|m| m.id.clone()).collect();
+    let (holds, server_failures) = {
+        let tally = launch::lock(&run.tally);
+        (tally.holds.clone(), tally.server_failures)
+    };
+    let mut figures = std::collections::BTreeMap::new();
+    let mut checks = match &run.kind {
+        Kind::Queue(_) => {
+            let logs = launch::lock(&run.queue_log).clone();
+            figures.insert(
+                "members joined",
+                json!(logs.iter().filter(|l| l.join.is_some()).count()),
+            );
+            figures.insert(
+                "joined the pre-queue",
+                json!(logs.iter().filter(|l| l.pre_queue).count()),
+            );
+            figures.insert(
+                "admitted",
+                json!(logs.iter().filter(|l| l.admitted_ms.is_some()).count()),
+            );
+            figures.insert(
+                "told sold_out",
+                json!(logs.iter().filter(|l| l.sold_out_ms.is_some()).count()),
+            );
+            if let Some((n, rho, bound)) = launch::queue::pre_queue_correlation(&logs) {
+                figures.insert(
+                    "pre-queue rank correlation",
+                    json!(format!("{rho:+.3} over {n} (bound {bound:.3})")),
+                );
+            }
+            launch::queue::verify(&logs, &snapshots, &db.reservations, &member_ids)
+        }
+        Kind::Draw(_) => {
+            let logs = launch::lock(&run.draw_log).clone();
+            let probes = launch::lock(&run.draw_probes).clone();
+            let published = launch::draw::read_published(run, &fixture.drop_id).await?;
+            let facts = launch::draw::draw_facts(&client, &fixture.drop_id).await?;
+            figures.insert("entries", json!(published.entries));
+            figures.insert(
+                "withdrawn",
+                json!(logs.iter().filter(|l| l.withdrawn).count()),
+            );
+            figures.insert(
+                "won",
+                json!(facts.entries.iter().filter(|e| e.status == "won").count()),
+            );
+            figures.insert(
+                "lost",
+                json!(facts.entries.iter().filter(|e| e.status == "lost").count()),
+            );
+            figures.insert("seed", json!(published.seed));
+            launch::draw::verify(&logs, &probes, &published, &facts, &db.reservations)
+        }
+    };
+    checks.extend(launch::stock_checks(
+        i64::from(run.args.stock),
+        &snapshots,
+        last,
+        &instances,
+        &db,
+        &holds,
+        server_failures,
+    ));
+    figures.insert("holds", json!(holds.len()));
+    figures.insert(
+        "paid (200)",
+        json!(holds.iter().filter(|h| h.purchase.is_some()).count()),
+    );
+    if let Some(last) = last {
+        figures.insert(
+            "final available/held/sold",
+            json!(format!("{}/{}/{}", last.available, last.held, last.sold)),
+        );
+    }
+    Ok((checks, figures))
 }
 
 /// `flashsale-load browse`.

@@ -18,6 +18,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use common::{pay, reserve, TestApp, TestMember};
 use engine::clock::{Clock, ManualClock};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use shell_api::auth::Role;
@@ -426,23 +427,35 @@ async fn the_draw_happens_once_whichever_instances_run_it() {
     assert_eq!(ranks, (1..=30).collect::<Vec<_>>());
 }
 
-#[tokio::test]
+/// Entries and units of the waitlist test (API.md's example: 5,000 entries for 100 units), and the winners who
+/// let their holds expire (a third).
+const WAITLIST_ENTRIES: usize = 5_000;
+const WAITLIST_UNITS: usize = 100;
+const WAITLIST_EXPIRED: usize = 33;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waitlist_sells_every_unit_when_a_third_of_the_winners_let_their_holds_expire() {
     let DrawSetup {
         app,
         clock,
         drop,
         draw_at,
-    } = draw_drop(20, 60, json!({ "hold_seconds": 60 })).await;
-    let mut members = HashMap::new();
-    for _ in 0..500 {
-        let member = app.member(Role::Customer).await;
-        assert_eq!(
-            enter(&app, &member, &drop, 1).await.status,
-            StatusCode::CREATED
-        );
-        members.insert(member.id, member);
-    }
+    } = draw_drop(WAITLIST_UNITS as u32, 60, json!({ "hold_seconds": 60 })).await;
+    // 5,000 members enter, sixteen at a time.
+    let entered: Vec<TestMember> = futures_util::stream::iter(0..WAITLIST_ENTRIES)
+        .map(|_| async {
+            let member = app.member(Role::Customer).await;
+            assert_eq!(
+                enter(&app, &member, &drop, 1).await.status,
+                StatusCode::CREATED
+            );
+            member
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let members: HashMap<Uuid, TestMember> = entered.into_iter().map(|m| (m.id, m)).collect();
+    assert_eq!(members.len(), WAITLIST_ENTRIES);
     clock.set_ms(draw_at.timestamp_millis());
     draw::tick(&app.state).await.unwrap();
     let seed = app
@@ -462,14 +475,16 @@ async fn the_waitlist_sells_every_unit_when_a_third_of_the_winners_let_their_hol
         "entries ranked as anyone recomputes"
     );
     let winners: Vec<_> = rows.iter().filter(|row| row.2 == "won").collect();
-    assert_eq!(winners.len(), 20);
+    assert_eq!(winners.len(), WAITLIST_UNITS);
     assert!(
-        winners.iter().all(|row| row.3.unwrap() <= 20),
-        "the first 20 ranks win"
+        winners
+            .iter()
+            .all(|row| row.3.unwrap() as usize <= WAITLIST_UNITS),
+        "the first 100 ranks win"
     );
 
-    // Two thirds pay; a third (7) let their holds expire.
-    for row in winners.iter().skip(7) {
+    // Two thirds pay; a third (33) let their holds expire.
+    for row in winners.iter().skip(WAITLIST_EXPIRED) {
         let paid = pay(
             &app,
             &members[&row.1],
@@ -483,14 +498,15 @@ async fn the_waitlist_sells_every_unit_when_a_third_of_the_winners_let_their_hol
     app.state.engine.reap().await.unwrap();
     draw::tick(&app.state).await.unwrap();
     let rows = entry_rows(&app, &drop).await;
+    let next_ranks = WAITLIST_UNITS + 1..=WAITLIST_UNITS + WAITLIST_EXPIRED;
     let second: Vec<_> = rows
         .iter()
-        .filter(|row| row.2 == "won" && (21..=27).contains(&row.3.unwrap()))
+        .filter(|row| row.2 == "won" && next_ranks.contains(&(row.3.unwrap() as usize)))
         .collect();
     assert_eq!(
         second.len(),
-        7,
-        "the next seven ranks get the released units"
+        WAITLIST_EXPIRED,
+        "the next 33 ranks get the released units"
     );
     for row in &second {
         let paid = pay(
@@ -506,14 +522,15 @@ async fn the_waitlist_sells_every_unit_when_a_third_of_the_winners_let_their_hol
     draw::tick(&app.state).await.unwrap();
     let rows = entry_rows(&app, &drop).await;
     let count = |status: &str| rows.iter().filter(|row| row.2 == status).count();
+    let won = WAITLIST_UNITS + WAITLIST_EXPIRED;
     assert_eq!(
         (count("won"), count("waitlisted"), count("lost")),
-        (27, 0, 473)
+        (won, 0, WAITLIST_ENTRIES - won)
     );
     let state = app.call("GET", &path(&drop, ""), None, None).await.body;
     assert_eq!(
         (state["sold"].as_u64(), state["held"].as_u64()),
-        (Some(20), Some(0))
+        (Some(WAITLIST_UNITS as u64), Some(0))
     );
     let drop_id: Uuid = drop["id"].as_str().unwrap().parse().unwrap();
     let (purchases, units): (i64, i64) = {
@@ -531,7 +548,7 @@ async fn the_waitlist_sells_every_unit_when_a_third_of_the_winners_let_their_hol
     };
     assert_eq!(
         (purchases, units),
-        (20, 20),
+        (WAITLIST_UNITS as i64, WAITLIST_UNITS as i64),
         "every unit sold once, never more than the stock"
     );
 }

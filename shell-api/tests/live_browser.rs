@@ -590,24 +590,7 @@ async fn load_report() {
     chromium();
 
     let db = common::TestDb::new().await;
-    let admin = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-        .args([
-            "admin",
-            "create",
-            "--email",
-            ADMIN_EMAIL,
-            "--password",
-            ADMIN_PASSWORD,
-        ])
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        admin.status.success(),
-        "{}",
-        String::from_utf8_lossy(&admin.stderr)
-    );
+    db.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let server = common::TestServer::start(&db.url, &[("REAPER_INTERVAL_MS", "200")]).await;
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let html = out.join(format!(

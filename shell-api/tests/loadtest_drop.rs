@@ -19,26 +19,8 @@ use loadtest::verify::{self, Verdict};
 const ADMIN_EMAIL: &str = "admin@load.test";
 const ADMIN_PASSWORD: &str = "load-test-admin-password";
 
-/// `flashsale admin create` against the test database, as the demo does.
 async fn create_admin(db: &TestDb) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-        .args([
-            "admin",
-            "create",
-            "--email",
-            ADMIN_EMAIL,
-            "--password",
-            ADMIN_PASSWORD,
-        ])
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "admin create: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    db.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,6 +58,25 @@ impl TestDb {
     pub async fn client(&self) -> deadpool_postgres::Object {
         self.pool.get().await.expect("test db connection")
     }
+
+    /// `flashsale admin create` against this database, as the demo does before a load run.
+    #[allow(
+        dead_code,
+        reason = "only the tests that drive the load harness make an admin this way"
+    )]
+    pub async fn create_admin(&self, email: &str, password: &str) {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .args(["admin", "create", "--email", email, "--password", password])
+            .env("DATABASE_URL", &self.url)
+            .output()
+            .await
+            .expect("run flashsale admin create");
+        assert!(
+            output.status.success(),
+            "admin create: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
 
 impl Drop for TestDb {
