@@ -14,6 +14,7 @@ use crate::drop_funnel::Funnel;
 use crate::feed::Social;
 use crate::setup::progress;
 use crate::shopping::Shoppers;
+use crate::subscribe::Subscribers;
 
 /// The scenarios of a run, each with its goose users (the funnel counts its own: one per tab).
 #[derive(Debug, Default, Clone)]
@@ -22,6 +23,7 @@ pub struct Parts {
     pub shop: Option<(Arc<Shop>, usize)>,
     pub social: Option<(Arc<Social>, usize)>,
     pub shelf: Option<(Arc<Shoppers>, usize)>,
+    pub subscribe: Option<(Arc<Subscribers>, usize)>,
     pub setup_concurrency: usize,
 }
 
@@ -31,6 +33,7 @@ impl Parts {
             + self.shop.as_ref().map_or(0, |(_, n)| *n)
             + self.social.as_ref().map_or(0, |(_, n)| *n)
             + self.shelf.as_ref().map_or(0, |(_, n)| *n)
+            + self.subscribe.as_ref().map_or(0, |(_, n)| *n)
     }
 
     /// Everything the scenarios need, catalog and members first: the drop opens a fixed time after its setup.
@@ -43,6 +46,9 @@ impl Parts {
         }
         if let Some((shelf, _)) = &self.shelf {
             shelf.setup(user, self.setup_concurrency).await?;
+        }
+        if let Some((subscribers, _)) = &self.subscribe {
+            subscribers.setup(user, self.setup_concurrency).await?;
         }
         if let Some(funnel) = &self.funnel {
             funnel.setup(user).await?;
@@ -173,6 +179,14 @@ pub async fn run(
                     .map_err(goose_error)?,
             );
         }
+    }
+    if let Some((subscribers, n)) = &parts.subscribe {
+        attack = attack.register_scenario(
+            subscribers
+                .scenario()
+                .and_then(|s| s.set_weight(*n))
+                .map_err(goose_error)?,
+        );
     }
     progress(format!(
         "goose: {users} users; reports {}",
