@@ -14,7 +14,10 @@
 # --mode MODE      the goose scenario to run, a subcommand of flashsale-load with its own checks afterwards:
 #                  drop (the default, the funnel above); queue (a waiting room: 400 members join before and after the
 #                  opening, reserve with their admission pass); draw (400 members enter a raffle, winners pay or pass
-#                  their hold down the ranking, which the harness recomputes from the revealed seed).
+#                  their hold down the ranking, which the harness recomputes from the revealed seed);
+#                  subscribe (members subscribe, pause, resume, cancel and change cards while `flashsale renew --at`
+#                  runs in rounds, two processes at once, each round 8 days further on the test clock; then one
+#                  charge per period, the ledgers and the gateway's records are checked).
 # --redis          the servers use the Redis gate: REDIS_URL from scripts/services.sh, and a key prefix of this
 #                  run's own (REDIS_KEY_PREFIX=demo-<timestamp>-<pid>:) whose keys are deleted at the end.
 # --instances N    start N servers (default 1, at most 16) on one database and one Redis, all selling the same
@@ -53,7 +56,7 @@ usage() {
 usage: scripts/demo.sh [--mode MODE] [--redis] [--instances N] [-- DRIVER_ARGS...]
 
   --mode MODE      the goose scenario (a flashsale-load subcommand, checked afterwards): drop (default),
-                   queue, draw
+                   queue, draw, subscribe (subscriptions renewed by `flashsale renew --at` rounds during the run)
   --redis          use the Redis gate (REDIS_URL from scripts/services.sh) under a fresh REDIS_KEY_PREFIX,
                    whose keys are deleted at the end
   --instances N    run N servers on one database and one Redis, selling the same drop (default 1, at most 16;
@@ -78,7 +81,7 @@ INSTANCES=1
 MODE=drop
 # The scenarios demo.sh runs: each is a flashsale-load subcommand that takes the target's options and
 # --summary-file, and exits 0 / 1 / 2 as the drop funnel does.
-MODES="drop queue draw"
+MODES="drop queue draw subscribe"
 while [ $# -gt 0 ]; do
   case $1 in
     --mode)
@@ -296,11 +299,16 @@ BASE_URL_LIST=$(
   printf '%s' "${BASE_URLS[*]}"
 )
 
-step "flashsale-load $MODE (goose) $*"
+# Options only some scenarios take: subscribe spawns `flashsale renew`, the run's own copy.
+mode_args=()
+case $MODE in
+  subscribe) mode_args=(--flashsale-bin "$FLASHSALE") ;;
+esac
+step "flashsale-load $MODE (goose) ${mode_args[*]} $*"
 set +e
 LOAD_ADMIN_PASSWORD=$ADMIN_PASSWORD "$LOAD" "$MODE" --base-url "$BASE_URL_LIST" --database-url "$DATABASE_URL" \
   --admin-email "$ADMIN_EMAIL" --report-file "$HTML_REPORT" --report-file "$JSON_REPORT" \
-  --summary-file "$SUMMARY" "$@"
+  --summary-file "$SUMMARY" "${mode_args[@]}" "$@"
 LOAD_STATUS=$?
 set -e
 

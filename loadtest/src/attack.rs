@@ -15,6 +15,7 @@ use crate::feed::Social;
 use crate::launch::Launch;
 use crate::setup::progress;
 use crate::shopping::Shoppers;
+use crate::subscribe::Subscribers;
 
 /// The scenarios of a run, each with its goose users (the funnel counts its own: one per tab).
 #[derive(Debug, Default, Clone)]
@@ -25,6 +26,7 @@ pub struct Parts {
     pub shelf: Option<(Arc<Shoppers>, usize)>,
     /// A fair launch (`queue`, `draw`): one user per member.
     pub launch: Option<Arc<Launch>>,
+    pub subscribe: Option<(Arc<Subscribers>, usize)>,
     pub setup_concurrency: usize,
 }
 
@@ -35,6 +37,7 @@ impl Parts {
             + self.social.as_ref().map_or(0, |(_, n)| *n)
             + self.shelf.as_ref().map_or(0, |(_, n)| *n)
             + self.launch.as_ref().map_or(0, |l| l.users())
+            + self.subscribe.as_ref().map_or(0, |(_, n)| *n)
     }
 
     /// Everything the scenarios need, catalog and members first: the drop opens a fixed time after its setup.
@@ -47,6 +50,9 @@ impl Parts {
         }
         if let Some((shelf, _)) = &self.shelf {
             shelf.setup(user, self.setup_concurrency).await?;
+        }
+        if let Some((subscribers, _)) = &self.subscribe {
+            subscribers.setup(user, self.setup_concurrency).await?;
         }
         if let Some(funnel) = &self.funnel {
             funnel.setup(user).await?;
@@ -186,6 +192,14 @@ pub async fn run(
             launch
                 .scenario()
                 .set_weight(launch.users())
+                .map_err(goose_error)?,
+        );
+    }
+    if let Some((subscribers, n)) = &parts.subscribe {
+        attack = attack.register_scenario(
+            subscribers
+                .scenario()
+                .and_then(|s| s.set_weight(*n))
                 .map_err(goose_error)?,
         );
     }

@@ -95,6 +95,10 @@ impl Call {
         Self::new(GooseMethod::Delete, name, path, None)
     }
 
+    pub fn patch(name: &'static str, path: impl Into<String>, body: Value) -> Self {
+        Self::new(GooseMethod::Patch, name, path, Some(body))
+    }
+
     fn new(
         method: GooseMethod,
         name: &'static str,

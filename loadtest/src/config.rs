@@ -50,6 +50,12 @@ pub enum Command {
     /// declined, cancel or let their hold expire (the units go down the ranking). Then the draw is recomputed from
     /// its seed and checked against the winners and Postgres. Exits 1 if a check or a threshold fails.
     Draw(DrawArgs),
+    /// Subscriptions: members subscribe (points or cards, some declining), pause, resume, cancel, change cards and
+    /// accept a raised price for `-t` (default 30 s), while `flashsale renew --at` runs in rounds (several processes
+    /// at once, each round further on the test clock); then one charge per period, the ledgers and the gateway's
+    /// records are verified in Postgres. Exits 1 if a check or a threshold fails, 2 when the run could not be
+    /// carried out.
+    Subscribe(SubscribeRunArgs),
     /// A constant arrival rate over raw HTTP/1.1 connections: requests are scheduled at fixed intended times and
     /// their latency counts from that time, so a stalled server shows in every request it delayed.
     Rate(RateArgs),
@@ -342,6 +348,53 @@ pub struct MixedArgs {
     pub goose: GooseConfiguration,
 }
 
+/// The `subscribe` scenario's settings.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct SubscribeArgs {
+    /// The `flashsale` binary whose `renew --at` the run spawns (with `--database-url` as its DATABASE_URL).
+    #[arg(long, env = "LOAD_FLASHSALE_BIN")]
+    pub flashsale_bin: PathBuf,
+    /// Members who subscribe (signed up, logged in and given points during setup); goose users take them in turn.
+    #[arg(
+        long = "subscribe-members",
+        env = "LOAD_SUBSCRIBE_MEMBERS",
+        default_value_t = 100
+    )]
+    pub members: u32,
+    /// Points charged to each of them during setup (KRW; a period costs 3,000-9,900), so some run short.
+    #[arg(
+        long = "subscribe-points",
+        env = "LOAD_SUBSCRIBE_POINTS",
+        default_value_t = 30_000
+    )]
+    pub points: i64,
+    /// Renewal rounds during the run, `--renew-every-ms` apart; one more runs after goose.
+    #[arg(long, env = "LOAD_RENEW_ROUNDS", default_value_t = 4)]
+    pub renew_rounds: u32,
+    /// `flashsale renew` processes started at once in each round, all with the round's `--at`.
+    #[arg(long, env = "LOAD_RENEWERS", default_value_t = 2)]
+    pub renewers: u32,
+    /// Real time between renewal rounds, in milliseconds.
+    #[arg(long, env = "LOAD_RENEW_EVERY_MS", default_value_t = 5_000)]
+    pub renew_every_ms: u64,
+    /// Days the test clock moves on each round (past a week: every weekly subscription comes due each round).
+    #[arg(long, env = "LOAD_RENEW_STEP_DAYS", default_value_t = 8)]
+    pub renew_step_days: u32,
+    /// Also write the summary (what the run did, the facts and the checks) as JSON here.
+    #[arg(long, env = "LOAD_SUMMARY_FILE")]
+    pub summary_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SubscribeRunArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub subscribe: SubscribeArgs,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RateArgs {
     #[command(flatten)]
@@ -599,6 +652,36 @@ impl SocialArgs {
         ensure!(
             (1..=FIXTURES_MAX).contains(&self.members),
             "--members must be 1..={FIXTURES_MAX}"
+        );
+        Ok(())
+    }
+}
+
+impl SubscribeArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (1..=FIXTURES_MAX).contains(&self.members),
+            "--subscribe-members must be 1..={FIXTURES_MAX}"
+        );
+        ensure!(
+            (0..=1_000_000_000).contains(&self.points),
+            "--subscribe-points must be 0..=1000000000"
+        );
+        ensure!(
+            (1..=100).contains(&self.renew_rounds),
+            "--renew-rounds must be 1..=100"
+        );
+        ensure!(
+            (1..=16).contains(&self.renewers),
+            "--renewers must be 1..=16"
+        );
+        ensure!(
+            (100..=600_000).contains(&self.renew_every_ms),
+            "--renew-every-ms must be 100..=600000"
+        );
+        ensure!(
+            (1..=366).contains(&self.renew_step_days),
+            "--renew-step-days must be 1..=366"
         );
         Ok(())
     }

@@ -5,7 +5,8 @@
 //!
 //! `client` (one API call through a goose user), `setup` (members, products, drops, before anything is
 //! measured), the scenarios `drop_funnel`, `browse`, `feed`
-//! and `shopping` (with the shop's own checks), `launch` (the fair launches, `queue` and `draw`, with theirs), `attack` (goose's options and run), `verify`
+//! and `shopping` (with the shop's own checks), `launch` (the fair launches, `queue` and `draw`, with theirs),
+//! `subscribe` (renewals through `flashsale renew` during the run), `attack` (goose's options and run), `verify`
 //! (pure invariant checks), `summary` (what we print after goose's report), `report` (goose's HTML report made to
 //! draw offline, with the vendored ECharts inline), `rate`, and `run` (one function per
 //! subcommand). `chaos` is a world of its own: it starts the servers it tests, injects faults on a seeded
@@ -24,5 +25,6 @@ pub mod report;
 pub mod run;
 pub mod setup;
 pub mod shopping;
+pub mod subscribe;
 pub mod summary;
 pub mod verify;

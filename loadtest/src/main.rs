@@ -19,6 +19,7 @@ async fn main() -> ExitCode {
         Command::Shop(args) => run::shop(args).await.map(|o| shop_verdict(&o)),
         Command::Queue(args) => run::queue(args).await.map(|o| launch_verdict(&o.summary)),
         Command::Draw(args) => run::draw(args).await.map(|o| launch_verdict(&o.summary)),
+        Command::Subscribe(args) => run::subscribe(args).await.map(|o| subscribe_verdict(&o)),
         Command::Rate(args) => run::rate(args).await.map(|report| {
             print!("{}", report.render());
             report.errors() == 0
@@ -55,6 +56,12 @@ fn shop_verdict(outcome: &run::ShopOutcome) -> bool {
     println!("\nshop checks");
     print!("{}", summary::render_checks(&outcome.checks));
     goose_verdict("shop", &outcome.ended) && outcome.passed()
+}
+
+fn subscribe_verdict(outcome: &run::SubscribeOutcome) -> bool {
+    println!("\nsubscribe checks");
+    print!("{}", summary::render_checks(&outcome.summary.checks));
+    goose_verdict("subscribe", &outcome.ended) && outcome.summary.passed
 }
 
 fn goose_verdict(name: &str, ended: &loadtest::attack::Ended) -> bool {

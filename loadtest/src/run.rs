@@ -16,7 +16,7 @@ use crate::chaos::{self, ChaosOutcome};
 use crate::client::{plain_user, Targets};
 use crate::config::{
     refuse_goose_options, BrowseArgs, ChaosArgs, DrawArgs, DropArgs, FeedArgs, FunnelArgs,
-    MixedArgs, QueueArgs, RateArgs, ShopArgs, TargetArgs,
+    MixedArgs, QueueArgs, RateArgs, ShopArgs, SubscribeRunArgs, TargetArgs,
 };
 use crate::drop_funnel::{Funnel, FunnelRun};
 use crate::feed::Social;
@@ -24,6 +24,7 @@ use crate::launch::{self, Kind, Launch, LaunchSummary};
 use crate::rate::{self, RateReport};
 use crate::setup::{self, progress};
 use crate::shopping::{self, ShopRun, Shoppers};
+use crate::subscribe::{self, SubscribeRun, SubscribeSummary, Subscribers};
 use crate::summary::{threshold_line, Milestones, Summary};
 use crate::verify::{self, Check};
 
@@ -107,6 +108,7 @@ pub async fn mixed(args: MixedArgs) -> anyhow::Result<DropOutcome> {
         social: Some((Social::new(args.social, Arc::clone(&targets)), args.readers)),
         shelf: Some((Arc::clone(&shoppers), args.shelf_shoppers)),
         launch: None,
+        subscribe: None,
         setup_concurrency: args.target.setup_concurrency,
     };
     // A cap in case the funnel never reports done (goose started fewer tabs than asked): the opening, every hold
@@ -390,6 +392,53 @@ pub async fn shop(mut args: ShopArgs) -> anyhow::Result<ShopOutcome> {
 pub async fn reverify_shop(run: &ShopRun, database_url: &str) -> anyhow::Result<Vec<Check>> {
     let facts = shopping::shop_facts(database_url, run).await?;
     Ok(shopping::verify_shop(&facts))
+}
+
+/// A finished subscribe run: goose's end and the summary (whose `passed` says whether every check held).
+#[derive(Debug)]
+pub struct SubscribeOutcome {
+    pub ended: Ended,
+    pub summary: SubscribeSummary,
+}
+
+/// `flashsale-load subscribe`: members for `-t` while renewal rounds run, a final round, then the checks.
+pub async fn subscribe(mut args: SubscribeRunArgs) -> anyhow::Result<SubscribeOutcome> {
+    args.subscribe.validate()?;
+    let targets = targets(&args.target)?;
+    let users = args.goose.users.unwrap_or(USERS_DEFAULT);
+    args.goose.users = Some(users);
+    let subscribers = Subscribers::new(
+        args.subscribe.clone(),
+        args.target.clone(),
+        Arc::clone(&targets),
+    );
+    let parts = Parts {
+        subscribe: Some((Arc::clone(&subscribers), users)),
+        setup_concurrency: args.target.setup_concurrency,
+        ..Parts::default()
+    };
+    let ended = attack::run(args.goose, parts, time_boxed("subscribe", &targets)).await?;
+    let renewals = subscribers.finish_renewals().await?;
+    let run = subscribers
+        .run(renewals)
+        .context("the subscriptions were never set up")?;
+    let checks = reverify_subscribe(&run, &args.target.database_url).await?;
+    let summary = SubscribeSummary::new(args.subscribe.clone(), run, checks, &ended);
+    if let Some(path) = &args.subscribe.summary_file {
+        crate::summary::write_json(&summary, path)?;
+    }
+    Ok(SubscribeOutcome { ended, summary })
+}
+
+/// Reads Postgres again for a finished subscribe run and judges it: after a charge or a ledger row is changed
+/// behind the server's back, the checks must catch it.
+pub async fn reverify_subscribe(
+    run: &SubscribeRun,
+    database_url: &str,
+) -> anyhow::Result<(subscribe::checks::SubscribeFacts, Vec<Check>)> {
+    let facts = subscribe::checks::facts(database_url, run).await?;
+    let checks = subscribe::checks::verify(run, &facts);
+    Ok((facts, checks))
 }
 
 fn time_boxed(name: &'static str, targets: &Targets) -> Shape {

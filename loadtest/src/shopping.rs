@@ -539,7 +539,27 @@ pub fn verify_shop(f: &ShopFacts) -> Vec<Check> {
     ]
 }
 
-fn uuids(ids: &[String], what: &str) -> anyhow::Result<Vec<Uuid>> {
+/// Of `members`' balances, how many differ from the sum of their ledger, and how many are below zero.
+pub async fn balances_off(
+    client: &tokio_postgres::Client,
+    members: &[Uuid],
+) -> Result<(i64, i64), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE b.balance <> COALESCE(e.total, 0)),
+                    count(*) FILTER (WHERE b.balance < 0)
+             FROM balances b
+             LEFT JOIN (SELECT member_id, sum(amount)::bigint AS total FROM balance_entries
+                        WHERE member_id = ANY($1) GROUP BY member_id) e USING (member_id)
+             WHERE b.member_id = ANY($1)",
+            &[&members],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Parses the run's ids of `what` (all UUIDs) for a query.
+pub fn uuids(ids: &[String], what: &str) -> anyhow::Result<Vec<Uuid>> {
     ids.iter()
         .map(|id| {
             id.parse()
@@ -557,14 +577,7 @@ pub async fn shop_facts(database_url: &str, run: &ShopRun) -> anyhow::Result<Sho
     let products = uuids(&run.products, "product")?;
     let members = uuids(&run.members, "member")?;
     let orders = uuids(&run.orders, "order")?;
-    let (client, connection) = tokio::time::timeout(
-        DB_TIMEOUT,
-        tokio_postgres::connect(database_url, tokio_postgres::NoTls),
-    )
-    .await
-    .context("connecting to Postgres timed out")?
-    .context("connecting to Postgres (--database-url)")?;
-    let connection = tokio::spawn(connection);
+    let (client, connection) = crate::verify::connect(database_url, DB_TIMEOUT).await?;
     let facts = tokio::time::timeout(DB_TIMEOUT, async {
         let shelves = client
             .query(
@@ -595,19 +608,7 @@ pub async fn shop_facts(database_url: &str, run: &ShopRun) -> anyhow::Result<Sho
                 products.len() - shelves.len()
             ));
         }
-        let balances = client
-            .query_one(
-                "SELECT count(*) FILTER (WHERE b.balance <> COALESCE(e.total, 0)),
-                        count(*) FILTER (WHERE b.balance < 0)
-                 FROM balances b
-                 LEFT JOIN (SELECT member_id, sum(amount)::bigint AS total FROM balance_entries
-                            WHERE member_id = ANY($1) GROUP BY member_id) e USING (member_id)
-                 WHERE b.member_id = ANY($1)",
-                &[&members],
-            )
-            .await?;
-        facts.balances_off = balances.get(0);
-        facts.balances_negative = balances.get(1);
+        (facts.balances_off, facts.balances_negative) = balances_off(&client, &members).await?;
         facts.orders_found = client
             .query_one("SELECT count(*) FROM orders WHERE id = ANY($1)", &[&orders])
             .await?

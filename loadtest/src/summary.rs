@@ -60,12 +60,17 @@ pub struct Summary {
 impl Summary {
     /// Writes the summary as JSON, creating its folder.
     pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let json = serde_json::to_vec_pretty(self).context("encoding the summary")?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+        write_json(self, path)
     }
+}
+
+/// Writes a scenario's summary as JSON, creating its folder.
+pub fn write_json(summary: &impl Serialize, path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let json = serde_json::to_vec_pretty(summary).context("encoding the summary")?;
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
 }
 
 /// A threshold rule and what was observed, as one line.

@@ -339,6 +339,27 @@ pub fn passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.verdict != Verdict::Fail)
 }
 
+/// A Postgres connection for reading a run's facts afterwards (`--database-url`), bounded by `timeout`; abort the
+/// task when done.
+pub async fn connect(
+    database_url: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    use anyhow::Context;
+    let (client, connection) = tokio::time::timeout(
+        timeout,
+        tokio_postgres::connect(database_url, tokio_postgres::NoTls),
+    )
+    .await
+    .context("connecting to Postgres timed out")?
+    .context("connecting to Postgres (--database-url)")?;
+    let connection = tokio::spawn(async move {
+        // The connection ends with an error when the task is aborted or the server goes; the reads then fail.
+        let _ = connection.await;
+    });
+    Ok((client, connection))
+}
+
 fn show_funnel(f: &ReportFunnel) -> String {
     format!(
         "{}/{}/{}/{}/{}/{}/{}",
