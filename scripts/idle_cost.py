@@ -6,7 +6,8 @@ then, after a settle period, over IDLE seconds with no request at all: Redis com
 total_commands_processed, and INFO commandstats for the breakdown), each server's CPU (utime + stime from
 /proc/PID/stat) and its RSS.
 
-    python3 scripts/idle_cost.py [--instances N] [--idle S] [--settle S] [--stock U] [--sold-out] K [K ...]
+    python3 scripts/idle_cost.py [--instances N] [--idle S] [--settle S] [--stock U] [--sold-out] [--latency N]
+                                 K [K ...]
       e.g. python3 scripts/idle_cost.py --instances 3 50 500 5000
 
 The flashsale binary is FLASHSALE_BIN, else $CARGO_TARGET_DIR/release/flashsale (build it first, in the same
@@ -15,7 +16,9 @@ python3 scripts/idle_cost.py ...'`); it is copied before use. Services come from
 REDIS_SERVER_BIN for the private Redis). The database (IDLE_DB, default flashsale_idle) is dropped and recreated
 for each K. --sold-out gives each drop exactly one unit, so every drop is sold out on every instance (the sold-out
 flag's path); otherwise each drop keeps stock left. Prints one row per K and, with --json FILE, writes them. With
-IDLE_PERF=FILE, perf records the first server over the window and its report goes to FILE.
+IDLE_PERF=FILE, perf records the first server over the window and its report goes to FILE. With --latency N, N
+holds are then taken one at a time in idle drops and timed from the request to their row in Postgres (the journal's
+latency from idle).
 """
 import argparse
 import concurrent.futures
@@ -174,10 +177,7 @@ def setup(api, drops, instances, stock):
     admin = api.call(0, "POST", "/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})["access_token"]
     product = api.call(0, "POST", "/products", {"name": "Idle sneaker", "price": 1000, "currency": "KRW",
                                                  "kind": "preorder"}, admin)["id"]
-    api.call(0, "POST", "/members", {"email": "idle-buyer@idle.flashsale.local", "password": MEMBER_PASSWORD,
-                                     "name": "Idle buyer"})
-    buyer = api.call(0, "POST", "/auth/login", {"email": "idle-buyer@idle.flashsale.local",
-                                                "password": MEMBER_PASSWORD})["access_token"]
+    buyer, late_buyer = (member(api, name) for name in ("idle-buyer", "late-buyer"))
     opens = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
     spec = {"product_id": product, "stock": stock, "opens_at": opens, "hold_seconds": 86_400}
 
@@ -189,7 +189,40 @@ def setup(api, drops, instances, stock):
         return drop
 
     with concurrent.futures.ThreadPoolExecutor(SETUP_THREADS) as pool:
-        return list(pool.map(one, range(drops)))
+        return list(pool.map(one, range(drops))), late_buyer
+
+
+def member(api, name):
+    email = f"{name}@idle.flashsale.local"
+    api.call(0, "POST", "/members", {"email": email, "password": MEMBER_PASSWORD, "name": name})
+    return api.call(0, "POST", "/auth/login", {"email": email, "password": MEMBER_PASSWORD})["access_token"]
+
+
+def journal_latency(api, database_url, drops, buyer, samples, instances):
+    """Milliseconds from sending a reservation to its row in Postgres, on drops idle until then (one psql session
+    polls, about 5 ms a query)."""
+    psql = subprocess.Popen(["psql", "-X", "-At", "-d", database_url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, bufsize=1)
+    took = []
+    try:
+        for i in range(samples):
+            drop = drops[i * len(drops) // samples]
+            sent = time.monotonic()
+            hold = api.call(i % instances, "POST", f"/drops/{drop}/reservations", {"quantity": 1}, buyer)["id"]
+            while True:
+                psql.stdin.write(f"SELECT count(*) FROM reservations WHERE id = '{hold}';\n")
+                psql.stdin.flush()
+                if psql.stdout.readline().strip() == "1":
+                    break
+                if time.monotonic() - sent > 10:
+                    raise RuntimeError(f"hold {hold} not in Postgres after 10 s")
+            took.append((time.monotonic() - sent) * 1000)
+            time.sleep(0.5)
+    finally:
+        psql.stdin.close()
+        psql.wait(10)
+    took.sort()
+    return {"samples": samples, "p50_ms": round(took[len(took) // 2], 1), "max_ms": round(took[-1], 1)}
 
 
 def measure(redis, procs, idle):
@@ -244,12 +277,16 @@ def run(k, args, env, binary, workdir):
                        env=server_env, check=True, capture_output=True)
         procs, urls = start_servers(binary, args.instances, server_env, workdir)
         started = time.monotonic()
-        setup(Api(urls), k, args.instances, 1 if args.sold_out else args.stock)
+        api = Api(urls)
+        drops, late_buyer = setup(api, k, args.instances, 1 if args.sold_out else args.stock)
         say(f"K={k}: {k} drops, one hold each, loaded on {args.instances} instance(s) in "
             f"{time.monotonic() - started:.1f} s; settling {args.settle} s")
         time.sleep(args.settle)
         result = measure(redis, procs, args.idle)
         result.update(drops=k, instances=args.instances, sold_out=args.sold_out)
+        if args.latency and not args.sold_out:
+            result["journal_latency"] = journal_latency(api, database_url, drops, late_buyer, args.latency,
+                                                        args.instances)
         return result
     finally:
         for p in procs:
@@ -270,6 +307,8 @@ def main():
     parser.add_argument("--settle", type=float, default=5.0, help="seconds waited after the setup")
     parser.add_argument("--stock", type=int, default=10)
     parser.add_argument("--sold-out", action="store_true")
+    parser.add_argument("--latency", type=int, default=0,
+                        help="after the window, time this many holds from their request to their row in Postgres")
     parser.add_argument("--json")
     args = parser.parse_args()
     env = services()
@@ -284,7 +323,8 @@ def main():
             r = results[-1]
             top = ", ".join(f"{c} {v}" for c, v in list(r["breakdown_per_s"].items())[:6])
             print(f"drops={k} instances={args.instances} commands/s={r['commands_per_s']} "
-                  f"cpu%={r['cpu_percent']} rss_mb={r['rss_mb']} [{top}]", flush=True)
+                  f"cpu%={r['cpu_percent']} rss_mb={r['rss_mb']} [{top}]"
+                  f"{' journal ' + str(r['journal_latency']) if 'journal_latency' in r else ''}", flush=True)
     finally:
         if args.json:
             with open(args.json, "w") as f:
