@@ -314,14 +314,20 @@ async fn holds_expire_by_one_clock_and_their_stock_clears_sold_out_everywhere() 
 async fn a_sold_out_flag_clears_on_every_instance_within_100_ms_of_a_release() {
     let a = TestApp::with_redis(EngineArgs::default()).await;
     let b = a.another_instance().await;
+    a_release_on_a_clears_b_s_flag_within_100_ms(&a, &b).await;
+}
+
+/// A one-unit drop held on A and refused on B: A's cancel clears B's sold-out flag within 100 ms (by the note the
+/// release publishes; nothing polls), and B then sells the unit.
+async fn a_release_on_a_clears_b_s_flag_within_100_ms(a: &TestApp, b: &TestApp) {
     let (_, drop) = a.open_drop(1, 100, json!({})).await;
     let holder = a.member(Role::Customer).await;
     let other = a.member(Role::Customer).await;
-    let held = reserve(&a, &holder, &drop, 1).await;
-    assert_eq!(reserve(&b, &other, &drop, 1).await.code(), "sold_out");
+    let held = reserve(a, &holder, &drop, 1).await;
+    assert_eq!(reserve(b, &other, &drop, 1).await.code(), "sold_out");
     let id = held.body["id"].as_str().unwrap();
     let cancelled_at = Instant::now();
-    let cancel = cancel(&a, &holder, id).await;
+    let cancel = cancel(a, &holder, id).await;
     assert_eq!(cancel.status, StatusCode::NO_CONTENT);
     eventually("B's flag cleared", Duration::from_secs(2), || async {
         !b.state.engine.is_sold_out_locally(drop_id(&drop))
@@ -330,7 +336,7 @@ async fn a_sold_out_flag_clears_on_every_instance_within_100_ms_of_a_release() {
     let took = cancelled_at.elapsed();
     assert!(took <= Duration::from_millis(100), "cleared after {took:?}");
     assert_eq!(
-        reserve(&b, &other, &drop, 1).await.status,
+        reserve(b, &other, &drop, 1).await.status,
         StatusCode::CREATED
     );
 }
@@ -610,5 +616,149 @@ async fn journal_entries_a_dead_consumer_left_pending_are_claimed_and_written() 
             .unwrap();
         matches!(summary, redis::Value::Array(ref parts) if parts.first() == Some(&redis::Value::Int(0)))
     })
+    .await;
+}
+
+/// Commands a Redis server has processed (those its scripts call included), from INFO.
+async fn commands_processed(server: &common::RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut server.connection().await.unwrap())
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("total_commands_processed in INFO stats")
+}
+
+/// `count` open drops of one seller, each with one hold (stock left), on `app`.
+async fn idle_drops(app: &TestApp, count: usize) -> Vec<Value> {
+    let seller = app.member(Role::Seller).await;
+    let product = app.product(&seller, 100).await;
+    let buyer = app.member(Role::Customer).await;
+    let mut drops = Vec::with_capacity(count);
+    for _ in 0..count {
+        let drop = app
+            .drop(
+                &seller,
+                json!({
+                    "product_id": product,
+                    "stock": 5,
+                    "opens_at": (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339(),
+                    "hold_seconds": 3600,
+                }),
+            )
+            .await;
+        assert_eq!(
+            reserve(app, &buyer, &drop, 1).await.status,
+            StatusCode::CREATED
+        );
+        drops.push(drop);
+    }
+    drops
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_drops_cost_redis_a_bounded_number_of_calls_whatever_their_number() {
+    // A Redis of the test's own, so INFO counts only what these two instances send.
+    let server = common::RedisServer::start().await;
+    let db = Arc::new(common::TestDb::new().await);
+    let prefix = common::redis_prefix();
+    let a = TestApp::redis_instance(Arc::clone(&db), fast_reaper(), &[server.url()], &prefix).await;
+    let b = TestApp::redis_instance(db, fast_reaper(), &[server.url()], &prefix).await;
+    const DROPS: usize = 300;
+    let drops = idle_drops(&a, DROPS).await;
+    // B loads every drop too, as an instance that served a request about it would.
+    for drop in &drops {
+        assert_eq!(drop_state(&b, drop).await["held"], 1);
+    }
+    // Settle: the journals write the holds, the claims announced by the notes run (JOURNAL_CLAIM_IDLE_MS is 300 in
+    // tests), each drop's first reaper pass learns its next expiry (an hour away).
+    eventually("every hold journaled", Duration::from_secs(20), || async {
+        let client = a.db.client().await;
+        let row = client
+            .query_one("SELECT count(*) FROM reservations", &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == DROPS as i64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let window = Duration::from_secs(3);
+    let before = commands_processed(&server).await;
+    tokio::time::sleep(window).await;
+    let per_second = (commands_processed(&server).await - before) as f64 / window.as_secs_f64();
+    eprintln!("{DROPS} idle drops on 2 instances: {per_second:.0} Redis commands/s");
+    // Polling cost about 4 calls per drop per instance per second (2,400/s here); now the backstop sweeps at most
+    // 10 drops a second per instance (a read of the units, a journal read and claim, a reaper script: about 10
+    // calls each, about 220/s here), whatever the number of drops.
+    assert!(
+        per_second < 400.0,
+        "{DROPS} idle drops on 2 instances cost {per_second:.0} Redis commands/s"
+    );
+    // Still live after the quiet: a release on A clears B's sold-out flag at once.
+    a_release_on_a_clears_b_s_flag_within_100_ms(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_note_lost_while_the_subscription_was_cut_is_caught_by_the_sweep_on_resubscribing() {
+    let server = common::RedisServer::start().await;
+    let db = Arc::new(common::TestDb::new().await);
+    let prefix = common::redis_prefix();
+    let a = TestApp::redis_instance(db, EngineArgs::default(), &[server.url()], &prefix).await;
+    let (_, drop) = a.open_drop(1, 100, json!({})).await;
+    let id = drop_id(&drop);
+    let holder = a.member(Role::Customer).await;
+    let held = reserve(&a, &holder, &drop, 1).await;
+    assert_eq!(held.status, StatusCode::CREATED);
+    assert!(a.state.engine.is_sold_out_locally(id));
+    // A unit comes back without a note reaching A (as if A's subscription was down when it was sent).
+    let keys = engine::gate::redis::drop_keys(&prefix, id);
+    let mut conn = server.connection().await.unwrap();
+    let () = redis::pipe()
+        .cmd("HINCRBY")
+        .arg(&keys[0])
+        .arg("avail")
+        .arg(1)
+        .ignore()
+        .cmd("HINCRBY")
+        .arg(&keys[0])
+        .arg("stock")
+        .arg(1)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Nothing polls: A still believes the drop is sold out.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(a.state.engine.is_sold_out_locally(id), "no note, no change");
+    // The subscription is cut; A subscribes again and sweeps every drop, which finds the unit.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "A's one subscription");
+    eventually(
+        "A's flag cleared by the sweep",
+        Duration::from_secs(5),
+        || async { !a.state.engine.is_sold_out_locally(id) },
+    )
+    .await;
+    // And notes flow again on the new subscription: a sale on another instance sets A's flag at once.
+    let b = a.another_instance().await;
+    let buyer = b.member(Role::Customer).await;
+    assert_eq!(
+        reserve(&b, &buyer, &drop, 1).await.status,
+        StatusCode::CREATED
+    );
+    eventually(
+        "A's flag set by the note",
+        Duration::from_secs(1),
+        || async { a.state.engine.is_sold_out_locally(id) },
+    )
     .await;
 }

@@ -65,10 +65,16 @@ impl Engine {
         let retain_ms = i64::try_from(self.settled_retain.as_millis()).unwrap_or(i64::MAX);
         let mut unloaded = 0;
         for spec in specs {
+            let closed = spec.closes_at_ms().is_some_and(|closes| now_ms >= closes);
+            // An open drop with units left is not settled; the gate's local sold-out flag says so without a call to
+            // the stock authority (on Redis, one call per live drop per sweep was most of an idle marketplace's cost).
+            if !closed && !self.gate.is_sold_out(spec.id) {
+                self.settled_since.remove(&spec.id);
+                continue;
+            }
             let Some(counts) = self.gate.counts(spec.id).await? else {
                 continue;
             };
-            let closed = spec.closes_at_ms().is_some_and(|closes| now_ms >= closes);
             if counts.held > 0 || (counts.available > 0 && !closed) {
                 self.settled_since.remove(&spec.id);
                 continue;

@@ -8,7 +8,7 @@
 //! unawaited. A slot is reused `SLOTS` seconds later, long after the tick (every `reaper_interval`, 1 s by
 //! default) has taken its counts. What a process counted since its last tick is lost if it is killed.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI64, Ordering};
 
 use uuid::Uuid;
 
@@ -41,6 +41,10 @@ pub(super) struct DropTally {
     drop: Uuid,
     opens_at_ms: i64,
     slots: [Slot; SLOTS],
+    /// Whether anything was counted since the last take: the tick skips an idle drop without touching its
+    /// `SLOTS * EVENTS` striped counters (cache lines of their own: reading them all for every loaded drop every
+    /// second was most of an idle instance's CPU with thousands of drops).
+    counted: AtomicBool,
 }
 
 impl DropTally {
@@ -49,6 +53,7 @@ impl DropTally {
             drop,
             opens_at_ms,
             slots: Default::default(),
+            counted: AtomicBool::new(false),
         }
     }
 
@@ -65,10 +70,22 @@ impl DropTally {
                 .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Acquire);
         }
         bump(&slot.counts[event as usize]);
+        // Dekker's pattern with `take`: the count, a SeqCst fence, then the flag read here; the flag cleared, a
+        // SeqCst fence, then the counts read there. Either the take sees this count, or this sees the flag it
+        // cleared and sets it again, so no count is left behind with the flag down. The flag's line is only read
+        // while it is up, so counting threads do not pass it back and forth.
+        fence(Ordering::SeqCst);
+        if !self.counted.load(Ordering::Relaxed) {
+            self.counted.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Takes everything counted since the last take, one row per second that has any.
     pub(super) fn take(&self, out: &mut Vec<SecondRow>) {
+        if !self.counted.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        fence(Ordering::SeqCst);
         for slot in &self.slots {
             let mut counts = [0i64; EVENTS];
             for (count, counter) in counts.iter_mut().zip(&slot.counts) {

@@ -20,9 +20,13 @@ pub struct RedisGateConfig {
     /// How long a `paying` hold belongs to the payment that began it; past it any instance's reaper fences the
     /// payment in Postgres and settles the hold (paid if its purchase is stored, else released and refunded).
     pub pay_lease: Duration,
-    /// How often a sold-out drop's available units are read, to clear the local sold-out flag when stock returns.
-    pub sold_out_poll: Duration,
-    /// How long the journal waits when its stream had nothing new.
+    /// Drops the backstop sweep looks at per second at most (a sweep covers notes lost without the subscription
+    /// dropping; see `notes.rs`): the idle cost of this instance in Redis calls, whatever the number of drops.
+    pub sweep_lanes_per_second: usize,
+    /// Each drop is swept at least this often while there are fewer than `sweep_lanes_per_second` times as many.
+    pub sweep_period_min: Duration,
+    /// The shortest time between two reads of a drop's stream that found nothing new: a busy drop's notes cost at
+    /// most one read per this.
     pub journal_idle: Duration,
     /// A journal entry delivered to a consumer and not acknowledged for this long is claimed by another.
     pub journal_claim_idle: Duration,
@@ -45,7 +49,8 @@ impl RedisGateConfig {
             batch_max: 512,
             calls_in_flight: 2,
             pay_lease: Duration::from_secs(120),
-            sold_out_poll: Duration::from_millis(50),
+            sweep_lanes_per_second: 10,
+            sweep_period_min: Duration::from_secs(30),
             journal_idle: Duration::from_millis(20),
             journal_claim_idle: Duration::from_secs(5),
             journal_batch_max: 512,

@@ -37,4 +37,6 @@ redis.call('HSET', C, 'stock', stock, 'avail', stock - paid - held, 'held', held
   'limit', tonumber(ARGV[2]), 'hold_ms', tonumber(ARGV[3]), 'reaped', '0-0')
 -- The journal's readers start after the restored holds, which Postgres already has.
 redis.call('XGROUP', 'CREATE', E, 'journal', '$', 'MKSTREAM')
+-- Instances that knew the drop before Redis lost it learn its units again (their sold-out flags).
+note('i', stock - paid - held)
 return 1

@@ -3,17 +3,20 @@
 //! entry delivered to an instance that died stays pending; after `journal_claim_idle` a live instance claims it
 //! (XAUTOCLAIM) and writes it. Every write is idempotent (holds insert-if-missing, releases upsert), so an entry
 //! written twice, or a release written before its hold, stores the same rows.
+//!
+//! An idle journal makes no call: it waits for a note (`notes.rs`) saying its stream moved, and claims only
+//! `journal_claim_idle` after a note (the entry it announced may have gone to an instance that died since) or when a
+//! sweep asks.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use redis::Value;
 
 use super::codec::{array, parse_member, reason_of, text, STREAM};
 use super::ids::HoldRef;
-use super::lanes::Lane;
+use super::lanes::{Lane, NEVER};
 use super::Inner;
 use crate::clock::to_datetime;
 use crate::core::ReleaseReason;
@@ -167,8 +170,34 @@ impl Inner {
         ))
     }
 
-    /// Takes over entries another consumer was given and has not acknowledged for `journal_claim_idle`.
+    /// Takes over entries another consumer was given and has not acknowledged for `journal_claim_idle`. When none
+    /// is idle that long but some are pending, looks again `journal_claim_idle` later: a claim runs only while
+    /// entries are pending.
     async fn claim(&self, lane: &Lane) -> super::GateResult<Vec<Entry>> {
+        let claimed = self.claim_idle(lane).await?;
+        if claimed.is_empty() {
+            let mut conn = self.conn.clone();
+            let summary: Value = self
+                .bounded(
+                    redis::cmd("XPENDING")
+                        .arg(&lane.keys[STREAM])
+                        .arg(GROUP)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            let pending = array(summary)
+                .and_then(|parts| parts.first().and_then(super::codec::int))
+                .unwrap_or(0);
+            if pending > 0 {
+                let idle_ms =
+                    i64::try_from(self.config.journal_claim_idle.as_millis()).unwrap_or(NEVER);
+                lane.claim_by(self.local_ms().saturating_add(idle_ms));
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn claim_idle(&self, lane: &Lane) -> super::GateResult<Vec<Entry>> {
         let mut conn = self.conn.clone();
         let idle_ms = u64::try_from(self.config.journal_claim_idle.as_millis()).unwrap_or(u64::MAX);
         let reply: Value = self
@@ -236,12 +265,13 @@ impl Inner {
     }
 
     /// One pass: this consumer's own pending entries when a write of them failed (`own_pending`, cleared once there
-    /// are none), else new ones, then now and then others' stale ones. Returns how many entries were written.
+    /// are none), else new ones, else, when `claim` is set, others' stale ones (`claim` stays set while a claim finds
+    /// some, as more may be pending). Returns how many entries were written.
     async fn journal_pass(
         &self,
         lane: &Lane,
         own_pending: &mut bool,
-        claim_due: bool,
+        claim: &mut bool,
     ) -> super::GateResult<usize> {
         let mut entries = Vec::new();
         for start in ["0", ">"] {
@@ -260,8 +290,9 @@ impl Inner {
                 break;
             }
         }
-        if entries.is_empty() && claim_due {
+        if entries.is_empty() && *claim {
             entries = self.claim(lane).await?;
+            *claim = !entries.is_empty();
         }
         // Entries come in stream order, so the first is the oldest not yet written; nothing read means caught up. A
         // failed write leaves the mark where it is (the same entries are read again), so the lag keeps growing.
@@ -276,37 +307,34 @@ impl Inner {
     }
 }
 
-/// Longest wait between two looks at an idle stream: the wait doubles from `journal_idle` while nothing comes, so
-/// a drop that is not selling costs a few reads a second.
-const IDLE_MAX: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// The journal task of one drop on this instance. On shutdown (or unload) it writes out what the stream already
-/// has, so a stopping instance leaves nothing of its own pending.
+/// has, so a stopping instance leaves nothing of its own pending. Between passes that find nothing it waits for a
+/// note or its claim's time, never less than `journal_idle` (so a busy drop's notes cost at most one read per
+/// `journal_idle`, as the poll it replaced did).
 pub(super) async fn run(inner: Arc<Inner>, lane: Arc<Lane>) {
     let mut stop = lane.stop.subscribe();
-    let mut last_claim = Instant::now();
     let mut failures: u32 = 0;
     let mut own_pending = true;
-    let mut idle = inner.config.journal_idle;
+    let mut claim = false;
     loop {
         let stopping = *stop.borrow();
-        let claim_due = last_claim.elapsed() >= inner.config.journal_claim_idle;
-        if claim_due {
-            last_claim = Instant::now();
+        if !claim && lane.claim_at_ms.load(Ordering::Acquire) <= inner.local_ms() {
+            lane.claim_at_ms.store(NEVER, Ordering::Release);
+            claim = true;
         }
-        let pause = match inner.journal_pass(&lane, &mut own_pending, claim_due).await {
+        let pause = match inner
+            .journal_pass(&lane, &mut own_pending, &mut claim)
+            .await
+        {
             Ok(0) => {
                 failures = 0;
                 if stopping {
                     return;
                 }
-                let pause = idle;
-                idle = (idle * 2).min(IDLE_MAX.max(inner.config.journal_idle));
-                pause
+                inner.config.journal_idle
             }
             Ok(_) => {
                 failures = 0;
-                idle = inner.config.journal_idle;
                 continue;
             }
             Err(err) => {
@@ -323,6 +351,16 @@ pub(super) async fn run(inner: Arc<Inner>, lane: Arc<Lane>) {
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|stop| *stop), if !stopping => continue,
+        }
+        if failures > 0 {
+            continue;
+        }
+        let claim_at = lane.claim_at_ms.load(Ordering::Acquire);
+        let until_claim = u64::try_from(claim_at.saturating_sub(inner.local_ms())).unwrap_or(0);
+        tokio::select! {
+            _ = lane.wake.notified() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(until_claim)), if claim_at != NEVER => {}
             _ = stop.wait_for(|stop| *stop), if !stopping => {}
         }
     }

@@ -1,17 +1,17 @@
 //! A drop's lane: the reservation batchers of one drop on this instance (requests that arrive while a script call is
-//! in flight go together in the next call) and the poller that clears local sold-out flags.
+//! in flight go together in the next call), and when its journal and reaper next have work (`notes.rs` sets it).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use redis::Value;
 
-use super::codec::{int, malformed, text, write_record, DropKeys, COUNTERS, RECORD_BYTES};
+use super::codec::{int, malformed, text, write_record, DropKeys, RECORD_BYTES};
 use super::ids::{self, HoldRef};
 use super::Inner;
 use crate::core::{HoldState, HoldView, ReserveRejection};
@@ -27,11 +27,33 @@ pub(super) struct Lane {
     /// When the oldest stream entry this instance's journal has read and not yet written was appended (Redis's
     /// clock, unix ms), or 0 when its last read found nothing new: how far the drop's journal is behind.
     pub(super) journal_behind_since_ms: AtomicI64,
+    /// Wakes the journal: a note said the stream moved, or a sweep asks for a look.
+    pub(super) wake: Notify,
+    /// When (`Inner::local_ms`) the journal next claims entries other instances left pending; `NEVER` when no note
+    /// since the last claim gave a reason to.
+    pub(super) claim_at_ms: AtomicI64,
+    /// When (`Inner::local_ms`) the reaper next has work on this drop: the first expiry or lease end it knows of.
+    pub(super) reap_due_ms: AtomicI64,
     pub(super) requests: mpsc::Sender<Request>,
     /// Tells the lane's batchers and journal to stop (unload, shutdown); the journal writes out what it has first.
     pub(super) stop: watch::Sender<bool>,
     /// The lane's batchers and journal, awaited at shutdown.
     pub(super) tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// No deadline.
+pub(super) const NEVER: i64 = i64::MAX;
+
+impl Lane {
+    /// Brings the reaper's next pass on this drop forward to `at` (never later).
+    pub(super) fn reap_by(&self, at: i64) {
+        self.reap_due_ms.fetch_min(at, Ordering::AcqRel);
+    }
+
+    /// Brings the journal's next claim forward to `at` (never later).
+    pub(super) fn claim_by(&self, at: i64) {
+        self.claim_at_ms.fetch_min(at, Ordering::AcqRel);
+    }
 }
 
 pub(super) struct Request {
@@ -150,46 +172,6 @@ pub(super) async fn run_lane(
             Err(err) => {
                 for request in batch.drain(..) {
                     let _ = request.reply.send(Err(err.clone()));
-                }
-            }
-        }
-    }
-}
-
-/// Clears the local sold-out flags of drops whose stock came back (released on another instance), within
-/// `sold_out_poll` plus one Redis round trip.
-pub(super) async fn poll_sold_out(inner: Arc<Inner>) {
-    let mut stop = inner.stop.subscribe();
-    let mut ticker = tokio::time::interval(inner.config.sold_out_poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
-        }
-        let flagged: Vec<Arc<Lane>> = inner
-            .lanes
-            .iter()
-            .filter(|lane| lane.sold_out.load(Ordering::Acquire))
-            .map(|lane| Arc::clone(&lane))
-            .collect();
-        for lane in flagged {
-            let mut conn = inner.conn.clone();
-            let available: GateResult<Option<i64>> = inner
-                .bounded(
-                    redis::cmd("HGET")
-                        .arg(&lane.keys[COUNTERS])
-                        .arg("avail")
-                        .query_async(&mut conn),
-                )
-                .await;
-            // Missing keys (lost data) also clear the flag: the next reservation reloads the drop and decides.
-            if let Ok(None) = available {
-                lane.sold_out.store(false, Ordering::Release);
-            }
-            if let Ok(Some(units)) = available {
-                if units > 0 {
-                    lane.sold_out.store(false, Ordering::Release);
                 }
             }
         }

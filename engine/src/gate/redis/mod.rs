@@ -14,7 +14,8 @@
 //!
 //! The files by role: this one is the gate itself (`RedisGate`, its shared state and the `Gate` methods, with the
 //! transition script's calls); `config.rs` its settings; `codec.rs` the scripts, a drop's key names and the codecs
-//! of what the scripts take and answer; `lanes.rs` a drop's reservation batchers and the sold-out poller;
+//! of what the scripts take and answer; `lanes.rs` a drop's reservation batchers and deadlines; `notes.rs` the
+//! wake-ups (one subscription per instance to the notes the scripts publish, and the sweeps that cover lost ones);
 //! `rebuild.rs` loading a drop from Postgres and `reconcile`; `journal.rs` the stream to Postgres; `conn.rs` the
 //! connection (one server or a cluster); `ids.rs` hold ids that name their stream entry.
 
@@ -24,6 +25,7 @@ mod conn;
 pub mod ids;
 mod journal;
 mod lanes;
+mod notes;
 mod rebuild;
 mod room;
 
@@ -47,7 +49,7 @@ pub use codec::{drop_keys, reserve_script, DropKeys};
 pub use config::{RedisGateConfig, RedisGateError};
 pub use conn::RedisConn;
 use ids::HoldRef;
-use lanes::{poll_sold_out, run_lane, Lane, Request};
+use lanes::{run_lane, Lane, Request, NEVER};
 pub use rebuild::Reconciled;
 
 use super::{Gate, GateResult, GateUnavailable, Reaped, Restore};
@@ -71,6 +73,8 @@ struct Inner {
     writer: std::sync::OnceLock<WriterHandle>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The origin of `local_ms`, the clock of the lanes' deadlines.
+    started: std::time::Instant,
 }
 
 /// Redis as the stock authority; see the module documentation.
@@ -94,8 +98,8 @@ enum Moved {
 }
 
 impl RedisGate {
-    /// Connects (lazily for a single server) and starts the sold-out poller. `db` is where lost Redis state is
-    /// rebuilt from; the journal writes through the writer given to `use_writer`.
+    /// Connects (lazily for a single server) and starts the note subscription and the backstop sweep. `db` is where
+    /// lost Redis state is rebuilt from; the journal writes through the writer given to `use_writer`.
     pub async fn connect(config: RedisGateConfig, db: Pool) -> Result<Self, RedisGateError> {
         let conn = RedisConn::connect(&config.urls, config.cluster, config.call_timeout).await?;
         let (stop, _) = watch::channel(false);
@@ -109,10 +113,12 @@ impl RedisGate {
             writer: std::sync::OnceLock::new(),
             stop,
             tasks: Mutex::new(Vec::new()),
+            started: std::time::Instant::now(),
             config,
         });
-        let poller = tokio::spawn(poll_sold_out(Arc::clone(&inner)));
-        inner.tasks.lock().push(poller);
+        let listener = tokio::spawn(notes::listen(Arc::clone(&inner)));
+        let backstop = tokio::spawn(notes::backstop(Arc::clone(&inner)));
+        inner.tasks.lock().extend([listener, backstop]);
         Ok(Self { inner })
     }
 
@@ -318,6 +324,13 @@ impl Gate for RedisGate {
                 keys,
                 sold_out: AtomicBool::new(available == Some(0)),
                 journal_behind_since_ms: AtomicI64::new(0),
+                wake: tokio::sync::Notify::new(),
+                // A first claim soon after loading: entries an instance that died before this one started left
+                // pending were announced to nobody here.
+                claim_at_ms: AtomicI64::new(inner.local_ms().saturating_add(
+                    i64::try_from(inner.config.journal_claim_idle.as_millis()).unwrap_or(NEVER),
+                )),
+                reap_due_ms: AtomicI64::new(0),
                 requests,
                 stop: watch::channel(false).0,
                 tasks: Mutex::new(Vec::new()),
@@ -466,14 +479,19 @@ impl Gate for RedisGate {
         /// Reserve entries one script call visits, and calls per drop per pass: bounded work per pass.
         const ENTRIES_PER_CALL: i64 = 256;
         const CALLS_PER_PASS: usize = 16;
+        // Only drops whose first expiry or lease end has come (as the last pass or a note said) cost a call.
+        let now = self.inner.local_ms();
         let lanes: Vec<Arc<Lane>> = self
             .inner
             .lanes
             .iter()
+            .filter(|lane| lane.reap_due_ms.load(Ordering::Acquire) <= now)
             .map(|lane| Arc::clone(&lane))
             .collect();
         let mut total = 0;
         for lane in lanes {
+            // A failed call leaves the drop due, so the next pass tries again.
+            let due_before = lane.reap_due_ms.swap(NEVER, Ordering::AcqRel);
             let mut stale = Vec::new();
             for call in 0..CALLS_PER_PASS {
                 let mut invocation = self.inner.scripts.reap.prepare_invoke();
@@ -482,16 +500,28 @@ impl Gate for RedisGate {
                 }
                 invocation.arg(ENTRIES_PER_CALL);
                 let mut conn = self.inner.conn.clone();
-                let reply: Vec<Value> = self
-                    .inner
-                    .bounded(invocation.invoke_async(&mut conn))
-                    .await?;
+                let reply: Vec<Value> =
+                    match self.inner.bounded(invocation.invoke_async(&mut conn)).await {
+                        Ok(reply) => reply,
+                        Err(err) => {
+                            lane.reap_by(due_before);
+                            return Err(err);
+                        }
+                    };
                 let released = reply.first().and_then(int).unwrap_or(-1);
                 if released < 0 {
-                    // Lost data: the next reservation or transition reloads the drop.
+                    // Lost data: the next reservation or transition reloads the drop; until then a pass each tick.
+                    lane.reap_by(now);
                     break;
                 }
+                // Milliseconds until the drop's next expiry or lease end; more entries past the cursor are due now.
+                let due_in = reply.get(3).and_then(int).unwrap_or(0);
                 let visited = reply.get(1).and_then(int).unwrap_or(0);
+                if visited >= ENTRIES_PER_CALL {
+                    lane.reap_by(now);
+                } else if due_in >= 0 {
+                    lane.reap_by(self.inner.local_ms().saturating_add(due_in));
+                }
                 if call == 0 {
                     stale = reply
                         .get(2)
@@ -504,7 +534,7 @@ impl Gate for RedisGate {
                         })
                         .collect();
                 }
-                for record in reply.get(3..).unwrap_or_default().chunks(3) {
+                for record in reply.get(4..).unwrap_or_default().chunks(3) {
                     let [place, member, quantity] = record else {
                         continue;
                     };

@@ -12,6 +12,16 @@
 local C, M, S, E, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local REC = 36
 
+-- Tells every instance that this drop's stream or stock moved (notes.rs): PUBLISH on `<prefix>notes`, the prefix
+-- and the drop read from the counters key, so no script needs another argument. The note is
+-- "<drop>:<kind>:<available units or ->": kind r new holds, x released, l a payment's lease began, p paid. Plain
+-- PUBLISH, not SPUBLISH: on Redis Cluster it reaches a subscriber on any node, so one subscription per instance
+-- hears every drop.
+local function note(kind, avail)
+  local prefix, drop = string.match(C, '^(.*){drop:([^}]*)}')
+  redis.call('PUBLISH', prefix .. 'notes', drop .. ':' .. kind .. ':' .. (avail or '-'))
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -58,11 +68,12 @@ end
 -- Returns a hold's units to sale and records why, in the state hash and in the stream.
 local function release(h, reason)
   redis.call('ZREM', P, h.ref)
-  redis.call('HINCRBY', C, 'avail', h.q)
+  local avail = redis.call('HINCRBY', C, 'avail', h.q)
   redis.call('HINCRBY', C, 'held', -h.q)
   redis.call('HINCRBY', M, h.member, -h.q)
   redis.call('HSET', S, h.ref, 'x:' .. reason)
   redis.call('XADD', E, '*', 'x', h.ref .. ',' .. h.member .. ',' .. h.q .. ',' .. reason .. ';')
+  note('x', avail)
   return 'x:' .. reason
 end
 

@@ -3,7 +3,8 @@
 -- Returns { 0, entry id ('' when nothing was granted), available after, outcomes } where outcomes is '' when every
 -- request was granted (the entry holds their records in order), else one letter per request: 'g' granted (the hold
 -- is the next record of the entry), 's' sold out, 'l' limit exceeded. Returns { -1 } when the drop is not loaded.
--- Per request: one HINCRBY (two when refused) and one 32-byte string. Per call: one HMGET, two HINCRBY and one XADD.
+-- Per request: one HINCRBY (two when refused) and one 32-byte string. Per call: one HMGET, two HINCRBY, one XADD and
+-- one PUBLISH (the note that wakes the instances' journals).
 local cfg = redis.call('HMGET', C, 'avail', 'limit')
 if not cfg[1] then return { -1 } end
 local avail, limit = tonumber(cfg[1]), tonumber(cfg[2])
@@ -51,6 +52,7 @@ if units > 0 then
   redis.call('HINCRBY', C, 'avail', -units)
   redis.call('HINCRBY', C, 'held', units)
   entry = redis.call('XADD', E, '*', 'r', records)
+  note('r', avail)
 end
 if not refused then return { 0, entry, avail, '' } end
 return { 0, entry, avail, table.concat(outcomes) }

@@ -26,6 +26,7 @@ if op == 'begin' then
   local lease = 'p:' .. string.format("%d", lease_end)
   redis.call('HSET', S, h.ref, lease)
   redis.call('ZADD', P, lease_end, h.ref)
+  note('l')
   return view(0, h, lease)
 end
 if op == 'complete' then
@@ -35,6 +36,7 @@ if op == 'complete' then
   redis.call('HINCRBY', C, 'held', -h.q)
   redis.call('HINCRBY', C, 'paid', h.q)
   redis.call('XADD', E, '*', 'p', h.ref)
+  note('p')
   return view(0, h, 'P')
 elseif op == 'abort' then
   if kind ~= 'p' then return refuse() end
