@@ -13,6 +13,7 @@
 
 pub mod attack;
 pub mod browse;
+pub mod burst;
 pub mod chaos;
 pub mod client;
 pub mod config;
