@@ -59,6 +59,10 @@ pub enum Command {
     /// A constant arrival rate over raw HTTP/1.1 connections: requests are scheduled at fixed intended times and
     /// their latency counts from that time, so a stalled server shows in every request it delayed.
     Rate(RateArgs),
+    /// The opening burst: sets up one drop and its members, opens `--clients` connections before `opens_at`, has
+    /// each send one reservation at the opening instant, and reports how long until every client had an answer,
+    /// the answers by status, connection errors, latency and the servers' memory. Exits 1 if a target fails.
+    Burst(BurstArgs),
     /// A seeded chaos rehearsal: starts its own Postgres database (behind a proxy it can cut), Redis and
     /// `--instances` servers, sells one drop to `--buyers` while killing, pausing and slowing them on a schedule
     /// derived from `--seed`, then heals everything and checks the recorded history against Postgres. Exits 1 on
@@ -421,6 +425,95 @@ pub struct RateArgs {
     /// Timeout of one request, in milliseconds; a request past it counts as an error.
     #[arg(long, env = "LOAD_RATE_TIMEOUT_MS", default_value_t = 10_000)]
     pub timeout_ms: u64,
+}
+
+/// The opening burst's settings: the drop, its members, the clients and the targets it is judged against.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct BurstArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Connections opened before the opening, each sending one reservation at the opening instant; spread round
+    /// robin over the instances.
+    #[arg(long, env = "LOAD_BURST_CLIENTS", default_value_t = 16_000)]
+    pub clients: u32,
+    /// Members signed up through the API (two argon2 hashes each on the server); client `i` reserves as member
+    /// `i mod members`, so a member has several tabs open at the opening.
+    #[arg(long, env = "LOAD_BURST_MEMBERS", default_value_t = 200)]
+    pub members: u32,
+    /// Units the drop sells.
+    #[arg(long, env = "LOAD_BURST_STOCK", default_value_t = 1_000)]
+    pub stock: u32,
+    /// Units one member may hold; 0: the stock (at most 1000, the API's cap), so the limit does not refuse and the
+    /// answers are grants, `sold_out` and back-pressure.
+    #[arg(long, env = "LOAD_BURST_PER_MEMBER_LIMIT", default_value_t = 0)]
+    pub per_member_limit: u32,
+    /// The drop opens this long after it is created; every connection must be open by then.
+    #[arg(long, env = "LOAD_BURST_OPENS_IN_MS", default_value_t = 10_000)]
+    pub opens_in_ms: u64,
+    /// Connections being opened at once before the opening (the server's accept backlog sees at most this many).
+    #[arg(long, env = "LOAD_BURST_CONNECT_CONCURRENCY", default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Target: every client has its answer within this many milliseconds of the opening.
+    #[arg(long, env = "LOAD_BURST_WITHIN_MS", default_value_t = 1_000)]
+    pub within_ms: u64,
+    /// How long one client waits for its answer before counting it as unanswered.
+    #[arg(long, env = "LOAD_BURST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub timeout_ms: u64,
+    /// Process ids of the servers, whose memory (VmRSS, VmHWM from /proc) is reported before the connections,
+    /// with them open, and after the answers.
+    #[arg(long, env = "LOAD_BURST_SERVER_PID", value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+}
+
+/// Most clients one burst opens (each is a file on both sides; the machine's open-files limit is the real bound).
+pub const BURST_CLIENTS_MAX: u32 = 100_000;
+
+impl BurstArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.target.validate()?;
+        ensure!(
+            (1..=BURST_CLIENTS_MAX).contains(&self.clients),
+            "--clients must be 1..={BURST_CLIENTS_MAX}"
+        );
+        ensure!(
+            (1..=FIXTURES_MAX).contains(&self.members),
+            "--members must be 1..={FIXTURES_MAX}"
+        );
+        ensure!(
+            (1..=10_000_000).contains(&self.stock),
+            "--stock must be 1..=10000000"
+        );
+        ensure!(
+            self.per_member_limit <= 1000,
+            "--per-member-limit must be 0 (the stock) or 1..=1000"
+        );
+        ensure!(
+            (500..=OPENS_IN_MS_MAX).contains(&self.opens_in_ms),
+            "--opens-in-ms must be 500..={OPENS_IN_MS_MAX}"
+        );
+        ensure!(
+            (1..=10_000).contains(&self.connect_concurrency),
+            "--connect-concurrency must be 1..=10000"
+        );
+        ensure!(
+            (1..=600_000).contains(&self.within_ms),
+            "--within-ms must be 1..=600000"
+        );
+        ensure!(
+            (10..=600_000).contains(&self.timeout_ms),
+            "--timeout-ms must be 10..=600000"
+        );
+        Ok(())
+    }
+
+    /// The drop's per-member limit: as given, or the stock up to the API's cap of 1000.
+    pub fn member_limit(&self) -> u32 {
+        if self.per_member_limit > 0 {
+            self.per_member_limit
+        } else {
+            self.stock.min(1000)
+        }
+    }
 }
 
 /// The chaos rehearsal's settings: the world it starts, the drop it sells, the workload and the faults' knobs.

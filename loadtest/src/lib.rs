@@ -14,6 +14,7 @@
 
 pub mod attack;
 pub mod browse;
+pub mod burst;
 pub mod chaos;
 pub mod client;
 pub mod config;

@@ -24,6 +24,10 @@ async fn main() -> ExitCode {
             print!("{}", report.render());
             report.errors() == 0
         }),
+        Command::Burst(args) => run::burst(args).await.map(|outcome| {
+            print!("{}", outcome.render());
+            outcome.passed()
+        }),
         Command::Chaos(args) => run::chaos(args).await.map(|outcome| {
             print!("{}", outcome.summary);
             outcome.passed()

@@ -12,11 +12,12 @@ use serde_json::json;
 
 use crate::attack::{self, Ended, Parts, Shape};
 use crate::browse::Shop;
+use crate::burst::{self, BurstReport, DropCounts};
 use crate::chaos::{self, ChaosOutcome};
-use crate::client::{plain_user, Targets};
+use crate::client::{plain_user, send_retrying, success, Call, RetryPolicy, Targets};
 use crate::config::{
-    refuse_goose_options, BrowseArgs, ChaosArgs, DrawArgs, DropArgs, FeedArgs, FunnelArgs,
-    MixedArgs, QueueArgs, RateArgs, ShopArgs, SubscribeRunArgs, TargetArgs,
+    refuse_goose_options, BrowseArgs, BurstArgs, ChaosArgs, DrawArgs, DropArgs, FeedArgs,
+    FunnelArgs, MixedArgs, QueueArgs, RateArgs, ShopArgs, SubscribeRunArgs, TargetArgs,
 };
 use crate::drop_funnel::{Funnel, FunnelRun};
 use crate::feed::Social;
@@ -501,18 +502,7 @@ pub async fn reverify(run: &mut FunnelRun, database_url: &str) -> anyhow::Result
 pub async fn rate(args: RateArgs) -> anyhow::Result<RateReport> {
     args.validate()?;
     let targets = targets(&args.target)?;
-    let addrs = targets
-        .bases()
-        .iter()
-        .map(|base| {
-            let url = url::Url::parse(base)?;
-            let host = url.host_str().context("a base URL without host")?;
-            let port = url
-                .port_or_known_default()
-                .context("a base URL without port")?;
-            anyhow::Ok(format!("{host}:{port}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let addrs = socket_addrs(&targets)?;
     let make_request: rate::MakeRequest = if args.reserve {
         let (path, tokens) = reserve_fixture(&args, &targets).await?;
         let body = Bytes::from_static(br#"{"quantity":1}"#);
@@ -542,6 +532,138 @@ pub async fn rate(args: RateArgs) -> anyhow::Result<RateReport> {
     .await
 }
 
+/// `host:port` of every instance, for the raw-connection modes.
+fn socket_addrs(targets: &Targets) -> anyhow::Result<Vec<String>> {
+    targets
+        .bases()
+        .iter()
+        .map(|base| {
+            let url = url::Url::parse(base)?;
+            let host = url.host_str().context("a base URL without host")?;
+            let port = url
+                .port_or_known_default()
+                .context("a base URL without port")?;
+            anyhow::Ok(format!("{host}:{port}"))
+        })
+        .collect()
+}
+
+/// A finished burst: its figures, its checks, and the drop, to read again.
+#[derive(Debug)]
+pub struct BurstOutcome {
+    pub report: BurstReport,
+    pub checks: Vec<Check>,
+    pub drop_id: String,
+    pub within_ms: u64,
+}
+
+impl BurstOutcome {
+    pub fn passed(&self) -> bool {
+        verify::passed(&self.checks)
+    }
+
+    pub fn render(&self) -> String {
+        format!(
+            "{}\nburst checks\n{}\nflashsale-load burst: {}\n",
+            self.report.render(),
+            crate::summary::render_checks(&self.checks),
+            if self.passed() { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+/// `flashsale-load burst`: a drop opening `--opens-in-ms` from its creation, its members signed up first, then
+/// `--clients` connections opened before the opening and one reservation each sent at it; judged afterwards.
+pub async fn burst(args: BurstArgs) -> anyhow::Result<BurstOutcome> {
+    args.validate()?;
+    let files = burst::raise_open_files()?;
+    anyhow::ensure!(
+        u64::from(args.clients) + 64 <= files,
+        "--clients {} needs as many open files, and this process may open {files} (raise `ulimit -Hn`)",
+        args.clients
+    );
+    let targets = targets(&args.target)?;
+    let addrs = socket_addrs(&targets)?;
+    let opens_in = chrono::Duration::milliseconds(i64::try_from(args.opens_in_ms)?);
+    let (drop_id, opens_at, tokens) = drop_and_members(
+        &args.target,
+        &targets,
+        args.members,
+        json!({
+            "stock": args.stock,
+            "opens_at": setup::rfc3339(chrono::Utc::now() + opens_in),
+            "per_member_limit": args.member_limit(),
+        }),
+    )
+    .await?;
+    // The opening on this process's clock; the server compares `opens_at` with the same system clock.
+    let opening = tokio::time::Instant::now()
+        + (opens_at - chrono::Utc::now())
+            .to_std()
+            .context("the drop opened before the clients could connect (raise --opens-in-ms)")?;
+    progress(format!(
+        "burst: opening {} connections over {} instance(s); the drop opens at {}",
+        args.clients,
+        addrs.len(),
+        setup::rfc3339(opens_at)
+    ));
+    let path = format!("{}/drops/{drop_id}/reservations", setup::API);
+    let body = Bytes::from_static(br#"{"quantity":1}"#);
+    let mut report = burst::run(burst::Plan {
+        addrs,
+        clients: args.clients as usize,
+        make_request: Arc::new(move |i| {
+            http_request(
+                Method::POST,
+                &path,
+                Some(&tokens[i % tokens.len()]),
+                body.clone(),
+            )
+        }),
+        opening,
+        connect_concurrency: args.connect_concurrency,
+        timeout: Duration::from_millis(args.timeout_ms),
+        server_pids: args.server_pid.clone(),
+    })
+    .await?;
+    report.drop = drop_counts(&targets, &drop_id).await.ok();
+    let checks = burst::checks(&report, args.within_ms);
+    Ok(BurstOutcome {
+        report,
+        checks,
+        drop_id,
+        within_ms: args.within_ms,
+    })
+}
+
+/// Reads the burst's drop again and judges it again: after a hold is taken behind the harness's back, the
+/// accounting checks must catch it.
+pub async fn reverify_burst(outcome: &mut BurstOutcome, base_url: &str) -> anyhow::Result<()> {
+    let targets = Targets::new(vec![base_url.trim_end_matches('/').to_owned()])?;
+    outcome.report.drop = Some(drop_counts(&targets, &outcome.drop_id).await?);
+    outcome.checks = burst::checks(&outcome.report, outcome.within_ms);
+    Ok(())
+}
+
+/// The drop's counts from `GET /api/v1/drops/{id}` on the first instance.
+async fn drop_counts(targets: &Targets, drop_id: &str) -> anyhow::Result<DropCounts> {
+    let mut user = plain_user(targets.base(0), Duration::from_secs(30))?;
+    let call = Call::get("/drops/{id}", format!("{}/drops/{drop_id}", setup::API));
+    let reply = send_retrying(&mut user, targets, &call, RetryPolicy::OVERLOAD, success).await;
+    let body = setup::expect(&reply, 200, "reading the drop")?;
+    let field = |name: &str| {
+        body.get(name)
+            .and_then(serde_json::Value::as_u64)
+            .with_context(|| format!("the drop without {name}"))
+    };
+    Ok(DropCounts {
+        stock: field("stock")?,
+        available: field("available")?,
+        held: field("held")?,
+        sold: field("sold")?,
+    })
+}
+
 /// `flashsale-load chaos`: the seeded chaos rehearsal; it starts and ends its own servers (see `chaos`).
 pub async fn chaos(args: ChaosArgs) -> anyhow::Result<ChaosOutcome> {
     chaos::run(args).await
@@ -552,35 +674,11 @@ async fn reserve_fixture(
     args: &RateArgs,
     targets: &Targets,
 ) -> anyhow::Result<(String, Vec<String>)> {
-    let mut user = plain_user(targets.base(0), Duration::from_secs(30))?;
-    let tag = setup::run_tag();
-    progress(format!(
-        "rate setup: a drop and {} members (run tag {tag})",
-        args.members
-    ));
-    let seller = setup::seller(
-        &mut user,
+    let (drop_id, _, tokens) = drop_and_members(
+        &args.target,
         targets,
-        &args.target.admin_email,
-        &args.target.admin_password,
-        &tag,
-    )
-    .await?;
-    let product = setup::preorder_product(&mut user, targets, &seller, &tag).await?;
-    let members = setup::members(
-        &user,
-        targets,
-        &tag,
         args.members,
-        args.target.setup_concurrency,
-    )
-    .await?;
-    let (drop_id, _) = setup::create_drop(
-        &mut user,
-        targets,
-        &seller,
         json!({
-            "product_id": product,
             "stock": RESERVE_STOCK,
             "opens_at": setup::rfc3339(chrono::Utc::now() - chrono::Duration::seconds(1)),
             "per_member_limit": RESERVE_LIMIT,
@@ -590,6 +688,39 @@ async fn reserve_fixture(
     .await?;
     Ok((
         format!("{}/drops/{drop_id}/reservations", setup::API),
+        tokens,
+    ))
+}
+
+/// A fresh seller, a preorder product of it, `members` members signed up and logged in, and a drop of the product
+/// with `fields` in its body: the drop's id, its `opens_at` as stored, and the members' tokens.
+async fn drop_and_members(
+    target: &TargetArgs,
+    targets: &Targets,
+    members: u32,
+    fields: serde_json::Value,
+) -> anyhow::Result<(String, chrono::DateTime<chrono::Utc>, Vec<String>)> {
+    let mut user = plain_user(targets.base(0), Duration::from_secs(30))?;
+    let tag = setup::run_tag();
+    progress(format!(
+        "setup: a drop ({fields}) and {members} members (run tag {tag})"
+    ));
+    let seller = setup::seller(
+        &mut user,
+        targets,
+        &target.admin_email,
+        &target.admin_password,
+        &tag,
+    )
+    .await?;
+    let product = setup::preorder_product(&mut user, targets, &seller, &tag).await?;
+    let members = setup::members(&user, targets, &tag, members, target.setup_concurrency).await?;
+    let mut body = fields;
+    body["product_id"] = json!(product);
+    let (drop_id, opens_at) = setup::create_drop(&mut user, targets, &seller, body).await?;
+    Ok((
+        drop_id,
+        opens_at,
         members.into_iter().map(|m| m.token).collect(),
     ))
 }

@@ -9,8 +9,23 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Builds the runtime by hand: `serve` with `SERVE_RUNTIMES=per-core` runs its first runtime (the engine's, and
+/// one listener's) on a single thread, and starts one more per core itself; everything else gets tokio's default.
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let per_core = matches!(&cli.command, Command::Serve(args)
+        if args.serve_runtimes == shell_api::server::ServeRuntimes::PerCore);
+    let runtime = if per_core {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build()?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -27,7 +42,6 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => shell_api::server::serve(*args).await,
         Command::Migrate(args) => {

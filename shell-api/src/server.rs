@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rand::RngCore;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::{app, db, AppState, Settings};
 use std::net::SocketAddr;
@@ -105,32 +107,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::campaigns::close::campaigns_forever(state.clone()));
     let live = Arc::clone(&state.live);
 
-    let listener = TcpListener::bind(args.bind_addr)
-        .await
-        .with_context(|| format!("binding {}", args.bind_addr))?;
-    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let (addr, mut server) = start_serving(&args, state, stop_rx, done_rx)?;
     println!("listening on http://{addr}");
     std::io::stdout().flush().ok();
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut server = tokio::spawn(async move {
-        let mut stop_rx = stop_rx;
-        // With connection info: failed logins are also counted per client address.
-        axum::serve(
-            listener,
-            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-                std::net::SocketAddr,
-            >(app(state)),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        })
-        .await
-    });
 
     tokio::select! {
         result = &mut server => {
             engine.shutdown().await;
+            let _ = done_tx.send(true);
             return result.context("server task")?.context("serving");
         }
         () = shutdown_signal() => {}
@@ -149,8 +135,141 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Requests are done (or cut off); whatever they queued is committed before the process exits.
     engine.shutdown().await;
+    // The per-core runtimes may run engine tasks (a Redis drop's lanes start on the runtime that loaded the drop);
+    // they end only now.
+    let _ = done_tx.send(true);
     tracing::info!("writer drained; bye");
     Ok(())
+}
+
+/// How `serve` runs its connections (`SERVE_RUNTIMES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeRuntimes {
+    /// One multi-threaded runtime, a worker per core, for every connection and the engine: a connection's task
+    /// may be woken on another core than the one that read its request.
+    Shared,
+    /// A single-threaded runtime per core, each accepting on its own `SO_REUSEPORT` listener on the same address
+    /// (the kernel spreads connections over them), so a request is read, handled and answered on one thread with
+    /// no cross-thread wake-up. The first runtime also runs the engine's tasks (writer, reaper); the engine is
+    /// shared by all, as with one runtime.
+    PerCore,
+}
+
+/// The runtimes `serve` runs on: one for the shared setting, one per core otherwise.
+pub fn runtime_count(runtimes: ServeRuntimes) -> usize {
+    match runtimes {
+        ServeRuntimes::Shared => 1,
+        ServeRuntimes::PerCore => std::thread::available_parallelism().map_or(1, usize::from),
+    }
+}
+
+/// Binds the listeners and starts serving `app(state)` on them until `stop` turns true: one listener on this
+/// runtime, or with `SERVE_RUNTIMES=per-core` one per core, the others each on a thread of its own with a
+/// single-threaded runtime that lives until `done` turns true. Returns the bound address and a task that ends
+/// when every listener has stopped serving.
+fn start_serving(
+    args: &ServeArgs,
+    state: AppState,
+    stop: watch::Receiver<bool>,
+    done: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
+    let count = runtime_count(args.serve_runtimes);
+    let reuse_port = args.serve_runtimes == ServeRuntimes::PerCore;
+    let first = listen(args.bind_addr, reuse_port, args.listen_backlog)
+        .with_context(|| format!("binding {}", args.bind_addr))?;
+    // Port 0 picks a port once; the other listeners join it.
+    let addr = first.local_addr()?;
+    let mut others = Vec::with_capacity(count - 1);
+    for core in 1..count {
+        let listener = listen(addr, true, args.listen_backlog)
+            .with_context(|| format!("binding listener {core} to {addr}"))?;
+        others.push(spawn_core_runtime(
+            core,
+            listener.into_std()?,
+            state.clone(),
+            stop.clone(),
+            done.clone(),
+        )?);
+    }
+    let server = tokio::spawn(async move {
+        let served = serve_connections(first, state, stop).await;
+        for other in others {
+            // A runtime that failed to start or serve says so; one whose thread died is an error too.
+            other.await.unwrap_or_else(|_| {
+                Err(std::io::Error::other("a serving runtime's thread ended"))
+            })?;
+        }
+        served
+    });
+    if count > 1 {
+        tracing::info!(runtimes = count, %addr, "serving on a runtime per core, one SO_REUSEPORT listener each");
+    }
+    Ok((addr, server))
+}
+
+/// A listening socket with `SO_REUSEADDR` (as `TcpListener::bind` sets it), `SO_REUSEPORT` when asked, and
+/// `backlog` connections waiting to be accepted (the kernel caps it at `net.core.somaxconn`).
+fn listen(addr: SocketAddr, reuse_port: bool, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Serves `app(state)` on `listener` until `stop` turns true, then finishes the requests in flight.
+async fn serve_connections(
+    listener: TcpListener,
+    state: AppState,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    // With connection info: failed logins are also counted per client address.
+    axum::serve(
+        listener,
+        axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+            std::net::SocketAddr,
+        >(app(state)),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    })
+    .await
+}
+
+/// A thread with a single-threaded runtime that serves `listener` until `stop`, then keeps running the tasks
+/// spawned on it until `done`; the receiver gets how serving ended.
+fn spawn_core_runtime(
+    core: usize,
+    listener: std::net::TcpListener,
+    state: AppState,
+    stop: watch::Receiver<bool>,
+    mut done: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
+    let (served_tx, served_rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building a serving runtime")?;
+    std::thread::Builder::new()
+        .name(format!("serve-{core}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let served = match TcpListener::from_std(listener) {
+                    Ok(listener) => serve_connections(listener, state, stop).await,
+                    Err(err) => Err(err),
+                };
+                let _ = served_tx.send(served);
+                let _ = done.wait_for(|done| *done).await;
+            });
+        })
+        .context("starting a serving thread")?;
+    Ok(served_rx)
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -187,6 +306,16 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: SocketAddr,
+    /// How connections are served: `shared`, one multi-threaded runtime (a worker per core); or `per-core`, a
+    /// single-threaded runtime per core, each with its own SO_REUSEPORT listener, so a request never wakes another
+    /// thread. The engine is shared either way.
+    #[arg(long, env = "SERVE_RUNTIMES", value_enum, default_value_t = ServeRuntimes::Shared)]
+    pub serve_runtimes: ServeRuntimes,
+    /// Connections each listener lets wait to be accepted (the kernel caps it at net.core.somaxconn): thousands of
+    /// clients connecting before a drop opens overflow a short queue, and each dropped SYN costs its client a
+    /// second before it tries again.
+    #[arg(long, env = "LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
     /// Secret for signing access tokens (HS256). Required unless --dev.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,

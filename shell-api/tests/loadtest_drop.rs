@@ -2,6 +2,9 @@
 //! report, and, once a purchase row is deleted behind the server's back, the same verification must fail. A short
 //! shop run likewise passes, and fails once a shelf's stock or a balance is changed behind the server's back.
 //!
+//! A small opening burst (500 clients at one instant) must add up, and fail once a journaled hold is deleted behind
+//! the server's back and the server restarts from Postgres.
+//!
 //! It lives here rather than in `loadtest/` because it needs `flashsale` itself (`CARGO_BIN_EXE_flashsale`).
 #![allow(clippy::unwrap_used)]
 #![allow(
@@ -221,4 +224,104 @@ async fn a_shop_run_passes_and_a_tampered_shelf_or_balance_fails_its_verificatio
 
     let _ = std::fs::remove_dir_all(&reports);
     assert!(server.terminate(std::time::Duration::from_secs(15)).await);
+}
+
+/// The burst mode on a small scale: 500 clients connected before the opening, one reservation each at it. Every
+/// client is answered, the grants are the stock, the rest are told sold out, and the drop's counts add up to what
+/// the clients saw. The server serves with a runtime per core (SERVE_RUNTIMES=per-core), so that path sells a
+/// drop here. Then a batch of journaled holds is deleted from Postgres and the server restarted (shared runtime):
+/// the drop comes back with fewer holds than the clients were granted, and the same checks fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_adds_up_and_a_deleted_hold_fails_its_accounting() {
+    let db = TestDb::new().await;
+    create_admin(&db).await;
+    let server = TestServer::start(&db.url, &[("SERVE_RUNTIMES", "per-core")]).await;
+    let pid = server.child.id().unwrap().to_string();
+    let cli = Cli::try_parse_from([
+        "flashsale-load",
+        "burst",
+        "--base-url",
+        &server.base_url,
+        "--admin-email",
+        ADMIN_EMAIL,
+        "--admin-password",
+        ADMIN_PASSWORD,
+        "--clients",
+        "500",
+        "--members",
+        "10",
+        "--stock",
+        "40",
+        "--opens-in-ms",
+        "3000",
+        // A debug build beside the rest of the suite: the figure that matters here is the accounting.
+        "--within-ms",
+        "20000",
+        "--server-pid",
+        &pid,
+    ])
+    .unwrap();
+    let Command::Burst(args) = cli.command else {
+        unreachable!("parsed the burst subcommand")
+    };
+    let mut outcome = loadtest::run::burst(args).await.unwrap();
+    let shown = outcome.render();
+    assert!(outcome.passed(), "{shown}");
+    let report = &outcome.report;
+    assert_eq!(report.answered(), 500, "{shown}");
+    assert_eq!(report.with_status(201), 40, "{shown}");
+    assert_eq!(report.answers.get("409 sold_out"), Some(&460), "{shown}");
+    assert_eq!(report.connected_before_opening, 500, "{shown}");
+    assert!(
+        report.max_ms >= report.p50_ms && report.p50_ms > 0.0,
+        "{shown}"
+    );
+    let memory = &report.servers[0];
+    assert!(
+        memory.rss_before_kb > 0
+            && memory.rss_connected_kb > 0
+            && memory.hwm_kb >= memory.rss_after_kb,
+        "{shown}"
+    );
+    let held = report.drop.unwrap().held;
+    assert_eq!(held, 40, "{shown}");
+
+    // Plant a violation: the server drains its writer at shutdown, then one batch of journaled holds disappears.
+    assert!(server.terminate(std::time::Duration::from_secs(15)).await);
+    let drop: uuid::Uuid = outcome.drop_id.parse().unwrap();
+    let deleted = db
+        .client()
+        .await
+        .execute(
+            "DELETE FROM hold_batches WHERE ctid = (SELECT ctid FROM hold_batches WHERE drop_id = $1 LIMIT 1)",
+            &[&drop],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let restarted = TestServer::start(&db.url, &[]).await;
+    loadtest::run::reverify_burst(&mut outcome, &restarted.base_url)
+        .await
+        .unwrap();
+    let failed: Vec<&str> = outcome
+        .checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .map(|c| c.name)
+        .collect();
+    assert!(outcome.report.drop.unwrap().held < 40);
+    assert_eq!(
+        failed,
+        [
+            "the drop's holds are the grants",
+            "sold out only when nothing was left"
+        ],
+        "{}",
+        outcome.render()
+    );
+    assert!(
+        restarted
+            .terminate(std::time::Duration::from_secs(15))
+            .await
+    );
 }
