@@ -10,6 +10,7 @@ use goose::prelude::{GooseAttack, GooseError, GooseMetrics, Transaction, Transac
 use goose::threshold::ThresholdResult;
 
 use crate::browse::Shop;
+use crate::campaign::Campaigns;
 use crate::drop_funnel::Funnel;
 use crate::feed::Social;
 use crate::setup::progress;
@@ -22,6 +23,8 @@ pub struct Parts {
     pub shop: Option<(Arc<Shop>, usize)>,
     pub social: Option<(Arc<Social>, usize)>,
     pub shelf: Option<(Arc<Shoppers>, usize)>,
+    /// The `campaign` scenario: one goose user per buyer.
+    pub campaigns: Option<Arc<Campaigns>>,
     pub setup_concurrency: usize,
 }
 
@@ -31,6 +34,7 @@ impl Parts {
             + self.shop.as_ref().map_or(0, |(_, n)| *n)
             + self.social.as_ref().map_or(0, |(_, n)| *n)
             + self.shelf.as_ref().map_or(0, |(_, n)| *n)
+            + self.campaigns.as_ref().map_or(0, |c| c.users())
     }
 
     /// Everything the scenarios need, catalog and members first: the drop opens a fixed time after its setup.
@@ -46,6 +50,9 @@ impl Parts {
         }
         if let Some(funnel) = &self.funnel {
             funnel.setup(user).await?;
+        }
+        if let Some(campaigns) = &self.campaigns {
+            campaigns.setup(user).await?;
         }
         Ok(())
     }
@@ -86,7 +93,7 @@ pub async fn run(
 ) -> anyhow::Result<Ended> {
     let users = match config.users {
         // Browse and feed alone take `-u`; a funnel's users follow from its buyers and tabs.
-        Some(users) if parts.funnel.is_none() => users,
+        Some(users) if parts.funnel.is_none() && parts.campaigns.is_none() => users,
         _ => parts.users(),
     };
     anyhow::ensure!(users > 0, "no goose users to run");
@@ -173,6 +180,14 @@ pub async fn run(
                     .map_err(goose_error)?,
             );
         }
+    }
+    if let Some(campaigns) = &parts.campaigns {
+        attack = attack.register_scenario(
+            campaigns
+                .scenario()
+                .set_weight(campaigns.users())
+                .map_err(goose_error)?,
+        );
     }
     progress(format!(
         "goose: {users} users; reports {}",

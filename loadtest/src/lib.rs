@@ -4,8 +4,9 @@
 //! constant arrival rate over raw hyper connections, for latency without coordinated omission.
 //!
 //! `client` (one API call through a goose user), `setup` (members, products, drops, before anything is
-//! measured), the scenarios `drop_funnel`, `browse`, `feed`
-//! and `shopping` (with the shop's own checks), `attack` (goose's options and run), `verify`
+//! measured), the scenarios `drop_funnel`, `browse`, `feed`,
+//! `shopping` (with the shop's own checks) and `campaign` (one campaign funded and one refunded, with their
+//! checks in Postgres and the gateway's ledger), `attack` (goose's options and run), `verify`
 //! (pure invariant checks), `summary` (what we print after goose's report), `report` (goose's HTML report made to
 //! draw offline, with the vendored ECharts inline), `rate`, and `run` (one function per
 //! subcommand). `chaos` is a world of its own: it starts the servers it tests, injects faults on a seeded
@@ -13,6 +14,7 @@
 
 pub mod attack;
 pub mod browse;
+pub mod campaign;
 pub mod chaos;
 pub mod client;
 pub mod config;

@@ -60,12 +60,17 @@ pub struct Summary {
 impl Summary {
     /// Writes the summary as JSON, creating its folder.
     pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let json = serde_json::to_vec_pretty(self).context("encoding the summary")?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+        write_json(path, self)
     }
+}
+
+/// Writes a summary as JSON, creating its folder (every scenario's `--summary-file`).
+pub fn write_json(path: &Path, summary: &impl Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let json = serde_json::to_vec_pretty(summary).context("encoding the summary")?;
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
 }
 
 /// A threshold rule and what was observed, as one line.
@@ -73,7 +78,8 @@ pub fn threshold_line(result: &ThresholdResult) -> String {
     format!("{} (observed {})", result.rule, result.observed)
 }
 
-fn tallies(map: &std::collections::BTreeMap<String, u64>) -> String {
+/// Answers and their counts, as one line (`201 x66, 409 sold_out x139`).
+pub(crate) fn tallies(map: &std::collections::BTreeMap<String, u64>) -> String {
     if map.is_empty() {
         return "none".to_owned();
     }

@@ -19,32 +19,10 @@ use loadtest::verify::{self, Verdict};
 const ADMIN_EMAIL: &str = "admin@load.test";
 const ADMIN_PASSWORD: &str = "load-test-admin-password";
 
-/// `flashsale admin create` against the test database, as the demo does.
-async fn create_admin(db: &TestDb) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-        .args([
-            "admin",
-            "create",
-            "--email",
-            ADMIN_EMAIL,
-            "--password",
-            ADMIN_PASSWORD,
-        ])
-        .env("DATABASE_URL", &db.url)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "admin create: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drop_run_passes_and_a_deleted_purchase_fails_its_verification() {
     let db = TestDb::new().await;
-    create_admin(&db).await;
+    common::create_admin(&db, ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let server = TestServer::start(&db.url, &[("REAPER_INTERVAL_MS", "200")]).await;
     let reports = std::env::temp_dir().join(format!("fs-load-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&reports).unwrap();
@@ -137,7 +115,7 @@ async fn a_drop_run_passes_and_a_deleted_purchase_fails_its_verification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shop_run_passes_and_a_tampered_shelf_or_balance_fails_its_verification() {
     let db = TestDb::new().await;
-    create_admin(&db).await;
+    common::create_admin(&db, ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let server = TestServer::start(&db.url, &[]).await;
     let reports = std::env::temp_dir().join(format!("fs-load-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&reports).unwrap();

@@ -375,6 +375,21 @@ impl TestApp {
     }
 }
 
+/// `flashsale admin create` against `db`, as the demo does: the load harness signs in as this admin.
+pub async fn create_admin(db: &TestDb, email: &str, password: &str) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args(["admin", "create", "--email", email, "--password", password])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "admin create: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// The real `flashsale` binary serving on a free port, killed when dropped.
 pub struct TestServer {
     pub child: tokio::process::Child,
