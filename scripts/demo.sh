@@ -17,7 +17,10 @@
 #                  their hold down the ranking, which the harness recomputes from the revealed seed);
 #                  subscribe (members subscribe, pause, resume, cancel and change cards while `flashsale renew --at`
 #                  runs in rounds, two processes at once, each round 8 days further on the test clock; then one
-#                  charge per period, the ledgers and the gateway's records are checked).
+#                  charge per period, the ledgers and the gateway's records are checked);
+#                  campaign (200 buyers buy into two preorder campaigns at once, one reaches its goal and one does
+#                  not; after closes_at the servers refund the failed one, and the harness checks in Postgres and in
+#                  the gateway's refund ledger that each of its purchases was refunded once and none of the other's).
 # --redis          the servers use the Redis gate: REDIS_URL from scripts/services.sh, and a key prefix of this
 #                  run's own (REDIS_KEY_PREFIX=demo-<timestamp>-<pid>:) whose keys are deleted at the end.
 # --instances N    start N servers (default 1, at most 16) on one database and one Redis, all selling the same
@@ -56,7 +59,8 @@ usage() {
 usage: scripts/demo.sh [--mode MODE] [--redis] [--instances N] [-- DRIVER_ARGS...]
 
   --mode MODE      the goose scenario (a flashsale-load subcommand, checked afterwards): drop (default),
-                   queue, draw, subscribe (subscriptions renewed by `flashsale renew --at` rounds during the run)
+                   queue, draw, subscribe (subscriptions renewed by `flashsale renew --at` rounds during the run),
+                   campaign (one campaign funded, one refunded)
   --redis          use the Redis gate (REDIS_URL from scripts/services.sh) under a fresh REDIS_KEY_PREFIX,
                    whose keys are deleted at the end
   --instances N    run N servers on one database and one Redis, selling the same drop (default 1, at most 16;
@@ -81,7 +85,7 @@ INSTANCES=1
 MODE=drop
 # The scenarios demo.sh runs: each is a flashsale-load subcommand that takes the target's options and
 # --summary-file, and exits 0 / 1 / 2 as the drop funnel does.
-MODES="drop queue draw subscribe"
+MODES="drop queue draw subscribe campaign"
 while [ $# -gt 0 ]; do
   case $1 in
     --mode)
@@ -252,6 +256,12 @@ HTML_REPORT=$ROOT/reports/$MODE-$STAMP.html
 JSON_REPORT=$ROOT/reports/$MODE-$STAMP.json
 SUMMARY=$ROOT/reports/$MODE-$STAMP.summary.json
 read -r -a server_env <<<"${DEMO_SERVER_ENV:-}"
+# Server settings a mode needs (DEMO_SERVER_ENV, after them, still overrides): the campaign scenario counts refunds
+# in the simulated gateway's ledger, which it keeps in Postgres only when asked, and waits for the campaign loop.
+mode_env=()
+case $MODE in
+  campaign) mode_env=(SIMULATED_GATEWAY_LEDGER=true CAMPAIGN_TICK_MS=200) ;;
+esac
 # Every server signs with the same JWT secret, so a token from one is good on all of them.
 common_env=(BIND_ADDR=127.0.0.1:0 JWT_SECRET=flashsale-demo-secret-not-for-production RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1)
 if [ "$USE_REDIS" -eq 1 ]; then
@@ -275,7 +285,7 @@ server_log() {
 step "$INSTANCES server(s) on free ports, on $GATE"
 # All start at once (migrations take an advisory lock); then each must print its address.
 for i in $(seq 1 "$INSTANCES"); do
-  "${gate_env[@]}" "${common_env[@]}" "${server_env[@]}" "$FLASHSALE" serve \
+  "${gate_env[@]}" "${common_env[@]}" "${mode_env[@]}" "${server_env[@]}" "$FLASHSALE" serve \
     >"$WORK/server-$i.out" 2>"$(server_log "$i")" &
   SERVER_PIDS+=("$!")
 done

@@ -10,6 +10,7 @@ use goose::prelude::{GooseAttack, GooseError, GooseMetrics, Transaction, Transac
 use goose::threshold::ThresholdResult;
 
 use crate::browse::Shop;
+use crate::campaign::Campaigns;
 use crate::drop_funnel::Funnel;
 use crate::feed::Social;
 use crate::launch::Launch;
@@ -27,6 +28,8 @@ pub struct Parts {
     /// A fair launch (`queue`, `draw`): one user per member.
     pub launch: Option<Arc<Launch>>,
     pub subscribe: Option<(Arc<Subscribers>, usize)>,
+    /// The `campaign` scenario: one goose user per buyer.
+    pub campaigns: Option<Arc<Campaigns>>,
     pub setup_concurrency: usize,
 }
 
@@ -38,6 +41,7 @@ impl Parts {
             + self.shelf.as_ref().map_or(0, |(_, n)| *n)
             + self.launch.as_ref().map_or(0, |l| l.users())
             + self.subscribe.as_ref().map_or(0, |(_, n)| *n)
+            + self.campaigns.as_ref().map_or(0, |c| c.users())
     }
 
     /// Everything the scenarios need, catalog and members first: the drop opens a fixed time after its setup.
@@ -59,6 +63,9 @@ impl Parts {
         }
         if let Some(launch) = &self.launch {
             launch.setup(user).await?;
+        }
+        if let Some(campaigns) = &self.campaigns {
+            campaigns.setup(user).await?;
         }
         Ok(())
     }
@@ -98,8 +105,13 @@ pub async fn run(
     shape: Shape,
 ) -> anyhow::Result<Ended> {
     let users = match config.users {
-        // Browse and feed alone take `-u`; a funnel's and a launch's users follow from their buyers (and tabs).
-        Some(users) if parts.funnel.is_none() && parts.launch.is_none() => users,
+        // Browse and feed alone take `-u`; a funnel's, a launch's and the campaigns' users follow from their buyers
+        // (and tabs).
+        Some(users)
+            if parts.funnel.is_none() && parts.launch.is_none() && parts.campaigns.is_none() =>
+        {
+            users
+        }
         _ => parts.users(),
     };
     anyhow::ensure!(users > 0, "no goose users to run");
@@ -200,6 +212,14 @@ pub async fn run(
             subscribers
                 .scenario()
                 .and_then(|s| s.set_weight(*n))
+                .map_err(goose_error)?,
+        );
+    }
+    if let Some(campaigns) = &parts.campaigns {
+        attack = attack.register_scenario(
+            campaigns
+                .scenario()
+                .set_weight(campaigns.users())
                 .map_err(goose_error)?,
         );
     }

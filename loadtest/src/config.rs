@@ -68,6 +68,13 @@ pub enum Command {
     /// derived from `--seed`, then heals everything and checks the recorded history against Postgres. Exits 1 on
     /// any violation, 2 when the run itself could not be carried out.
     Chaos(ChaosArgs),
+    /// Two preorder campaigns at once: buyers reserve and pay into both from the opening; one reaches its goal
+    /// (funded), the other is kept short of it (unfunded). After `closes_at` the servers' own campaign loop decides
+    /// both and refunds the unfunded one; the run waits for that, then checks in Postgres and in the gateway's
+    /// refund ledger that every purchase of the unfunded one was refunded exactly once and none of the funded one,
+    /// the states, the notifications and the stock. The servers need SIMULATED_GATEWAY_LEDGER=true. Exits 1 if a
+    /// check or a threshold fails, 2 when the run could not be carried out.
+    Campaign(CampaignArgs),
 }
 
 /// Where the servers are and how to set a run up; shared by every subcommand that talks to the API.
@@ -900,6 +907,122 @@ impl ChaosArgs {
         } else {
             u64::from(self.pay_lease_seconds) * 1000 + 1500
         }
+    }
+}
+
+/// The `campaign` scenario's settings: two campaigns that open and close together, the buyers, and their behaviour.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CampaignSettings {
+    /// Members who buy (one goose user each): every one reserves a unit of the funded campaign at the opening,
+    /// and the first `--unfunded-buyers` also one of the unfunded campaign.
+    #[arg(long, env = "LOAD_CAMPAIGN_BUYERS", default_value_t = 200)]
+    pub buyers: u32,
+    /// Units of the campaign meant to be funded (refused buyers retry while cancelled units come back).
+    #[arg(long, env = "LOAD_CAMPAIGN_FUNDED_STOCK", default_value_t = 60)]
+    pub funded_stock: u32,
+    /// Its goal: at most the units its paying buyers can take (`--buyers` less the cancelling share).
+    #[arg(long, env = "LOAD_CAMPAIGN_FUNDED_GOAL", default_value_t = 30)]
+    pub funded_goal: u32,
+    /// Units of the campaign meant to fail.
+    #[arg(long, env = "LOAD_CAMPAIGN_UNFUNDED_STOCK", default_value_t = 60)]
+    pub unfunded_stock: u32,
+    /// Its goal: above `--unfunded-buyers`, so that one unit per member can never reach it.
+    #[arg(long, env = "LOAD_CAMPAIGN_UNFUNDED_GOAL", default_value_t = 50)]
+    pub unfunded_goal: u32,
+    /// Buyers who also buy into the unfunded campaign, one unit each.
+    #[arg(long, env = "LOAD_CAMPAIGN_UNFUNDED_BUYERS", default_value_t = 40)]
+    pub unfunded_buyers: u32,
+    /// Share of the funded campaign's holders who cancel (their units go back to the buyers still waiting).
+    #[arg(long, env = "LOAD_CAMPAIGN_CANCEL_RATE", default_value_t = 0.1)]
+    pub cancel_rate: f64,
+    /// Share of the unfunded campaign's holders who pay with `tok_declined` (no purchase, nothing to refund).
+    #[arg(long, env = "LOAD_CAMPAIGN_DECLINE_RATE", default_value_t = 0.1)]
+    pub decline_rate: f64,
+    /// Seconds a hold lasts (buyers pay or cancel at once; a hold left at `closes_at` delays the close).
+    #[arg(long, env = "LOAD_CAMPAIGN_HOLD_SECONDS", default_value_t = 30)]
+    pub hold_seconds: u32,
+    /// Both campaigns open this long after they are created, once every buyer is signed in.
+    #[arg(long, env = "LOAD_CAMPAIGN_OPENS_IN_MS", default_value_t = 3000)]
+    pub opens_in_ms: u64,
+    /// Both close this long after they open (`closes_at`); refused buyers of the funded one retry until shortly
+    /// before.
+    #[arg(long, env = "LOAD_CAMPAIGN_SECONDS", default_value_t = 6)]
+    pub campaign_seconds: u64,
+    /// After `closes_at`, how long the run waits for the servers to decide both campaigns and finish the refunds.
+    #[arg(long, env = "LOAD_CAMPAIGN_CLOSE_WAIT_SECONDS", default_value_t = 60)]
+    pub close_wait_seconds: u64,
+    /// Also write the summary (campaigns, outcomes, checks) as JSON here.
+    #[arg(long, env = "LOAD_SUMMARY_FILE")]
+    pub summary_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CampaignArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub campaign: CampaignSettings,
+    #[command(flatten)]
+    pub goose: GooseConfiguration,
+}
+
+impl CampaignSettings {
+    /// Refuses settings that could not give one funded and one unfunded campaign, or an unbounded run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            (1..=BUYERS_MAX).contains(&self.buyers),
+            "--buyers must be 1..={BUYERS_MAX}"
+        );
+        for (name, rate) in [
+            ("--cancel-rate", self.cancel_rate),
+            ("--decline-rate", self.decline_rate),
+        ] {
+            ensure!((0.0..1.0).contains(&rate), "{name} must be 0.0..1.0");
+        }
+        ensure!(
+            (1..=self.funded_stock).contains(&self.funded_goal),
+            "--funded-goal must be 1..=--funded-stock"
+        );
+        ensure!(
+            self.funded_goal <= self.paying_buyers(),
+            "--funded-goal must be at most the buyers who pay ({} of {} after --cancel-rate), or it may not be reached",
+            self.paying_buyers(),
+            self.buyers
+        );
+        ensure!(
+            (1..=self.unfunded_stock).contains(&self.unfunded_goal),
+            "--unfunded-goal must be 1..=--unfunded-stock"
+        );
+        ensure!(
+            self.unfunded_buyers >= 1
+                && self.unfunded_buyers < self.unfunded_goal
+                && self.unfunded_buyers <= self.buyers,
+            "--unfunded-buyers must be at least 1, below --unfunded-goal and at most --buyers"
+        );
+        ensure!(
+            (1..=HOLD_SECONDS_MAX).contains(&self.hold_seconds),
+            "--hold-seconds must be 1..={HOLD_SECONDS_MAX}"
+        );
+        ensure!(
+            (500..=OPENS_IN_MS_MAX).contains(&self.opens_in_ms),
+            "--opens-in-ms must be 500..={OPENS_IN_MS_MAX}"
+        );
+        ensure!(
+            (2..=3_600).contains(&self.campaign_seconds),
+            "--campaign-seconds must be 2..=3600"
+        );
+        ensure!(
+            (1..=3_600).contains(&self.close_wait_seconds),
+            "--close-wait-seconds must be 1..=3600"
+        );
+        Ok(())
+    }
+
+    /// Buyers who pay for a unit of the funded campaign at worst: every buyer less the most the cancel rate
+    /// makes cancel (`Campaigns`' picks cancel at most `ceil(n x rate)` of `n` holds).
+    pub fn paying_buyers(&self) -> u32 {
+        let cancelling = (f64::from(self.buyers) * self.cancel_rate).ceil() as u32;
+        self.buyers.saturating_sub(cancelling)
     }
 }
 

@@ -523,30 +523,8 @@ impl Funnel {
             return self.idle(user).await;
         };
         let b = &ready.buyers[buyer];
-        let mut call = self.reserve_call(ready, &b.member);
-        let mut reply = send_retrying(
-            user,
-            &self.targets,
-            &call,
-            RetryPolicy::OVERLOAD,
-            reserve_expected,
-        )
-        .await;
-        for _ in 0..NOT_OPEN_RETRIES_MAX {
-            if reply.error_code() != Some("not_open") {
-                break;
-            }
-            tokio::time::sleep(NOT_OPEN_RETRY_DELAY).await;
-            call = call.on(self.targets.next(reply.instance, 1));
-            reply = send_retrying(
-                user,
-                &self.targets,
-                &call,
-                RetryPolicy::OVERLOAD,
-                reserve_expected,
-            )
-            .await;
-        }
+        let reply =
+            reserve_at_opening(user, &self.targets, self.reserve_call(ready, &b.member)).await;
         self.tally(|t| *t.outcomes.spike_answers.entry(reply.label()).or_default() += 1);
         let next = match (reply.status, reply.error_code()) {
             (201, _) => match Hold::from_reply(&reply) {
@@ -852,8 +830,41 @@ fn transaction(funnel: &Arc<Funnel>, step: Step) -> Transaction {
     Transaction::new(function)
 }
 
+/// A reservation sent at the opening (with an `Idempotency-Key`): 429/503 retried as the server asks, on the next
+/// instance, and `not_open` retried briefly in case the timer fired a hair early. The last answer.
+pub(crate) async fn reserve_at_opening(
+    user: &mut GooseUser,
+    targets: &Targets,
+    mut call: Call,
+) -> Reply {
+    let mut reply = send_retrying(
+        user,
+        targets,
+        &call,
+        RetryPolicy::OVERLOAD,
+        reserve_expected,
+    )
+    .await;
+    for _ in 0..NOT_OPEN_RETRIES_MAX {
+        if reply.error_code() != Some("not_open") {
+            break;
+        }
+        tokio::time::sleep(NOT_OPEN_RETRY_DELAY).await;
+        call = call.on(targets.next(reply.instance, 1));
+        reply = send_retrying(
+            user,
+            targets,
+            &call,
+            RetryPolicy::OVERLOAD,
+            reserve_expected,
+        )
+        .await;
+    }
+    reply
+}
+
 /// Answers a reservation may get in a drop that is selling out.
-fn reserve_expected(reply: &Reply) -> bool {
+pub(crate) fn reserve_expected(reply: &Reply) -> bool {
     reply.status == 201
         || (reply.status == 409
             && matches!(
@@ -1272,7 +1283,7 @@ fn ms_since(origin: tokio::time::Instant) -> i64 {
 }
 
 /// The monotonic instant of a wall-clock time (both clocks are this machine's, as is the server's).
-fn instant_of(at: DateTime<Utc>) -> tokio::time::Instant {
+pub(crate) fn instant_of(at: DateTime<Utc>) -> tokio::time::Instant {
     let now = tokio::time::Instant::now();
     match (at - Utc::now()).to_std() {
         Ok(ahead) => now + ahead,

@@ -4,9 +4,10 @@
 //! constant arrival rate over raw hyper connections, for latency without coordinated omission.
 //!
 //! `client` (one API call through a goose user), `setup` (members, products, drops, before anything is
-//! measured), the scenarios `drop_funnel`, `browse`, `feed`
-//! and `shopping` (with the shop's own checks), `launch` (the fair launches, `queue` and `draw`, with theirs),
-//! `subscribe` (renewals through `flashsale renew` during the run), `attack` (goose's options and run), `verify`
+//! measured), the scenarios `drop_funnel`, `browse`, `feed`,
+//! `shopping` (with the shop's own checks), `launch` (the fair launches, `queue` and `draw`, with theirs),
+//! `subscribe` (renewals through `flashsale renew` during the run) and `campaign` (one campaign funded and one
+//! refunded, with their checks in Postgres and the gateway's ledger), `attack` (goose's options and run), `verify`
 //! (pure invariant checks), `summary` (what we print after goose's report), `report` (goose's HTML report made to
 //! draw offline, with the vendored ECharts inline), `rate`, and `run` (one function per
 //! subcommand). `chaos` is a world of its own: it starts the servers it tests, injects faults on a seeded
@@ -15,6 +16,7 @@
 pub mod attack;
 pub mod browse;
 pub mod burst;
+pub mod campaign;
 pub mod chaos;
 pub mod client;
 pub mod config;

@@ -28,6 +28,10 @@ async fn main() -> ExitCode {
             print!("{}", outcome.render());
             outcome.passed()
         }),
+        Command::Campaign(args) => run::campaign(args).await.map(|summary| {
+            print!("{}", loadtest::campaign::render(&summary));
+            summary.passed
+        }),
         Command::Chaos(args) => run::chaos(args).await.map(|outcome| {
             print!("{}", outcome.summary);
             outcome.passed()

@@ -13,11 +13,12 @@ use serde_json::json;
 use crate::attack::{self, Ended, Parts, Shape};
 use crate::browse::Shop;
 use crate::burst::{self, BurstReport, DropCounts};
+use crate::campaign::{self, CampaignRun, CampaignSummary, Campaigns};
 use crate::chaos::{self, ChaosOutcome};
 use crate::client::{plain_user, send_retrying, success, Call, RetryPolicy, Targets};
 use crate::config::{
-    refuse_goose_options, BrowseArgs, BurstArgs, ChaosArgs, DrawArgs, DropArgs, FeedArgs,
-    FunnelArgs, MixedArgs, QueueArgs, RateArgs, ShopArgs, SubscribeRunArgs, TargetArgs,
+    refuse_goose_options, BrowseArgs, BurstArgs, CampaignArgs, ChaosArgs, DrawArgs, DropArgs,
+    FeedArgs, FunnelArgs, MixedArgs, QueueArgs, RateArgs, ShopArgs, SubscribeRunArgs, TargetArgs,
 };
 use crate::drop_funnel::{Funnel, FunnelRun};
 use crate::feed::Social;
@@ -111,6 +112,7 @@ pub async fn mixed(args: MixedArgs) -> anyhow::Result<DropOutcome> {
         launch: None,
         subscribe: None,
         setup_concurrency: args.target.setup_concurrency,
+        ..Parts::default()
     };
     // A cap in case the funnel never reports done (goose started fewer tabs than asked): the opening, every hold
     // and the restock window, and a minute more.
@@ -662,6 +664,72 @@ async fn drop_counts(targets: &Targets, drop_id: &str) -> anyhow::Result<DropCou
         held: field("held")?,
         sold: field("sold")?,
     })
+}
+
+/// `flashsale-load campaign`: two campaigns bought into at once, then, once the servers have decided them and
+/// refunded the unfunded one, the checks; returns the summary, the run is in `campaign_run` for tests that verify
+/// again.
+pub async fn campaign(args: CampaignArgs) -> anyhow::Result<CampaignSummary> {
+    Ok(campaign_run(args).await?.0)
+}
+
+/// `campaign`, also handing back what the run saw.
+pub async fn campaign_run(args: CampaignArgs) -> anyhow::Result<(CampaignSummary, CampaignRun)> {
+    refuse_goose_options(&args.goose, "campaign")?;
+    args.campaign.validate()?;
+    let targets = targets(&args.target)?;
+    let campaigns = Campaigns::new(
+        args.campaign.clone(),
+        args.target.clone(),
+        Arc::clone(&targets),
+    );
+    let parts = Parts {
+        campaigns: Some(Arc::clone(&campaigns)),
+        setup_concurrency: args.target.setup_concurrency,
+        ..Parts::default()
+    };
+    let shape = Shape {
+        name: "campaign",
+        host: targets.base(0).to_owned(),
+        one_iteration: true,
+        run_time_default: None,
+    };
+    let ended = attack::run(args.goose, parts, shape).await?;
+    let run = campaigns
+        .collect()?
+        .context("the campaigns were never set up")?;
+    let observations = run.observe(&args.target.database_url).await?;
+    let checks = campaign::verify(&observations);
+    let thresholds_failed: Vec<String> =
+        ended.thresholds_failed.iter().map(threshold_line).collect();
+    let summary = CampaignSummary {
+        scenario: "campaign",
+        passed: verify::passed(&checks) && thresholds_failed.is_empty(),
+        drop_id: run.drops[0].drop_id.clone(),
+        campaigns: run.drops.to_vec(),
+        opens_at: run.opens_at,
+        closes_at: run.closes_at,
+        settings: run.settings.clone(),
+        outcomes: run.outcomes.to_vec(),
+        unexpected: run.unexpected.clone(),
+        observations,
+        checks,
+        thresholds_failed,
+        report_files: ended.report_files,
+    };
+    if let Some(path) = &args.campaign.summary_file {
+        crate::summary::write_json(&summary, path)?;
+    }
+    Ok((summary, run))
+}
+
+/// Reads Postgres and the API again for a finished campaign run and judges it again: after a refund is removed,
+/// duplicated or invented behind the servers' back, the checks must catch it.
+pub async fn reverify_campaign(
+    run: &CampaignRun,
+    database_url: &str,
+) -> anyhow::Result<Vec<Check>> {
+    Ok(campaign::verify(&run.observe(database_url).await?))
 }
 
 /// `flashsale-load chaos`: the seeded chaos rehearsal; it starts and ends its own servers (see `chaos`).

@@ -64,7 +64,7 @@ impl Summary {
     }
 }
 
-/// Writes a scenario's summary as JSON, creating its folder.
+/// Writes a summary as JSON, creating its folder (every scenario's `--summary-file`).
 pub fn write_json(summary: &impl Serialize, path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -78,7 +78,8 @@ pub fn threshold_line(result: &ThresholdResult) -> String {
     format!("{} (observed {})", result.rule, result.observed)
 }
 
-fn tallies(map: &std::collections::BTreeMap<String, u64>) -> String {
+/// Answers and their counts, as one line (`201 x66, 409 sold_out x139`).
+pub(crate) fn tallies(map: &std::collections::BTreeMap<String, u64>) -> String {
     if map.is_empty() {
         return "none".to_owned();
     }

@@ -823,3 +823,154 @@ async fn queue_page() {
     }
     browser.close().await;
 }
+
+/// A campaign's section of the live page: its progress toward the goal as buyers pay, then its outcome, for one
+/// campaign that reaches its goal and one that does not. The engine's clock is a manual one: the test moves it to
+/// `closes_at` and runs one pass of the campaign loop (`close::tick`) instead of waiting for either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_page_shows_a_campaign_progress_and_outcome_in_headless_chromium() {
+    tokio::time::timeout(TEST_LIMIT, campaign_page())
+        .await
+        .expect("campaign page test took too long");
+}
+
+/// What the page's campaign section shows: whether it is laid out, the goal, the state's words, the percentage,
+/// the progress bar's filled share, and the drop's status.
+const CAMPAIGN_SECTION: &str = "(() => {
+  const section = document.getElementById('campaign');
+  const bar = document.getElementById('bar-goal');
+  return { shown: !section.hidden && section.getBoundingClientRect().height > 0,
+           goal: section.querySelector('#goal').textContent,
+           state: document.getElementById('campaign-state').textContent,
+           campaign: document.body.dataset.campaign || '',
+           percent: document.getElementById('goal-percent').textContent,
+           filled: Math.round(100 * bar.getBoundingClientRect().width / bar.parentElement.getBoundingClientRect().width),
+           status: document.body.dataset.status || '' }; })()";
+
+/// Waits (up to 10 s) until the campaign section shows `state` and `percent`, with its bar filled that far (the bar
+/// eases to a new width over 0.3 s); returns what it shows.
+async fn campaign_shows(browser: &Browser, state: &str, percent: &str) -> Value {
+    let share: i64 = percent.trim_end_matches('%').parse().unwrap();
+    let started = Instant::now();
+    loop {
+        let now = browser.eval(CAMPAIGN_SECTION).await;
+        if now["state"] == state && now["percent"] == percent && now["filled"] == share.min(100) {
+            assert_eq!(now["shown"], true, "{now}");
+            return now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the page never showed {state} at {percent}: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn campaign_page() {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let clock = Arc::new(engine::clock::ManualClock::new(now_ms));
+    let app = Arc::new(TestApp::with_clock(EngineArgs::default(), clock.clone()).await);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = app.router.clone();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service(router),
+        )
+        .await
+    });
+    let browser = Browser::launch().await;
+    let now = engine::clock::to_datetime(now_ms);
+    let closes_at = now + chrono::Duration::minutes(10);
+    let seller = app.member(Role::Seller).await;
+    let campaign = |goal: u32| {
+        let (app, seller) = (Arc::clone(&app), seller.clone());
+        async move {
+            let product = app.product(&seller, 25_000).await;
+            TestApp::drop(
+                &app,
+                &seller,
+                json!({ "product_id": product, "stock": 8, "goal_units": goal,
+                        "opens_at": (now - chrono::Duration::hours(1)).to_rfc3339(),
+                        "closes_at": closes_at.to_rfc3339() }),
+            )
+            .await
+        }
+    };
+    let funded = campaign(3).await;
+    let unfunded = campaign(4).await;
+    let buy = |drop: Value| {
+        let app = Arc::clone(&app);
+        async move {
+            let buyer = app.member(Role::Customer).await;
+            let held = reserve(&app, &buyer, &drop, 1).await;
+            assert_eq!(held.status, axum::http::StatusCode::CREATED);
+            let paid = pay(&app, &buyer, held.body["id"].as_str().unwrap(), "tok_ok").await;
+            assert_eq!(paid.status, axum::http::StatusCode::OK);
+        }
+    };
+    let open = |drop: &Value| {
+        let url = format!("{base}/live/drops/{}", drop["id"].as_str().unwrap());
+        let browser = &browser;
+        async move {
+            browser
+                .call("Page.navigate", json!({ "url": url }), true)
+                .await;
+        }
+    };
+
+    // The one that reaches its goal: live at 0%, then a third of the way, then funded with its bar full.
+    open(&funded).await;
+    let start = campaign_shows(&browser, "Live", "0%").await;
+    assert_eq!(
+        (start["goal"].as_str(), start["filled"].as_i64()),
+        (Some("3"), Some(0)),
+        "{start}"
+    );
+    buy(funded.clone()).await;
+    let third = campaign_shows(&browser, "Live", "33%").await;
+    assert_eq!(third["filled"], 33, "{third}");
+    buy(funded.clone()).await;
+    buy(funded.clone()).await;
+    let reached = campaign_shows(&browser, "Funded", "100%").await;
+    assert_eq!(
+        (reached["campaign"].as_str(), reached["filled"].as_i64()),
+        (Some("funded"), Some(100))
+    );
+    assert_eq!(
+        reached["status"], "open",
+        "funded before the close, still selling: {reached}"
+    );
+
+    // The one that does not: half way at the close, then "not funded" once the campaign loop has refunded it.
+    open(&unfunded).await;
+    campaign_shows(&browser, "Live", "0%").await;
+    buy(unfunded.clone()).await;
+    buy(unfunded.clone()).await;
+    let half = campaign_shows(&browser, "Live", "50%").await;
+    assert_eq!(half["filled"], 50, "{half}");
+    clock.set_ms(closes_at.timestamp_millis());
+    let pass = shell_api::campaigns::close::tick(&app.state).await.unwrap();
+    assert_eq!(
+        (pass.closed_funded, pass.closed_unfunded, pass.refunded),
+        (1, 1, 2),
+        "{pass:?}"
+    );
+    let failed = campaign_shows(&browser, "Not funded: refunded", "50%").await;
+    assert_eq!(
+        (failed["campaign"].as_str(), failed["status"].as_str()),
+        (Some("unfunded"), Some("closed"))
+    );
+    browser
+        .screenshot(
+            &std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-campaign-unfunded.png"),
+        )
+        .await;
+
+    // The funded one after the close: still funded, closed.
+    open(&funded).await;
+    let closed = campaign_shows(&browser, "Funded", "100%").await;
+    assert_eq!(closed["status"], "closed", "{closed}");
+    browser.close().await;
+}

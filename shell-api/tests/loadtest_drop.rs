@@ -29,7 +29,7 @@ async fn create_admin(db: &TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drop_run_passes_and_a_deleted_purchase_fails_its_verification() {
     let db = TestDb::new().await;
-    create_admin(&db).await;
+    db.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let server = TestServer::start(&db.url, &[("REAPER_INTERVAL_MS", "200")]).await;
     let reports = std::env::temp_dir().join(format!("fs-load-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&reports).unwrap();
@@ -122,7 +122,7 @@ async fn a_drop_run_passes_and_a_deleted_purchase_fails_its_verification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shop_run_passes_and_a_tampered_shelf_or_balance_fails_its_verification() {
     let db = TestDb::new().await;
-    create_admin(&db).await;
+    db.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let server = TestServer::start(&db.url, &[]).await;
     let reports = std::env::temp_dir().join(format!("fs-load-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&reports).unwrap();
@@ -234,7 +234,7 @@ async fn a_shop_run_passes_and_a_tampered_shelf_or_balance_fails_its_verificatio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_adds_up_and_a_deleted_hold_fails_its_accounting() {
     let db = TestDb::new().await;
-    create_admin(&db).await;
+    db.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let server = TestServer::start(&db.url, &[("SERVE_RUNTIMES", "per-core")]).await;
     let pid = server.child.id().unwrap().to_string();
     let cli = Cli::try_parse_from([

@@ -725,8 +725,7 @@ impl LaunchSummary {
     }
 
     pub fn write_json(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+        crate::summary::write_json(self, path)
     }
 }
 
