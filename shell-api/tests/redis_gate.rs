@@ -762,3 +762,36 @@ async fn a_note_lost_while_the_subscription_was_cut_is_caught_by_the_sweep_on_re
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_notes_reach_every_instance_from_every_node() {
+    let urls: Vec<String> = std::env::var("REDIS_CLUSTER_URLS")
+        .expect("REDIS_CLUSTER_URLS (scripts/test.sh starts a cluster with scripts/services.sh cluster)")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let db = Arc::new(common::TestDb::new().await);
+    let prefix = common::redis_prefix();
+    let a = TestApp::redis_instance(Arc::clone(&db), EngineArgs::default(), &urls, &prefix).await;
+    let b = TestApp::redis_instance(db, EngineArgs::default(), &urls, &prefix).await;
+    // Drops land in slots on different masters; each instance subscribes on one node and hears them all: a hold is
+    // journaled within a second (nothing polls; the backstop would take 30 s), and B's sold-out flag follows A.
+    for _ in 0..4 {
+        let (_, drop) = a.open_drop(5, 100, json!({})).await;
+        assert_eq!(drop_state(&b, &drop).await["available"], 5);
+        let buyer = a.member(Role::Customer).await;
+        let held = reserve(&a, &buyer, &drop, 1).await;
+        assert_eq!(held.status, StatusCode::CREATED);
+        let placed = Instant::now();
+        eventually("the hold journaled", Duration::from_secs(5), || async {
+            stored_statuses(&a, drop_id(&drop)).await == vec![("held".to_owned(), 1)]
+        })
+        .await;
+        assert!(
+            placed.elapsed() < Duration::from_secs(1),
+            "journaled after {:?}",
+            placed.elapsed()
+        );
+    }
+    a_release_on_a_clears_b_s_flag_within_100_ms(&a, &b).await;
+}

@@ -48,6 +48,14 @@ pub trait Gate: Send + Sync + 'static {
         -> GateResult<Result<(), RestoreError>>;
     /// The local sold-out flag: an answer from memory, no I/O, so a sold-out drop rejects for free.
     fn is_sold_out(&self, drop: Uuid) -> bool;
+    /// Whether the drop may have no unit left, from memory: `false` only when it surely has some. The reaper's
+    /// `unload_settled` reads the counts of an open drop only when this is true. By default always true (the embedded
+    /// gate's counts cost no I/O, and its flag is set only when a reservation finds nothing left); the Redis gate's
+    /// flag follows the units on every change (its notes), so it answers from the flag and an open drop with stock
+    /// costs no call.
+    fn may_be_sold_out(&self, _drop: Uuid) -> bool {
+        true
+    }
     /// Places a hold. `hold` is a fresh id from the caller, which a gate may rewrite (the embedded gate writes the
     /// hold's place into it, the Redis gate makes the id from the hold's place in the drop's stream), and `now_ms`
     /// the caller's clock, which a gate with a clock of its own (Redis) ignores. The returned view's id is the hold's

@@ -66,9 +66,9 @@ impl Engine {
         let mut unloaded = 0;
         for spec in specs {
             let closed = spec.closes_at_ms().is_some_and(|closes| now_ms >= closes);
-            // An open drop with units left is not settled; the gate's local sold-out flag says so without a call to
-            // the stock authority (on Redis, one call per live drop per sweep was most of an idle marketplace's cost).
-            if !closed && !self.gate.is_sold_out(spec.id) {
+            // An open drop with units left is not settled; the gate may know so from memory (on Redis, a call per
+            // live drop per sweep was much of an idle marketplace's cost).
+            if !closed && !self.gate.may_be_sold_out(spec.id) {
                 self.settled_since.remove(&spec.id);
                 continue;
             }

@@ -363,6 +363,10 @@ impl Gate for RedisGate {
             .is_some_and(|lane| lane.sold_out.load(Ordering::Acquire))
     }
 
+    fn may_be_sold_out(&self, drop: Uuid) -> bool {
+        self.is_sold_out(drop)
+    }
+
     async fn reserve(
         &self,
         drop: Uuid,
