@@ -22,10 +22,6 @@ use loadtest::verify::{self, Verdict};
 const ADMIN_EMAIL: &str = "admin@load.test";
 const ADMIN_PASSWORD: &str = "load-test-admin-password";
 
-async fn create_admin(db: &TestDb) {
-    db.create_admin(ADMIN_EMAIL, ADMIN_PASSWORD).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drop_run_passes_and_a_deleted_purchase_fails_its_verification() {
     let db = TestDb::new().await;
