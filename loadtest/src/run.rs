@@ -246,7 +246,8 @@ pub async fn judge_launch(
     let fixture = run.fixture.get().context("the launch was never set up")?;
     let (snapshots, last) = run.finish().await?;
     let instances = run.on_every_instance().await;
-    let client = launch::connect(&run.target.database_url).await?;
+    let (client, _connection) =
+        verify::connect(&run.target.database_url, launch::DB_TIMEOUT).await?;
     let db = launch::db_facts(&client, &fixture.drop_id).await?;
     let member_ids: Vec<String> = fixture.members.iter().map(|m| m.id.clone()).collect();
     let (holds, server_failures) = {

@@ -36,7 +36,8 @@ const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 const MONITOR_SNAPSHOTS_MAX: usize = 50_000;
 /// How long the verification waits for the last holds to drain, on top of the hold time.
 const DRAIN_SLACK: Duration = Duration::from_secs(5);
-const DB_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of the connection the verification reads Postgres through.
+pub const DB_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Wall-clock milliseconds now.
 pub fn now_ms() -> i64 {
@@ -541,18 +542,6 @@ pub struct DbFacts {
     pub members_over_limit: i64,
     /// Purchase ids of the drop.
     pub purchases: Vec<String>,
-}
-
-pub async fn connect(database_url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio::time::timeout(
-        DB_TIMEOUT,
-        tokio_postgres::connect(database_url, tokio_postgres::NoTls),
-    )
-    .await
-    .context("connecting to Postgres timed out")?
-    .context("connecting to Postgres")?;
-    tokio::spawn(connection);
-    Ok(client)
 }
 
 pub async fn db_facts(client: &tokio_postgres::Client, drop: &str) -> anyhow::Result<DbFacts> {
