@@ -31,3 +31,11 @@ pub mod shopping;
 pub mod subscribe;
 pub mod summary;
 pub mod verify;
+
+/// Locks a harness tally. Only pushes, pops and counts run under these locks, so a poisoned one (a user task that
+/// panicked) still holds usable records: the run goes on and reports them.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

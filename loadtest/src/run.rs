@@ -213,7 +213,7 @@ async fn run_launch(
         drop_id: run.fixture.get().map(|f| f.drop_id.clone()),
         args: run.args.clone(),
         figures,
-        unexpected: launch::lock(&run.tally).unexpected.clone(),
+        unexpected: crate::lock(&run.tally).unexpected.clone(),
         checks,
         thresholds_failed,
         report_files: ended.report_files,
@@ -251,13 +251,13 @@ pub async fn judge_launch(
     let db = launch::db_facts(&client, &fixture.drop_id).await?;
     let member_ids: Vec<String> = fixture.members.iter().map(|m| m.id.clone()).collect();
     let (holds, server_failures) = {
-        let tally = launch::lock(&run.tally);
+        let tally = crate::lock(&run.tally);
         (tally.holds.clone(), tally.server_failures)
     };
     let mut figures = std::collections::BTreeMap::new();
     let mut checks = match &run.kind {
         Kind::Queue(_) => {
-            let logs = launch::lock(&run.queue_log).clone();
+            let logs = crate::lock(&run.queue_log).clone();
             figures.insert(
                 "members joined",
                 json!(logs.iter().filter(|l| l.join.is_some()).count()),
@@ -283,8 +283,8 @@ pub async fn judge_launch(
             launch::queue::verify(&logs, &snapshots, &db.reservations, &member_ids)
         }
         Kind::Draw(_) => {
-            let logs = launch::lock(&run.draw_log).clone();
-            let probes = launch::lock(&run.draw_probes).clone();
+            let logs = crate::lock(&run.draw_log).clone();
+            let probes = crate::lock(&run.draw_probes).clone();
             let published = launch::draw::read_published(run, &fixture.drop_id).await?;
             let facts = launch::draw::draw_facts(&client, &fixture.drop_id).await?;
             figures.insert("entries", json!(published.entries));

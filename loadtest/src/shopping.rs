@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::client::{send, success, Call, Reply, Targets};
 use crate::config::{ShelfArgs, TargetArgs};
+use crate::lock;
 use crate::setup::{self, progress, Member, API};
 use crate::verify::{check, Check};
 
@@ -427,13 +428,6 @@ type Step = for<'a> fn(
     &'a Fixture,
     &'a mut GooseUser,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only pushes and pops run under these locks; a poisoned one still holds usable ids.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn charge(member: &Member, amount: i64) -> Call {
     Call::post(

@@ -35,6 +35,7 @@ use uuid::Uuid;
 use crate::client::{jitter, send_retrying, Call, Reply, RetryPolicy, Targets};
 use crate::config::{CampaignSettings, TargetArgs};
 use crate::drop_funnel::{instant_of, reserve_at_opening};
+use crate::lock;
 use crate::setup::{self, progress, Member, API};
 
 pub use checks::{render, verify, ApiDrop, CampaignFacts, CampaignSummary, Observations};
@@ -175,13 +176,6 @@ pub struct Campaigns {
 /// holds, exactly `floor(n x rate)` are, whatever order they arrive in.
 pub fn picked(k: u64, rate: f64) -> bool {
     ((k + 1) as f64 * rate).floor() > (k as f64 * rate).floor()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only counter updates and pushes run under these locks; a poisoned one still holds usable tallies.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Campaigns {

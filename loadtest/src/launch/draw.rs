@@ -23,8 +23,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{lock, now_ms, role_of, sleep_until_ms, weyl, Fixture, Launch};
+use super::{now_ms, role_of, sleep_until_ms, weyl, Fixture, Launch};
 use crate::client::{jitter, Call};
+use crate::lock;
 use crate::setup::API;
 use crate::verify::{check, Check};
 

@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::client::{send_retrying, Call, Reply, RetryPolicy, Targets};
 use crate::config::{LaunchArgs, TargetArgs};
+use crate::lock;
 use crate::setup::{self, progress, Member, API};
 use crate::verify::{check, Check};
 
@@ -175,13 +176,6 @@ pub struct Launch {
     /// The poller's readings and the drained state, once `finish` has them.
     finished: tokio::sync::Mutex<Option<(Vec<Snapshot>, Option<Snapshot>)>>,
     reader: Mutex<Option<GooseUser>>,
-}
-
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only pushes run under these locks; a poisoned one still holds usable records.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Launch {

@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::attack::Ended;
 use crate::client::{send, send_retrying, success, Call, Reply, RetryPolicy, Targets};
 use crate::config::{SubscribeArgs, TargetArgs};
+use crate::lock;
 use crate::setup::{self, progress, Member, API};
 use crate::summary::threshold_line;
 use crate::verify::Check;
@@ -586,13 +587,6 @@ type Step = for<'a> fn(
     &'a Fixture,
     &'a mut GooseUser,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Only pushes, pops and reads run under these locks; a poisoned one still holds usable data.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The run's subscription products (`PRODUCTS`), created by the seller; their ids.
 async fn create_products(
