@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use common::{
-    cancel, drop_state, eventually, keyed, pay, purchase_tally, read_reservation, reserve, TestApp,
-    TestMember,
+    cancel, drop_state, eventually, keyed, pay, purchase_tally, read_reservation, redis_prefix,
+    redis_url, reserve, test_redis_args, TestApp, TestDb, TestMember,
 };
+use engine::clock::SystemClock;
 use serde_json::{json, Value};
 use shell_api::auth::Role;
 use shell_api::config::EngineArgs;
@@ -436,7 +437,17 @@ async fn after_redis_lost_a_drop_it_is_rebuilt_from_postgres_and_nothing_paid_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payments_left_by_a_dead_instance_are_settled_from_postgres() {
-    let a = TestApp::with_redis(fast_reaper()).await;
+    // A one-second lease, so the reaper looks when the leases end, as the notes of their payments told it to.
+    let a = TestApp::redis_instance_with_args(
+        Arc::new(TestDb::new().await),
+        fast_reaper(),
+        shell_api::config::RedisArgs {
+            pay_lease_seconds: 1,
+            ..test_redis_args(&[redis_url()], &redis_prefix())
+        },
+        Arc::new(SystemClock),
+    )
+    .await;
     let (_, drop) = a.open_drop(5, 700, json!({})).await;
     let id = drop_id(&drop);
     let committed = a.member(Role::Customer).await;
@@ -455,28 +466,8 @@ async fn payments_left_by_a_dead_instance_are_settled_from_postgres() {
         stored_statuses(&a, id).await == vec![("held".to_owned(), 2)]
     })
     .await;
-    // Two instances began paying and died: one after committing its purchase, one before. Their leases ran out.
-    let redis = a.redis.as_ref().unwrap();
-    let keys = engine::gate::redis::drop_keys(&redis.key_prefix, id);
-    let mut conn = redis.conn.clone();
-    let lapsed = chrono::Utc::now().timestamp_millis() - 1;
-    for hold in [first, second] {
-        let place = engine::gate::redis::ids::HoldRef::from_id(hold)
-            .unwrap()
-            .state_ref();
-        let _: () = redis::pipe()
-            .cmd("HSET")
-            .arg(&keys[2])
-            .arg(&place)
-            .arg(format!("p:{lapsed}"))
-            .cmd("ZADD")
-            .arg(&keys[4])
-            .arg(lapsed)
-            .arg(&place)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    // Two instances began paying and died: one after committing its purchase, one before. Their leases run out a
+    // second from now. The purchase goes in first, so the reaper cannot find the lease ended before it is stored.
     let product: Uuid = drop["product_id"].as_str().unwrap().parse().unwrap();
     a.db.client()
         .await
@@ -487,6 +478,31 @@ async fn payments_left_by_a_dead_instance_are_settled_from_postgres() {
         )
         .await
         .unwrap();
+    // What transition.lua's `begin` writes and publishes: the lease in the hold's state and the lease set, and a note.
+    let redis = a.redis.as_ref().unwrap();
+    let keys = engine::gate::redis::drop_keys(&redis.key_prefix, id);
+    let mut conn = redis.conn.clone();
+    let lease_end = chrono::Utc::now().timestamp_millis() + 1000;
+    for hold in [first, second] {
+        let place = engine::gate::redis::ids::HoldRef::from_id(hold)
+            .unwrap()
+            .state_ref();
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(&keys[2])
+            .arg(&place)
+            .arg(format!("p:{lease_end}"))
+            .cmd("ZADD")
+            .arg(&keys[4])
+            .arg(lease_end)
+            .arg(&place)
+            .cmd("PUBLISH")
+            .arg(format!("{}notes", redis.key_prefix))
+            .arg(format!("{id}:l:-"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
     // The reaper fences both in Postgres: the committed one is sold; the other's release is stored first (so its
     // payment, should it resume, is refused), then its unit returns to sale.
     eventually("stale payments settled", Duration::from_secs(5), || async {

@@ -168,6 +168,17 @@ pub fn redis_prefix() -> String {
     format!("fs_test_{}:", Uuid::new_v4().simple())
 }
 
+/// The Redis gate settings tests run with over `urls` under `prefix`.
+pub fn test_redis_args(urls: &[String], prefix: &str) -> shell_api::config::RedisArgs {
+    shell_api::config::RedisArgs {
+        redis_url: Some(urls.join(",")),
+        redis_key_prefix: prefix.to_owned(),
+        // Entries a dead (or fake) consumer left pending are claimed quickly, so tests see it happen.
+        journal_claim_idle_ms: 300,
+        ..shell_api::config::RedisArgs::default()
+    }
+}
+
 impl TestApp {
     pub async fn new() -> Self {
         Self::with_engine_args(EngineArgs::default()).await
@@ -272,23 +283,28 @@ impl TestApp {
         prefix: &str,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let redis_args = shell_api::config::RedisArgs {
-            redis_url: Some(urls.join(",")),
-            redis_key_prefix: prefix.to_owned(),
-            // Entries a dead (or fake) consumer left pending are claimed quickly, so tests see it happen.
-            journal_claim_idle_ms: 300,
-            ..shell_api::config::RedisArgs::default()
-        };
+        Self::redis_instance_with_args(db, args, test_redis_args(urls, prefix), clock).await
+    }
+
+    /// The app on the Redis gate configured by `redis_args` (start from `test_redis_args`).
+    pub async fn redis_instance_with_args(
+        db: Arc<TestDb>,
+        args: EngineArgs,
+        redis_args: shell_api::config::RedisArgs,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let prefix = redis_args.redis_key_prefix.clone();
+        let urls = redis_args.urls().expect("redis urls");
         let config = redis_args.gate_config().expect("redis config");
         let gate = engine::gate::redis::RedisGate::connect(config, db.pool.clone())
             .await
             .expect("redis gate");
         let redis = shell_api::Redis {
             conn: gate.connection(),
-            key_prefix: prefix.to_owned(),
+            key_prefix: prefix,
         };
         let mut app = Self::over(db, args, Arc::new(gate), clock, Some(redis)).await;
-        app.redis_urls = urls.to_vec();
+        app.redis_urls = urls;
         app
     }
 
