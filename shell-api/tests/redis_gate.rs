@@ -811,3 +811,67 @@ async fn on_a_redis_cluster_notes_reach_every_instance_from_every_node() {
     }
     a_release_on_a_clears_b_s_flag_within_100_ms(&a, &b).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_one_entry_spreads_its_holds_over_entries_and_each_is_paid_by_its_id() {
+    // A Redis of the test's own, paused while the reservations queue, so one script call carries most of them.
+    let server = common::RedisServer::start().await;
+    let db = Arc::new(common::TestDb::new().await);
+    let prefix = common::redis_prefix();
+    let a = TestApp::redis_instance(db, fast_reaper(), &[server.url()], &prefix).await;
+    const HOLDS: usize = 100;
+    let (_, drop) = a
+        .open_drop(HOLDS as u32, 500, json!({ "per_member_limit": 1 }))
+        .await;
+    let id = drop_id(&drop);
+    let buyers = futures_util::future::join_all((0..HOLDS).map(|_| a.member(Role::Customer))).await;
+    // Loads the drop, so the paused calls below are reservations.
+    assert_eq!(drop_state(&a, &drop).await["available"], HOLDS as u64);
+    let mut admin = server.connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(300)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let holds =
+        futures_util::future::join_all(buyers.iter().map(|b| reserve(&a, b, &drop, 1))).await;
+    let holds: Vec<String> = holds
+        .iter()
+        .map(|hold| {
+            assert_eq!(hold.status, StatusCode::CREATED, "{:?}", hold.body);
+            hold.body["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    // The stream: every reserve entry holds at most 32 records, and a call that granted more wrote full entries.
+    let keys = engine::gate::redis::drop_keys(&prefix, id);
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&keys[3])
+        .arg("-")
+        .arg("+")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let records: Vec<usize> = entries
+        .iter()
+        .filter_map(|(_, fields)| fields.first().filter(|(f, _)| f == "r"))
+        .map(|(_, rec)| rec.len() / 36)
+        .collect();
+    assert_eq!(records.iter().sum::<usize>(), HOLDS, "{records:?}");
+    assert!(records.iter().all(|&n| n <= 32), "{records:?}");
+    assert!(
+        records.contains(&32),
+        "no call granted a full entry's worth: {records:?}"
+    );
+    // Every hold is found and paid from its id, whichever entry and index it names.
+    for (buyer, hold) in buyers.iter().zip(&holds) {
+        let paid = pay(&a, buyer, hold, "tok_ok").await;
+        assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+    }
+    let state = drop_state(&a, &drop).await;
+    assert_eq!(
+        (state["sold"].as_u64(), state["held"].as_u64()),
+        (Some(HOLDS as u64), Some(0))
+    );
+}

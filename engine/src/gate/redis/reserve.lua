@@ -1,10 +1,12 @@
 -- Places a batch of holds. ARGV[1]: the requests' records back to back, each as it will be stored: 32 hex chars
--- of the member and 4 digits of the quantity.
--- Returns { 0, entry id ('' when nothing was granted), available after, outcomes } where outcomes is '' when every
--- request was granted (the entry holds their records in order), else one letter per request: 'g' granted (the hold
--- is the next record of the entry), 's' sold out, 'l' limit exceeded. Returns { -1 } when the drop is not loaded.
--- Per request: one HINCRBY (two when refused) and one 32-byte string. Per call: one HMGET, two HINCRBY, one XADD and
--- one PUBLISH (the note that wakes the instances' journals).
+-- of the member and 4 digits of the quantity. ARGV[2]: the most records one stream entry holds.
+-- Returns { 0, entry ids (space-separated, '' when nothing was granted), available after, outcomes } where outcomes
+-- is '' when every request was granted, else one letter per request: 'g' granted, 's' sold out, 'l' limit
+-- exceeded. The granted holds are the records of the entries in order, ARGV[2] to an entry: a later transition of
+-- one hold reads its whole entry (XRANGE), and a string entering Lua is hashed whole, so a large entry would make
+-- every transition of its holds pay for all of them. Returns { -1 } when the drop is not loaded.
+-- Per request: one HINCRBY (two when refused) and one 32-byte string. Per call: one HMGET, two HINCRBY, one XADD
+-- per ARGV[2] grants and one PUBLISH (the note that wakes the instances' journals).
 local cfg = redis.call('HMGET', C, 'avail', 'limit')
 if not cfg[1] then return { -1 } end
 local avail, limit = tonumber(cfg[1]), tonumber(cfg[2])
@@ -51,7 +53,12 @@ if units > 0 then
   end
   redis.call('HINCRBY', C, 'avail', -units)
   redis.call('HINCRBY', C, 'held', units)
-  entry = redis.call('XADD', E, '*', 'r', records)
+  local span = (tonumber(ARGV[2]) or count) * REC
+  local entries = {}
+  for from = 1, #records, span do
+    entries[#entries + 1] = redis.call('XADD', E, '*', 'r', string.sub(records, from, from + span - 1))
+  end
+  entry = table.concat(entries, ' ')
   note('r', avail)
 end
 if not refused then return { 0, entry, avail, '' } end
