@@ -15,7 +15,9 @@
 #   scripts/wire.sh [--redis]    --redis: the server uses the Redis gate (REDIS_URL from services.sh)
 #
 # Then it sells a drop of WIRE_SELL_UNITS (default 100000) end to end, reserve and pay, with
-# `shell-api/examples/sell_out.rs` (128 concurrent buyers), and reports the seconds it took.
+# `shell-api/examples/sell_out.rs` (WIRE_SELL_BUYERS concurrent buyers, default 2000), and reports the seconds it
+# took and where they went: each stage's latency (buyers' view and server's), the writer's batches, and the CPU time
+# of the server, Postgres, Redis and the generator against the machine's (WIRE_SELL_ONLY=1 runs only this part).
 # Last, reserve latency at a fixed offered rate (WIRE_RATE_RPS, default 10000, for 10 s) from `flashsale-load
 # rate --reserve`, which counts each request's latency from its intended send time (no coordinated omission).
 # Settings: WIRE_MEMBERS (buyers, default 1000), WIRE_SECONDS (per path, default 5), WIRE_CONNECTIONS (64);
@@ -63,7 +65,7 @@ psql -X -q -d "$admin_url" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/n
 db_url=$(printf '%s' "$DATABASE_URL" | sed -E "s#^([a-zA-Z][a-zA-Z0-9+.-]*://[^/?]*)(/[^?]*)?#\1/$DB#")
 
 env_args=(DATABASE_URL="$db_url" BIND_ADDR=127.0.0.1:0 JWT_SECRET=wire-bench-secret RUST_LOG=warn
-  RESERVE_INFLIGHT_MAX=100000 ACCESS_TOKEN_SECONDS=3600)
+  RESERVE_INFLIGHT_MAX=100000 PAY_INFLIGHT_MAX=4096 ACCESS_TOKEN_SECONDS=3600)
 if [ "$REDIS" = 1 ]; then
   env_args+=(REDIS_URL="$REDIS_URL" REDIS_KEY_PREFIX="wire-$$-$(date +%s):")
 else
@@ -187,6 +189,7 @@ PY
 # the next, so each round's ratios are taken against that round's own /healthz, and the rows are the medians (the
 # ratio column is the median of the rounds' ratios; every round's ratio is listed beside it).
 ROUNDS=${WIRE_ROUNDS:-3}
+if [ -n "${WIRE_SELL_ONLY:-}" ]; then ROUNDS=0; fi
 : >"$WORK/rounds"
 for round in $(seq 1 "$ROUNDS"); do
   live=$(live_drop)
@@ -229,7 +232,7 @@ PY
 # What a waiting member costs in Redis: a queue drop that opens in an hour, joined by every buyer, then the memory of
 # its waiting line and member states over the buyers (MEMORY USAGE, samples 0: every element counted).
 queue_memory=
-if [ "$REDIS" = 1 ]; then
+if [ "$REDIS" = 1 ] && [ "$ROUNDS" -gt 0 ]; then
   later=$(date -u -d '+1 hour' +%Y-%m-%dT%H:%M:%SZ)
   waiting=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":10,\"opens_at\":\"$later\",\"queue_opens_at\":\"$opens\",\"mode\":\"queue\"}" "$admin" | json '["id"]')
   xargs -P 8 -I{} curl -fsS -o /dev/null -X POST "$BASE/api/v1/drops/$waiting/queue" -H "authorization: Bearer {}" \
@@ -254,12 +257,113 @@ if [ -n "${WIRE_QUICK:-}" ]; then
   exit 0
 fi
 sell_units=${WIRE_SELL_UNITS:-100000}
+sell_buyers=${WIRE_SELL_BUYERS:-2000}
 sell_drop=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":$sell_units,\"opens_at\":\"$opens\",\"per_member_limit\":1000}" "$admin" | json '["id"]')
-say "selling $sell_units units end to end"
-sell=$("$TARGET/release/examples/sell_out" "$BASE" "$sell_drop" "$WORK/tokens" 128)
-say "$sell"
-sell_seconds=$(printf '%s' "$sell" | awk '{print $5}')
-sell_rate=$(printf '%s' "$sell" | sed -E 's/.*\(([0-9]+) units\/s\).*/\1/')
+say "selling $sell_units units end to end, $sell_buyers buyers"
+settle
+# CPU time (clock ticks) of processes by name and of the whole machine, before and after, and the server's metrics.
+cpu_of() { # pids...
+  local pid total=0
+  for pid in "$@"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    total=$((total + $(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
+  done
+  printf '%s' "$total"
+}
+cpu_snapshot() {
+  printf 'server %s\npostgres %s\nredis %s\n' "$(cpu_of "$SERVER_PID")" \
+    "$(cpu_of $(pgrep -x postgres || true))" "$(cpu_of $(pgrep -x redis-server || true))"
+  awk '/^cpu / {print "machine_busy", $2 + $3 + $4 + $7 + $8 + $9; print "machine_all", $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat
+}
+cpu_snapshot >"$WORK/cpu.before"
+if [ "$REDIS" = 1 ]; then redis-cli -u "$REDIS_URL" INFO commandstats >"$WORK/redis.before"; fi
+curl -fsS "$BASE/metrics" >"$WORK/metrics.before"
+# WIRE_SELL_PERF=<file>: the server is profiled (perf record, call graphs by frame pointer) through the sell-out.
+sell_perf=
+if [ -n "${WIRE_SELL_PERF:-}" ]; then
+  perf record -F 999 -g -p "$SERVER_PID" -o "$WIRE_SELL_PERF" >/dev/null 2>&1 &
+  sell_perf=$!
+fi
+sell=$("$TARGET/release/examples/sell_out" "$BASE" "$sell_drop" "$WORK/tokens" "$sell_buyers" "$SERVER_PID")
+if [ -n "$sell_perf" ]; then kill -INT "$sell_perf" && wait "$sell_perf" || true; fi
+cpu_snapshot >"$WORK/cpu.after"
+curl -fsS "$BASE/metrics" >"$WORK/metrics.after"
+printf '%s\n' "$sell" | sed 's/^/wire: /' >&2
+if [ "$REDIS" = 1 ]; then
+  # Where Redis's time went: its commands by total time over the sell-out (scripts' inner commands count both in
+  # their script's time and in their own lines).
+  redis-cli -u "$REDIS_URL" INFO commandstats >"$WORK/redis.after"
+  python3 - "$WORK/redis.before" "$WORK/redis.after" "$sell_units" <<'PY' >&2
+import re, sys
+def stats(path):
+    out = {}
+    for line in open(path):
+        m = re.match(r"cmdstat_([^:]+):calls=(\d+),usec=(\d+)", line.strip())
+        if m:
+            out[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return out
+before, after, units = stats(sys.argv[1]), stats(sys.argv[2]), int(sys.argv[3])
+rows = []
+for name, (calls, usec) in after.items():
+    c0, u0 = before.get(name, (0, 0))
+    if calls > c0:
+        rows.append((usec - u0, calls - c0, name))
+for usec, calls, name in sorted(rows, reverse=True)[:10]:
+    print(f"wire: redis {name}: {calls} calls ({calls / units:.2f} per unit), {usec / 1e6:.2f} s, "
+          f"{usec / calls:.1f} us each")
+PY
+  # What a sold drop keeps in Redis, key by key (MEMORY USAGE, every element counted), over its units.
+  prefix=$(printf '%s' "${env_args[*]}" | grep -o 'REDIS_KEY_PREFIX=[^ ]*' | cut -d= -f2)
+  redis_bytes=0
+  for key in $(redis-cli -u "$REDIS_URL" --scan --pattern "$prefix{drop:$sell_drop}:*"); do
+    used=$(redis-cli -u "$REDIS_URL" MEMORY USAGE "$key" SAMPLES 0)
+    say "redis $key: ${used:-0} bytes"
+    redis_bytes=$((redis_bytes + ${used:-0}))
+  done
+  say "redis: $redis_bytes bytes for the drop, $((redis_bytes / sell_units)) per unit sold"
+fi
+sell_seconds=$(printf '%s\n' "$sell" | head -1 | awk '{print $5}')
+sell_rate=$(printf '%s\n' "$sell" | head -1 | sed -E 's/.*\(([0-9]+) units\/s\).*/\1/')
+# Where the seconds went: CPU by process against the machine's, the server's own time per stage, the writer.
+python3 - "$WORK" "$sell_seconds" "$(getconf CLK_TCK)" "$(nproc)" "$sell" <<'PY' >&2
+import re, sys
+work, wall, hz, cores, sell = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+def snap(name):
+    return {k: int(v) for k, v in (line.split() for line in open(f"{work}/{name}"))}
+before, after = snap("cpu.before"), snap("cpu.after")
+d = {k: (after[k] - before[k]) / hz for k in after}
+gen = float(re.search(r"generator CPU ([0-9.]+) s", sell).group(1))
+capacity = wall * cores
+print(f"wire: sell CPU over {wall:.2f} s x {cores} cores = {capacity:.2f} core-s: machine busy "
+      f"{d['machine_busy']:.2f} ({d['machine_busy'] / capacity:.0%}); server {d['server']:.2f}, postgres "
+      f"{d['postgres']:.2f}, redis {d['redis']:.2f}, generator {gen:.2f}")
+def metrics(name):
+    out = {}
+    for line in open(f"{work}/{name}"):
+        m = re.match(r"^(\w+?)(_sum|_count)(\{.*\})? (\S+)$", line.strip())
+        if m:
+            out[(m.group(1), m.group(3) or "", m.group(2))] = float(m.group(4))
+    return out
+mb, ma = metrics("metrics.before"), metrics("metrics.after")
+def delta(key):
+    return ma.get(key, 0.0) - mb.get(key, 0.0)
+series = sorted({(n, l) for (n, l, _) in ma})
+for name, labels in series:
+    count = delta((name, labels, "_count"))
+    if count <= 0:
+        continue
+    total = delta((name, labels, "_sum"))
+    if name == "flashsale_http_request_duration_seconds" and ("reservations" in labels or "payment" in labels):
+        print(f"wire: server {labels}: {int(count)} answers, mean {total / count * 1000:.2f} ms")
+    elif name == "flashsale_gate_call_seconds":
+        print(f"wire: gate {labels}: {int(count)} calls, mean {total / count * 1000:.3f} ms")
+    elif name == "flashsale_writer_batch_rows":
+        print(f"wire: writer: {int(count)} batches, {total / count:.0f} rows each on average")
+    elif name == "flashsale_writer_flush_seconds":
+        print(f"wire: writer: {total:.2f} s committing ({total / wall:.0%} of the wall time), "
+              f"mean {total / count * 1000:.1f} ms a batch")
+PY
+if [ "$ROUNDS" -eq 0 ]; then exit 0; fi
 rate_rps=${WIRE_RATE_RPS:-10000}
 say "reserve latency at $rate_rps req/s offered"
 "$TARGET/release/flashsale-load" rate --base-url "$BASE" --admin-email admin@wire.local \
@@ -269,7 +373,7 @@ cat "$WORK/rate.out" >&2
 {
   printf 'path\treq_per_s\tratio_to_healthz\twrk_cpu\tserver_cpu_us_per_req\tstatuses\trounds\n'
   medians
-  printf 'sell_%s\t%s\t\t\t\tseconds %s\n' "$sell_units" "$sell_rate" "$sell_seconds"
+  printf 'sell_%s\t%s\t\t\t\tseconds %s buyers %s\n' "$sell_units" "$sell_rate" "$sell_seconds" "$sell_buyers"
   # "latency from the intended send time: p50 0.46 ms  p90 1.11 ms  p99 2.11 ms ..."
   latency=$(grep '^latency from the intended send time' "$WORK/rate.out" | sed 's/.*time: //')
   achieved=$(grep -o '= [0-9]* req/s achieved' "$WORK/rate.out" | awk '{print $2}')
