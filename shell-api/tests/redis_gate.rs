@@ -875,3 +875,40 @@ async fn a_batch_larger_than_one_entry_spreads_its_holds_over_entries_and_each_i
         (Some(HOLDS as u64), Some(0))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_note_lost_the_instance_that_made_a_hold_still_releases_it_at_expiry() {
+    // An instance that hears no note at all (every one lost, its subscription never cut, so no resubscribe sweep):
+    // what it schedules itself must release its holds on time (hold expiry plus the reaper's interval), not the
+    // backstop sweep, whose period here is ten minutes.
+    let mut config = test_redis_args(&[redis_url()], &redis_prefix())
+        .gate_config()
+        .unwrap();
+    config.notes = false;
+    config.sweep_period_min = Duration::from_secs(600);
+    let a = TestApp::redis_instance_with_config(
+        Arc::new(TestDb::new().await),
+        fast_reaper(),
+        config,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let (_, drop) = a.open_drop(2, 100, json!({ "hold_seconds": 1 })).await;
+    // The drop is loaded and its first reaper pass has found nothing to schedule.
+    assert_eq!(drop_state(&a, &drop).await["available"], 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let holder = a.member(Role::Customer).await;
+    let held = reserve(&a, &holder, &drop, 1).await;
+    assert_eq!(held.status, StatusCode::CREATED);
+    let reserved_at = Instant::now();
+    eventually("the hold released", Duration::from_secs(3), || async {
+        drop_state(&a, &drop).await["held"] == 0
+    })
+    .await;
+    let elapsed = reserved_at.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_millis(1800),
+        "released after {elapsed:?}, for a 1 s hold and a 100 ms reaper"
+    );
+    assert_eq!(drop_state(&a, &drop).await["available"], 2);
+}

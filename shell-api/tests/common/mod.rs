@@ -293,9 +293,19 @@ impl TestApp {
         redis_args: shell_api::config::RedisArgs,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let prefix = redis_args.redis_key_prefix.clone();
-        let urls = redis_args.urls().expect("redis urls");
         let config = redis_args.gate_config().expect("redis config");
+        Self::redis_instance_with_config(db, args, config, clock).await
+    }
+
+    /// The app on a Redis gate of exactly `config` (start from `test_redis_args(..).gate_config()`).
+    pub async fn redis_instance_with_config(
+        db: Arc<TestDb>,
+        args: EngineArgs,
+        config: engine::gate::redis::RedisGateConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let prefix = config.key_prefix.clone();
+        let urls = config.urls.clone();
         let gate = engine::gate::redis::RedisGate::connect(config, db.pool.clone())
             .await
             .expect("redis gate");

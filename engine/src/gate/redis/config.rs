@@ -37,6 +37,10 @@ pub struct RedisGateConfig {
     /// Whether this instance runs the journal (reads the streams into Postgres). Every instance does by default;
     /// one that does not leaves the writing to the others (and a benchmark measures the gate alone).
     pub journal: bool,
+    /// Whether this instance subscribes to the drops' notes. Every instance does; off, it hears none (as if every
+    /// note were lost) and relies on what it schedules itself and on the backstop sweep, which is what a test of a
+    /// lost note needs.
+    pub notes: bool,
 }
 
 impl RedisGateConfig {
@@ -55,6 +59,7 @@ impl RedisGateConfig {
             journal_claim_idle: Duration::from_secs(5),
             journal_batch_max: 512,
             journal: true,
+            notes: true,
             settled_ttl: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }

@@ -109,6 +109,11 @@ impl Inner {
                 HoldRef::from_entry(lane.seq, id, 0).ok_or_else(|| malformed("reserve entry id"))
             })
             .collect::<GateResult<Vec<HoldRef>>>()?;
+        if !entries.is_empty() {
+            // The new holds expire hold_ms from now, as the note will say; scheduled here too, so a lost note cannot
+            // leave the holds this instance made unreleased past their expiry.
+            lane.reap_by(self.local_ms().saturating_add(lane.hold_ms));
+        }
         let outcomes = reply.next().ok_or_else(|| malformed("reserve outcomes"))?;
         let outcomes = text(&outcomes).ok_or_else(|| malformed("reserve outcomes"))?;
         grants(lane, batch, &entries, outcomes).map(Some)

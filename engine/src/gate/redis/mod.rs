@@ -116,9 +116,12 @@ impl RedisGate {
             started: std::time::Instant::now(),
             config,
         });
-        let listener = tokio::spawn(notes::listen(Arc::clone(&inner)));
         let backstop = tokio::spawn(notes::backstop(Arc::clone(&inner)));
-        inner.tasks.lock().extend([listener, backstop]);
+        inner.tasks.lock().push(backstop);
+        if inner.config.notes {
+            let listener = tokio::spawn(notes::listen(Arc::clone(&inner)));
+            inner.tasks.lock().push(listener);
+        }
         Ok(Self { inner })
     }
 
@@ -427,9 +430,20 @@ impl Gate for RedisGate {
         member: Uuid,
         _now_ms: i64,
     ) -> GateResult<Result<HoldView, TransitionError>> {
-        self.inner
+        let begun = self
+            .inner
             .transition(drop, hold, "begin", Some(member))
-            .await
+            .await?;
+        if begun.is_ok() {
+            // Its lease's end, as the note will say; scheduled here too, so a lost note cannot leave a payment
+            // this instance began unsettled past its lease.
+            if let Some(lane) = self.inner.lane(drop) {
+                lane.reap_by(self.inner.local_ms().saturating_add(
+                    i64::try_from(self.inner.config.pay_lease.as_millis()).unwrap_or(i64::MAX),
+                ));
+            }
+        }
+        Ok(begun)
     }
 
     async fn complete_payment(
