@@ -3,26 +3,24 @@
 //!
 //! A hyped drop does not open to a steady stream: tens of thousands of clients connect early and send in the same
 //! second, most of them to be told "sold out". Goose starts its users over time and `rate` spaces requests out, so
-//! neither shows that. Here each client opens its own raw HTTP/1.1 connection (hyper) before `opens_at`, builds its
-//! request and waits for one shared instant; then all send, and each answer's latency counts from the opening
-//! instant, not from when the client got to send: the generator's own lag (it shares the cores) is inside the
-//! figures, and is reported apart as the send lag.
+//! neither shows that. Here each client opens its own HTTP/1.1 connection before `opens_at` and encodes its request;
+//! at the opening one loop writes every client's request in turn (a non-blocking write each, so 16,000 sends leave
+//! in a fraction of the time 16,000 tasks woken by a timer take), and each client's task then reads its answer.
+//! Each answer's latency counts from the opening instant, not from when its request left: the generator's own lag
+//! (it shares the cores) is inside the figures, and is reported apart as the send lag.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
 use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 
 use crate::rate::percentile;
@@ -275,51 +273,54 @@ enum Outcome {
     },
 }
 
+/// A client's connection, open before the opening, with its request encoded, waiting for the send loop.
+struct Ready {
+    stream: Arc<TcpStream>,
+    request: Vec<u8>,
+    /// The send loop says when the request left and how many of its bytes it wrote.
+    sent: oneshot::Sender<(Instant, usize)>,
+}
+
 /// Opens every client's connection, sends every request at the opening and gathers the figures.
 pub async fn run(plan: Plan) -> anyhow::Result<BurstReport> {
     anyhow::ensure!(!plan.addrs.is_empty() && plan.clients > 0);
     let plan = Arc::new(plan);
     let gate = Arc::new(Semaphore::new(plan.connect_concurrency.max(1)));
-    let ready = Arc::new(AtomicU64::new(0));
-    let settled = Arc::new(AtomicU64::new(0));
-    let all_ready = Arc::new(tokio::sync::Notify::new());
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<Ready>();
     let before: Vec<(u64, u64)> = plan.server_pids.iter().map(|&p| memory_kb(p)).collect();
     let started = Instant::now();
-    let clients: Vec<_> = (0..plan.clients)
-        .map(|i| {
-            let (plan, gate) = (Arc::clone(&plan), Arc::clone(&gate));
-            let (ready, settled, all_ready) = (
-                Arc::clone(&ready),
-                Arc::clone(&settled),
-                Arc::clone(&all_ready),
-            );
-            tokio::spawn(async move {
-                let connection = connect(&plan, i, &gate).await;
-                if connection.is_some() {
-                    ready.fetch_add(1, Ordering::Relaxed);
-                }
-                if settled.fetch_add(1, Ordering::AcqRel) + 1 == plan.clients as u64 {
-                    all_ready.notify_one();
-                }
-                match connection {
-                    Some(sender) => send_at_opening(&plan, i, sender).await,
-                    None => Outcome::ConnectFailed,
-                }
-            })
-        })
-        .collect();
-    tokio::select! {
-        () = all_ready.notified() => {}
-        () = tokio::time::sleep_until(plan.opening) => {}
+    let clients = spawn_clients(&plan, &gate, &ready_tx);
+    drop(ready_tx);
+    // Every connection that opens before the opening is gathered; the send loop starts at the opening.
+    let mut ready = Vec::with_capacity(plan.clients);
+    let opening = tokio::time::sleep_until(plan.opening);
+    tokio::pin!(opening);
+    loop {
+        tokio::select! {
+            next = ready_rx.recv() => match next {
+                Some(client) => ready.push(client),
+                None => break,
+            },
+            () = &mut opening => break,
+        }
+        if ready.len() == plan.clients {
+            break;
+        }
     }
     let connect_seconds = started.elapsed().as_secs_f64();
-    let connected_before_opening = ready.load(Ordering::Relaxed);
+    let connected_before_opening = ready.len() as u64;
     let connected: Vec<(u64, u64)> = plan.server_pids.iter().map(|&p| memory_kb(p)).collect();
     if Instant::now() >= plan.opening {
         crate::setup::progress(format!(
             "burst: only {connected_before_opening} of {} connections were open at the opening (raise --opens-in-ms)",
             plan.clients
         ));
+    }
+    tokio::time::sleep_until(plan.opening).await;
+    send_all(ready);
+    // Clients that connected after the opening are sent as they come.
+    while let Some(late) = ready_rx.recv().await {
+        send_all(vec![late]);
     }
     let mut outcomes = Vec::with_capacity(plan.clients);
     for client in clients {
@@ -347,20 +348,58 @@ pub async fn run(plan: Plan) -> anyhow::Result<BurstReport> {
     Ok(report)
 }
 
-/// Client `i`'s connection, open and ready to send, or `None` when it could not be opened in time.
-async fn connect(plan: &Plan, i: usize, gate: &Semaphore) -> Option<SendRequest<Full<Bytes>>> {
+/// Starts each client: it connects, encodes its request, hands both to the send loop, and reads its answer once
+/// the loop says its request left.
+fn spawn_clients(
+    plan: &Arc<Plan>,
+    gate: &Arc<Semaphore>,
+    ready_tx: &tokio::sync::mpsc::UnboundedSender<Ready>,
+) -> Vec<tokio::task::JoinHandle<Outcome>> {
+    (0..plan.clients)
+        .map(|i| {
+            let (plan, gate, ready_tx) = (Arc::clone(plan), Arc::clone(gate), ready_tx.clone());
+            tokio::spawn(async move {
+                let Some(stream) = connect(&plan, i, &gate).await else {
+                    return Outcome::ConnectFailed;
+                };
+                let request = encode((plan.make_request)(i)).await;
+                let (sent_tx, sent_rx) = oneshot::channel();
+                let stream = Arc::new(stream);
+                let ready = Ready {
+                    stream: Arc::clone(&stream),
+                    request: request.clone(),
+                    sent: sent_tx,
+                };
+                if ready_tx.send(ready).is_err() {
+                    return Outcome::NoAnswer;
+                }
+                let Ok((sent, written)) = sent_rx.await else {
+                    return Outcome::NoAnswer;
+                };
+                exchange(&plan, &stream, &request[written..], sent).await
+            })
+        })
+        .collect()
+}
+
+/// Writes each client's request with one non-blocking write, in turn, and tells each client when its request left
+/// and how much of it was written (the client writes the rest itself, which a fresh socket's buffer makes rare).
+fn send_all(ready: Vec<Ready>) {
+    for client in ready {
+        let written = client.stream.try_write(&client.request).unwrap_or(0);
+        let _ = client.sent.send((Instant::now(), written));
+    }
+}
+
+/// Client `i`'s connection, open, or `None` when it could not be opened in time.
+async fn connect(plan: &Plan, i: usize, gate: &Semaphore) -> Option<TcpStream> {
     // The semaphore is never closed, so acquiring only waits.
     let _permit = gate.acquire().await.ok()?;
     let addr = &plan.addrs[i % plan.addrs.len()];
     let open = async {
         let stream = TcpStream::connect(addr).await.ok()?;
         stream.set_nodelay(true).ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(conn);
-        sender.ready().await.ok()?;
-        Some(sender)
+        Some(stream)
     };
     tokio::time::timeout(plan.timeout, open)
         .await
@@ -368,19 +407,56 @@ async fn connect(plan: &Plan, i: usize, gate: &Semaphore) -> Option<SendRequest<
         .flatten()
 }
 
-/// Waits for the opening, sends client `i`'s request and reads its whole answer.
-async fn send_at_opening(plan: &Plan, i: usize, mut sender: SendRequest<Full<Bytes>>) -> Outcome {
-    let request = (plan.make_request)(i);
-    tokio::time::sleep_until(plan.opening).await;
-    let sent = Instant::now();
-    let exchange = async {
-        let response = sender.send_request(request).await.ok()?;
-        let status = response.status().as_u16();
-        let retry_after = response.headers().contains_key("retry-after");
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        Some((status, retry_after, body))
+/// A request as HTTP/1.1 puts it on the wire: its line, its headers, a content length and its body.
+async fn encode(request: Request<Full<Bytes>>) -> Vec<u8> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(256 + body.len());
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let _ = write!(Wire(&mut out), "{} {target} HTTP/1.1\r\n", parts.method);
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let _ = write!(Wire(&mut out), "content-length: {}\r\n\r\n", body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// `fmt::Write` into a byte buffer.
+struct Wire<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Wire<'_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(text.as_bytes());
+        Ok(())
+    }
+}
+
+/// Writes what the send loop left of the request, reads the whole answer, and labels it.
+async fn exchange(plan: &Plan, stream: &TcpStream, rest: &[u8], sent: Instant) -> Outcome {
+    let answer = async {
+        if !rest.is_empty() {
+            // A shared stream has no `write_all`; the rest is small, so write it until it is gone.
+            let mut rest = rest;
+            while !rest.is_empty() {
+                stream.writable().await.ok()?;
+                match stream.try_write(rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return None,
+                }
+            }
+        }
+        read_answer(stream).await
     };
-    let Ok(Some((status, retry_after, body))) = tokio::time::timeout(plan.timeout, exchange).await
+    let Ok(Some((status, retry_after, body))) = tokio::time::timeout(plan.timeout, answer).await
     else {
         return Outcome::NoAnswer;
     };
@@ -394,6 +470,45 @@ async fn send_at_opening(plan: &Plan, i: usize, mut sender: SendRequest<Full<Byt
         retry_after,
         latency,
         send_lag: sent.saturating_duration_since(plan.opening),
+    }
+}
+
+/// Reads one HTTP/1.1 answer with a `content-length`: its status, whether it says `retry-after`, and its body.
+async fn read_answer(stream: &TcpStream) -> Option<(u16, bool, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+        if let Some(end) = head_end {
+            let head = std::str::from_utf8(&buf[..end]).ok()?;
+            let mut lines = head.split("\r\n");
+            let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+            let mut length = 0usize;
+            let mut retry_after = false;
+            for line in lines {
+                let (name, value) = line.split_once(':')?;
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().ok()?;
+                } else if name.eq_ignore_ascii_case("retry-after") {
+                    retry_after = true;
+                }
+            }
+            let body_start = end + 4;
+            if buf.len() >= body_start + length {
+                return Some((
+                    status,
+                    retry_after,
+                    buf[body_start..body_start + length].to_vec(),
+                ));
+            }
+        }
+        stream.readable().await.ok()?;
+        match stream.try_read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
+        }
     }
 }
 
