@@ -474,7 +474,8 @@ async fn exchange(plan: &Plan, stream: &TcpStream, rest: &[u8], sent: Instant) -
 }
 
 /// Reads one HTTP/1.1 answer with a `content-length`: its status, whether it says `retry-after`, and its body.
-async fn read_answer(stream: &TcpStream) -> Option<(u16, bool, Vec<u8>)> {
+/// `None` when the connection ends or breaks first. (Also the sell-out example's reader.)
+pub async fn read_answer(stream: &TcpStream) -> Option<(u16, bool, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {

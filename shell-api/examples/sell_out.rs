@@ -7,8 +7,8 @@
 //! client should. Used by `scripts/wire.sh`.
 //!
 //! The generator shares the machine's cores with the server, so it is kept light: each buyer keeps one raw
-//! HTTP/1.1 connection (hyper's client connection, no pool), its headers are built once, and an answer is read only
-//! as far as the measurement needs (the status, the hold's id, the error code).
+//! HTTP/1.1 connection, writes each request as one buffer and reads its answer only as far as the measurement needs
+//! (the status, the hold's id, the error code).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(
     clippy::too_many_lines,
@@ -19,12 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// What one buyer saw: each request's latency in microseconds, by stage, and the answers that were retried.
@@ -38,8 +33,9 @@ struct Seen {
 /// One answer as far as the measurement reads it.
 struct Answer {
     status: u16,
-    retry_after: Option<Duration>,
-    body: Bytes,
+    /// A 429 or 503 with `Retry-After`: the client waits a second (the server's hint) and asks again.
+    retry: bool,
+    body: Vec<u8>,
 }
 
 impl Answer {
@@ -58,56 +54,43 @@ impl Answer {
     }
 }
 
-/// One buyer's connection.
+/// One buyer's connection: raw HTTP/1.1, one request at a time, each written whole and its answer read whole
+/// (`loadtest::burst::read_answer`).
 struct Buyer {
-    sender: SendRequest<Full<Bytes>>,
-    host: HeaderValue,
+    stream: TcpStream,
+    request: Vec<u8>,
 }
 
 impl Buyer {
     async fn connect(addr: &str) -> Self {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
         Self {
-            sender,
-            host: HeaderValue::from_str(addr).expect("host"),
+            stream,
+            request: Vec::with_capacity(512),
         }
     }
 
-    async fn post(&mut self, path: &str, auth: &HeaderValue, body: &'static [u8]) -> Answer {
-        let mut request = Request::new(Full::new(Bytes::from_static(body)));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = path.parse().expect("path");
-        let headers = request.headers_mut();
-        headers.insert(HOST, self.host.clone());
-        headers.insert(AUTHORIZATION, auth.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        self.sender.ready().await.expect("connection");
-        let response = self.sender.send_request(request).await.expect("answer");
-        let status = response.status().as_u16();
-        let retry_after = matches!(status, 429 | 503).then(|| {
-            Duration::from_secs(
-                response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.parse().ok())
-                    .unwrap_or(1),
-            )
-        });
-        let body = response
-            .into_body()
-            .collect()
+    async fn post(&mut self, path: &str, auth: &str, body: &[u8]) -> Answer {
+        self.request.clear();
+        self.request.extend_from_slice(b"POST ");
+        self.request.extend_from_slice(path.as_bytes());
+        self.request.extend_from_slice(
+            b" HTTP/1.1\r\nhost: flashsale\r\ncontent-type: application/json\r\nauthorization: ",
+        );
+        self.request.extend_from_slice(auth.as_bytes());
+        self.request.extend_from_slice(b"\r\ncontent-length: ");
+        self.request
+            .extend_from_slice(body.len().to_string().as_bytes());
+        self.request.extend_from_slice(b"\r\n\r\n");
+        self.request.extend_from_slice(body);
+        self.stream.write_all(&self.request).await.expect("send");
+        let (status, retry_after, body) = loadtest::burst::read_answer(&self.stream)
             .await
-            .expect("body")
-            .to_bytes();
+            .expect("an answer");
         Answer {
             status,
-            retry_after,
+            retry: retry_after && matches!(status, 429 | 503),
             body,
         }
     }
@@ -167,12 +150,12 @@ async fn main() {
         .expect("an http:// base URL")
         .trim_end_matches('/')
         .into();
-    let tokens: Arc<Vec<HeaderValue>> = Arc::new(
+    let tokens: Arc<Vec<String>> = Arc::new(
         std::fs::read_to_string(tokens)
             .expect("tokens file")
             .lines()
             .filter(|line| !line.is_empty())
-            .map(|token| HeaderValue::from_str(&format!("Bearer {token}")).expect("token"))
+            .map(|token| format!("Bearer {token}"))
             .collect(),
     );
     let reserve_path: Arc<str> = format!("/api/v1/drops/{drop}/reservations").into();
@@ -202,9 +185,9 @@ async fn main() {
                 loop {
                     let sent = Instant::now();
                     let held = buyer.post(&reserve_path, &tokens[token], b"{}").await;
-                    if let Some(wait) = held.retry_after {
+                    if held.retry {
                         seen.retried += 1;
-                        tokio::time::sleep(wait).await;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
                     seen.reserve_us.push(micros(sent));
@@ -229,9 +212,9 @@ async fn main() {
                         let paid = buyer
                             .post(&pay_path, &tokens[token], br#"{"payment_token":"tok_ok"}"#)
                             .await;
-                        if let Some(wait) = paid.retry_after {
+                        if paid.retry {
                             seen.retried += 1;
-                            tokio::time::sleep(wait).await;
+                            tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
                         seen.pay_us.push(micros(sent));
