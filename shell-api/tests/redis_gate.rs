@@ -912,3 +912,54 @@ async fn with_every_note_lost_the_instance_that_made_a_hold_still_releases_it_at
     );
     assert_eq!(drop_state(&a, &drop).await["available"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_note_lost_a_payment_past_its_lease_is_still_fenced_by_its_own_instance() {
+    // No note heard, a 1 s lease and a gateway that takes 2.5 s: the lease end this instance scheduled itself when
+    // the payment began must fence it (guarantee 5a), so the late charge is refused and the unit sells again.
+    let mut config = test_redis_args(&[redis_url()], &redis_prefix())
+        .gate_config()
+        .unwrap();
+    config.notes = false;
+    config.sweep_period_min = Duration::from_secs(600);
+    config.pay_lease = Duration::from_secs(1);
+    let a = TestApp::redis_instance_with_config(
+        Arc::new(TestDb::new().await),
+        EngineArgs {
+            payment_latency_ms: 2500,
+            ..fast_reaper()
+        },
+        config,
+        Arc::new(SystemClock),
+    )
+    .await;
+    let (_, drop) = a.open_drop(1, 100, json!({})).await;
+    assert_eq!(drop_state(&a, &drop).await["available"], 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let buyer = a.member(Role::Customer).await;
+    let held = reserve(&a, &buyer, &drop, 1).await;
+    assert_eq!(held.status, StatusCode::CREATED);
+    let hold = held.body["id"].as_str().unwrap().to_owned();
+    let began = Instant::now();
+    let (paid, returned_at) = tokio::join!(pay(&a, &buyer, &hold, "tok_ok"), async {
+        eventually("the unit back on sale", Duration::from_secs(5), || async {
+            drop_state(&a, &drop).await["available"] == 1
+        })
+        .await;
+        began.elapsed()
+    });
+    assert!(
+        returned_at < Duration::from_millis(2000),
+        "the unit came back {returned_at:?} after the payment began, for a 1 s lease"
+    );
+    assert_eq!(
+        (paid.status, paid.code()),
+        (StatusCode::CONFLICT, "hold_expired")
+    );
+    let state = drop_state(&a, &drop).await;
+    assert_eq!(
+        (state["sold"].as_u64(), state["held"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(purchase_tally(&a.db, drop_id(&drop)).await.0, 0);
+}
