@@ -556,7 +556,7 @@ fn tally(outcomes: Vec<Outcome>) -> BurstReport {
 }
 
 /// `VmRSS` and `VmHWM` of a process in kB (zeros when it cannot be read: the process is gone or not ours to see).
-fn memory_kb(pid: u32) -> (u64, u64) {
+pub fn memory_kb(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status

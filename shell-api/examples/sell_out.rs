@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 /// What one buyer saw: each request's latency in microseconds, by stage, and the answers that were retried.
 #[derive(Default)]
 struct Seen {
-    reserve_us: Vec<u32>,
-    pay_us: Vec<u32>,
+    reserve_us: Vec<u64>,
+    pay_us: Vec<u64>,
     retried: u64,
 }
 
@@ -96,22 +96,25 @@ impl Buyer {
     }
 }
 
-fn micros(since: Instant) -> u32 {
-    u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX)
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-/// "p50 X ms  p99 Y ms  max Z ms" of `samples` (sorted here).
-fn percentiles(samples: &mut [u32]) -> String {
+/// "p50 X ms  p99 Y ms  max Z ms" of `samples` (sorted here), by the harness's nearest-rank percentile.
+fn percentiles(samples: &mut [u64]) -> String {
     samples.sort_unstable();
-    let at = |q: f64| {
-        let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
-        f64::from(samples.get(index).copied().unwrap_or(0)) / 1000.0
+    let at = |p: f64| {
+        if samples.is_empty() {
+            0.0
+        } else {
+            loadtest::rate::percentile(samples, p) as f64 / 1000.0
+        }
     };
     format!(
         "p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
-        at(0.5),
-        at(0.99),
-        at(1.0)
+        at(50.0),
+        at(99.0),
+        at(100.0)
     )
 }
 
@@ -166,7 +169,7 @@ async fn main() {
     for _ in 0..concurrency {
         connections.push(Buyer::connect(&addr).await);
     }
-    let rss_connected = server_pid.map(rss_kb);
+    let rss_connected = server_pid.map(|pid| loadtest::burst::memory_kb(pid).0);
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
     let buyers: Vec<_> = connections
@@ -238,7 +241,7 @@ async fn main() {
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = own_cpu_seconds() - cpu_before;
-    let rss_sold = server_pid.map(rss_kb);
+    let rss_sold = server_pid.map(|pid| loadtest::burst::memory_kb(pid).0);
     let sold = sold.load(Ordering::Relaxed);
     println!(
         "sold {sold} units in {seconds:.2} s ({:.0} units/s), {} unexpected answers",
@@ -268,14 +271,4 @@ async fn main() {
             sold_kb.saturating_sub(connected) * 1024 / sold.max(1)
         );
     }
-}
-
-/// A process's resident memory in kB (`VmRSS`), 0 when it cannot be read.
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }

@@ -9,7 +9,8 @@
 
 use uuid::Uuid;
 
-/// Largest index of a hold in one reserve entry; batches are capped below it.
+/// Largest index of a hold in one reserve entry the layout can carry (a reserve call writes at most
+/// `lanes::RECORDS_PER_ENTRY` records to an entry).
 pub const INDEX_MAX: u32 = (1 << 12) - 1;
 const SEQ_MAX: u64 = (1 << 30) - 1;
 const MS_MAX: u64 = (1 << 48) - 1;
