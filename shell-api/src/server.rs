@@ -107,6 +107,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::campaigns::close::campaigns_forever(state.clone()));
     let live = Arc::clone(&state.live);
 
+    // The handlers are installed before the server says it is listening: a SIGTERM sent the moment it is ready
+    // (a supervisor, a test) drains it cleanly instead of killing it by the default action.
+    let shutdown = shutdown_signal().context("listening for SIGTERM and SIGINT")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let (addr, mut server) = start_serving(&args, state, stop_rx, done_rx)?;
@@ -119,7 +122,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = done_tx.send(true);
             return result.context("server task")?.context("serving");
         }
-        () = shutdown_signal() => {}
+        () = shutdown => {}
     }
     tracing::info!("shutting down: finishing in-flight requests");
     // Event streams never finish by themselves; end them so graceful shutdown does not wait out its grace.
@@ -272,29 +275,17 @@ fn spawn_core_runtime(
     Ok(served_rx)
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+/// Installs the SIGINT (Ctrl-C) and SIGTERM handlers now and returns what completes on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
+    })
 }
 
 #[derive(Debug, Clone, Args)]
