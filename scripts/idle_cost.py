@@ -210,7 +210,7 @@ def journal_latency(api, database_url, drops, buyer, samples, instances):
             sent = time.monotonic()
             hold = api.call(i % instances, "POST", f"/drops/{drop}/reservations", {"quantity": 1}, buyer)["id"]
             while True:
-                psql.stdin.write(f"SELECT count(*) FROM reservations WHERE id = '{hold}';\n")
+                psql.stdin.write(f"SELECT count(*) FROM stored_holds WHERE id = '{hold}';\n")
                 psql.stdin.flush()
                 if psql.stdout.readline().strip() == "1":
                     break

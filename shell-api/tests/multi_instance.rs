@@ -185,7 +185,8 @@ impl Fleet {
             .collect()
     }
 
-    /// Postgres's record of the drop: reservation rows by status, and purchases.
+    /// Postgres's record of the drop: its holds as stored by status (rows, and journaled holds as `held`), and
+    /// purchases.
     async fn stored(&self, drop: &str) -> (HashMap<String, i64>, (i64, i64, i64)) {
         let id: Uuid = drop.parse().unwrap();
         let rows = self
@@ -193,7 +194,7 @@ impl Fleet {
             .client()
             .await
             .query(
-                "SELECT status || COALESCE(':' || reason, ''), count(*) FROM reservations WHERE drop_id = $1 GROUP BY 1",
+                "SELECT status || COALESCE(':' || reason, ''), count(*) FROM stored_holds WHERE drop_id = $1 GROUP BY 1",
                 &[&id],
             )
             .await

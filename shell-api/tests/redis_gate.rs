@@ -35,13 +35,13 @@ fn drop_id(drop: &Value) -> Uuid {
     drop["id"].as_str().unwrap().parse().unwrap()
 }
 
-/// The reservation rows of a drop by status, as the journal wrote them.
+/// The holds of a drop by status as stored (rows, and journaled holds as `held`), as the journal wrote them.
 async fn stored_statuses(app: &TestApp, drop: Uuid) -> Vec<(String, i64)> {
     app.db
         .client()
         .await
         .query(
-            "SELECT status || COALESCE(':' || reason, ''), count(*) FROM reservations WHERE drop_id = $1
+            "SELECT status || COALESCE(':' || reason, ''), count(*) FROM stored_holds WHERE drop_id = $1
              GROUP BY 1 ORDER BY 1",
             &[&drop],
         )
@@ -694,7 +694,7 @@ async fn idle_drops_cost_redis_a_bounded_number_of_calls_whatever_their_number()
     eventually("every hold journaled", Duration::from_secs(20), || async {
         let client = a.db.client().await;
         let row = client
-            .query_one("SELECT count(*) FROM reservations", &[])
+            .query_one("SELECT count(*) FROM stored_holds", &[])
             .await
             .unwrap();
         row.get::<_, i64>(0) == DROPS as i64

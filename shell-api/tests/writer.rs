@@ -130,12 +130,11 @@ async fn a_purchase_stored_twice_is_stored_once() {
     assert_eq!(count(&db, "SELECT count(*) FROM purchases").await, 1);
 }
 
-/// Purchases go in as plain inserts first; one whose reservation row is already there (journaled held, as the
-/// Redis gate's journal stores holds) or which was paid before sends its batch through the upserts again, and
-/// every purchase beside it in that batch is stored all the same, once.
+/// Purchases go in as plain inserts first; one whose reservation was paid before sends its batch through the upserts
+/// again, and every purchase beside it in that batch (one of a hold a journal stored) is stored all the same, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_meeting_rows_already_there_are_stored_beside_fresh_ones() {
-    // Plain inserts first (the embedded gate's writer), and upserts only (a gate that journals holds as rows).
+    // Plain inserts first (the default), and upserts only.
     for plain_purchases in [true, false] {
         purchases_beside_rows_already_there(WriterConfig {
             plain_purchases,

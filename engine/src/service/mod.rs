@@ -143,13 +143,7 @@ impl Engine {
         gateway: Arc<dyn PaymentGateway>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, EngineError> {
-        // A gate that journals its own holds stores each as a row, which every purchase then finds: its purchases
-        // go straight to the upserts.
-        let writer_config = WriterConfig {
-            plain_purchases: config.writer.plain_purchases && !gate.journals_holds(),
-            ..config.writer
-        };
-        let (writer, writer_task) = writer::spawn(db.clone(), writer_config);
+        let (writer, writer_task) = writer::spawn(db.clone(), config.writer);
         gate.use_writer(writer.clone());
         let (stop, stop_rx) = watch::channel(false);
         let room = gate

@@ -16,10 +16,8 @@ use crate::types::{HoldRow, Purchase, SecondRow};
 
 #[derive(Default)]
 struct Batch {
-    /// New holds of the embedded gate, journaled compactly (`hold_batches`).
+    /// New holds, journaled compactly (`hold_batches`): the embedded gate's, and those a gate's journal read.
     journaled: Vec<HoldRow>,
-    /// New holds from a gate's journal (`Journal`), stored as rows.
-    holds: Vec<HoldRow>,
     released: Vec<(HoldRow, ReleaseReason, DateTime<Utc>)>,
     purchases: Vec<(Purchase, HoldRow)>,
     seconds: Vec<SecondRow>,
@@ -33,7 +31,6 @@ struct Batch {
 #[derive(Clone, Copy)]
 pub(super) struct Rows<'a> {
     pub(super) journaled: &'a [HoldRow],
-    pub(super) holds: &'a [HoldRow],
     pub(super) released: &'a [(HoldRow, ReleaseReason, DateTime<Utc>)],
     pub(super) purchases: &'a [(Purchase, HoldRow)],
     pub(super) seconds: &'a [SecondRow],
@@ -41,11 +38,7 @@ pub(super) struct Rows<'a> {
 
 impl Rows<'_> {
     pub(super) fn len(&self) -> usize {
-        self.journaled.len()
-            + self.holds.len()
-            + self.released.len()
-            + self.purchases.len()
-            + self.seconds.len()
+        self.journaled.len() + self.released.len() + self.purchases.len() + self.seconds.len()
     }
 }
 
@@ -65,7 +58,6 @@ impl Batch {
     fn all(&self) -> Rows<'_> {
         Rows {
             journaled: &self.journaled,
-            holds: &self.holds,
             released: &self.released,
             purchases: &self.purchases,
             seconds: &self.seconds,
@@ -89,7 +81,7 @@ impl Batch {
                 released,
                 ack,
             } => {
-                self.holds.extend(holds);
+                self.journaled.extend(holds);
                 self.released.extend(released);
                 self.journal_acks.push(ack);
             }

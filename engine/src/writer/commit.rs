@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::batching::{Rows, Stored, Written};
 use super::sql::{
-    HoldColumns, PurchaseColumns, ReleaseColumns, SecondColumns, INSERT_HOLDS, JOURNAL_HOLDS,
-    PURCHASES_FENCED, PURCHASES_PLAIN, UPSERT_RELEASES, UPSERT_SECONDS,
+    HoldColumns, PurchaseColumns, ReleaseColumns, SecondColumns, JOURNAL_HOLDS, PURCHASES_FENCED,
+    PURCHASES_PLAIN, UPSERT_RELEASES, UPSERT_SECONDS,
 };
 use super::{WriteError, WriterConfig, WriterStats};
 use crate::core::ReleaseReason;
@@ -53,7 +53,6 @@ pub(super) async fn write(
             for one in rows.purchases.chunks(1) {
                 let alone = Rows {
                     journaled: &[],
-                    holds: &[],
                     released: &[],
                     purchases: one,
                     seconds: &[],
@@ -229,9 +228,6 @@ async fn write_batch(pool: &Pool, batch: Rows<'_>, plain: bool) -> Result<Stored
         client.batch_execute("BEGIN").await.map(|()| 0)
     }));
     steps.extend(journal_steps(&client, &plan.journaled).await?);
-    if let Some(holds) = &plan.holds {
-        steps.push(hold_step(&client, holds).await?);
-    }
     let mut purchases_step = None;
     if let Some(purchases) = &plan.purchases {
         purchases_step = Some(steps.len());
@@ -262,7 +258,6 @@ async fn write_batch(pool: &Pool, batch: Rows<'_>, plain: bool) -> Result<Stored
 struct Plan<'a> {
     /// The journal: one row per drop of the batch, however many holds it has.
     journaled: Vec<(Uuid, HoldColumns)>,
-    holds: Option<HoldColumns>,
     /// One purchase per reservation: a second purchase of a reservation in the same batch (two attempts racing)
     /// gets the first's row back, like an attempt that finds an earlier one already stored.
     unique: Vec<&'a (Purchase, HoldRow)>,
@@ -283,7 +278,6 @@ impl<'a> Plan<'a> {
             .into_iter()
             .map(|(drop, holds)| (drop, HoldColumns::of(holds.into_iter())))
             .collect();
-        let holds = (!batch.holds.is_empty()).then(|| HoldColumns::of(batch.holds.iter()));
         let mut seen = HashSet::with_capacity(batch.purchases.len());
         let unique: Vec<&(Purchase, HoldRow)> = batch
             .purchases
@@ -301,7 +295,6 @@ impl<'a> Plan<'a> {
         let seconds = (!batch.seconds.is_empty()).then(|| SecondColumns::of(batch.seconds));
         Self {
             journaled,
-            holds,
             unique,
             purchases,
             releases,
@@ -341,17 +334,6 @@ async fn journal_steps<'a>(
             step
         })
         .collect())
-}
-
-/// New holds from a gate's journal, as rows.
-async fn hold_step<'a>(
-    client: &'a ClientWrapper,
-    c: &'a HoldColumns,
-) -> Result<Step<'a>, BatchError> {
-    let insert = client.prepare_cached(INSERT_HOLDS).await.map_err(text)?;
-    Ok(Box::pin(async move {
-        client.execute(&insert, &c.params()).await
-    }))
 }
 
 /// The purchases with their paid reservation rows and their drops' `sold`; the step answers how many purchases it

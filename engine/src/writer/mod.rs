@@ -9,7 +9,8 @@
 //! the bound, not the wait.) A purchase's sender awaits the commit of its batch: that is what lets a payment answer 200 only once the
 //! purchase is durable. A `Shutdown` op drains everything queued before it.
 //!
-//! A new hold of the embedded gate is journaled compactly: the holds of one batch and drop are one row of
+//! A new hold (the embedded gate's, or one the Redis gate's journal read from a stream) is journaled compactly: the
+//! holds of one batch and drop are one row of
 //! `hold_batches` (arrays of ids, members, quantities and times), because a row per hold cost Postgres about as much
 //! CPU as the whole reservation cost the server. A hold gets its own `reservations` row when it settles: the
 //! purchase upserts it as `paid`, a release upserts it as `released` (each carries the hold's row, so it need not
@@ -58,8 +59,7 @@ pub struct WriterConfig {
     /// Attempts per batch before its purchases are answered with an error.
     pub attempts_max: u32,
     /// Whether a purchase is first written with plain inserts (see `write_batch`): right when a purchase rarely
-    /// finds its reservation's row there already, as with the embedded gate's journal; the engine turns it off for
-    /// a gate that stores every hold as a row.
+    /// finds its reservation's row there already, as with either gate's journal (new holds go to `hold_batches`).
     pub plain_purchases: bool,
 }
 
@@ -101,8 +101,9 @@ enum WriteOp {
         hold: HoldRow,
         ack: oneshot::Sender<Result<Purchase, WriteError>>,
     },
-    /// Holds and releases that must be known committed (a journal acknowledges its source only then). A release
-    /// carries its hold's row, which is inserted first if missing, so releases may arrive before their holds.
+    /// Holds and releases that must be known committed (a journal acknowledges its source only then). The holds are
+    /// journaled compactly like the embedded gate's; a release carries its hold's row, which is inserted first if
+    /// missing, so releases may arrive before their holds.
     Journal {
         holds: Vec<HoldRow>,
         released: Vec<(HoldRow, ReleaseReason, DateTime<Utc>)>,

@@ -10,18 +10,11 @@ use uuid::Uuid;
 use crate::core::ReleaseReason;
 use crate::types::{reason_name, HoldRow, Purchase, SecondRow, EVENTS};
 
-/// One row of `hold_batches` per drop of a batch: the embedded gate's new holds, journaled compactly.
+/// One row of `hold_batches` per drop of a batch: new holds, journaled compactly (the embedded gate's, and those the
+/// Redis gate's journal read from its streams).
 pub(super) const JOURNAL_HOLDS: &str =
     "INSERT INTO hold_batches (drop_id, ids, member_ids, quantities, created_at, expires_at)
      VALUES ($1, $2, $3, $4, $5, $6)";
-
-/// New holds from a gate's journal, as `held` rows (a row already there is kept).
-pub(super) const INSERT_HOLDS: &str =
-    "INSERT INTO reservations (id, drop_id, member_id, quantity, status, created_at, expires_at, updated_at)
-     SELECT u.id, u.drop_id, u.member_id, u.quantity, 'held', u.created_at, u.expires_at, u.created_at
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[])
-          AS u(id, drop_id, member_id, quantity, created_at, expires_at)
-     ON CONFLICT (id) DO NOTHING";
 
 /// Releases, each with its hold's row (inserted if missing). A paid hold is never released: the guard keeps a late
 /// or replayed release from touching it.

@@ -137,7 +137,7 @@ pub async fn snapshot(world: &World, drop_id: &str) -> anyhow::Result<DbSnapshot
     let reservations = client
         .query(
             "SELECT id::text, member_id::text, quantity::bigint, status, reason
-             FROM reservations WHERE drop_id = $1 ORDER BY id",
+             FROM stored_holds WHERE drop_id = $1 ORDER BY id",
             &[&id],
         )
         .await

@@ -543,7 +543,7 @@ pub async fn db_facts(client: &tokio_postgres::Client, drop: &str) -> anyhow::Re
     let reservations = client
         .query(
             "SELECT id::text, member_id::text, (extract(epoch FROM created_at) * 1000)::bigint \
-             FROM reservations WHERE drop_id = $1",
+             FROM stored_holds WHERE drop_id = $1",
             &[&drop],
         )
         .await?

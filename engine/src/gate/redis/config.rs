@@ -25,8 +25,8 @@ pub struct RedisGateConfig {
     pub sweep_lanes_per_second: usize,
     /// Each drop is swept at least this often while there are fewer than `sweep_lanes_per_second` times as many.
     pub sweep_period_min: Duration,
-    /// The shortest time between two reads of a drop's stream that found nothing new: a busy drop's notes cost at
-    /// most one read per this.
+    /// The shortest time between two reads of a drop's stream unless the first filled a read (`journal_batch_max`
+    /// entries): a busy drop's notes cost at most one read, and its holds one commit, per this.
     pub journal_idle: Duration,
     /// A journal entry delivered to a consumer and not acknowledged for this long is claimed by another.
     pub journal_claim_idle: Duration,
