@@ -108,6 +108,19 @@ for line in sys.stdin.read().replace("}{","}\n{").splitlines():
     print(json.loads(line)["access_token"])' >"$WORK/tokens"
 [ "$(wc -l <"$WORK/tokens")" -eq "$MEMBERS" ] || die "expected $MEMBERS tokens, got $(wc -l <"$WORK/tokens")"
 
+# CPU time (clock ticks, user + system) of processes.
+cpu_of() { # pids...
+  local pid total=0
+  for pid in "$@"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    total=$((total + $(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
+  done
+  printf '%s' "$total"
+}
+# Postgres's and Redis's CPU ticks now, "postgres redis".
+stores_cpu() { printf '%s %s' "$(cpu_of $(pgrep -x postgres || true))" "$(cpu_of $(pgrep -x redis-server || true))"; }
+TICKS_PER_SECOND=$(getconf CLK_TCK)
+
 # One wrk run; prints "req/s wrk_cpu% statuses". With WIRE_PERF=<name>[,<name>...], the server is profiled (perf
 # record) during the runs of those names, into target/wire-<name>.perf.data (the whole machine with WIRE_PERF_ALL=1;
 # WIRE_PERF_CALL_GRAPH=dwarf for call stacks through code without frame pointers, WIRE_PERF_HZ for the rate).
@@ -122,9 +135,12 @@ run() {
   # The server's CPU time over the run (perf's task-clock, all its threads): CPU per request does not depend on
   # what else the machine is doing the way req/s does.
   perf stat -e task-clock,context-switches,raw_syscalls:sys_enter -p "$SERVER_PID" -o "$WORK/stat-$name" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
-  local stat_pid=$!
+  local stat_pid=$! stores_before
+  stores_before=$(stores_cpu)
   out=$(WRK_TOKENS="$WORK/tokens" WRK_PATH="$path" WRK_METHOD="$method" \
     /usr/bin/time -f 'cpu %P' wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" -s "$ROOT/benches/wrk/rotate.lua" "$BASE" 2>&1)
+  local stores_after
+  stores_after=$(stores_cpu)
   wait "$stat_pid" || true
   local rps cpu statuses requests server_ms
   rps=$(printf '%s\n' "$out" | awk '/Requests\/sec/ {print $2}')
@@ -138,6 +154,12 @@ run() {
     /raw_syscalls/ {gsub(",", "", $1); sc=$1}
     END {if (n > 0) printf "wire: %s: %.2f syscalls and %.3f context switches per request\n", name, sc/n, cs/n}' \
     "$WORK/stat-$name" >&2
+  # What the stores spent per request (clock ticks: about ±10 ms over the run): the server's work is not all of it.
+  local pg_before redis_before pg_after redis_after
+  read -r pg_before redis_before <<<"$stores_before"
+  read -r pg_after redis_after <<<"$stores_after"
+  awk -v n="$requests" -v name="$name" -v hz="$TICKS_PER_SECOND" -v pg=$((pg_after - pg_before)) -v rd=$((redis_after - redis_before)) \
+    'BEGIN {if (n > 0) printf "wire: %s: Postgres %.1f and Redis %.1f us of CPU per request\n", name, pg*1e6/hz/n, rd*1e6/hz/n}' >&2
   printf '%s\t%s\t%s\t%s\n' "$rps" "$cpu" "$(python3 -c "print(f'{$server_ms*1000/$requests:.1f}')")" "$statuses"
 }
 
@@ -261,15 +283,7 @@ sell_buyers=${WIRE_SELL_BUYERS:-2000}
 sell_drop=$(post /api/v1/drops "{\"product_id\":\"$product\",\"stock\":$sell_units,\"opens_at\":\"$opens\",\"per_member_limit\":1000}" "$admin" | json '["id"]')
 say "selling $sell_units units end to end, $sell_buyers buyers"
 settle
-# CPU time (clock ticks) of processes by name and of the whole machine, before and after, and the server's metrics.
-cpu_of() { # pids...
-  local pid total=0
-  for pid in "$@"; do
-    [ -r "/proc/$pid/stat" ] || continue
-    total=$((total + $(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
-  done
-  printf '%s' "$total"
-}
+# CPU time (clock ticks) of the machine, before and after, and the server's metrics.
 cpu_snapshot() {
   printf 'server %s\npostgres %s\nredis %s\n' "$(cpu_of "$SERVER_PID")" \
     "$(cpu_of $(pgrep -x postgres || true))" "$(cpu_of $(pgrep -x redis-server || true))"
