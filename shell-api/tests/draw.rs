@@ -1,7 +1,8 @@
 //! Draw drops (API.md, "Launch modes", Draw), in process over a real Postgres with a manual clock: the
 //! commitment published before any entry and the seed revealed by the draw, the ranking recomputed here from the
 //! seed and the ids, one entry per member, the draw happening once whoever runs it, the waitlist selling every
-//! unit when winners let their holds expire, and what a draw drop refuses.
+//! unit when winners let their holds expire (on the embedded gate and on three instances over Redis, where Redis's
+//! clock decides expiry), and what a draw drop refuses.
 #![allow(
     clippy::too_many_lines,
     reason = "each test is one scenario read top to bottom: its setup, the draw, and every check"
@@ -818,13 +819,34 @@ async fn an_instance_killed_in_the_middle_of_a_draw_leaves_it_to_another_which_d
     b.kill().await;
 }
 
+/// How the four winners who do not buy in `redis_draw_down_the_ranking` let their units go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LetGo {
+    /// They cancel, each on another instance than the one that gave their hold.
+    Cancel,
+    /// They let their holds expire, by Redis's clock (which the test cannot set: the holds last 5 s).
+    Expire,
+}
+
 /// The draw and its allocator on three instances over one Redis (the stock authority every instance shares): all
 /// three run their draw pass at once, the draw happens once and ranks as the seed says, the first `stock` ranks win;
 /// winners who cancel (on another instance than the one that gave their hold) free units that go to the next ranks,
 /// exactly those, and no more units are sold than the stock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_three_redis_instances_the_draw_happens_once_and_released_units_go_down_the_ranking() {
+    redis_draw_down_the_ranking(LetGo::Cancel).await;
+}
+
+/// The same with winners who let their holds expire: Redis's reapers release them, and their units go to the next
+/// ranks, exactly those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_redis_instances_units_of_expired_winning_holds_go_down_the_ranking() {
+    redis_draw_down_the_ranking(LetGo::Expire).await;
+}
+
+async fn redis_draw_down_the_ranking(let_go: LetGo) {
     const STOCK: usize = 10;
+    let hold_seconds = if let_go == LetGo::Expire { 5 } else { 60 };
     let now = engine::clock::to_datetime(Utc::now().timestamp_millis());
     let clock = Arc::new(ManualClock::new(now.timestamp_millis()));
     let db = Arc::new(common::TestDb::new().await);
@@ -834,7 +856,10 @@ async fn on_three_redis_instances_the_draw_happens_once_and_released_units_go_do
         apps.push(
             TestApp::redis_instance_with_clock(
                 Arc::clone(&db),
-                EngineArgs::default(),
+                EngineArgs {
+                    reaper_interval_ms: 100,
+                    ..EngineArgs::default()
+                },
                 &[common::redis_url()],
                 &prefix,
                 clock.clone(),
@@ -848,7 +873,7 @@ async fn on_three_redis_instances_the_draw_happens_once_and_released_units_go_do
     let drop = apps[0]
         .drop(
             &seller,
-            json!({ "product_id": product, "stock": STOCK, "mode": "draw", "hold_seconds": 60,
+            json!({ "product_id": product, "stock": STOCK, "mode": "draw", "hold_seconds": hold_seconds,
                     "opens_at": (now - chrono::Duration::seconds(1)).to_rfc3339(),
                     "draw_at": draw_at.to_rfc3339() }),
         )
@@ -886,10 +911,13 @@ async fn on_three_redis_instances_the_draw_happens_once_and_released_units_go_do
     assert_eq!(winners.len(), STOCK);
     assert!(winners.iter().all(|row| row.3.unwrap() <= STOCK as i32));
 
-    // Four winners cancel on one instance, the rest pay on another.
+    // Four winners cancel on one instance (or let their holds expire), the rest pay on another.
     for (i, row) in winners.iter().enumerate() {
         let (member, hold) = (&members[&row.1], row.4.unwrap().to_string());
-        if i < 4 {
+        if i >= 4 {
+            let paid = pay(&apps[(i + 2) % 3], member, &hold, "tok_ok").await;
+            assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+        } else if let_go == LetGo::Cancel {
             let cancelled = common::cancel(&apps[(i + 1) % 3], member, &hold).await;
             assert_eq!(
                 cancelled.status,
@@ -897,9 +925,21 @@ async fn on_three_redis_instances_the_draw_happens_once_and_released_units_go_do
                 "{:?}",
                 cancelled.body
             );
-        } else {
-            let paid = pay(&apps[(i + 2) % 3], member, &hold, "tok_ok").await;
-            assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+        }
+    }
+    if let_go == LetGo::Expire {
+        for (i, row) in winners.iter().take(4).enumerate() {
+            let (member, hold) = (&members[&row.1], row.4.unwrap().to_string());
+            let app = &apps[(i + 1) % 3];
+            common::eventually(
+                "a winning hold left unpaid released as expired",
+                Duration::from_secs(15),
+                || async {
+                    let read = common::read_reservation(app, member, &hold).await;
+                    read.body["status"] == "released" && read.body["reason"] == "expired"
+                },
+            )
+            .await;
         }
     }
     all_tick().await;
