@@ -31,6 +31,18 @@ fn fast_reaper() -> EngineArgs {
     }
 }
 
+/// A Redis gate that hears no note at all (as if every one were lost, its subscription never cut, so no
+/// resubscribe sweep), with a backstop sweep too slow to matter (ten minutes): what it schedules itself is all that
+/// settles its holds and payments on time.
+fn every_note_lost() -> engine::gate::redis::RedisGateConfig {
+    let mut config = test_redis_args(&[redis_url()], &redis_prefix())
+        .gate_config()
+        .unwrap();
+    config.notes = false;
+    config.sweep_period_min = Duration::from_secs(600);
+    config
+}
+
 fn drop_id(drop: &Value) -> Uuid {
     drop["id"].as_str().unwrap().parse().unwrap()
 }
@@ -881,15 +893,10 @@ async fn with_every_note_lost_the_instance_that_made_a_hold_still_releases_it_at
     // An instance that hears no note at all (every one lost, its subscription never cut, so no resubscribe sweep):
     // what it schedules itself must release its holds on time (hold expiry plus the reaper's interval), not the
     // backstop sweep, whose period here is ten minutes.
-    let mut config = test_redis_args(&[redis_url()], &redis_prefix())
-        .gate_config()
-        .unwrap();
-    config.notes = false;
-    config.sweep_period_min = Duration::from_secs(600);
     let a = TestApp::redis_instance_with_config(
         Arc::new(TestDb::new().await),
         fast_reaper(),
-        config,
+        every_note_lost(),
         Arc::new(SystemClock),
     )
     .await;
@@ -917,11 +924,7 @@ async fn with_every_note_lost_the_instance_that_made_a_hold_still_releases_it_at
 async fn with_every_note_lost_a_payment_past_its_lease_is_still_fenced_by_its_own_instance() {
     // No note heard, a 1 s lease and a gateway that takes 2.5 s: the lease end this instance scheduled itself when
     // the payment began must fence it (guarantee 5a), so the late charge is refused and the unit sells again.
-    let mut config = test_redis_args(&[redis_url()], &redis_prefix())
-        .gate_config()
-        .unwrap();
-    config.notes = false;
-    config.sweep_period_min = Duration::from_secs(600);
+    let mut config = every_note_lost();
     config.pay_lease = Duration::from_secs(1);
     let a = TestApp::redis_instance_with_config(
         Arc::new(TestDb::new().await),
