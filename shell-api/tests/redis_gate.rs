@@ -839,14 +839,7 @@ async fn a_batch_larger_than_one_entry_spreads_its_holds_over_entries_and_each_i
     let buyers = futures_util::future::join_all((0..HOLDS).map(|_| a.member(Role::Customer))).await;
     // Loads the drop, so the paused calls below are reservations.
     assert_eq!(drop_state(&a, &drop).await["available"], HOLDS as u64);
-    let mut admin = server.connection().await.unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(300)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    pause(&server, 300).await;
     let holds =
         futures_util::future::join_all(buyers.iter().map(|b| reserve(&a, b, &drop, 1))).await;
     let holds: Vec<String> = holds
@@ -857,6 +850,7 @@ async fn a_batch_larger_than_one_entry_spreads_its_holds_over_entries_and_each_i
         })
         .collect();
     // The stream: every reserve entry holds at most 32 records, and a call that granted more wrote full entries.
+    let mut admin = server.connection().await.unwrap();
     let keys = engine::gate::redis::drop_keys(&prefix, id);
     let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg(&keys[3])
@@ -886,6 +880,112 @@ async fn a_batch_larger_than_one_entry_spreads_its_holds_over_entries_and_each_i
         (state["sold"].as_u64(), state["held"].as_u64()),
         (Some(HOLDS as u64), Some(0))
     );
+}
+
+/// Pauses every client of a Redis server for `ms`, so the calls made meanwhile queue up behind it.
+async fn pause(server: &common::RedisServer, ms: u64) {
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("ALL")
+        .query_async(&mut server.connection().await.unwrap())
+        .await
+        .unwrap();
+}
+
+/// Script calls (EVALSHA, and EVAL after a NOSCRIPT) a Redis server has answered, from INFO.
+async fn script_calls(server: &common::RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut server.connection().await.unwrap())
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transitions_queued_together_go_in_a_few_script_calls_and_each_is_answered_as_if_alone() {
+    // A Redis of the test's own, paused while the transitions queue, so each script call carries many of them.
+    let server = common::RedisServer::start().await;
+    let db = Arc::new(common::TestDb::new().await);
+    let prefix = common::redis_prefix();
+    let a = TestApp::redis_instance(db, EngineArgs::default(), &[server.url()], &prefix).await;
+    const HOLDS: usize = 40;
+    let (_, drop) = a
+        .open_drop(HOLDS as u32, 500, json!({ "per_member_limit": 1 }))
+        .await;
+    let buyers = futures_util::future::join_all((0..HOLDS).map(|_| a.member(Role::Customer))).await;
+    let mut holds = Vec::new();
+    for buyer in &buyers {
+        let hold = reserve(&a, buyer, &drop, 1).await;
+        assert_eq!(hold.status, StatusCode::CREATED, "{:?}", hold.body);
+        holds.push(hold.body["id"].as_str().unwrap().to_owned());
+    }
+    // Holds 0..30 are paid by their owners (a begin and a complete each); 25..35 are paid by the next buyer too,
+    // who does not own them (refused: 30..35 stay held); 35..40 are cancelled by their owners. The answers differ by
+    // hold, so an answer given to the wrong move shows.
+    let calls_before = script_calls(&server).await;
+    pause(&server, 300).await;
+    let owners = (0..30).map(|i| pay(&a, &buyers[i], &holds[i], "tok_ok"));
+    let strangers = (25..35).map(|i| pay(&a, &buyers[(i + 1) % HOLDS], &holds[i], "tok_ok"));
+    let cancels = (35..HOLDS).map(|i| cancel(&a, &buyers[i], &holds[i]));
+    let (owners, strangers, cancels) = tokio::join!(
+        futures_util::future::join_all(owners),
+        futures_util::future::join_all(strangers),
+        futures_util::future::join_all(cancels),
+    );
+    let calls = script_calls(&server).await - calls_before;
+    for (i, paid) in owners.iter().enumerate() {
+        assert_eq!(paid.status, StatusCode::OK, "hold {i}: {:?}", paid.body);
+        assert_eq!(paid.body["reservation_id"], holds[i].as_str(), "hold {i}");
+    }
+    for (i, refused) in (25..35).zip(&strangers) {
+        assert_eq!(
+            refused.status,
+            StatusCode::FORBIDDEN,
+            "hold {i}: {:?}",
+            refused.body
+        );
+    }
+    for (i, cancelled) in (35..HOLDS).zip(&cancels) {
+        assert_eq!(
+            cancelled.status,
+            StatusCode::NO_CONTENT,
+            "hold {i}: {:?}",
+            cancelled.body
+        );
+    }
+    for (i, hold) in holds.iter().enumerate() {
+        let read = read_reservation(&a, &buyers[i], hold).await;
+        let expected = match i {
+            0..30 => "paid",
+            30..35 => "held",
+            _ => "released",
+        };
+        assert_eq!(read.body["status"], expected, "hold {i}: {:?}", read.body);
+    }
+    let state = drop_state(&a, &drop).await;
+    assert_eq!(
+        (
+            state["sold"].as_u64(),
+            state["held"].as_u64(),
+            state["available"].as_u64()
+        ),
+        (Some(30), Some(5), Some(5))
+    );
+    // 75 moves (30 begins, 30 completes, 10 refused begins, 5 cancels) went in a handful of calls (two in flight at a
+    // time per drop; the reaper may add one); one call a move would be 75.
+    assert!(calls <= 15, "{calls} script calls for 75 transitions");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@ use redis::Value;
 
 use super::codec::{int, malformed, text, write_record, DropKeys, RECORD_BYTES};
 use super::ids::{self, HoldRef};
+use super::moves::MoveRequest;
 use super::Inner;
 use crate::core::{HoldState, HoldView, ReserveRejection};
 use crate::gate::{GateResult, GateUnavailable};
@@ -35,6 +36,8 @@ pub(super) struct Lane {
     /// When (`Inner::local_ms`) the reaper next has work on this drop: the first expiry or lease end it knows of.
     pub(super) reap_due_ms: AtomicI64,
     pub(super) requests: mpsc::Sender<Request>,
+    /// The queue of its transition batchers (`moves.rs`).
+    pub(super) moves: mpsc::Sender<MoveRequest>,
     /// Tells the lane's batchers and journal to stop (unload, shutdown); the journal writes out what it has first.
     pub(super) stop: watch::Sender<bool>,
     /// The lane's batchers and journal, awaited at shutdown.
@@ -124,11 +127,25 @@ impl Inner {
         lane: &Lane,
         batch: &[Request],
     ) -> GateResult<Vec<Grant>> {
-        if let Some(grants) = self.reserve_once(lane, batch).await? {
-            return Ok(grants);
+        self.reloading(lane, || self.reserve_once(lane, batch))
+            .await
+    }
+
+    /// Runs a script call, and once more after reloading the drop from Postgres if it found the drop's keys gone
+    /// (`None`).
+    pub(super) async fn reloading<T, Call>(
+        &self,
+        lane: &Lane,
+        call: impl Fn() -> Call,
+    ) -> GateResult<T>
+    where
+        Call: std::future::Future<Output = GateResult<Option<T>>>,
+    {
+        if let Some(answer) = call().await? {
+            return Ok(answer);
         }
         self.reload(lane).await?;
-        self.reserve_once(lane, batch)
+        call()
             .await?
             .ok_or_else(|| GateUnavailable("drop state vanished again after a reload".into()))
     }
@@ -146,40 +163,60 @@ pub(super) async fn run_lane(
     let mut stop = lane.stop.subscribe();
     let batch_max = inner.config.batch_max.clamp(1, ids::INDEX_MAX as usize + 1);
     let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
-    loop {
-        {
-            let mut requests = tokio::select! {
-                requests = requests.lock() => requests,
-                _ = stop.wait_for(|stop| *stop) => return,
-            };
-            let first = tokio::select! {
-                request = requests.recv() => match request {
-                    Some(request) => request,
-                    None => return,
-                },
-                _ = stop.wait_for(|stop| *stop) => return,
-            };
-            batch.push(first);
-            while batch.len() < batch_max {
-                match requests.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
-                }
+    while next_batch(&requests, &mut stop, batch_max, &mut batch).await {
+        let grants = inner.reserve_batch(&lane, &batch).await;
+        answer(&mut batch, grants, |request| request.reply);
+    }
+}
+
+/// Answers each request of a batch with its own outcome, or every one with the call's error, and empties the batch.
+pub(super) fn answer<R, T>(
+    batch: &mut Vec<R>,
+    outcomes: GateResult<Vec<T>>,
+    reply: fn(R) -> oneshot::Sender<GateResult<T>>,
+) {
+    match outcomes {
+        Ok(outcomes) => {
+            for (request, outcome) in batch.drain(..).zip(outcomes) {
+                let _ = reply(request).send(Ok(outcome));
             }
         }
-        match inner.reserve_batch(&lane, &batch).await {
-            Ok(grants) => {
-                for (request, grant) in batch.drain(..).zip(grants) {
-                    let _ = request.reply.send(Ok(grant));
-                }
-            }
-            Err(err) => {
-                for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(err.clone()));
-                }
+        Err(err) => {
+            for request in batch.drain(..) {
+                let _ = reply(request).send(Err(err.clone()));
             }
         }
     }
+}
+
+/// Waits for a first request and takes whatever else has queued, up to `max`, into `batch`; `false` once the lane
+/// stops or its queue closes. A drop's batchers share the receiver: the one holding it gathers the next batch while
+/// the others' calls are in flight.
+pub(super) async fn next_batch<T>(
+    requests: &tokio::sync::Mutex<mpsc::Receiver<T>>,
+    stop: &mut watch::Receiver<bool>,
+    max: usize,
+    batch: &mut Vec<T>,
+) -> bool {
+    let mut requests = tokio::select! {
+        requests = requests.lock() => requests,
+        _ = stop.wait_for(|stop| *stop) => return false,
+    };
+    let first = tokio::select! {
+        request = requests.recv() => match request {
+            Some(request) => request,
+            None => return false,
+        },
+        _ = stop.wait_for(|stop| *stop) => return false,
+    };
+    batch.push(first);
+    while batch.len() < max {
+        match requests.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
+        }
+    }
+    true
 }
 
 /// The most holds one reserve entry of the stream holds. A transition reads its hold's whole entry, and Redis's Lua

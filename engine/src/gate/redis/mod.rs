@@ -1,8 +1,8 @@
 //! `RedisGate`: Redis is the stock authority, so any number of instances sell one drop.
 //!
 //! Every decision is one Lua script over the four keys of one drop (all under the hash tag `{drop:<id>}`, so the
-//! scripts run unchanged on Redis Cluster; see `prelude.lua`). Reservations are batched per drop: requests that
-//! arrive while a script call is in flight go together in the next call (no timer, so a lone request goes at
+//! scripts run unchanged on Redis Cluster; see `prelude.lua`). Reservations and transitions are batched per drop:
+//! requests that arrive while a script call is in flight go together in the next call (no timer, so a lone request goes at
 //! once), and one call answers each of them. A hold is recorded only as a record in a reserve entry of the drop's
 //! stream; its id names that entry (`ids.rs`), so any instance finds any hold from its id, the stream in time order
 //! is the expiry index the reaper walks, and the stream is the journal that `journal.rs` writes to Postgres through
@@ -12,9 +12,9 @@
 //! grant. When a script finds a drop's keys gone (Redis lost its data), the gate reloads the drop from Postgres
 //! (paid purchases and live holds) before answering, so a unit paid in Postgres is never sold again.
 //!
-//! The files by role: this one is the gate itself (`RedisGate`, its shared state and the `Gate` methods, with the
-//! transition script's calls); `config.rs` its settings; `codec.rs` the scripts, a drop's key names and the codecs
-//! of what the scripts take and answer; `lanes.rs` a drop's reservation batchers and deadlines; `notes.rs` the
+//! The files by role: this one is the gate itself (`RedisGate`, its shared state and the `Gate` methods);
+//! `config.rs` its settings; `codec.rs` the scripts, a drop's key names and the codecs of what the scripts take and
+//! answer; `lanes.rs` a drop's reservation batchers and deadlines; `moves.rs` its transition batchers; `notes.rs` the
 //! wake-ups (one subscription per instance to the notes the scripts publish, and the sweeps that cover lost ones);
 //! `rebuild.rs` loading a drop from Postgres and `reconcile`; `journal.rs` the stream to Postgres; `conn.rs` the
 //! connection (one server or a cluster); `ids.rs` hold ids that name their stream entry.
@@ -25,6 +25,7 @@ mod conn;
 pub mod ids;
 mod journal;
 mod lanes;
+mod moves;
 mod notes;
 mod rebuild;
 mod room;
@@ -41,15 +42,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use codec::{
-    array, drop_seq, int, malformed, member_hex, parse_member, state_of, text, unavailable,
-    Scripts, COUNTERS,
-};
+use codec::{array, drop_seq, int, parse_member, text, unavailable, Scripts, COUNTERS};
 pub use codec::{drop_keys, reserve_script, DropKeys};
 pub use config::{RedisGateConfig, RedisGateError};
 pub use conn::RedisConn;
 use ids::HoldRef;
 use lanes::{run_lane, Lane, Request, NEVER};
+use moves::{run_moves, Move};
 pub use rebuild::Reconciled;
 
 use super::{Gate, GateResult, GateUnavailable, Reaped, Restore};
@@ -89,12 +88,6 @@ impl std::fmt::Debug for RedisGate {
             .field("consumer", &self.inner.consumer)
             .finish_non_exhaustive()
     }
-}
-
-/// What a transition script answered.
-enum Moved {
-    Unloaded,
-    Done(Result<HoldView, TransitionError>),
 }
 
 impl RedisGate {
@@ -160,73 +153,11 @@ impl Inner {
         self.lanes.get(&drop).map(|lane| Arc::clone(&lane))
     }
 
-    /// One transition script call on the hold `place` of `lane`.
-    async fn transition_once(
-        &self,
-        lane: &Lane,
-        place: &HoldRef,
-        op: &str,
-        member: Option<Uuid>,
-    ) -> GateResult<Moved> {
-        let mut invocation = self.scripts.transition.prepare_invoke();
-        for key in &lane.keys {
-            invocation.key(key);
-        }
-        invocation
-            .arg(place.entry())
-            .arg(place.index)
-            .arg(op)
-            .arg(member.map(member_hex).unwrap_or_default())
-            .arg(u64::try_from(self.config.pay_lease.as_millis()).unwrap_or(u64::MAX));
-        let mut conn = self.conn.clone();
-        let reply: Vec<Value> = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        let code = reply
-            .first()
-            .and_then(int)
-            .ok_or_else(|| malformed("transition"))?;
-        if code == -1 {
-            return Ok(Moved::Unloaded);
-        }
-        if code == 1 {
-            return Ok(Moved::Done(Err(TransitionError::NotFound)));
-        }
-        let field = |index: usize| reply.get(index).ok_or_else(|| malformed("transition view"));
-        let member = text(field(1)?)
-            .and_then(parse_member)
-            .ok_or_else(|| malformed("member"))?;
-        let quantity = int(field(2)?)
-            .and_then(|q| u32::try_from(q).ok())
-            .ok_or_else(|| malformed("quantity"))?;
-        let created_at_ms = int(field(3)?).ok_or_else(|| malformed("created"))?;
-        let expires_at_ms = int(field(4)?).ok_or_else(|| malformed("expires"))?;
-        let state = state_of(text(field(5)?).unwrap_or("h"));
-        let view = HoldView {
-            id: place.id(),
-            member,
-            quantity,
-            state,
-            created_at_ms,
-            expires_at_ms,
-        };
-        Ok(Moved::Done(match code {
-            0 => Ok(view),
-            2 => Err(TransitionError::NotOwner),
-            3 => Err(TransitionError::Expired),
-            4 => Err(TransitionError::AlreadyReleased(match state {
-                HoldState::Released(reason) => reason,
-                _ => ReleaseReason::Expired,
-            })),
-            5 => Err(TransitionError::AlreadyPaid),
-            6 => Err(TransitionError::PaymentInFlight),
-            _ => Err(TransitionError::NotPaying),
-        }))
-    }
-
     async fn transition(
         &self,
         drop: Uuid,
         hold: Uuid,
-        op: &str,
+        op: &'static str,
         member: Option<Uuid>,
     ) -> GateResult<Result<HoldView, TransitionError>> {
         let Some(lane) = self.lane(drop) else {
@@ -235,18 +166,7 @@ impl Inner {
         let Some(place) = HoldRef::from_id(hold).filter(|place| place.drop_seq == lane.seq) else {
             return Ok(Err(TransitionError::NotFound));
         };
-        let moved = match self.transition_once(&lane, &place, op, member).await? {
-            Moved::Unloaded => {
-                self.reload(&lane).await?;
-                self.transition_once(&lane, &place, op, member).await?
-            }
-            moved => moved,
-        };
-        let Moved::Done(result) = moved else {
-            return Err(GateUnavailable(
-                "drop state vanished again after a reload".into(),
-            ));
-        };
+        let result = self.move_one(&lane, Move { place, op, member }).await?;
         let released = match &result {
             Ok(view) => op != "read" && matches!(view.state, HoldState::Released(_)),
             Err(err) => *err == TransitionError::Expired,
@@ -320,6 +240,7 @@ impl Gate for RedisGate {
         };
         if let dashmap::Entry::Vacant(vacant) = inner.lanes.entry(drop.id) {
             let (requests, receiver) = mpsc::channel(inner.config.batch_max.max(1) * 8);
+            let (moves, moves_receiver) = mpsc::channel(inner.config.batch_max.max(1) * 8);
             let lane = Arc::new(Lane {
                 drop: drop.id,
                 seq,
@@ -335,18 +256,25 @@ impl Gate for RedisGate {
                 )),
                 reap_due_ms: AtomicI64::new(0),
                 requests,
+                moves,
                 stop: watch::channel(false).0,
                 tasks: Mutex::new(Vec::new()),
             });
             vacant.insert(Arc::clone(&lane));
             inner.seqs.insert(seq, drop.id);
             let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+            let moves_receiver = Arc::new(tokio::sync::Mutex::new(moves_receiver));
             let mut tasks = lane.tasks.lock();
             for _ in 0..inner.config.calls_in_flight.max(1) {
                 tasks.push(tokio::spawn(run_lane(
                     Arc::clone(inner),
                     Arc::clone(&lane),
                     Arc::clone(&receiver),
+                )));
+                tasks.push(tokio::spawn(run_moves(
+                    Arc::clone(inner),
+                    Arc::clone(&lane),
+                    Arc::clone(&moves_receiver),
                 )));
             }
             if inner.config.journal {

@@ -3,7 +3,7 @@
 --   KEYS[1] c: hash of counters and settings (stock, avail, held, paid, limit, hold_ms, reaped)
 --   KEYS[2] m: hash member -> units held, paying or paid
 --   KEYS[3] s: hash hold ref -> state, for holds that left `held` ("p:<lease until ms>", "P", "x:c|e|d")
---   KEYS[4] e: the drop's stream: every hold (in reserve entries) and every state change, in order
+--   KEYS[4] e: the drop's stream: every hold (in reserve entries) and every release, in order
 --   KEYS[5] p: sorted set hold ref -> lease end (ms) of the holds being paid, so the reaper finds payments whose
 --              instance died
 -- A hold is record `idx` of reserve entry `<ms>-<seq>` (field "r": fixed-width records of 32 hex member chars and
@@ -14,7 +14,7 @@ local REC = 36
 
 -- Tells every instance that this drop's stream or stock moved (notes.rs): PUBLISH on `<prefix>notes`, the prefix
 -- and the drop read from the counters key, so no script needs another argument. The note is
--- "<drop>:<kind>:<available units or ->": kind r new holds, x released, l a payment's lease began, p paid. Plain
+-- "<drop>:<kind>:<available units or ->": kind r new holds, x released, l a payment's lease began, i loaded. Plain
 -- PUBLISH, not SPUBLISH: on Redis Cluster it reaches a subscriber on any node, so one subscription per instance
 -- hears every drop.
 local function note(kind, avail)
@@ -39,13 +39,19 @@ local function id_le(a, b)
   return am < bm or (am == bm and as <= bs)
 end
 
+-- Reserve entries' records as this call read them (false: no reserve entry there), so the moves of one call that
+-- name holds of one entry read it once.
+local records = {}
+
 -- The hold at record `idx` of entry `entry`, with its state; nil if there is no such hold.
 local function find(entry, idx, hold_ms, reaped)
-  local r = redis.call('XRANGE', E, entry, entry)
-  if #r == 0 then return nil end
-  local f = r[1][2]
-  if f[1] ~= 'r' then return nil end
-  local rec = f[2]
+  local rec = records[entry]
+  if rec == nil then
+    local r = redis.call('XRANGE', E, entry, entry)
+    rec = #r > 0 and r[1][2][1] == 'r' and r[1][2][2]
+    records[entry] = rec
+  end
+  if not rec then return nil end
   local off = idx * REC
   if idx < 0 or off + REC > #rec then return nil end
   local q = tonumber(string.sub(rec, off + 33, off + 36))
@@ -75,13 +81,4 @@ local function release(h, reason)
   redis.call('XADD', E, '*', 'x', h.ref .. ',' .. h.member .. ',' .. h.q .. ',' .. reason .. ';')
   note('x', avail)
   return 'x:' .. reason
-end
-
--- Loads the hold named by ARGV[1] (entry id) and ARGV[2] (index), or answers why not.
-local function load_hold()
-  local cfg = redis.call('HMGET', C, 'hold_ms', 'reaped')
-  if not cfg[1] then return nil, { -1 } end
-  local h = find(ARGV[1], tonumber(ARGV[2]), tonumber(cfg[1]), cfg[2])
-  if not h then return nil, { 1 } end
-  return h, nil
 end
