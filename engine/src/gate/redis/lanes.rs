@@ -162,7 +162,9 @@ pub(super) async fn run_lane(
 ) {
     let mut stop = lane.stop.subscribe();
     let batch_max = inner.config.batch_max.clamp(1, ids::INDEX_MAX as usize + 1);
-    let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
+    // Grows with the batches it carries: an idle drop's batchers hold no buffer (a loaded drop costs memory on every
+    // instance).
+    let mut batch: Vec<Request> = Vec::new();
     while next_batch(&requests, &mut stop, batch_max, &mut batch).await {
         let grants = inner.reserve_batch(&lane, &batch).await;
         answer(&mut batch, grants, |request| request.reply);
