@@ -42,6 +42,10 @@ pub struct RedisArgs {
     /// Most reservations the Redis gate sends in one script call.
     #[arg(long, env = "REDIS_BATCH_MAX", default_value_t = 512)]
     pub redis_batch_max: usize,
+    /// Script calls of each kind (reservations, transitions) one drop may have in flight at once on an instance:
+    /// while they are in flight the next batch gathers.
+    #[arg(long, env = "REDIS_CALLS_IN_FLIGHT", default_value_t = 2)]
+    pub redis_calls_in_flight: usize,
     /// How long a payment in progress owns its hold. Past it, any instance's reaper fences the payment in Postgres:
     /// the hold is paid if its purchase is stored, else released and the charge refunded, and the late payment is
     /// refused (409 hold_expired). Keep it well above PAYMENT_TIMEOUT_MS.
@@ -76,6 +80,7 @@ impl RedisArgs {
             key_prefix: self.redis_key_prefix.clone(),
             call_timeout: std::time::Duration::from_millis(self.redis_timeout_ms.max(1)),
             batch_max: self.redis_batch_max.max(1),
+            calls_in_flight: self.redis_calls_in_flight.max(1),
             pay_lease: std::time::Duration::from_secs(self.pay_lease_seconds.max(1)),
             journal_claim_idle: std::time::Duration::from_millis(self.journal_claim_idle_ms.max(1)),
             ..engine::gate::redis::RedisGateConfig::new(urls)
@@ -92,6 +97,7 @@ impl Default for RedisArgs {
             redis_key_prefix: "flashsale:".into(),
             redis_timeout_ms: 1000,
             redis_batch_max: 512,
+            redis_calls_in_flight: 2,
             pay_lease_seconds: 120,
             journal_claim_idle_ms: 5000,
         }
