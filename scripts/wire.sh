@@ -245,6 +245,13 @@ for path, rows in rounds.items():
                 key, value = part.split("=")
                 counts[key] = counts.get(key, 0) + int(value)
     answers = "status " + " ".join(f"{k}={v}" for k, v in counts.items())
+    refused = counts.get("409", 0) + counts.get("other", 0)
+    if path in ("reserve", "reserve_queue") and refused:
+        # Each buyer may hold 1,000 units: past WIRE_MEMBERS x 1,000 reservations in a run the rest are refusals,
+        # which are cheaper, and the row no longer measures reservations alone.
+        total = sum(counts.values())
+        print(f"wire: warning: {path}: {refused} of {total} answers were not grants (the buyers' limit of 1,000 each "
+              f"ran out): this row mixes in refusals; raise WIRE_MEMBERS", file=sys.stderr)
     cpu = statistics.median(float(r[2].rstrip("%")) for r in rows)
     print("\t".join([path, f"{statistics.median(r[1] for r in rows):.2f}", f"{statistics.median(ratios):.2f}",
                      f"{cpu:.0f}%", f"{statistics.median(r[3] for r in rows):.1f}", answers,
