@@ -109,8 +109,9 @@ pub struct Engine {
     /// When each loaded drop was first seen settled (unix ms); it is unloaded `settled_retain` later.
     settled_since: DashMap<Uuid, i64>,
     settled_retain: Duration,
-    /// Purchases by reservation, so a repeated payment answers the same body.
-    receipts: DashMap<Uuid, Purchase>,
+    /// Purchases by reservation, so a repeated payment answers the same body. Fx-hashed too: its keys are hold ids
+    /// the gate made, and every payment inserts one.
+    receipts: DashMap<Uuid, Purchase, IdHasher>,
     writer: WriterHandle,
     writer_task: Mutex<Option<JoinHandle<()>>>,
     reaper_task: Mutex<Option<JoinHandle<()>>>,
@@ -160,7 +161,7 @@ impl Engine {
             report_counts: config.report_counts,
             settled_since: DashMap::new(),
             settled_retain: config.settled_retain,
-            receipts: DashMap::new(),
+            receipts: DashMap::with_hasher(IdHasher::default()),
             writer,
             writer_task: Mutex::new(Some(writer_task)),
             reaper_task: Mutex::new(None),
