@@ -39,7 +39,7 @@ pub struct RedisArgs {
     /// Longest wait for one Redis call; past it reservations are refused with 503 (never granted).
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
-    /// Most reservations the Redis gate sends in one script call.
+    /// Most reservations (or hold transitions) the Redis gate sends in one script call.
     #[arg(long, env = "REDIS_BATCH_MAX", default_value_t = 512)]
     pub redis_batch_max: usize,
     /// Script calls of each kind (reservations, transitions) one drop may have in flight at once on an instance:

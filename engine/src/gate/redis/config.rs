@@ -13,9 +13,9 @@ pub struct RedisGateConfig {
     pub key_prefix: String,
     /// Longest wait for one Redis call; past it the request is refused (503), never granted.
     pub call_timeout: Duration,
-    /// Most reservations in one script call.
+    /// Most reservations, or hold transitions, in one script call.
     pub batch_max: usize,
-    /// Reserve script calls one drop may have in flight at once on this instance.
+    /// Script calls of each kind (reserve, transition) one drop may have in flight at once on this instance.
     pub calls_in_flight: usize,
     /// How long a `paying` hold belongs to the payment that began it; past it any instance's reaper fences the
     /// payment in Postgres and settles the hold (paid if its purchase is stored, else released and refunded).

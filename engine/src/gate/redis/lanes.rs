@@ -162,8 +162,6 @@ pub(super) async fn run_lane(
 ) {
     let mut stop = lane.stop.subscribe();
     let batch_max = inner.config.batch_max.clamp(1, ids::INDEX_MAX as usize + 1);
-    // Grows with the batches it carries: an idle drop's batchers hold no buffer (a loaded drop costs memory on every
-    // instance).
     let mut batch: Vec<Request> = Vec::new();
     while next_batch(&requests, &mut stop, batch_max, &mut batch).await {
         let grants = inner.reserve_batch(&lane, &batch).await;
@@ -193,7 +191,8 @@ pub(super) fn answer<R, T>(
 
 /// Waits for a first request and takes whatever else has queued, up to `max`, into `batch`; `false` once the lane
 /// stops or its queue closes. A drop's batchers share the receiver: the one holding it gathers the next batch while
-/// the others' calls are in flight.
+/// the others' calls are in flight. A batcher's `batch` starts empty and grows with what it carries, so an idle drop's
+/// batchers hold no buffer (a loaded drop costs memory on every instance).
 pub(super) async fn next_batch<T>(
     requests: &tokio::sync::Mutex<mpsc::Receiver<T>>,
     stop: &mut watch::Receiver<bool>,

@@ -105,8 +105,6 @@ pub(super) async fn run_moves(
 ) {
     let mut stop = lane.stop.subscribe();
     let batch_max = inner.config.batch_max.max(1);
-    // Grows with the batches it carries: an idle drop's batchers hold no buffer (a loaded drop costs memory on every
-    // instance).
     let mut batch: Vec<MoveRequest> = Vec::new();
     while next_batch(&requests, &mut stop, batch_max, &mut batch).await {
         let steps: Vec<&Move> = batch.iter().map(|request| &request.step).collect();
