@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use rand::Rng;
+use rustc_hash::FxBuildHasher;
 use uuid::Uuid;
 
 /// One charge: the reservation id is the idempotency key, so a retried charge is never charged twice.
@@ -81,11 +82,11 @@ pub struct SimulatedGatewayConfig {
 #[derive(Debug, Default)]
 pub struct SimulatedGateway {
     config: SimulatedGatewayConfig,
-    /// Approved charges by reservation: the idempotency record.
-    charges: DashMap<Uuid, ChargeRecord>,
+    /// Each charge key's approved charge (the idempotency record) and history, in one entry: a payment adds one
+    /// entry of fixed size, with nothing else allocated. Fx-hashed: every key is an id the service made
+    /// (a reservation, an order, a balance charge), never one a client chose.
+    keys: DashMap<Uuid, ChargeKey, FxBuildHasher>,
     refunds: AtomicU64,
-    /// What happened to each charge key, kept after a full refund so tests can count charges and refunds.
-    history: DashMap<Uuid, ChargeHistory>,
     /// Refund ids already paid: the idempotency record of `refund_amount` (unless `ledger` is set).
     refund_ids: DashMap<Uuid, i64>,
     /// A durable idempotency record of refunds, set once at start when the deployment asks for one.
@@ -103,11 +104,28 @@ pub struct ChargeHistory {
     pub refunded_amount: i64,
 }
 
-#[derive(Debug, Clone)]
-struct ChargeRecord {
-    charge_id: String,
+/// What the simulated gateway keeps of one charge key: its approved charge until a full refund, and its history
+/// for good.
+#[derive(Debug, Default)]
+struct ChargeKey {
+    charge: Option<Charge>,
+    history: ChargeHistory,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Charge {
+    /// Answered as `ch_<simple form>`.
+    id: Uuid,
     amount: i64,
     times_asked: u32,
+}
+
+impl Charge {
+    fn approved(&self) -> ChargeOutcome {
+        ChargeOutcome::Approved {
+            charge_id: format!("ch_{}", self.id.simple()),
+        }
+    }
 }
 
 impl SimulatedGateway {
@@ -118,21 +136,25 @@ impl SimulatedGateway {
         }
     }
 
-    /// Approved charges (each reservation at most once, whatever the retries).
+    /// Approved charges not refunded in full (each reservation at most once, whatever the retries).
     pub fn charges(&self) -> usize {
-        self.charges.len()
+        self.keys.iter().filter(|key| key.charge.is_some()).count()
     }
 
-    /// Sum of approved amounts.
+    /// Sum of the amounts of `charges`.
     pub fn charged_amount(&self) -> i64 {
-        self.charges.iter().map(|c| c.amount).sum()
+        self.keys
+            .iter()
+            .filter_map(|key| key.charge.map(|charge| charge.amount))
+            .sum()
     }
 
     /// How many times a reservation's approved charge was asked for (retries included).
     pub fn times_asked(&self, reservation_id: Uuid) -> u32 {
-        self.charges
+        self.keys
             .get(&reservation_id)
-            .map_or(0, |c| c.times_asked)
+            .and_then(|key| key.charge.map(|charge| charge.times_asked))
+            .unwrap_or(0)
     }
 
     /// Keeps the idempotency records of `refund_amount` in `ledger` from now on; a second call is ignored (the
@@ -147,20 +169,20 @@ impl SimulatedGateway {
 
     /// Charges and refunds of one charge key (a reservation, an order, a balance charge).
     pub fn history(&self, charge_key: Uuid) -> ChargeHistory {
-        self.history
+        self.keys
             .get(&charge_key)
-            .map_or_else(ChargeHistory::default, |history| *history)
+            .map_or_else(ChargeHistory::default, |key| key.history)
     }
 
     /// Sums over every charge key: (charges approved, amount approved, refunds paid, amount refunded).
     pub fn totals(&self) -> ChargeHistory {
-        self.history
+        self.keys
             .iter()
-            .fold(ChargeHistory::default(), |sum, entry| ChargeHistory {
-                approved: sum.approved + entry.approved,
-                approved_amount: sum.approved_amount + entry.approved_amount,
-                refunds: sum.refunds + entry.refunds,
-                refunded_amount: sum.refunded_amount + entry.refunded_amount,
+            .fold(ChargeHistory::default(), |sum, key| ChargeHistory {
+                approved: sum.approved + key.history.approved,
+                approved_amount: sum.approved_amount + key.history.approved_amount,
+                refunds: sum.refunds + key.history.refunds,
+                refunded_amount: sum.refunded_amount + key.history.refunded_amount,
             })
     }
 }
@@ -171,11 +193,11 @@ impl PaymentGateway for SimulatedGateway {
         if !self.config.latency.is_zero() {
             tokio::time::sleep(self.config.latency).await;
         }
-        if let Some(mut existing) = self.charges.get_mut(&request.reservation_id) {
-            existing.times_asked += 1;
-            return ChargeOutcome::Approved {
-                charge_id: existing.charge_id.clone(),
-            };
+        if let Some(mut key) = self.keys.get_mut(&request.reservation_id) {
+            if let Some(charge) = &mut key.charge {
+                charge.times_asked += 1;
+                return charge.approved();
+            }
         }
         match request.payment_token.as_str() {
             "tok_declined" => return ChargeOutcome::Declined,
@@ -188,30 +210,28 @@ impl PaymentGateway for SimulatedGateway {
         {
             return ChargeOutcome::Unavailable;
         }
-        let record = self
-            .charges
-            .entry(request.reservation_id)
-            .or_insert_with(|| {
-                let mut history = self.history.entry(request.reservation_id).or_default();
-                history.approved += 1;
-                history.approved_amount += request.amount;
-                ChargeRecord {
-                    charge_id: format!("ch_{}", Uuid::now_v7().simple()),
-                    amount: request.amount,
-                    times_asked: 0,
-                }
-            });
-        ChargeOutcome::Approved {
-            charge_id: record.charge_id.clone(),
-        }
+        let mut key = self.keys.entry(request.reservation_id).or_default();
+        let key = &mut *key;
+        // Under the entry's lock: of two first charges at once, one approves and the other answers its charge.
+        let charge = key.charge.get_or_insert_with(|| {
+            key.history.approved += 1;
+            key.history.approved_amount += request.amount;
+            Charge {
+                id: Uuid::now_v7(),
+                amount: request.amount,
+                times_asked: 0,
+            }
+        });
+        charge.approved()
     }
 
     async fn refund(&self, reservation_id: Uuid) {
-        if let Some((_, record)) = self.charges.remove(&reservation_id) {
-            self.refunds.fetch_add(1, Ordering::Relaxed);
-            let mut history = self.history.entry(reservation_id).or_default();
-            history.refunds += 1;
-            history.refunded_amount += record.amount;
+        if let Some(mut key) = self.keys.get_mut(&reservation_id) {
+            if let Some(charge) = key.charge.take() {
+                self.refunds.fetch_add(1, Ordering::Relaxed);
+                key.history.refunds += 1;
+                key.history.refunded_amount += charge.amount;
+            }
         }
     }
 
@@ -237,9 +257,9 @@ impl PaymentGateway for SimulatedGateway {
         };
         if paid_now {
             self.refunds.fetch_add(1, Ordering::Relaxed);
-            let mut history = self.history.entry(request.charge_key).or_default();
-            history.refunds += 1;
-            history.refunded_amount += request.amount;
+            let mut key = self.keys.entry(request.charge_key).or_default();
+            key.history.refunds += 1;
+            key.history.refunded_amount += request.amount;
         }
         RefundOutcome::Refunded
     }

@@ -10,8 +10,9 @@
 //!   `MAX_BODY_BYTES`, so this is what the JSON extractors would read anyway), and a body over the bound is answered
 //!   413 with `Connection: close` at once, without reading it.
 //! - **Deadline**: a response head not ready within `REQUEST_TIMEOUT_MS` is answered 503 `request_timeout` with
-//!   `Retry-After`. Only the head: event streams go on. Work that must not stop halfway (a payment, an order) runs
-//!   in its own task (`run_to_completion`), so neither a deadline nor a client that goes away cuts it short.
+//!   `Retry-After`. Only the head: event streams go on. Work that must not stop halfway (a payment, an order) moves
+//!   to a task of its own when it is dropped unfinished (`run_to_completion`), so neither a deadline nor a client
+//!   that goes away cuts it short.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +26,7 @@ use axum::extract::MatchedPath;
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -231,18 +233,95 @@ fn closing(mut response: Response) -> Response {
     response
 }
 
-/// Runs `work` in a task of its own and waits for it: if the caller stops waiting (the client went away, the
-/// request's deadline passed), the work still finishes, so a charge is never left without its order or refund,
-/// nor a hold left `paying`.
+/// Runs `work` to its end even if the caller stops waiting (the client went away, the request's deadline passed),
+/// so a charge is never left without its order or refund, nor a hold left `paying`. The work runs in the caller's
+/// task, polled in place, and moves to a task of its own only if the caller drops it unfinished: a payment that
+/// ends normally costs no spawn and no second wake-up (the writer's commit wakes the connection's task itself). A
+/// panic in the work answers 500, as a panicking task's `JoinError` did.
 pub async fn run_to_completion<T, F>(work: F) -> Result<T, ApiError>
 where
     F: Future<Output = Result<T, ApiError>> + Send + 'static,
     T: Send + 'static,
 {
-    match tokio::spawn(work.in_current_span()).await {
+    let work = std::panic::AssertUnwindSafe(work.in_current_span()).catch_unwind();
+    match (Finishing(Some(Box::pin(work)))).await {
         Ok(result) => result,
-        Err(err) => Err(ApiError::internal(anyhow::anyhow!(
-            "a task that had to finish did not: {err}"
+        Err(_) => Err(ApiError::internal(anyhow::anyhow!(
+            "a task that had to finish panicked"
         ))),
+    }
+}
+
+/// A future polled in place that, dropped before its end, is spawned to finish on the current runtime (if there is
+/// one: at runtime shutdown nothing could run it anyway).
+struct Finishing<F>(Option<Pin<Box<F>>>)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static;
+
+impl<F> Future for Finishing<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(work) = self.0.as_mut() else {
+            // Polled again after its end: like a finished task's handle, it has nothing more to give.
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(work.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F> Drop for Finishing<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(work) = self.0.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(work);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_dropped_unfinished_finishes_in_a_task_of_its_own() {
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let work = run_to_completion(async move {
+            go_rx.await.expect("go");
+            done_tx.send(()).expect("done");
+            Ok::<_, ApiError>(())
+        });
+        // Polled once (it waits for `go`), then dropped, as a deadline or a client going away drops it.
+        assert!(work.now_or_never().is_none());
+        go_tx.send(()).unwrap();
+        done_rx
+            .await
+            .expect("the work finished after its caller stopped waiting");
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_work_answers_500() {
+        let answer = run_to_completion(async {
+            if std::hint::black_box(true) {
+                panic!("a bug in the work");
+            }
+            Ok::<_, ApiError>(())
+        })
+        .await;
+        let status = answer.unwrap_err().into_response().status();
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

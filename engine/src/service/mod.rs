@@ -47,6 +47,31 @@ use crate::types::{
 };
 use crate::writer::{self, HoldRow, WriterConfig, WriterHandle};
 
+/// What a loaded drop keeps of a purchase: the rest of it (product, currency, reservation) comes from the drop's
+/// spec and the key, so a receipt allocates nothing and is about half a `Purchase`.
+#[derive(Debug, Clone, Copy)]
+struct Receipt {
+    id: Uuid,
+    drop_id: Uuid,
+    member_id: Uuid,
+    quantity: u32,
+    amount: i64,
+    paid_at: DateTime<Utc>,
+}
+
+impl Receipt {
+    fn of(purchase: &Purchase) -> Self {
+        Self {
+            id: purchase.id,
+            drop_id: purchase.drop_id,
+            member_id: purchase.member_id,
+            quantity: purchase.quantity,
+            amount: purchase.amount,
+            paid_at: purchase.paid_at,
+        }
+    }
+}
+
 /// Limits and intervals of the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
@@ -111,7 +136,7 @@ pub struct Engine {
     settled_retain: Duration,
     /// Purchases by reservation, so a repeated payment answers the same body. Fx-hashed too: its keys are hold ids
     /// the gate made, and every payment inserts one.
-    receipts: DashMap<Uuid, Purchase, IdHasher>,
+    receipts: DashMap<Uuid, Receipt, IdHasher>,
     writer: WriterHandle,
     writer_task: Mutex<Option<JoinHandle<()>>>,
     reaper_task: Mutex<Option<JoinHandle<()>>>,
@@ -579,15 +604,33 @@ impl Engine {
     }
 
     async fn receipt(&self, reservation: Uuid) -> Result<Purchase, EngineError> {
-        if let Some(purchase) = self.receipts.get(&reservation) {
-            return Ok(purchase.clone());
+        let kept = self.receipts.get(&reservation).map(|receipt| *receipt);
+        if let Some(purchase) = kept.and_then(|receipt| self.purchase_of(reservation, receipt)) {
+            return Ok(purchase);
         }
         let client = self.db.get().await?;
         let purchase = store::purchase_by_reservation(&**client, reservation)
             .await?
             .ok_or(EngineError::ReservationNotFound)?;
-        self.receipts.insert(reservation, purchase.clone());
+        self.receipts.insert(reservation, Receipt::of(&purchase));
         Ok(purchase)
+    }
+
+    /// A kept receipt as its purchase, with what its drop's spec says of every purchase of the drop; `None` when
+    /// the spec is not loaded.
+    fn purchase_of(&self, reservation: Uuid, receipt: Receipt) -> Option<Purchase> {
+        let spec = self.drops.get(&receipt.drop_id)?;
+        Some(Purchase {
+            id: receipt.id,
+            reservation_id: reservation,
+            drop_id: receipt.drop_id,
+            product_id: spec.product_id,
+            member_id: receipt.member_id,
+            quantity: receipt.quantity,
+            amount: receipt.amount,
+            currency: spec.currency.clone(),
+            paid_at: receipt.paid_at,
+        })
     }
 
     /// Releases a held reservation at its owner's request.

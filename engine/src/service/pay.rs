@@ -2,7 +2,7 @@
 
 use uuid::Uuid;
 
-use super::{bump, hold_row, Engine, EngineError};
+use super::{bump, hold_row, Engine, EngineError, Receipt};
 use crate::core::{HoldState, HoldView, ReleaseReason, TransitionError};
 use crate::payment::{ChargeOutcome, ChargeRequest};
 use crate::types::{Event, Purchase};
@@ -56,7 +56,7 @@ impl Engine {
             paid_at: self.now(),
         };
         let purchase = self.store_purchase(drop, purchase, &hold).await?;
-        self.receipts.insert(reservation, purchase.clone());
+        self.receipts.insert(reservation, Receipt::of(&purchase));
         // The purchase is durable from here on, so the answer is 200 whatever the gate says now. A gate that cannot
         // be reached leaves the hold `paying`, which no reaper expires; the gate settles it from Postgres later.
         match self.gate.complete_payment(drop, reservation).await {

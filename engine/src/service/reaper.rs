@@ -95,7 +95,7 @@ impl Engine {
             }
             self.settled_since.remove(&spec.id);
             self.receipts
-                .retain(|_, purchase| purchase.drop_id != spec.id);
+                .retain(|_, receipt| receipt.drop_id != spec.id);
             self.gate.unload(spec.id).await;
             self.room.unload(spec.id).await;
             // Its holds are all settled and stored as rows; the journal of its new holds can go.
