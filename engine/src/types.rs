@@ -286,3 +286,30 @@ pub fn parse_reason(text: &str) -> Option<ReleaseReason> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+impl DropSpec {
+    /// A drop for unit tests: open since the epoch, never closing, 60-second holds, 100 KRW a unit.
+    pub(crate) fn for_tests(stock: u32, per_member_limit: u32, mode: DropMode) -> Self {
+        use chrono::TimeZone;
+        let epoch = Utc.timestamp_millis_opt(0).unwrap();
+        Self {
+            id: Uuid::now_v7(),
+            seq: 1,
+            product_id: Uuid::now_v7(),
+            seller_id: Uuid::now_v7(),
+            stock,
+            opens_at: epoch,
+            closes_at: None,
+            per_member_limit,
+            hold_seconds: 60,
+            price: 100,
+            currency: "KRW".into(),
+            created_at: epoch,
+            mode,
+            draw_at: None,
+            queue: None,
+            goal_units: None,
+        }
+    }
+}

@@ -332,11 +332,11 @@ impl DropBook {
 
     /// The id of the hold at `place`, made from `seed`: its last four bytes (random in a UUIDv7 or v4) are
     /// replaced by `slot << shard_bits | shard` (big-endian), the first twelve are the seed's. Two holds of this book
-    /// never share a place, so their ids differ. Holds of other books (other drops) keep their seeds' first twelve
-    /// bytes, which for `Uuid::now_v7` seeds are the millisecond and a counter that the process increments for
-    /// every id it makes in that millisecond, so they differ too. In the rare case that the id equals a restored
-    /// hold's (made by an earlier process, so only if the clock went back), two counter bytes are changed until it
-    /// does not.
+    /// never share a place, so their ids differ. Holds of other books (other drops) differ in their seeds' first
+    /// twelve bytes: the embedded gate writes each book's own number into bytes 9..12 of the seeds it gives (and
+    /// for other `Uuid::now_v7` seeds they are the millisecond and a counter the process increments for every id it
+    /// makes in that millisecond). In the rare case that the id equals a restored hold's (made by an earlier
+    /// process, so only if the clock went back), the twelve bits after the version are changed until it does not.
     fn mint(&self, seed: Uuid, place: Place) -> Uuid {
         // The shard is below MAX_SHARDS = 2^8 and the slot was checked to fit the rest of the 32 bits.
         let packed = ((place.slot as u32) << self.shard_bits()) | place.shard as u32;
@@ -344,8 +344,9 @@ impl DropBook {
         bytes[12..].copy_from_slice(&packed.to_be_bytes());
         let mut id = Uuid::from_bytes(bytes);
         while !self.restored.is_empty() && self.restored.contains_key(&id) {
-            let bumped = u16::from_be_bytes([bytes[9], bytes[10]]).wrapping_add(1);
-            bytes[9..11].copy_from_slice(&bumped.to_be_bytes());
+            let bits = u16::from_be_bytes([bytes[6], bytes[7]]);
+            let bumped = (bits & 0xf000) | (bits.wrapping_add(1) & 0x0fff);
+            bytes[6..8].copy_from_slice(&bumped.to_be_bytes());
             id = Uuid::from_bytes(bytes);
         }
         id

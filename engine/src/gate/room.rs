@@ -311,26 +311,13 @@ mod tests {
     fn queue_drop(admit_per_second: Option<u32>) -> DropSpec {
         let at = |ms: i64| Utc.timestamp_millis_opt(ms).unwrap();
         DropSpec {
-            id: Uuid::now_v7(),
-            seq: 1,
-            product_id: Uuid::now_v7(),
-            seller_id: Uuid::now_v7(),
-            stock: 10,
             opens_at: at(OPENS_MS),
-            closes_at: None,
-            per_member_limit: 1,
-            hold_seconds: 60,
-            price: 100,
-            currency: "KRW".into(),
-            created_at: at(0),
-            mode: crate::types::DropMode::Queue,
-            draw_at: None,
             queue: Some(QueueTerms {
                 queue_opens_at: at(0),
                 pass_seconds: 120,
                 admit_per_second,
             }),
-            goal_units: None,
+            ..DropSpec::for_tests(10, 1, crate::types::DropMode::Queue)
         }
     }
 
