@@ -300,10 +300,12 @@ cpu_snapshot >"$WORK/cpu.before"
 if [ "$REDIS" = 1 ]; then redis-cli -u "$REDIS_URL" INFO commandstats >"$WORK/redis.before"; fi
 curl -fsS "$BASE/metrics" >"$WORK/metrics.before"
 # WIRE_SELL_PERF=<file>: the server is profiled (perf record) through the sell-out, with call graphs by frame pointer
-# (WIRE_PERF_CALL_GRAPH=dwarf for stacks through code without them).
+# (WIRE_PERF_CALL_GRAPH=dwarf for stacks through code without them; WIRE_PERF_ALL=1 for the whole machine).
 sell_perf=
 if [ -n "${WIRE_SELL_PERF:-}" ]; then
-  perf record -F "${WIRE_PERF_HZ:-999}" --call-graph "${WIRE_PERF_CALL_GRAPH:-fp}" -p "$SERVER_PID" -o "$WIRE_SELL_PERF" >/dev/null 2>&1 &
+  sell_scope=(-p "$SERVER_PID")
+  if [ -n "${WIRE_PERF_ALL:-}" ]; then sell_scope=(-a); fi
+  perf record -F "${WIRE_PERF_HZ:-999}" --call-graph "${WIRE_PERF_CALL_GRAPH:-fp}" "${sell_scope[@]}" -o "$WIRE_SELL_PERF" >/dev/null 2>&1 &
   sell_perf=$!
 fi
 sell=$("$TARGET/release/examples/sell_out" "$BASE" "$sell_drop" "$WORK/tokens" "$sell_buyers" "$SERVER_PID")
