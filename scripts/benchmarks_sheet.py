@@ -32,6 +32,97 @@ embedded, redis = wire("embedded"), wire("redis")
 def fmt(n):
     return f"{n:,.0f}"
 
+def optional_wire(kind):
+    try:
+        return wire(kind)
+    except FileNotFoundError:
+        return None
+
+def optional_json(name):
+    try:
+        with open(f"{target}/{name}") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+def met(ok):
+    return "met" if ok else "**missed**"
+
+def launch_day():
+    """#27's figures against its targets: serving per core beside shared, the opening burst, the idle cost."""
+    per_core = {"embedded": optional_wire("embedded-per-core"), "Redis": optional_wire("redis-per-core")}
+    if any(per_core.values()):
+        w("")
+        w("### Launch day (#27): a runtime per core, beside the shared runtime")
+        w("")
+        w("`SERVE_RUNTIMES=shared` is the rows above; `per-core` is `SERVE_RUNTIMES=per-core WIRE_QUICK=1 "
+          "scripts/wire.sh [--redis]` in the same `bench.sh` run, each ratio against its own round's `/healthz`.")
+        w("")
+        w("| gate | `SERVE_RUNTIMES` | `/healthz` req/s (server µs) | reserve (rounds) | sold-out refusal (rounds) | targets |")
+        w("|---|---|---|---|---|---|")
+        for kind, shared in (("embedded", embedded), ("Redis", redis)):
+            for runtimes, rows in (("shared", shared), ("per-core", per_core[kind])):
+                if not rows:
+                    continue
+                h, r, o = rows["healthz"], rows["reserve"], rows["sold_out"]
+                targets = ""
+                if runtimes == "per-core":
+                    ratio = float(r["ratio_to_healthz"])
+                    if kind == "embedded":
+                        refusal = float(o["ratio_to_healthz"])
+                        targets = (f"reserve ≥ 0.85×: {met(ratio >= 0.85)}; sold-out ≥ 0.95×: {met(refusal >= 0.95)}; ")
+                    else:
+                        targets = f"reserve ≥ 0.7×: {met(ratio >= 0.7)}; "
+                    faster = float(h["req_per_s"]) >= float(shared["healthz"]["req_per_s"])
+                    targets += f"`/healthz` at least as fast as shared: {met(faster)}"
+                w(f"| {kind} | {runtimes} | {fmt(float(h['req_per_s']))} ({h['server_cpu_us_per_req']}) | "
+                  f"**{r['ratio_to_healthz']}×** ({r.get('rounds', '')}) | **{o['ratio_to_healthz']}×** "
+                  f"({o.get('rounds', '')}) | {targets} |")
+    bursts = [(gate, runtimes, optional_json(f"burst-{gate}-{runtimes}.json"))
+              for runtimes in ("shared", "per-core") for gate in ("embedded", "redis")]
+    if any(b for _, _, b in bursts):
+        w("")
+        w("### Launch day (#27): the opening burst")
+        w("")
+        w("`scripts/burst.sh [--redis]`: `BURST_CLIENTS` (16,000) connections open before the opening, each sends its reservation at "
+          "the opening instant (`flashsale-load burst`, the generator on the same two cores); latencies from the "
+          "opening. Targets: every client answered (201, 409, or 429 with `Retry-After`), 0 connection errors, "
+          "0 5xx, the last answer within 1 s (embedded, one instance) or 2 s (Redis, three instances).")
+        w("")
+        w("| gate | `SERVE_RUNTIMES` | answered / clients | connection errors | answers | p50 / p99 / last | "
+          "server RSS peak | target |")
+        w("|---|---|---|---|---|---|---|---|")
+        for gate, runtimes, b in bursts:
+            label = "embedded, 1 instance" if gate == "embedded" else "Redis, 3 instances"
+            if not b:
+                w(f"| {label} | {runtimes} | not carried out | | | | | |")
+                continue
+            r = b["report"]
+            answered = sum(r["answers"].values())
+            answers = ", ".join(f"{k}: {fmt(v)}" for k, v in r["answers"].items())
+            peak = ", ".join(f"{s['hwm_kb'] / 1024:.0f} MB" for s in r["servers"])
+            w(f"| {label} | {runtimes} | {fmt(answered)} / {fmt(r['clients'])} | {fmt(r['connect_errors'])} | "
+              f"{answers} | {r['p50_ms'] / 1000:.2f} / {r['p99_ms'] / 1000:.2f} / {r['max_ms'] / 1000:.2f} s | "
+              f"{peak} | {b['within_ms'] / 1000:.0f} s: {met(b['passed'])} |")
+    idle = optional_json("idle-cost.json")
+    if idle:
+        w("")
+        w("### Launch day (#27): what live drops cost while idle")
+        w("")
+        w("`python3 scripts/idle_cost.py --instances 3 50 500 5000`: Redis gate, K open drops with one hold each, "
+          "every drop loaded on every instance, then 10 s with no request. Target at 5,000 drops on 3 instances: "
+          "under 1,000 Redis commands/s and under 2% CPU per instance.")
+        w("")
+        w("| live drops | instances | Redis commands/s | CPU per instance | RSS per instance | target |")
+        w("|---|---|---|---|---|---|")
+        for r in idle:
+            target = ""
+            if r["drops"] >= 5000:
+                target = met(r["commands_per_s"] < 1000 and max(r["cpu_percent"]) < 2)
+            w(f"| {fmt(r['drops'])} | {r['instances']} | {fmt(r['commands_per_s'])} | "
+              f"{', '.join(f'{c:.2f}%' for c in r['cpu_percent'])} | {', '.join(f'{m:.0f} MB' for m in r['rss_mb'])} | "
+              f"{target} |")
+
 cpu = sh("lscpu | sed -n 's/^Model name: *//p'") or platform.processor()
 memory = sh("free -g | awk '/Mem:/ {print $2}'")
 postgres = sh("psql --version")
@@ -109,6 +200,7 @@ if core:
     w("")
     w("Engine core (`core_reserve`, holds/s, `DropBook` beside one mutex over hash maps): " +
       ", ".join(f"{k.split('/', 1)[1]} {fmt(v)}" for k, v in core) + ".")
+launch_day()
 w("")
 w("## How each is measured")
 w("")
@@ -134,8 +226,11 @@ w("- (f): `flashsale-load rate --reserve` inside `scripts/wire.sh`: a constant a
 w("")
 w("## wire.sh rows")
 w("")
-for kind, rows in (("embedded", embedded), ("Redis", redis)):
-    w(f"{kind} gate:")
+wire_tables = [("embedded gate", embedded), ("Redis gate", redis),
+               ("embedded gate, `SERVE_RUNTIMES=per-core`", optional_wire("embedded-per-core")),
+               ("Redis gate, `SERVE_RUNTIMES=per-core`", optional_wire("redis-per-core"))]
+for kind, rows in ((k, r) for k, r in wire_tables if r):
+    w(f"{kind}:")
     w("")
     w("| path | req/s | ratio | rounds' ratios | wrk CPU | server µs/req | answers |")
     w("|---|---|---|---|---|---|---|")

@@ -10,7 +10,8 @@
 # Settings: BURST_CLIENTS (16000), BURST_MEMBERS (200: signed up through the API, two argon2 hashes each; client i
 # reserves as member i mod BURST_MEMBERS), BURST_STOCK (1000), BURST_WITHIN_MS, BURST_OPENS_IN_MS (10000: every connection must be open by then), BURST_DB (flashsale_burst, dropped
 # and made again), BURST_BIN (another flashsale binary). The servers' environment passes through (e.g.
-# SERVE_RUNTIMES=shared|per-core, RESERVE_INFLIGHT_MAX). Exits as flashsale-load does: 0 pass, 1 a target failed,
+# SERVE_RUNTIMES=shared|per-core, RESERVE_INFLIGHT_MAX), and so does LOAD_BURST_JSON (a file for the report as JSON,
+# which scripts/bench.sh puts on the sheet). Exits as flashsale-load does: 0 pass, 1 a target failed,
 # 2 the run could not be carried out.
 set -euo pipefail
 

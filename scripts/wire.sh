@@ -280,9 +280,10 @@ if [ -n "${WIRE_POST_FLOOR:-}" ]; then
   # server before any handler runs.
   run post_floor /healthz POST | sed 's/^/post_floor\t/' >&2
 fi
+HEADER='path\treq_per_s\tratio_to_healthz\twrk_cpu\tserver_cpu_us_per_req\tstatuses\trounds\n'
 if [ -n "${WIRE_QUICK:-}" ]; then
-  # Only the wrk rows (for profiling and before/after runs of the request path).
-  medians
+  # Only the wrk rows (for profiling and before/after runs of the request path), to $WIRE_OUT as well.
+  { printf '%b' "$HEADER"; medians; } | tee "$OUT"
   exit 0
 fi
 sell_units=${WIRE_SELL_UNITS:-100000}
@@ -395,7 +396,7 @@ say "reserve latency at $rate_rps req/s offered"
   die "rate run failed: $(tail -5 "$WORK/rate.out")"
 cat "$WORK/rate.out" >&2
 {
-  printf 'path\treq_per_s\tratio_to_healthz\twrk_cpu\tserver_cpu_us_per_req\tstatuses\trounds\n'
+  printf '%b' "$HEADER"
   medians
   printf 'sell_%s\t%s\t\t\t\tseconds %s buyers %s\n' "$sell_units" "$sell_rate" "$sell_seconds" "$sell_buyers"
   # "latency from the intended send time: p50 0.46 ms  p90 1.11 ms  p99 2.11 ms ..."

@@ -470,6 +470,9 @@ pub struct BurstArgs {
     /// with them open, and after the answers.
     #[arg(long, env = "LOAD_BURST_SERVER_PID", value_delimiter = ',')]
     pub server_pid: Vec<u32>,
+    /// Also writes the report, its checks and the verdict to this file as JSON (`scripts/bench.sh`'s sheet).
+    #[arg(long, env = "LOAD_BURST_JSON")]
+    pub json: Option<std::path::PathBuf>,
 }
 
 /// Most clients one burst opens (each is a file on both sides; the machine's open-files limit is the real bound).

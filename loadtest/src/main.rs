@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use loadtest::config::{Cli, Command};
 use loadtest::run;
@@ -24,10 +25,17 @@ async fn main() -> ExitCode {
             print!("{}", report.render());
             report.errors() == 0
         }),
-        Command::Burst(args) => run::burst(args).await.map(|outcome| {
-            print!("{}", outcome.render());
-            outcome.passed()
-        }),
+        Command::Burst(args) => {
+            let json = args.json.clone();
+            run::burst(args).await.and_then(|outcome| {
+                print!("{}", outcome.render());
+                if let Some(path) = json {
+                    std::fs::write(&path, outcome.to_json().to_string())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                Ok(outcome.passed())
+            })
+        }
         Command::Campaign(args) => run::campaign(args).await.map(|summary| {
             print!("{}", loadtest::campaign::render(&summary));
             summary.passed

@@ -565,6 +565,16 @@ impl BurstOutcome {
         verify::passed(&self.checks)
     }
 
+    /// The report, its checks and the verdict, as `--json` writes them.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "report": self.report,
+            "checks": self.checks,
+            "within_ms": self.within_ms,
+            "passed": self.passed(),
+        })
+    }
+
     pub fn render(&self) -> String {
         format!(
             "{}\nburst checks\n{}\nflashsale-load burst: {}\n",
