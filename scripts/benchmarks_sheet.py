@@ -3,7 +3,7 @@
 import csv, glob, json, os, platform, subprocess, sys
 
 root, started = sys.argv[1], sys.argv[2]
-target = os.environ.get("CARGO_TARGET_DIR") or f"{root}/target"
+target_dir = os.environ.get("CARGO_TARGET_DIR") or f"{root}/target"
 
 def sh(cmd):
     try:
@@ -16,13 +16,13 @@ def per_second(path):
         return 1e9 / json.load(f)["mean"]["point_estimate"]
 
 crit = {}
-for path in glob.glob(f"{target}/criterion/*/*/*/new/estimates.json"):
+for path in glob.glob(f"{target_dir}/criterion/*/*/*/new/estimates.json"):
     name = path.split("/criterion/")[1].rsplit("/new/", 1)[0]
     crit[name] = per_second(path)
 
 def wire(kind):
     rows = {}
-    with open(f"{target}/wire-{kind}.tsv") as f:
+    with open(f"{target_dir}/wire-{kind}.tsv") as f:
         for row in csv.DictReader(f, delimiter="\t"):
             rows[row["path"]] = row
     return rows
@@ -40,7 +40,7 @@ def optional_wire(kind):
 
 def optional_json(name):
     try:
-        with open(f"{target}/{name}") as f:
+        with open(f"{target_dir}/{name}") as f:
             return json.load(f)
     except FileNotFoundError:
         return None
