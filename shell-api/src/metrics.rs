@@ -77,10 +77,6 @@ pub fn enabled() -> bool {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(
-        "flashsale_http_requests_total",
-        "HTTP requests answered, by route template, method and status"
-    );
     describe_histogram!(
         "flashsale_http_request_duration_seconds",
         Unit::Seconds,
@@ -101,51 +97,28 @@ fn describe() {
         Unit::Seconds,
         "Time to commit one writer batch"
     );
-    describe_counter!(
-        "flashsale_writer_failed_batches_total",
-        "Writer batches given up on after their retries"
-    );
-    describe_gauge!(
-        "flashsale_writer_queue_depth",
-        "Writes queued and not yet taken by the writer"
-    );
-    describe_counter!(
-        "flashsale_reservations_total",
-        "Reservation attempts by outcome (reserved, sold_out, limit, not_open, overloaded)"
-    );
-    describe_counter!(
-        "flashsale_payments_total",
-        "Drop payments by outcome (paid, declined, unavailable)"
-    );
-    describe_counter!(
-        "flashsale_holds_released_total",
-        "Holds released, by reason (cancelled, expired)"
-    );
-    describe_gauge!(
-        "flashsale_in_flight",
-        "Reservations and payments holding an in-flight permit"
-    );
-    describe_gauge!(
-        "flashsale_in_flight_max",
-        "In-flight permits, by kind (past them, 429)"
-    );
-    describe_gauge!(
-        "flashsale_db_pool_connections",
-        "Postgres pool connections by state (in_use, idle)"
-    );
-    describe_gauge!("flashsale_db_pool_max", "Postgres pool size limit");
-    describe_gauge!(
-        "flashsale_password_hashes",
-        "Password hashes by state (running, waiting, limit)"
-    );
-    describe_gauge!(
-        "flashsale_db_pool_waiting",
-        "Requests waiting for a Postgres connection"
-    );
-    describe_gauge!(
-        "flashsale_redis_up",
-        "1 when the shared Redis answered a PING during this scrape, else 0 (only with REDIS_URL)"
-    );
+    for (name, help) in [
+        ("flashsale_http_requests_total", "HTTP requests answered, by route template, method and status"),
+        ("flashsale_writer_failed_batches_total", "Writer batches given up on after their retries"),
+        ("flashsale_reservations_total", "Reservation attempts by outcome (reserved, sold_out, limit, not_open, overloaded)"),
+        ("flashsale_payments_total", "Drop payments by outcome (paid, declined, unavailable)"),
+        ("flashsale_holds_released_total", "Holds released, by reason (cancelled, expired)"),
+        ("flashsale_drop_loads_total", "Drops read from Postgres on a request, not loaded here yet (one read however many requests wait on it)"),
+    ] {
+        describe_counter!(name, help);
+    }
+    for (name, help) in [
+        ("flashsale_writer_queue_depth", "Writes queued and not yet taken by the writer"),
+        ("flashsale_in_flight", "Reservations and payments holding an in-flight permit"),
+        ("flashsale_in_flight_max", "In-flight permits, by kind (past them, 429)"),
+        ("flashsale_db_pool_connections", "Postgres pool connections by state (in_use, idle)"),
+        ("flashsale_db_pool_max", "Postgres pool size limit"),
+        ("flashsale_password_hashes", "Password hashes by state (running, waiting, limit)"),
+        ("flashsale_db_pool_waiting", "Requests waiting for a Postgres connection"),
+        ("flashsale_redis_up", "1 when the shared Redis answered a PING during this scrape, else 0 (only with REDIS_URL)"),
+    ] {
+        describe_gauge!(name, help);
+    }
 }
 
 /// A request's handles, cached per worker thread under the route template's address (stable: the router keeps one
@@ -241,6 +214,7 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
         metrics::counter!("flashsale_holds_released_total", "reason" => reason)
             .absolute(counter.get());
     }
+    metrics::counter!("flashsale_drop_loads_total").absolute(stats.drops_loaded.get());
     let (reserving, paying) = state.engine.in_flight();
     let (reserve_max, pay_max) = state.engine.in_flight_max();
     metrics::gauge!("flashsale_in_flight", "kind" => "reserve").set(reserving as f64);

@@ -161,6 +161,7 @@ async fn metrics_parse_name_the_series_and_move_with_a_drop() {
         ("flashsale_reservations_total", "counter"),
         ("flashsale_payments_total", "counter"),
         ("flashsale_holds_released_total", "counter"),
+        ("flashsale_drop_loads_total", "counter"),
         ("flashsale_gate_call_seconds", "histogram"),
         ("flashsale_writer_queue_depth", "gauge"),
         ("flashsale_writer_batch_rows", "histogram"),

@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use deadpool_postgres::Pool;
 use parking_lot::Mutex;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OnceCell, Semaphore};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -127,6 +127,9 @@ pub struct Engine {
     /// Fx-hashed (like the gate's maps): every key is a drop id the service made, so a client can look ids up but
     /// cannot choose ones that collide; every reservation and refusal reads it.
     drops: DashMap<Uuid, Arc<DropSpec>, IdHasher>,
+    /// The load from Postgres under way for each drop not loaded yet, which every request for it waits on (`spec`).
+    /// SipHash: its keys are any ids clients send, known drops or not.
+    loading: DashMap<Uuid, Arc<OnceCell<Arc<DropSpec>>>>,
     /// Each loaded drop's counts for its report, taken by the reaper's tick (`tally.rs`); none when
     /// `EngineConfig::report_counts` is off.
     tallies: DashMap<Uuid, Arc<DropTally>, IdHasher>,
@@ -182,6 +185,7 @@ impl Engine {
             gateway,
             clock,
             drops: DashMap::with_hasher(IdHasher::default()),
+            loading: DashMap::new(),
             tallies: DashMap::with_hasher(IdHasher::default()),
             report_counts: config.report_counts,
             settled_since: DashMap::new(),
@@ -257,11 +261,27 @@ impl Engine {
         ))
     }
 
-    /// The drop's spec from memory, or from Postgres the first time this instance hears of it.
+    /// The drop's spec from memory, or from Postgres the first time this instance hears of it. The requests that
+    /// find a drop not loaded (at its opening, thousands on an instance that has not served it yet) wait for one
+    /// load rather than each taking a connection of the pool for the same rows and the pool's wait running out; if
+    /// that load fails or is dropped, the next of them tries again.
     async fn spec(&self, drop: Uuid) -> Result<Arc<DropSpec>, EngineError> {
         if let Some(spec) = self.drops.get(&drop) {
             return Ok(Arc::clone(&spec));
         }
+        let cell = Arc::clone(self.loading.entry(drop).or_default().value());
+        let loaded = cell.get_or_try_init(|| self.load(drop)).await.cloned();
+        self.loading
+            .remove_if(&drop, |_, waited| Arc::ptr_eq(waited, &cell));
+        loaded
+    }
+
+    /// Loads the drop from Postgres and installs it, unless a load that ended as this one was asked for did.
+    async fn load(&self, drop: Uuid) -> Result<Arc<DropSpec>, EngineError> {
+        if let Some(spec) = self.drops.get(&drop) {
+            return Ok(Arc::clone(&spec));
+        }
+        bump(&self.stats.drops_loaded);
         let client = self.db.get().await?;
         let Some(spec) = store::load_drop(&**client, drop).await? else {
             return Err(EngineError::DropNotFound);

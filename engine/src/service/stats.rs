@@ -18,6 +18,9 @@ pub struct EngineStats {
     pub payments_fenced: Counter,
     pub released_cancelled: Counter,
     pub released_expired: Counter,
+    /// Drops read from Postgres on a request, this instance not having them in memory (one read per drop however
+    /// many requests wait on it).
+    pub drops_loaded: Counter,
 }
 
 /// Slots of a `Counter`; threads spread over them.
