@@ -62,4 +62,4 @@ mkdir -p "$ROOT/docs"
 python3 "$ROOT/scripts/benchmarks_sheet.py" "$ROOT" "$started" >"$ROOT/docs/BENCHMARKS.md.new"
 mv "$ROOT/docs/BENCHMARKS.md.new" "$ROOT/docs/BENCHMARKS.md"
 say "done: docs/BENCHMARKS.md"
-cat "$ROOT/docs/BENCHMARKS.md" | head -20 >&2
+head -20 "$ROOT/docs/BENCHMARKS.md" >&2
