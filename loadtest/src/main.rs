@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use loadtest::config::{Cli, Command};
 use loadtest::run;
@@ -30,8 +29,7 @@ async fn main() -> ExitCode {
             run::burst(args).await.and_then(|outcome| {
                 print!("{}", outcome.render());
                 if let Some(path) = json {
-                    std::fs::write(&path, outcome.to_json().to_string())
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    summary::write_json(&outcome.to_json(), &path)?;
                 }
                 Ok(outcome.passed())
             })

@@ -103,7 +103,7 @@ fn describe() {
         ("flashsale_reservations_total", "Reservation attempts by outcome (reserved, sold_out, limit, not_open, overloaded)"),
         ("flashsale_payments_total", "Drop payments by outcome (paid, declined, unavailable)"),
         ("flashsale_holds_released_total", "Holds released, by reason (cancelled, expired)"),
-        ("flashsale_drop_loads_total", "Drops read from Postgres on a request, not loaded here yet (one read however many requests wait on it)"),
+        ("flashsale_drop_loads_total", "Loads of a drop from Postgres begun on a request, not loaded here yet (one however many requests wait on it)"),
     ] {
         describe_counter!(name, help);
     }

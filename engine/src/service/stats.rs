@@ -18,8 +18,8 @@ pub struct EngineStats {
     pub payments_fenced: Counter,
     pub released_cancelled: Counter,
     pub released_expired: Counter,
-    /// Drops read from Postgres on a request, this instance not having them in memory (one read per drop however
-    /// many requests wait on it).
+    /// Loads of a drop from Postgres begun on a request, this instance not having it in memory (one per drop
+    /// however many requests wait on it; a load that fails is counted, and so is the next waiter's retry).
     pub drops_loaded: Counter,
 }
 
