@@ -645,20 +645,24 @@ async fn a_settled_drop_leaves_memory_and_its_keys_expire_from_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_entries_a_dead_consumer_left_pending_are_claimed_and_written() {
+    const TRIES: i64 = 40;
     let a = TestApp::with_redis(EngineArgs::default()).await;
-    let (_, drop) = a.open_drop(10, 100, json!({})).await;
+    let (_, drop) = a.open_drop(TRIES as u32, 100, json!({})).await;
     let id = drop_id(&drop);
     let redis = a.redis.as_ref().unwrap();
     let stream = engine::gate::redis::drop_keys(&redis.key_prefix, id)[3].clone();
     let mut conn = redis.conn.clone();
-    // A consumer of the journal group that takes entries and then dies without writing or acknowledging them.
-    let mut ghost_took = 0;
-    for _ in 0..5 {
+    // A consumer of the journal group that takes entries and then dies without writing or acknowledging them. It
+    // races the live journal for each new entry, so it reads after each of at least five reservations, and after
+    // more until it has taken some.
+    let (mut ghost_took, mut holds) = (0, 0);
+    while holds < 5 || (ghost_took == 0 && holds < TRIES) {
         let buyer = a.member(Role::Customer).await;
         assert_eq!(
             reserve(&a, &buyer, &drop, 1).await.status,
             StatusCode::CREATED
         );
+        holds += 1;
         let taken: redis::Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg("journal")
@@ -678,18 +682,125 @@ async fn journal_entries_a_dead_consumer_left_pending_are_claimed_and_written() 
     assert!(ghost_took > 0, "the ghost took some entries");
     // The live journal claims them once idle past JOURNAL_CLAIM_IDLE_MS and writes every hold.
     eventually("every hold stored", Duration::from_secs(10), || async {
-        stored_statuses(&a, id).await == vec![("held".to_owned(), 5)]
+        stored_statuses(&a, id).await == vec![("held".to_owned(), holds)]
     })
     .await;
     eventually("nothing left pending", Duration::from_secs(5), || async {
-        let summary: redis::Value = redis::cmd("XPENDING")
-            .arg(&stream).arg("journal")
-            .query_async(&mut redis.conn.clone())
+        pending_on(&mut redis.conn.clone(), &stream)
             .await
-            .unwrap();
-        matches!(summary, redis::Value::Array(ref parts) if parts.first() == Some(&redis::Value::Int(0)))
+            .is_empty()
     })
     .await;
+}
+
+/// A claim that finds some of a dead consumer's entries idle long enough, and others not yet, claims the others
+/// once they are, though the drop has gone quiet (no note comes to wake its journal). The dead consumer's entries are
+/// made deterministic with `XCLAIM ... FORCE` (which makes an entry pending on a consumer, as if delivered to it): one
+/// idle for a minute, one kept fresh by claiming it again every 20 ms until the live journal has claimed the first,
+/// which leaves it pending and not yet idle when the journal's claim runs. (Without the claim running again, the
+/// journal waited for a note, and the entry stayed pending until the backstop sweep, up to 30 s later.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_consumers_entries_not_yet_idle_at_a_claim_are_claimed_once_idle_on_a_quiet_drop() {
+    let a = TestApp::with_redis(EngineArgs::default()).await;
+    let (_, drop) = a.open_drop(10, 100, json!({})).await;
+    let id = drop_id(&drop);
+    let redis = a.redis.as_ref().unwrap();
+    let stream = engine::gate::redis::drop_keys(&redis.key_prefix, id)[3].clone();
+    let mut conn = redis.conn.clone();
+    for _ in 0..2 {
+        let buyer = a.member(Role::Customer).await;
+        assert_eq!(
+            reserve(&a, &buyer, &drop, 1).await.status,
+            StatusCode::CREATED
+        );
+    }
+    eventually("both holds stored", Duration::from_secs(10), || async {
+        stored_statuses(&a, id).await == vec![("held".to_owned(), 2)]
+    })
+    .await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
+    let [idle, fresh] = &ids[..] else {
+        panic!("two reserve entries expected: {ids:?}")
+    };
+    let to_ghost = |entry: &str, idle_ms: u64| {
+        let mut command = redis::cmd("XCLAIM");
+        command
+            .arg(&stream)
+            .arg("journal")
+            .arg("ghost")
+            .arg(0)
+            .arg(entry)
+            .arg("IDLE")
+            .arg(idle_ms)
+            .arg("FORCE")
+            .arg("JUSTID");
+        command
+    };
+    let _: Vec<String> = to_ghost(idle, 60_000).query_async(&mut conn).await.unwrap();
+    let _: Vec<String> = to_ghost(fresh, 0).query_async(&mut conn).await.unwrap();
+    let refreshing = {
+        let (mut conn, command) = (conn.clone(), to_ghost(fresh, 0));
+        tokio::spawn(async move {
+            loop {
+                let _: Vec<String> = command.query_async(&mut conn).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // One more reservation: its note makes the journal claim JOURNAL_CLAIM_IDLE_MS (+ a margin) later.
+    let buyer = a.member(Role::Customer).await;
+    assert_eq!(
+        reserve(&a, &buyer, &drop, 1).await.status,
+        StatusCode::CREATED
+    );
+    eventually(
+        "the idle entry claimed from the dead consumer",
+        Duration::from_secs(5),
+        || async {
+            !pending_on(&mut redis.conn.clone(), &stream)
+                .await
+                .contains(idle)
+        },
+    )
+    .await;
+    refreshing.abort();
+    assert!(
+        pending_on(&mut conn, &stream).await.contains(fresh),
+        "the fresh entry was still the dead consumer's at that claim"
+    );
+    // The drop is quiet from here on: no note, and the backstop sweep is up to 30 s away.
+    eventually(
+        "the other entry claimed once idle, with no note",
+        Duration::from_secs(3),
+        || async {
+            pending_on(&mut redis.conn.clone(), &stream)
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    assert_eq!(stored_statuses(&a, id).await, vec![("held".to_owned(), 3)]);
+}
+
+/// The ids of the journal group's pending entries of `stream` (whoever they were delivered to).
+async fn pending_on(conn: &mut impl redis::aio::ConnectionLike, stream: &str) -> Vec<String> {
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("journal")
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query_async(conn)
+        .await
+        .unwrap();
+    pending.into_iter().map(|(id, ..)| id).collect()
 }
 
 /// Commands a Redis server has processed (those its scripts call included), from INFO.

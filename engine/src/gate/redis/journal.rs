@@ -354,7 +354,10 @@ pub(super) async fn run(inner: Arc<Inner>, lane: Arc<Lane>) {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|stop| *stop), if !stopping => continue,
         }
-        if failures > 0 {
+        // A claim that took some entries leaves `claim` set: others may not have been idle long enough yet. Claim
+        // again now (finding none idle, it schedules the next claim for when they will be) rather than wait for a
+        // note: a drop gone quiet sends none, and its entries would stay pending on the dead consumer.
+        if failures > 0 || claim {
             continue;
         }
         let claim_at = lane.claim_at_ms.load(Ordering::Acquire);
