@@ -530,3 +530,77 @@ async fn a_queue_across_three_instances_works_on_a_redis_cluster() {
         .collect();
     queue_across_instances(urls, 600).await;
 }
+
+/// Calls a Redis server has answered, by command (`INFO commandstats`; a script's inner commands count too).
+async fn command_calls(server: &common::RedisServer) -> std::collections::HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut server.connection().await.unwrap())
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A status poll on the Redis gate is one script call: the member's place, the room's admission rate and the drop's
+/// counts come from one step of `room.lua` (they were three round trips: two scripts and an HMGET), and its answer
+/// is the one they gave, sold out included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_poll_on_redis_is_one_script_call() {
+    const POLLS: u64 = 40;
+    let server = common::RedisServer::start().await;
+    let (clock, now) = start();
+    let db = Arc::new(TestDb::new().await);
+    let app = TestApp::redis_instance_with_clock(
+        Arc::clone(&db),
+        stepped(),
+        &[server.url()],
+        &common::redis_prefix(),
+        clock.clone(),
+    )
+    .await;
+    let drop = queue_drop(&app, now, 1, 60, json!({})).await;
+    let crowd = members(&db, 3).await;
+    for member in &crowd {
+        assert_eq!(join(&app, member, &drop).await.status, StatusCode::CREATED);
+    }
+    clock.set_ms(now.timestamp_millis() + 60_000);
+    let before = command_calls(&server).await;
+    for i in 0..POLLS {
+        let place = me(&app, &crowd[(i % 3) as usize], &drop).await;
+        assert_eq!(place.body["status"], "waiting", "{:?}", place.body);
+    }
+    let after = command_calls(&server).await;
+    let calls =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    // The instance's own background work (a sweep, a reaper pass) may add a script call or two meanwhile.
+    assert!(
+        (POLLS..=POLLS + 2).contains(&calls("evalsha")),
+        "{POLLS} polls made {} script calls",
+        calls("evalsha")
+    );
+    // One unit: the first admitted member takes it and pays; the others, polling, are told sold out at once.
+    assert_eq!(admit(&app).await, 1);
+    let mut admitted = None;
+    for member in &crowd {
+        let place = me(&app, member, &drop).await.body;
+        if place["status"] == "admitted" {
+            admitted = Some((member, place["pass"].as_str().unwrap().to_owned()));
+        }
+    }
+    let (admitted, pass) = admitted.expect("one member admitted");
+    let held = reserve_with(&app, admitted, &drop, Some(&pass)).await;
+    assert_eq!(held.status, StatusCode::CREATED, "{:?}", held.body);
+    let hold = held.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pay(&app, admitted, &hold, "tok_ok").await.status,
+        StatusCode::OK
+    );
+    for member in crowd.iter().filter(|member| member.id != admitted.id) {
+        assert_eq!(me(&app, member, &drop).await.body["status"], "sold_out");
+    }
+}

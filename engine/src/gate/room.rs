@@ -42,13 +42,54 @@ pub enum Place {
     Expired,
 }
 
+/// What a member's status read needs of the room: their place, the room's admission rate and, from a room that
+/// sees the drop's counters itself (Redis), the drop's counts, read in one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sighting {
+    pub place: Place,
+    /// Admissions per second, as `QueueCounts::admit_rate`.
+    pub admit_rate: f64,
+    /// The drop's counts read with the place; `None` from a room that leaves them to the gate.
+    pub counts: Option<Counts>,
+}
+
 #[async_trait]
 pub trait WaitingRoom: Send + Sync + 'static {
     /// Puts `member` in the drop's queue, or finds their place; `true` when they took a new place (first join, or
     /// again after their pass expired).
     async fn join(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<(Place, bool)>;
+    /// `join`, with the room's admission rate read in the same step where the room can (one round trip to Redis
+    /// rather than two).
+    async fn join_rated(
+        &self,
+        drop: &DropSpec,
+        member: Uuid,
+        now_ms: i64,
+    ) -> GateResult<(Place, bool, f64)> {
+        let (place, new) = self.join(drop, member, now_ms).await?;
+        Ok((place, new, self.counts(drop, now_ms).await?.admit_rate))
+    }
     /// The member's place, or `None` if they never joined.
     async fn place(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<Option<Place>>;
+    /// The member's place with what a status read needs beside it (`Sighting`), or `None` if they never joined.
+    /// The status polls of a queue launch are most of its requests: in Redis this is one script call, where the
+    /// place, the rate and the drop's counts were three round trips.
+    async fn sighting(
+        &self,
+        drop: &DropSpec,
+        member: Uuid,
+        now_ms: i64,
+    ) -> GateResult<Option<Sighting>> {
+        let Some(place) = self.place(drop, member, now_ms).await? else {
+            return Ok(None);
+        };
+        let admit_rate = self.counts(drop, now_ms).await?.admit_rate;
+        Ok(Some(Sighting {
+            place,
+            admit_rate,
+            counts: None,
+        }))
+    }
     /// One admission step at `now_ms` given the drop's counts; returns how many members it admitted.
     async fn tick(&self, drop: &DropSpec, now_ms: i64, counts: Counts) -> GateResult<u64>;
     /// The room's numbers.

@@ -84,8 +84,7 @@ impl Engine {
         if gone(&counts) {
             return Err(EngineError::SoldOut);
         }
-        let (place, new) = self.room.join(&spec, member, now_ms).await?;
-        let rate = self.room.counts(&spec, now_ms).await?.admit_rate;
+        let (place, new, rate) = self.room.join_rated(&spec, member, now_ms).await?;
         Ok((standing(&spec, place, &counts, rate, now_ms), new))
     }
 
@@ -97,12 +96,20 @@ impl Engine {
     ) -> Result<Option<Standing>, EngineError> {
         let spec = self.queue_spec(drop).await?;
         let now_ms = self.clock.now_ms();
-        let Some(place) = self.room.place(&spec, member, now_ms).await? else {
+        let Some(seen) = self.room.sighting(&spec, member, now_ms).await? else {
             return Ok(None);
         };
-        let counts = self.counts_of(&spec).await?;
-        let rate = self.room.counts(&spec, now_ms).await?.admit_rate;
-        Ok(Some(standing(&spec, place, &counts, rate, now_ms)))
+        let counts = match seen.counts {
+            Some(counts) => counts,
+            None => self.counts_of(&spec).await?,
+        };
+        Ok(Some(standing(
+            &spec,
+            seen.place,
+            &counts,
+            seen.admit_rate,
+            now_ms,
+        )))
     }
 
     /// The waiting room's numbers of a queue drop; `None` for other modes.

@@ -1,6 +1,6 @@
 -- The waiting room of a queue drop (gate/room.rs has the rules; this is the same behaviour in Redis, so any
 -- instance serves any member). Not prepended with prelude.lua. KEYS, all under the drop's hash tag:
---   KEYS[1] c: the drop's counters (the gate's; read for `avail`)
+--   KEYS[1] c: the drop's counters (the gate's; read for `avail`, and all four for a sighting)
 --   KEYS[2] m: member -> units held, paying or paid (the gate's; a member with units has used their pass)
 --   KEYS[3] w: sorted set of waiting members: a pre-queue member's random key in [0, 2^52), drawn at the join,
 --              or 2^52 + the join's sequence number after `opens_at`; so the pre-queue comes first, shuffled, then
@@ -58,18 +58,30 @@ if op == 'join' then
   -- member, now, opens, key (a random integer below 2^52, used before the opening)
   local member, now, opens = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
   local p = place(member, now, opens)
-  if p and p[1] ~= 'x' then return {p[1], tostring(p[2]), 0} end
+  if p and p[1] ~= 'x' then return {p[1], tostring(p[2]), 0, rate(now)} end
   redis.call('ZREM', A, member)
   local score = ARGV[5]
   if now >= opens then score = int(PRE + redis.call('HINCRBY', Q, 'seq', 1)) end
   redis.call('ZADD', W, score, member)
   redis.call('HSET', S, member, 'w')
   p = place(member, now, opens)
-  return {p[1], tostring(p[2]), 1}
+  return {p[1], tostring(p[2]), 1, rate(now)}
 elseif op == 'place' then
   local p = place(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
   if not p then return {} end
   return {p[1], tostring(p[2])}
+elseif op == 'sighting' then
+  -- member, now, opens: the place, the rate and the drop's counters (stock, avail, held, paid; left out when the
+  -- drop's keys are gone, for the gate to rebuild them), all in one step; {} when the member never joined
+  local now = tonumber(ARGV[3])
+  local p = place(ARGV[2], now, tonumber(ARGV[4]))
+  if not p then return {} end
+  local out = {p[1], tostring(p[2]), rate(now)}
+  local c = redis.call('HMGET', C, 'stock', 'avail', 'held', 'paid')
+  if c[1] and c[2] and c[3] and c[4] then
+    for i = 1, 4 do out[#out + 1] = c[i] end
+  end
+  return out
 elseif op == 'tick' then
   -- now, pass ms, admissions per second (0: no ceiling)
   local now, pass_ms, cap = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])

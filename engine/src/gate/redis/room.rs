@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::codec::{array, int, malformed, member_hex, text, unavailable};
 use super::conn::RedisConn;
 use crate::core::Counts;
-use crate::gate::room::{Place, WaitingRoom};
+use crate::gate::room::{Place, Sighting, WaitingRoom};
 use crate::gate::{GateResult, GateUnavailable};
 use crate::types::{DropSpec, QueueCounts};
 
@@ -105,9 +105,33 @@ fn texts(reply: Value) -> GateResult<Vec<Value>> {
     array(reply).ok_or_else(bad)
 }
 
+/// The admission rate as `room.lua` answers it (a number in text).
+fn rate_of(value: &Value) -> GateResult<f64> {
+    text(value)
+        .and_then(|rate| rate.parse().ok())
+        .ok_or_else(bad)
+}
+
+/// A counter of the drop as `room.lua` answers it (HMGET's text).
+fn count_of(value: &Value) -> GateResult<u32> {
+    text(value)
+        .and_then(|count| count.parse().ok())
+        .ok_or_else(bad)
+}
+
 #[async_trait]
 impl WaitingRoom for RedisRoom {
     async fn join(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<(Place, bool)> {
+        let (place, new, _) = self.join_rated(drop, member, now_ms).await?;
+        Ok((place, new))
+    }
+
+    async fn join_rated(
+        &self,
+        drop: &DropSpec,
+        member: Uuid,
+        now_ms: i64,
+    ) -> GateResult<(Place, bool, f64)> {
         let key = rand::random::<u64>() % PRE_QUEUE_KEYS;
         let reply = self
             .call(
@@ -122,11 +146,11 @@ impl WaitingRoom for RedisRoom {
             )
             .await?;
         let reply = texts(reply)?;
-        let [kind, value, new] = reply.as_slice() else {
+        let [kind, value, new, rate] = reply.as_slice() else {
             return Err(bad());
         };
         let place = place_of(text(kind).ok_or_else(bad)?, text(value).ok_or_else(bad)?)?;
-        Ok((place, int(new) == Some(1)))
+        Ok((place, int(new) == Some(1), rate_of(rate)?))
     }
 
     async fn place(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<Option<Place>> {
@@ -149,6 +173,47 @@ impl WaitingRoom for RedisRoom {
             )?)),
             _ => Err(bad()),
         }
+    }
+
+    async fn sighting(
+        &self,
+        drop: &DropSpec,
+        member: Uuid,
+        now_ms: i64,
+    ) -> GateResult<Option<Sighting>> {
+        let reply = self
+            .call(
+                drop.id,
+                &[
+                    "sighting".into(),
+                    member_hex(member),
+                    now_ms.to_string(),
+                    drop.opens_at_ms().to_string(),
+                ],
+            )
+            .await?;
+        let reply = texts(reply)?;
+        let (kind, value, rate, counters) = match reply.as_slice() {
+            [] => return Ok(None),
+            [kind, value, rate, counters @ ..] => (kind, value, rate, counters),
+            _ => return Err(bad()),
+        };
+        let counts = match counters {
+            // The drop's keys are gone: the gate's own read rebuilds them.
+            [] => None,
+            [stock, available, held, paid] => Some(Counts {
+                stock: count_of(stock)?,
+                available: count_of(available)?,
+                held: count_of(held)?,
+                paid: count_of(paid)?,
+            }),
+            _ => return Err(bad()),
+        };
+        Ok(Some(Sighting {
+            place: place_of(text(kind).ok_or_else(bad)?, text(value).ok_or_else(bad)?)?,
+            admit_rate: rate_of(rate)?,
+            counts,
+        }))
     }
 
     async fn tick(&self, drop: &DropSpec, now_ms: i64, _counts: Counts) -> GateResult<u64> {
@@ -187,9 +252,7 @@ impl WaitingRoom for RedisRoom {
             admitted: int(admitted)
                 .and_then(|n| u64::try_from(n).ok())
                 .ok_or_else(bad)?,
-            admit_rate: text(rate)
-                .and_then(|rate| rate.parse().ok())
-                .ok_or_else(bad)?,
+            admit_rate: rate_of(rate)?,
         })
     }
 
