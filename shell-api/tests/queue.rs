@@ -531,21 +531,6 @@ async fn a_queue_across_three_instances_works_on_a_redis_cluster() {
     queue_across_instances(urls, 600).await;
 }
 
-/// Calls a Redis server has answered, by command (`INFO commandstats`; a script's inner commands count too).
-async fn command_calls(server: &common::RedisServer) -> std::collections::HashMap<String, u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut server.connection().await.unwrap())
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
-            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 /// A status poll on the Redis gate is one script call: the member's place, the room's admission rate and the drop's
 /// counts come from one step of `room.lua` (they were three round trips: two scripts and an HMGET), and its answer
 /// is the one they gave, sold out included.
@@ -569,12 +554,12 @@ async fn a_status_poll_on_redis_is_one_script_call() {
         assert_eq!(join(&app, member, &drop).await.status, StatusCode::CREATED);
     }
     clock.set_ms(now.timestamp_millis() + 60_000);
-    let before = command_calls(&server).await;
+    let before = server.command_calls().await;
     for i in 0..POLLS {
         let place = me(&app, &crowd[(i % 3) as usize], &drop).await;
         assert_eq!(place.body["status"], "waiting", "{:?}", place.body);
     }
-    let after = command_calls(&server).await;
+    let after = server.command_calls().await;
     let calls =
         |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
     // The instance's own background work (a sweep, a reaper pass) may add a script call or two meanwhile.

@@ -1051,21 +1051,10 @@ async fn pause(server: &common::RedisServer, ms: u64) {
 
 /// Script calls (EVALSHA, and EVAL after a NOSCRIPT) a Redis server has answered, from INFO.
 async fn script_calls(server: &common::RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut server.connection().await.unwrap())
-        .await
-        .unwrap();
-    info.lines()
-        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
-        .filter_map(|line| {
-            line.split_once("calls=")?
-                .1
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
+    let calls = server.command_calls().await;
+    ["evalsha", "eval"]
+        .iter()
+        .map(|name| calls.get(*name).copied().unwrap_or(0))
         .sum()
 }
 

@@ -857,6 +857,21 @@ impl RedisServer {
             .get_multiplexed_async_connection()
             .await
     }
+
+    /// The calls this server has answered, by command (`INFO commandstats`; a script's inner commands count too).
+    pub async fn command_calls(&self) -> std::collections::HashMap<String, u64> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.connection().await.unwrap())
+            .await
+            .unwrap();
+        info.lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+                Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+            })
+            .collect()
+    }
 }
 
 impl Drop for RedisServer {
