@@ -531,12 +531,12 @@ async fn a_queue_across_three_instances_works_on_a_redis_cluster() {
     queue_across_instances(urls, 600).await;
 }
 
-/// A status poll on the Redis gate is one script call: the member's place, the room's admission rate and the drop's
-/// counts come from one step of `room.lua` (they were three round trips: two scripts and an HMGET), and its answer
-/// is the one they gave, sold out included.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_status_poll_on_redis_is_one_script_call() {
-    const POLLS: u64 = 40;
+/// One instance on a Redis server of its own (so the test can count its calls), a queue drop of `stock` and `count`
+/// members who joined before its opening, now past: all waiting in line.
+async fn waiting_on_private_redis(
+    stock: u32,
+    count: usize,
+) -> (common::RedisServer, TestApp, Value, Vec<TestMember>) {
     let server = common::RedisServer::start().await;
     let (clock, now) = start();
     let db = Arc::new(TestDb::new().await);
@@ -548,12 +548,22 @@ async fn a_status_poll_on_redis_is_one_script_call() {
         clock.clone(),
     )
     .await;
-    let drop = queue_drop(&app, now, 1, 60, json!({})).await;
-    let crowd = members(&db, 3).await;
+    let drop = queue_drop(&app, now, stock, 60, json!({})).await;
+    let crowd = members(&db, count).await;
     for member in &crowd {
         assert_eq!(join(&app, member, &drop).await.status, StatusCode::CREATED);
     }
     clock.set_ms(now.timestamp_millis() + 60_000);
+    (server, app, drop, crowd)
+}
+
+/// A status poll on the Redis gate is one script call: the member's place, the room's admission rate and the drop's
+/// counts come from one step of `room.lua` (they were three round trips: two scripts and an HMGET), and its answer
+/// is the one they gave, sold out included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_poll_on_redis_is_one_script_call() {
+    const POLLS: u64 = 40;
+    let (server, app, drop, crowd) = waiting_on_private_redis(1, 3).await;
     let before = server.command_calls().await;
     for i in 0..POLLS {
         let place = me(&app, &crowd[(i % 3) as usize], &drop).await;
@@ -588,4 +598,40 @@ async fn a_status_poll_on_redis_is_one_script_call() {
     for member in crowd.iter().filter(|member| member.id != admitted.id) {
         assert_eq!(me(&app, member, &drop).await.body["status"], "sold_out");
     }
+}
+
+/// Concurrent status polls of one drop on the Redis gate share script calls (the reads that queue while one call is
+/// in flight go together in the next), and each is answered with its own place, as it is when read alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_status_polls_on_redis_share_script_calls_and_each_gets_its_own_place() {
+    const MEMBERS: usize = 120;
+    let (server, app, drop, crowd) = waiting_on_private_redis(5, MEMBERS).await;
+    let mut alone = Vec::with_capacity(MEMBERS);
+    for member in &crowd {
+        alone.push(me(&app, member, &drop).await.body);
+    }
+    let before = server.command_calls().await;
+    let together =
+        futures_util::future::join_all(crowd.iter().map(|member| me(&app, member, &drop))).await;
+    let after = server.command_calls().await;
+    for ((member, alone), together) in crowd.iter().zip(&alone).zip(&together) {
+        assert_eq!(together.status, StatusCode::OK, "{:?}", together.body);
+        assert_eq!(&together.body, alone, "member {}", member.id);
+    }
+    let positions: HashSet<u64> = together
+        .iter()
+        .map(|read| read.body["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        positions.len(),
+        MEMBERS,
+        "every member has a place of their own"
+    );
+    let calls = after["evalsha"] - before["evalsha"];
+    println!("{MEMBERS} concurrent polls: {calls} script calls");
+    // 2 to 22 here, alone, under the whole suite or eight at once; one a poll, 120, without the sharing.
+    assert!(
+        calls <= MEMBERS as u64 / 2,
+        "{MEMBERS} concurrent polls made {calls} script calls"
+    );
 }

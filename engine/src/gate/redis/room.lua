@@ -71,15 +71,16 @@ elseif op == 'place' then
   if not p then return {} end
   return {p[1], tostring(p[2])}
 elseif op == 'sighting' then
-  -- member, now, opens: the place, the rate and the drop's counters (stock, avail, held, paid; left out when the
-  -- drop's keys are gone, for the gate to rebuild them), all in one step; {} when the member never joined
-  local now = tonumber(ARGV[3])
-  local p = place(ARGV[2], now, tonumber(ARGV[4]))
-  if not p then return {} end
-  local out = {p[1], tostring(p[2]), rate(now)}
+  -- now, opens, then members: what a status read needs, for every member named, in one step: the rate, the drop's
+  -- counters (stock, avail, held, paid; {} when the drop's keys are gone, for the gate to rebuild them), then each
+  -- member's place ({} for one who never joined). A drop's concurrent status reads share one call.
+  local now, opens = tonumber(ARGV[2]), tonumber(ARGV[3])
   local c = redis.call('HMGET', C, 'stock', 'avail', 'held', 'paid')
-  if c[1] and c[2] and c[3] and c[4] then
-    for i = 1, 4 do out[#out + 1] = c[i] end
+  if not (c[1] and c[2] and c[3] and c[4]) then c = {} end
+  local out = {rate(now), c}
+  for i = 4, #ARGV do
+    local p = place(ARGV[i], now, opens)
+    if p then out[#out + 1] = {p[1], tostring(p[2])} else out[#out + 1] = {} end
   end
   return out
 elseif op == 'tick' then

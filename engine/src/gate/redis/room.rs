@@ -2,10 +2,14 @@
 //! so every instance sees one queue and the script can read the drop's counters and members atomically with the
 //! admission step (it works on Redis Cluster unchanged). The rules are `gate/room.rs`'s.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use dashmap::DashMap;
+use parking_lot::Mutex;
 use redis::{Script, Value};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::codec::{array, int, malformed, member_hex, text, unavailable};
@@ -19,18 +23,48 @@ use crate::types::{DropSpec, QueueCounts};
 const PRE_QUEUE_KEYS: u64 = 1 << 52;
 
 pub struct RedisRoom {
+    inner: Arc<Calls>,
+    /// Each drop's status reads waiting for the next `sighting` call.
+    polls: DashMap<Uuid, Arc<Polls>>,
+    /// How long a settled drop's room stays in Redis after an instance unloads it (the gate's `settled_ttl`).
+    settled_ttl: Duration,
+}
+
+/// What a call of `room.lua` needs, shared with the tasks that make a drop's status reads.
+struct Calls {
     conn: RedisConn,
     prefix: String,
     script: Script,
     timeout: Duration,
-    /// How long a settled drop's room stays in Redis after an instance unloads it (the gate's `settled_ttl`).
-    settled_ttl: Duration,
+}
+
+/// The most members one `sighting` call reads.
+const SIGHTINGS_PER_CALL: usize = 128;
+
+/// A drop's status reads waiting for a call, and whether a task is making calls for them: the first read that finds
+/// none starts one, which takes whatever has queued, up to `SIGHTINGS_PER_CALL`, into each call until none is left.
+/// No task waits while a drop has no reads.
+#[derive(Default)]
+struct Polls {
+    state: Mutex<PollState>,
+}
+
+#[derive(Default)]
+struct PollState {
+    waiting: Vec<Poll>,
+    calling: bool,
+}
+
+struct Poll {
+    member: Uuid,
+    now_ms: i64,
+    reply: oneshot::Sender<GateResult<Option<Sighting>>>,
 }
 
 impl std::fmt::Debug for RedisRoom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisRoom")
-            .field("prefix", &self.prefix)
+            .field("prefix", &self.inner.prefix)
             .finish_non_exhaustive()
     }
 }
@@ -43,14 +77,19 @@ impl RedisRoom {
         settled_ttl: Duration,
     ) -> Self {
         Self {
-            conn,
-            prefix: prefix.to_owned(),
-            script: Script::new(include_str!("room.lua")),
-            timeout,
+            inner: Arc::new(Calls {
+                conn,
+                prefix: prefix.to_owned(),
+                script: Script::new(include_str!("room.lua")),
+                timeout,
+            }),
+            polls: DashMap::new(),
             settled_ttl,
         }
     }
+}
 
+impl Calls {
     /// The room's keys of `drop`, in `room.lua`'s order: the gate's counters and members, then the room's own.
     fn keys(&self, drop: Uuid) -> [String; 6] {
         let base = format!("{}{{drop:{drop}}}", self.prefix);
@@ -77,6 +116,90 @@ impl RedisRoom {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(unavailable(err)),
             Err(_) => Err(GateUnavailable("redis call timed out".into())),
+        }
+    }
+
+    /// What each of `members` would be told at `now_ms`, in order, from one call.
+    async fn sightings(
+        &self,
+        drop: Uuid,
+        opens_ms: i64,
+        now_ms: i64,
+        members: impl Iterator<Item = Uuid>,
+    ) -> GateResult<Vec<Option<Sighting>>> {
+        let mut args = vec![
+            "sighting".to_owned(),
+            now_ms.to_string(),
+            opens_ms.to_string(),
+        ];
+        args.extend(members.map(member_hex));
+        let asked = args.len() - 3;
+        let mut reply = texts(self.call(drop, &args).await?)?.into_iter();
+        let (Some(rate), Some(counters)) = (reply.next(), reply.next()) else {
+            return Err(bad());
+        };
+        let admit_rate = rate_of(&rate)?;
+        let counts = match texts(counters)?.as_slice() {
+            // The drop's keys are gone: the gate's own read rebuilds them.
+            [] => None,
+            [stock, available, held, paid] => Some(Counts {
+                stock: count_of(stock)?,
+                available: count_of(available)?,
+                held: count_of(held)?,
+                paid: count_of(paid)?,
+            }),
+            _ => return Err(bad()),
+        };
+        let seen = reply
+            .map(|place| match texts(place)?.as_slice() {
+                [] => Ok(None),
+                [kind, value] => Ok(Some(Sighting {
+                    place: place_of(text(kind).ok_or_else(bad)?, text(value).ok_or_else(bad)?)?,
+                    admit_rate,
+                    counts,
+                })),
+                _ => Err(bad()),
+            })
+            .collect::<GateResult<Vec<_>>>()?;
+        if seen.len() != asked {
+            return Err(bad());
+        }
+        Ok(seen)
+    }
+}
+
+/// Makes `polls`' calls until none is waiting; each call is made at the latest `now_ms` among the reads it carries
+/// (none of them was answered before it began).
+async fn make_sightings(calls: Arc<Calls>, polls: Arc<Polls>, drop: Uuid, opens_ms: i64) {
+    loop {
+        let batch: Vec<Poll> = {
+            let mut state = polls.state.lock();
+            if state.waiting.is_empty() {
+                state.calling = false;
+                return;
+            }
+            let take = state.waiting.len().min(SIGHTINGS_PER_CALL);
+            state.waiting.drain(..take).collect()
+        };
+        let now_ms = batch
+            .iter()
+            .map(|poll| poll.now_ms)
+            .max()
+            .unwrap_or_default();
+        let seen = calls
+            .sightings(drop, opens_ms, now_ms, batch.iter().map(|poll| poll.member))
+            .await;
+        match seen {
+            Ok(seen) => {
+                for (poll, sighting) in batch.into_iter().zip(seen) {
+                    let _ = poll.reply.send(Ok(sighting));
+                }
+            }
+            Err(err) => {
+                for poll in batch {
+                    let _ = poll.reply.send(Err(err.clone()));
+                }
+            }
         }
     }
 }
@@ -134,6 +257,7 @@ impl WaitingRoom for RedisRoom {
     ) -> GateResult<(Place, bool, f64)> {
         let key = rand::random::<u64>() % PRE_QUEUE_KEYS;
         let reply = self
+            .inner
             .call(
                 drop.id,
                 &[
@@ -155,6 +279,7 @@ impl WaitingRoom for RedisRoom {
 
     async fn place(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<Option<Place>> {
         let reply = self
+            .inner
             .call(
                 drop.id,
                 &[
@@ -181,39 +306,35 @@ impl WaitingRoom for RedisRoom {
         member: Uuid,
         now_ms: i64,
     ) -> GateResult<Option<Sighting>> {
-        let reply = self
-            .call(
+        let (reply, answer) = oneshot::channel();
+        let polls = match self.polls.get(&drop.id) {
+            Some(polls) => Arc::clone(&polls),
+            None => Arc::clone(&self.polls.entry(drop.id).or_default()),
+        };
+        let start = {
+            let mut state = polls.state.lock();
+            state.waiting.push(Poll {
+                member,
+                now_ms,
+                reply,
+            });
+            !std::mem::replace(&mut state.calling, true)
+        };
+        if start {
+            // Its own task: a read given up by its client must not stop the calls the others wait on.
+            tokio::spawn(make_sightings(
+                Arc::clone(&self.inner),
+                polls,
                 drop.id,
-                &[
-                    "sighting".into(),
-                    member_hex(member),
-                    now_ms.to_string(),
-                    drop.opens_at_ms().to_string(),
-                ],
-            )
-            .await?;
-        let reply = texts(reply)?;
-        let (kind, value, rate, counters) = match reply.as_slice() {
-            [] => return Ok(None),
-            [kind, value, rate, counters @ ..] => (kind, value, rate, counters),
-            _ => return Err(bad()),
-        };
-        let counts = match counters {
-            // The drop's keys are gone: the gate's own read rebuilds them.
-            [] => None,
-            [stock, available, held, paid] => Some(Counts {
-                stock: count_of(stock)?,
-                available: count_of(available)?,
-                held: count_of(held)?,
-                paid: count_of(paid)?,
-            }),
-            _ => return Err(bad()),
-        };
-        Ok(Some(Sighting {
-            place: place_of(text(kind).ok_or_else(bad)?, text(value).ok_or_else(bad)?)?,
-            admit_rate: rate_of(rate)?,
-            counts,
-        }))
+                drop.opens_at_ms(),
+            ));
+        }
+        // The calls ahead of this read's, and its own, each end within the call timeout.
+        match tokio::time::timeout(self.inner.timeout * 2, answer).await {
+            Ok(Ok(seen)) => seen,
+            Ok(Err(_)) => Err(GateUnavailable("status read not answered".into())),
+            Err(_) => Err(GateUnavailable("redis call timed out".into())),
+        }
     }
 
     async fn tick(&self, drop: &DropSpec, now_ms: i64, _counts: Counts) -> GateResult<u64> {
@@ -222,6 +343,7 @@ impl WaitingRoom for RedisRoom {
             return Ok(0);
         };
         let reply = self
+            .inner
             .call(
                 drop.id,
                 &[
@@ -239,6 +361,7 @@ impl WaitingRoom for RedisRoom {
 
     async fn counts(&self, drop: &DropSpec, now_ms: i64) -> GateResult<QueueCounts> {
         let reply = self
+            .inner
             .call(drop.id, &["counts".into(), now_ms.to_string()])
             .await?;
         let reply = texts(reply)?;
@@ -260,10 +383,11 @@ impl WaitingRoom for RedisRoom {
         // Like the gate's own keys: the room of a settled drop leaves Redis after `settled_ttl`.
         let ttl_ms = u64::try_from(self.settled_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut pipe = redis::pipe();
-        for key in &self.keys(drop)[2..] {
+        for key in &self.inner.keys(drop)[2..] {
             pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
         }
-        let mut conn = self.conn.clone();
+        self.polls.remove(&drop);
+        let mut conn = self.inner.conn.clone();
         if let Err(err) = pipe.query_async::<()>(&mut conn).await {
             tracing::warn!(error = %err, %drop, "waiting room keys not set to expire");
         }
