@@ -174,6 +174,9 @@ async fn make_sightings(calls: Arc<Calls>, polls: Arc<Polls>, drop: Uuid, opens_
     loop {
         let batch: Vec<Poll> = {
             let mut state = polls.state.lock();
+            // A read whose caller gave up (its client left, or it timed out behind a Redis that does not answer)
+            // is not asked for.
+            state.waiting.retain(|poll| !poll.reply.is_closed());
             if state.waiting.is_empty() {
                 state.calling = false;
                 return;
