@@ -66,10 +66,6 @@ if op == 'join' then
   redis.call('HSET', S, member, 'w')
   p = place(member, now, opens)
   return {p[1], tostring(p[2]), 1, rate(now)}
-elseif op == 'place' then
-  local p = place(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
-  if not p then return {} end
-  return {p[1], tostring(p[2])}
 elseif op == 'sighting' then
   -- now, opens, then members: what a status read needs, for every member named, in one step: the rate, the drop's
   -- counters (stock, avail, held, paid; {} when the drop's keys are gone, for the gate to rebuild them), then each

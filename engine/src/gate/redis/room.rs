@@ -281,26 +281,11 @@ impl WaitingRoom for RedisRoom {
     }
 
     async fn place(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<Option<Place>> {
-        let reply = self
-            .inner
-            .call(
-                drop.id,
-                &[
-                    "place".into(),
-                    member_hex(member),
-                    now_ms.to_string(),
-                    drop.opens_at_ms().to_string(),
-                ],
-            )
-            .await?;
-        match texts(reply)?.as_slice() {
-            [] => Ok(None),
-            [kind, value] => Ok(Some(place_of(
-                text(kind).ok_or_else(bad)?,
-                text(value).ok_or_else(bad)?,
-            )?)),
-            _ => Err(bad()),
-        }
+        // The service reads places through `sighting`; this is the same read, without what it adds.
+        Ok(self
+            .sighting(drop, member, now_ms)
+            .await?
+            .map(|seen| seen.place))
     }
 
     async fn sighting(
