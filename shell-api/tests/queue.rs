@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -531,30 +531,169 @@ async fn a_queue_across_three_instances_works_on_a_redis_cluster() {
     queue_across_instances(urls, 600).await;
 }
 
-/// One instance on a Redis server of its own (so the test can count its calls), a queue drop of `stock` and `count`
-/// members who joined before its opening, now past: all waiting in line.
+/// One instance on a Redis server of its own (so the test can count its calls), with a queue drop of `stock` that
+/// opens a minute after the clock's start.
+struct PrivateRedisQueue {
+    server: common::RedisServer,
+    app: TestApp,
+    drop: Value,
+    db: Arc<TestDb>,
+    clock: Arc<ManualClock>,
+    now: DateTime<Utc>,
+}
+
+impl PrivateRedisQueue {
+    async fn start(stock: u32) -> Self {
+        let server = common::RedisServer::start().await;
+        let (clock, now) = start();
+        let db = Arc::new(TestDb::new().await);
+        let app = TestApp::redis_instance_with_clock(
+            Arc::clone(&db),
+            stepped(),
+            &[server.url()],
+            &common::redis_prefix(),
+            clock.clone(),
+        )
+        .await;
+        let drop = queue_drop(&app, now, stock, 60, json!({})).await;
+        Self {
+            server,
+            app,
+            drop,
+            db,
+            clock,
+            now,
+        }
+    }
+
+    /// Moves the clock past the opening.
+    fn open(&self) {
+        self.clock.set_ms(self.now.timestamp_millis() + 60_000);
+    }
+
+    /// The Redis server's calls of `name` since `before`.
+    async fn calls_since(&self, before: &HashMap<String, u64>, name: &str) -> u64 {
+        let after = self.server.command_calls().await;
+        after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// A queue drop of `stock` on a Redis of its own and `count` members who joined before its opening, now past: all
+/// waiting in line.
 async fn waiting_on_private_redis(
     stock: u32,
     count: usize,
 ) -> (common::RedisServer, TestApp, Value, Vec<TestMember>) {
-    let server = common::RedisServer::start().await;
-    let (clock, now) = start();
-    let db = Arc::new(TestDb::new().await);
-    let app = TestApp::redis_instance_with_clock(
-        Arc::clone(&db),
-        stepped(),
-        &[server.url()],
-        &common::redis_prefix(),
-        clock.clone(),
-    )
-    .await;
-    let drop = queue_drop(&app, now, stock, 60, json!({})).await;
-    let crowd = members(&db, count).await;
+    let queue = PrivateRedisQueue::start(stock).await;
+    let crowd = members(&queue.db, count).await;
     for member in &crowd {
-        assert_eq!(join(&app, member, &drop).await.status, StatusCode::CREATED);
+        assert_eq!(
+            join(&queue.app, member, &queue.drop).await.status,
+            StatusCode::CREATED
+        );
     }
-    clock.set_ms(now.timestamp_millis() + 60_000);
-    (server, app, drop, crowd)
+    queue.open();
+    (queue.server, queue.app, queue.drop, crowd)
+}
+
+/// A join on the Redis gate is one script call: the sold-out check reads the drop's counters in the same step of
+/// `room.lua` as the join and the admission rate (they were an HMGET and a script call), and a member of a sold-out
+/// drop takes no place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_on_redis_is_one_script_call_and_takes_no_place_once_sold_out() {
+    const JOINS: usize = 30;
+    let queue = PrivateRedisQueue::start(1).await;
+    queue.open();
+    let (app, drop) = (&queue.app, &queue.drop);
+    let crowd = members(&queue.db, JOINS + 1).await;
+    let ((), sent) = queue
+        .server
+        .client_commands_during(async {
+            for (i, member) in crowd[..JOINS].iter().enumerate() {
+                let joined = join(app, member, drop).await;
+                assert_eq!(joined.status, StatusCode::CREATED, "{:?}", joined.body);
+                assert_eq!(joined.body["position"], i as u64 + 1, "{:?}", joined.body);
+            }
+        })
+        .await;
+    let sent = |name: &str| sent.get(name).copied().unwrap_or(0);
+    // The instance's own background work (a sweep, a reaper pass) may add a script call or two meanwhile.
+    assert!(
+        (JOINS as u64..=JOINS as u64 + 2).contains(&sent("evalsha")),
+        "{JOINS} joins made {} script calls",
+        sent("evalsha")
+    );
+    assert_eq!(sent("hmget"), 0, "the counters read apart from the join");
+    // Joining again keeps the place.
+    let again = join(app, &crowd[1], drop).await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+    assert_eq!(again.body["position"], 2);
+
+    // The one unit sold: a new member's join is refused and leaves no place; the waiting are told sold out.
+    assert_eq!(admit(app).await, 1);
+    let first = &crowd[0];
+    let pass = me(app, first, drop).await.body["pass"]
+        .as_str()
+        .expect("the head of the line admitted")
+        .to_owned();
+    let held = reserve_with(app, first, drop, Some(&pass)).await;
+    assert_eq!(held.status, StatusCode::CREATED, "{:?}", held.body);
+    let hold = held.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pay(app, first, &hold, "tok_ok").await.status,
+        StatusCode::OK
+    );
+    let late = &crowd[JOINS];
+    let refused = join(app, late, drop).await;
+    assert_eq!(
+        (refused.status, refused.body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("sold_out")),
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(me(app, late, drop).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(me(app, &crowd[1], drop).await.body["status"], "sold_out");
+}
+
+/// Concurrent joins of one drop on the Redis gate share script calls (the joins that queue while one call is in
+/// flight go together in the next), and each member takes a place of their own, as one after the other would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_joins_on_redis_share_script_calls_and_each_takes_a_place_of_its_own() {
+    const MEMBERS: usize = 120;
+    let queue = PrivateRedisQueue::start(5).await;
+    queue.open();
+    let (app, drop) = (&queue.app, &queue.drop);
+    let crowd = members(&queue.db, MEMBERS).await;
+    let before = queue.server.command_calls().await;
+    let joined =
+        futures_util::future::join_all(crowd.iter().map(|member| join(app, member, drop))).await;
+    let scripts = queue.calls_since(&before, "evalsha").await;
+    let mut positions = Vec::with_capacity(MEMBERS);
+    for (member, joined) in crowd.iter().zip(&joined) {
+        assert_eq!(joined.status, StatusCode::CREATED, "{:?}", joined.body);
+        let position = joined.body["position"].as_u64().unwrap();
+        // The place answered is the one the member keeps.
+        assert_eq!(me(app, member, drop).await.body["position"], position);
+        positions.push(position);
+    }
+    positions.sort_unstable();
+    assert_eq!(
+        positions,
+        (1..=MEMBERS as u64).collect::<Vec<_>>(),
+        "every member has a place of their own"
+    );
+    println!("{MEMBERS} concurrent joins: {scripts} script calls");
+    assert!(
+        scripts <= MEMBERS as u64 / 2,
+        "{MEMBERS} concurrent joins made {scripts} script calls"
+    );
+    // Joining again at once: the same places, none new.
+    let again =
+        futures_util::future::join_all(crowd.iter().map(|member| join(app, member, drop))).await;
+    for (first, again) in joined.iter().zip(&again) {
+        assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+        assert_eq!(again.body["position"], first.body["position"]);
+    }
 }
 
 /// A status poll on the Redis gate is one script call: the member's place, the room's admission rate and the drop's

@@ -56,6 +56,14 @@ pub struct Counts {
     pub paid: u32,
 }
 
+impl Counts {
+    /// Nothing left to sell or to come back (no unit available or held): a queue drop's waiting members are told
+    /// `sold_out`, and no one takes a place. `room.lua` applies the same rule to the counters in Redis.
+    pub fn gone(&self) -> bool {
+        self.available == 0 && self.held == 0
+    }
+}
+
 /// Where a hold is in its life: `held -> paying -> paid`, with `released` reachable from `held` and `paying`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HoldState {

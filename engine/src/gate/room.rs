@@ -53,21 +53,37 @@ pub struct Sighting {
     pub counts: Option<Counts>,
 }
 
+/// What a join made in one step with a read of the drop's counts found (`WaitingRoom::join_counted`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Joining {
+    /// Nothing is left to sell or to come back (`Counts::gone`): no place was taken.
+    SoldOut,
+    /// The member's place, as `join` answers it, with the room's admission rate and the drop's counts.
+    Placed {
+        place: Place,
+        new: bool,
+        admit_rate: f64,
+        counts: Counts,
+    },
+}
+
 #[async_trait]
 pub trait WaitingRoom: Send + Sync + 'static {
     /// Puts `member` in the drop's queue, or finds their place; `true` when they took a new place (first join, or
     /// again after their pass expired).
     async fn join(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<(Place, bool)>;
-    /// `join`, with the room's admission rate read in the same step where the room can (one round trip to Redis
-    /// rather than two).
-    async fn join_rated(
+    /// `join` with the sold-out check before it, in one step with a read of the drop's counts and the admission
+    /// rate, where the room sees the drop's counters itself (Redis: one script call, shared by a drop's concurrent
+    /// joins, where the counts, the join and the rate were two round trips). `None` from a room that leaves the
+    /// counts to the gate (the caller reads them, checks and joins), and from Redis when the drop's keys are gone
+    /// (the gate's read rebuilds them).
+    async fn join_counted(
         &self,
-        drop: &DropSpec,
-        member: Uuid,
-        now_ms: i64,
-    ) -> GateResult<(Place, bool, f64)> {
-        let (place, new) = self.join(drop, member, now_ms).await?;
-        Ok((place, new, self.counts(drop, now_ms).await?.admit_rate))
+        _drop: &DropSpec,
+        _member: Uuid,
+        _now_ms: i64,
+    ) -> GateResult<Option<Joining>> {
+        Ok(None)
     }
     /// The member's place, or `None` if they never joined.
     async fn place(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<Option<Place>>;

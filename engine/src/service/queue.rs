@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{Engine, EngineError};
 use crate::core::Counts;
-use crate::gate::room::Place;
+use crate::gate::room::{Joining, Place};
 use crate::types::{DropMode, DropSpec, QueueCounts, Reservation};
 
 /// How often each instance runs an admission step for each queue drop it has loaded, by default
@@ -50,11 +50,6 @@ pub struct Standing {
     pub pass_expires_ms: Option<i64>,
 }
 
-/// Nothing left to sell or to come back: every waiting member is told `sold_out`.
-fn gone(counts: &Counts) -> bool {
-    counts.available == 0 && counts.held == 0
-}
-
 impl Engine {
     /// A loaded queue drop's spec, or why not.
     async fn queue_spec(&self, drop: Uuid) -> Result<Arc<DropSpec>, EngineError> {
@@ -80,11 +75,23 @@ impl Engine {
         if spec.closes_at_ms().is_some_and(|closes| now_ms >= closes) {
             return Err(EngineError::Closed);
         }
+        if let Some(joining) = self.room.join_counted(&spec, member, now_ms).await? {
+            return match joining {
+                Joining::SoldOut => Err(EngineError::SoldOut),
+                Joining::Placed {
+                    place,
+                    new,
+                    admit_rate,
+                    counts,
+                } => Ok((standing(&spec, place, &counts, admit_rate, now_ms), new)),
+            };
+        }
         let counts = self.counts_of(&spec).await?;
-        if gone(&counts) {
+        if counts.gone() {
             return Err(EngineError::SoldOut);
         }
-        let (place, new, rate) = self.room.join_rated(&spec, member, now_ms).await?;
+        let (place, new) = self.room.join(&spec, member, now_ms).await?;
+        let rate = self.room.counts(&spec, now_ms).await?.admit_rate;
         Ok((standing(&spec, place, &counts, rate, now_ms), new))
     }
 
@@ -183,7 +190,7 @@ fn standing(spec: &DropSpec, place: Place, counts: &Counts, rate: f64, now_ms: i
         },
         Place::Expired => bare(QueueStatus::Expired),
         Place::Waiting { .. } if closed => bare(QueueStatus::Closed),
-        Place::Waiting { .. } if gone(counts) => bare(QueueStatus::SoldOut),
+        Place::Waiting { .. } if counts.gone() => bare(QueueStatus::SoldOut),
         Place::Waiting { position } => {
             let ahead = position.map(|position| position - 1);
             // While nothing is available only held units could come back: no honest estimate.

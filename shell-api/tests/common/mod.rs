@@ -872,6 +872,54 @@ impl RedisServer {
             })
             .collect()
     }
+
+    /// Runs `work` and returns with its output the commands clients sent this server meanwhile, by lowercase name,
+    /// as MONITOR shows them: round trips, where `command_calls` also counts what scripts call inside.
+    pub async fn client_commands_during<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> (F::Output, std::collections::HashMap<String, u64>) {
+        use futures_util::StreamExt;
+        let client = redis::Client::open(self.url().as_str()).unwrap();
+        let mut lines = client
+            .get_async_monitor()
+            .await
+            .unwrap()
+            .into_on_message::<String>();
+        let output = work.await;
+        // The monitor has seen every command sent before this one once it shows this one.
+        let marker = format!("end-of-work-{}", uuid::Uuid::new_v4().simple());
+        let _: String = redis::cmd("ECHO")
+            .arg(&marker)
+            .query_async(&mut self.connection().await.unwrap())
+            .await
+            .unwrap();
+        let mut commands = std::collections::HashMap::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = lines.next().await {
+                if line.contains(&marker) {
+                    return;
+                }
+                // `<time> [<db> <client address>] "<COMMAND>" ...`, or `[<db> lua]` for a script's own calls.
+                let Some((client, command)) = line
+                    .split_once('[')
+                    .and_then(|(_, rest)| rest.split_once(']'))
+                else {
+                    continue;
+                };
+                if client.ends_with(" lua") {
+                    continue;
+                }
+                if let Some(name) = command.split('"').nth(1) {
+                    *commands.entry(name.to_lowercase()).or_insert(0) += 1;
+                }
+            }
+            panic!("the monitor stream ended");
+        })
+        .await
+        .expect("the monitor did not show the marker within 10 s");
+        (output, commands)
+    }
 }
 
 impl Drop for RedisServer {

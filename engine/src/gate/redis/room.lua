@@ -53,27 +53,54 @@ local function record(now, admitted)
   redis.call('HINCRBY', Q, 'rn', admitted)
 end
 
-local op = ARGV[1]
-if op == 'join' then
-  -- member, now, opens, key (a random integer below 2^52, used before the opening)
-  local member, now, opens = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+-- Puts member in the line (or finds their place): {kind, value, new} with new 1 when they took a new place (first
+-- join, or again after their pass expired). key: a random integer below 2^52, used before the opening.
+local function join(member, now, opens, key)
   local p = place(member, now, opens)
-  if p and p[1] ~= 'x' then return {p[1], tostring(p[2]), 0, rate(now)} end
+  if p and p[1] ~= 'x' then return {p[1], tostring(p[2]), 0} end
   redis.call('ZREM', A, member)
-  local score = ARGV[5]
+  local score = key
   if now >= opens then score = int(PRE + redis.call('HINCRBY', Q, 'seq', 1)) end
   redis.call('ZADD', W, score, member)
   redis.call('HSET', S, member, 'w')
   p = place(member, now, opens)
-  return {p[1], tostring(p[2]), 1, rate(now)}
+  return {p[1], tostring(p[2]), 1}
+end
+
+-- The drop's counters (stock, avail, held, paid), or {} when the drop's keys are gone (for the gate to rebuild).
+local function counters()
+  local c = redis.call('HMGET', C, 'stock', 'avail', 'held', 'paid')
+  if not (c[1] and c[2] and c[3] and c[4]) then return {} end
+  return c
+end
+
+local op = ARGV[1]
+if op == 'join' then
+  -- member, now, opens, key: the join alone, with the rate
+  local now = tonumber(ARGV[3])
+  local out = join(ARGV[2], now, tonumber(ARGV[4]), ARGV[5])
+  out[4] = rate(now)
+  return out
+elseif op == 'joins' then
+  -- now, opens, then a member and a key for each join: the joins of a drop that arrived together, in one step with
+  -- the sold-out check before them. {} when the drop's keys are gone (no one joined); {counters} when nothing is left
+  -- to sell or to come back (avail and held 0, Counts::gone: no one joined); else {counters, rate, then each
+  -- member's {kind, value, new}} in order.
+  local now, opens = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local c = counters()
+  if #c == 0 then return {} end
+  if tonumber(c[2]) == 0 and tonumber(c[3]) == 0 then return {c} end
+  local out = {c, rate(now)}
+  for i = 4, #ARGV, 2 do
+    out[#out + 1] = join(ARGV[i], now, opens, ARGV[i + 1])
+  end
+  return out
 elseif op == 'sighting' then
   -- now, opens, then members: what a status read needs, for every member named, in one step: the rate, the drop's
   -- counters (stock, avail, held, paid; {} when the drop's keys are gone, for the gate to rebuild them), then each
   -- member's place ({} for one who never joined). A drop's concurrent status reads share one call.
   local now, opens = tonumber(ARGV[2]), tonumber(ARGV[3])
-  local c = redis.call('HMGET', C, 'stock', 'avail', 'held', 'paid')
-  if not (c[1] and c[2] and c[3] and c[4]) then c = {} end
-  local out = {rate(now), c}
+  local out = {rate(now), counters()}
   for i = 4, #ARGV do
     local p = place(ARGV[i], now, opens)
     if p then out[#out + 1] = {p[1], tostring(p[2])} else out[#out + 1] = {} end

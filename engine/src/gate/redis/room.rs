@@ -2,6 +2,7 @@
 //! so every instance sees one queue and the script can read the drop's counters and members atomically with the
 //! admission step (it works on Redis Cluster unchanged). The rules are `gate/room.rs`'s.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,22 +16,29 @@ use uuid::Uuid;
 use super::codec::{array, int, malformed, member_hex, text, unavailable};
 use super::conn::RedisConn;
 use crate::core::Counts;
-use crate::gate::room::{Place, Sighting, WaitingRoom};
+use crate::gate::room::{Joining, Place, Sighting, WaitingRoom};
 use crate::gate::{GateResult, GateUnavailable};
 use crate::types::{DropSpec, QueueCounts};
 
 /// Below this, a pre-queue member's random key (2^52: every such integer is exact in a double score).
 const PRE_QUEUE_KEYS: u64 = 1 << 52;
 
+/// A join's random key for the pre-queue (used if the join is made before the opening).
+fn pre_queue_key() -> u64 {
+    rand::random::<u64>() % PRE_QUEUE_KEYS
+}
+
 pub struct RedisRoom {
     inner: Arc<Calls>,
     /// Each drop's status reads waiting for the next `sighting` call.
-    polls: DashMap<Uuid, Arc<Polls>>,
+    polls: DashMap<Uuid, Arc<Pending<Look>>>,
+    /// Each drop's joins waiting for the next `joins` call.
+    joins: DashMap<Uuid, Arc<Pending<Join>>>,
     /// How long a settled drop's room stays in Redis after an instance unloads it (the gate's `settled_ttl`).
     settled_ttl: Duration,
 }
 
-/// What a call of `room.lua` needs, shared with the tasks that make a drop's status reads.
+/// What a call of `room.lua` needs, shared with the tasks that make a drop's shared calls.
 struct Calls {
     conn: RedisConn,
     prefix: String,
@@ -38,27 +46,60 @@ struct Calls {
     timeout: Duration,
 }
 
-/// The most members one `sighting` call reads.
-const SIGHTINGS_PER_CALL: usize = 128;
+/// The most requests one shared call carries.
+const ASKS_PER_CALL: usize = 128;
 
-/// A drop's status reads waiting for a call, and whether a task is making calls for them: the first read that finds
-/// none starts one, which takes whatever has queued, up to `SIGHTINGS_PER_CALL`, into each call until none is left.
-/// No task waits while a drop has no reads.
-#[derive(Default)]
-struct Polls {
-    state: Mutex<PollState>,
+/// A kind of request a drop's concurrent requests make in shared `room.lua` calls (status reads, joins): what one
+/// asks, what it is answered, and the call that answers many at once, each as if asked alone.
+trait Shared: Sized + Send + 'static {
+    type Answer: Send + 'static;
+
+    /// The answers to `asks`, in order, from one call made at `now_ms`.
+    fn call(
+        calls: &Calls,
+        drop: Uuid,
+        opens_ms: i64,
+        now_ms: i64,
+        asks: &[Self],
+    ) -> impl Future<Output = GateResult<Vec<Self::Answer>>> + Send;
 }
 
-#[derive(Default)]
-struct PollState {
-    waiting: Vec<Poll>,
+/// A status read: the member whose place is asked for.
+struct Look(Uuid);
+
+/// A join: the member, and the random key that places them in the pre-queue if the call is made before the opening.
+struct Join {
+    member: Uuid,
+    key: u64,
+}
+
+/// A drop's requests of one kind waiting for a call, and whether a task is making calls for them: the first request
+/// that finds none starts one, which takes whatever has queued, up to `ASKS_PER_CALL`, into each call until none is
+/// left. No task waits while a drop has no requests of the kind.
+struct Pending<T: Shared> {
+    state: Mutex<PendingState<T>>,
+}
+
+impl<T: Shared> Default for Pending<T> {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(PendingState {
+                waiting: Vec::new(),
+                calling: false,
+            }),
+        }
+    }
+}
+
+struct PendingState<T: Shared> {
+    waiting: Vec<Waiter<T>>,
     calling: bool,
 }
 
-struct Poll {
-    member: Uuid,
+struct Waiter<T: Shared> {
+    ask: T,
     now_ms: i64,
-    reply: oneshot::Sender<GateResult<Option<Sighting>>>,
+    reply: oneshot::Sender<GateResult<T::Answer>>,
 }
 
 impl std::fmt::Debug for RedisRoom {
@@ -84,6 +125,7 @@ impl RedisRoom {
                 timeout,
             }),
             polls: DashMap::new(),
+            joins: DashMap::new(),
             settled_ttl,
         }
     }
@@ -118,91 +160,177 @@ impl Calls {
             Err(_) => Err(GateUnavailable("redis call timed out".into())),
         }
     }
+}
 
-    /// What each of `members` would be told at `now_ms`, in order, from one call.
-    async fn sightings(
-        &self,
+impl Shared for Look {
+    type Answer = Option<Sighting>;
+
+    /// What each member would be told at `now_ms`.
+    async fn call(
+        calls: &Calls,
         drop: Uuid,
         opens_ms: i64,
         now_ms: i64,
-        members: impl Iterator<Item = Uuid>,
+        asks: &[Self],
     ) -> GateResult<Vec<Option<Sighting>>> {
         let mut args = vec![
             "sighting".to_owned(),
             now_ms.to_string(),
             opens_ms.to_string(),
         ];
-        args.extend(members.map(member_hex));
-        let asked = args.len() - 3;
-        let mut reply = texts(self.call(drop, &args).await?)?.into_iter();
+        args.extend(asks.iter().map(|Look(member)| member_hex(*member)));
+        let mut reply = texts(calls.call(drop, &args).await?)?.into_iter();
         let (Some(rate), Some(counters)) = (reply.next(), reply.next()) else {
             return Err(bad());
         };
         let admit_rate = rate_of(&rate)?;
-        let counts = match texts(counters)?.as_slice() {
-            // The drop's keys are gone: the gate's own read rebuilds them.
-            [] => None,
-            [stock, available, held, paid] => Some(Counts {
-                stock: count_of(stock)?,
-                available: count_of(available)?,
-                held: count_of(held)?,
-                paid: count_of(paid)?,
-            }),
-            _ => return Err(bad()),
-        };
-        let seen = reply
-            .map(|place| match texts(place)?.as_slice() {
-                [] => Ok(None),
-                [kind, value] => Ok(Some(Sighting {
-                    place: place_of(text(kind).ok_or_else(bad)?, text(value).ok_or_else(bad)?)?,
-                    admit_rate,
-                    counts,
-                })),
-                _ => Err(bad()),
-            })
-            .collect::<GateResult<Vec<_>>>()?;
-        if seen.len() != asked {
-            return Err(bad());
-        }
-        Ok(seen)
+        let counts = counts_of(counters)?;
+        each_of(reply, asks.len(), |place| match place {
+            [] => Ok(None),
+            [kind, value] => Ok(Some(Sighting {
+                place: place_of(kind, value)?,
+                admit_rate,
+                counts,
+            })),
+            _ => Err(bad()),
+        })
     }
 }
 
-/// Makes `polls`' calls until none is waiting; each call is made at the latest `now_ms` among the reads it carries
-/// (none of them was answered before it began).
-async fn make_sightings(calls: Arc<Calls>, polls: Arc<Polls>, drop: Uuid, opens_ms: i64) {
+impl Shared for Join {
+    /// `None` when the drop's keys are gone (no one joined; the gate's read rebuilds them).
+    type Answer = Option<Joining>;
+
+    /// Each member joined at `now_ms`, if the drop is not sold out (`Counts::gone`), in the order asked.
+    async fn call(
+        calls: &Calls,
+        drop: Uuid,
+        opens_ms: i64,
+        now_ms: i64,
+        asks: &[Self],
+    ) -> GateResult<Vec<Option<Joining>>> {
+        let mut args = Vec::with_capacity(3 + 2 * asks.len());
+        args.extend(["joins".to_owned(), now_ms.to_string(), opens_ms.to_string()]);
+        for join in asks {
+            args.push(member_hex(join.member));
+            args.push(join.key.to_string());
+        }
+        let mut reply = texts(calls.call(drop, &args).await?)?.into_iter();
+        let Some(counters) = reply.next() else {
+            return Ok(asks.iter().map(|_| None).collect());
+        };
+        let Some(counts) = counts_of(counters)? else {
+            return Err(bad());
+        };
+        let Some(rate) = reply.next() else {
+            return Ok(asks.iter().map(|_| Some(Joining::SoldOut)).collect());
+        };
+        let admit_rate = rate_of(&rate)?;
+        each_of(reply, asks.len(), |joined| match joined {
+            [kind, value, new] => Ok(Some(Joining::Placed {
+                place: place_of(kind, value)?,
+                new: int(new) == Some(1),
+                admit_rate,
+                counts,
+            })),
+            _ => Err(bad()),
+        })
+    }
+}
+
+/// The answers of a shared call for each of the `asked` requests, one list each in order, read by `answer`.
+fn each_of<T>(
+    reply: impl Iterator<Item = Value>,
+    asked: usize,
+    mut answer: impl FnMut(&[Value]) -> GateResult<T>,
+) -> GateResult<Vec<T>> {
+    let answers = reply
+        .map(|one| answer(&texts(one)?))
+        .collect::<GateResult<Vec<_>>>()?;
+    if answers.len() != asked {
+        return Err(bad());
+    }
+    Ok(answers)
+}
+
+/// Makes `pending`'s calls until none is waiting; each call is made at the latest `now_ms` among the requests it
+/// carries (none of them was answered before it began).
+async fn make_calls<T: Shared>(
+    calls: Arc<Calls>,
+    pending: Arc<Pending<T>>,
+    drop: Uuid,
+    opens_ms: i64,
+) {
     loop {
-        let batch: Vec<Poll> = {
-            let mut state = polls.state.lock();
-            // A read whose caller gave up (its client left, or it timed out behind a Redis that does not answer)
-            // is not asked for.
-            state.waiting.retain(|poll| !poll.reply.is_closed());
+        let batch: Vec<Waiter<T>> = {
+            let mut state = pending.state.lock();
+            // A request whose caller gave up (its client left, or it timed out behind a Redis that does not
+            // answer) is not asked for.
+            state.waiting.retain(|waiter| !waiter.reply.is_closed());
             if state.waiting.is_empty() {
                 state.calling = false;
                 return;
             }
-            let take = state.waiting.len().min(SIGHTINGS_PER_CALL);
+            let take = state.waiting.len().min(ASKS_PER_CALL);
             state.waiting.drain(..take).collect()
         };
         let now_ms = batch
             .iter()
-            .map(|poll| poll.now_ms)
+            .map(|waiter| waiter.now_ms)
             .max()
             .unwrap_or_default();
-        let seen = calls
-            .sightings(drop, opens_ms, now_ms, batch.iter().map(|poll| poll.member))
-            .await;
-        match seen {
-            Ok(seen) => {
-                for (poll, sighting) in batch.into_iter().zip(seen) {
-                    let _ = poll.reply.send(Ok(sighting));
+        let (asks, replies): (Vec<T>, Vec<_>) = batch
+            .into_iter()
+            .map(|waiter| (waiter.ask, waiter.reply))
+            .unzip();
+        match T::call(&calls, drop, opens_ms, now_ms, &asks).await {
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
                 }
             }
             Err(err) => {
-                for poll in batch {
-                    let _ = poll.reply.send(Err(err.clone()));
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
                 }
             }
+        }
+    }
+}
+
+impl RedisRoom {
+    /// Asks `ask` of `drop` in a call shared with the drop's other requests of its kind waiting in `pending`.
+    async fn shared<T: Shared>(
+        &self,
+        pending: &DashMap<Uuid, Arc<Pending<T>>>,
+        drop: &DropSpec,
+        ask: T,
+        now_ms: i64,
+    ) -> GateResult<T::Answer> {
+        let (reply, answer) = oneshot::channel();
+        let queue = match pending.get(&drop.id) {
+            Some(queue) => Arc::clone(&queue),
+            None => Arc::clone(&pending.entry(drop.id).or_default()),
+        };
+        let start = {
+            let mut state = queue.state.lock();
+            state.waiting.push(Waiter { ask, now_ms, reply });
+            !std::mem::replace(&mut state.calling, true)
+        };
+        if start {
+            // Its own task: a request given up by its client must not stop the calls the others wait on.
+            tokio::spawn(make_calls(
+                Arc::clone(&self.inner),
+                queue,
+                drop.id,
+                drop.opens_at_ms(),
+            ));
+        }
+        // The calls ahead of this request's, and its own, each end within the call timeout.
+        match tokio::time::timeout(self.inner.timeout * 2, answer).await {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(_)) => Err(GateUnavailable("room request not answered".into())),
+            Err(_) => Err(GateUnavailable("redis call timed out".into())),
         }
     }
 }
@@ -212,8 +340,11 @@ fn bad() -> GateUnavailable {
 }
 
 /// A place as `room.lua` answers it: kind and value.
-fn place_of(kind: &str, value: &str) -> GateResult<Place> {
-    let number: i64 = value.parse().map_err(|_| bad())?;
+fn place_of(kind: &Value, value: &Value) -> GateResult<Place> {
+    let kind = text(kind).ok_or_else(bad)?;
+    let number: i64 = text(value)
+        .and_then(|value| value.parse().ok())
+        .ok_or_else(bad)?;
     Ok(match kind {
         "w" => Place::Waiting {
             position: u64::try_from(number).ok(),
@@ -223,6 +354,21 @@ fn place_of(kind: &str, value: &str) -> GateResult<Place> {
             used: kind == "u",
         },
         "x" => Place::Expired,
+        _ => return Err(bad()),
+    })
+}
+
+/// The drop's counters as `room.lua` answers them (stock, available, held, paid), or `None` when the drop's keys
+/// are gone (an empty list).
+fn counts_of(counters: Value) -> GateResult<Option<Counts>> {
+    Ok(match texts(counters)?.as_slice() {
+        [] => None,
+        [stock, available, held, paid] => Some(Counts {
+            stock: count_of(stock)?,
+            available: count_of(available)?,
+            held: count_of(held)?,
+            paid: count_of(paid)?,
+        }),
         _ => return Err(bad()),
     })
 }
@@ -248,17 +394,6 @@ fn count_of(value: &Value) -> GateResult<u32> {
 #[async_trait]
 impl WaitingRoom for RedisRoom {
     async fn join(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<(Place, bool)> {
-        let (place, new, _) = self.join_rated(drop, member, now_ms).await?;
-        Ok((place, new))
-    }
-
-    async fn join_rated(
-        &self,
-        drop: &DropSpec,
-        member: Uuid,
-        now_ms: i64,
-    ) -> GateResult<(Place, bool, f64)> {
-        let key = rand::random::<u64>() % PRE_QUEUE_KEYS;
         let reply = self
             .inner
             .call(
@@ -268,16 +403,26 @@ impl WaitingRoom for RedisRoom {
                     member_hex(member),
                     now_ms.to_string(),
                     drop.opens_at_ms().to_string(),
-                    key.to_string(),
+                    pre_queue_key().to_string(),
                 ],
             )
             .await?;
         let reply = texts(reply)?;
-        let [kind, value, new, rate] = reply.as_slice() else {
+        let [kind, value, new, _rate] = reply.as_slice() else {
             return Err(bad());
         };
-        let place = place_of(text(kind).ok_or_else(bad)?, text(value).ok_or_else(bad)?)?;
-        Ok((place, int(new) == Some(1), rate_of(rate)?))
+        Ok((place_of(kind, value)?, int(new) == Some(1)))
+    }
+
+    async fn join_counted(
+        &self,
+        drop: &DropSpec,
+        member: Uuid,
+        now_ms: i64,
+    ) -> GateResult<Option<Joining>> {
+        let key = pre_queue_key();
+        self.shared(&self.joins, drop, Join { member, key }, now_ms)
+            .await
     }
 
     async fn place(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<Option<Place>> {
@@ -294,35 +439,7 @@ impl WaitingRoom for RedisRoom {
         member: Uuid,
         now_ms: i64,
     ) -> GateResult<Option<Sighting>> {
-        let (reply, answer) = oneshot::channel();
-        let polls = match self.polls.get(&drop.id) {
-            Some(polls) => Arc::clone(&polls),
-            None => Arc::clone(&self.polls.entry(drop.id).or_default()),
-        };
-        let start = {
-            let mut state = polls.state.lock();
-            state.waiting.push(Poll {
-                member,
-                now_ms,
-                reply,
-            });
-            !std::mem::replace(&mut state.calling, true)
-        };
-        if start {
-            // Its own task: a read given up by its client must not stop the calls the others wait on.
-            tokio::spawn(make_sightings(
-                Arc::clone(&self.inner),
-                polls,
-                drop.id,
-                drop.opens_at_ms(),
-            ));
-        }
-        // The calls ahead of this read's, and its own, each end within the call timeout.
-        match tokio::time::timeout(self.inner.timeout * 2, answer).await {
-            Ok(Ok(seen)) => seen,
-            Ok(Err(_)) => Err(GateUnavailable("status read not answered".into())),
-            Err(_) => Err(GateUnavailable("redis call timed out".into())),
-        }
+        self.shared(&self.polls, drop, Look(member), now_ms).await
     }
 
     async fn tick(&self, drop: &DropSpec, now_ms: i64, _counts: Counts) -> GateResult<u64> {
@@ -375,6 +492,7 @@ impl WaitingRoom for RedisRoom {
             pipe.cmd("PEXPIRE").arg(key).arg(ttl_ms).ignore();
         }
         self.polls.remove(&drop);
+        self.joins.remove(&drop);
         let mut conn = self.inner.conn.clone();
         if let Err(err) = pipe.query_async::<()>(&mut conn).await {
             tracing::warn!(error = %err, %drop, "waiting room keys not set to expire");
