@@ -236,18 +236,48 @@ pub fn storable(text: &str) -> bool {
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(err: tokio_postgres::Error) -> Self {
+        Self::of_db_error(&err).unwrap_or_else(|| Self::internal(err))
+    }
+}
+
+impl ApiError {
+    /// A Postgres error that is not a server fault: an outage (503) or text it cannot store (422); `None` for the
+    /// rest, which are internal.
+    fn of_db_error(err: &tokio_postgres::Error) -> Option<Self> {
         if err.is_closed() || err.as_db_error().is_none() && err.code().is_none() {
             // Connection-level failures (server gone, socket closed) are a dependency outage.
             tracing::warn!(error = %err, "database connection failed");
-            return Self::unavailable("database_unavailable", 1);
+            return Some(Self::unavailable("database_unavailable", 1));
         }
         if err.code() == Some(&tokio_postgres::error::SqlState::CHARACTER_NOT_IN_REPERTOIRE) {
             // The backstop of the checks at the edge: text Postgres cannot store (NUL) is the client's input,
             // never a server fault. The field is unknown here, so the body names it `body`.
             tracing::warn!(error = %err, "text with NUL reached Postgres; a field check is missing");
-            return Self::invalid("body", NUL_REASON);
+            return Some(Self::invalid("body", NUL_REASON));
         }
-        Self::internal(err)
+        None
+    }
+
+    /// The answer to an engine error several requests share (the failed load of a drop they all waited on): the
+    /// one the error inside would have, its source kept as text where it is not the request's own.
+    fn of_shared(err: std::sync::Arc<engine::EngineError>) -> Self {
+        use engine::EngineError as E;
+        match std::sync::Arc::try_unwrap(err) {
+            Ok(err) => err.into(),
+            Err(shared) => match &*shared {
+                E::Pool(err) => {
+                    tracing::warn!(error = %err, "database pool unavailable");
+                    Self::unavailable("database_unavailable", 1)
+                }
+                E::Db(err) => Self::of_db_error(err)
+                    .unwrap_or_else(|| Self::internal(anyhow::anyhow!("{err}"))),
+                E::StorageUnavailable(_) => Self::unavailable("storage_unavailable", 1)
+                    .with_message("the purchase could not be stored; nothing was charged, retry"),
+                E::Shared(inner) => Self::of_shared(std::sync::Arc::clone(inner)),
+                // The rest are copied, not shared (`EngineError::shared`); a restore that does not add up is ours.
+                other => Self::internal(anyhow::anyhow!("{other}")),
+            },
+        }
     }
 }
 
@@ -413,6 +443,7 @@ impl From<engine::EngineError> for ApiError {
                 .with_message("the purchase could not be stored; nothing was charged, retry"),
             E::Pool(err) => err.into(),
             E::Db(err) => err.into(),
+            E::Shared(err) => Self::of_shared(err),
             err @ E::Restore(_) => Self::internal(err),
         }
     }
@@ -474,6 +505,34 @@ mod tests {
         );
         // Characters, not bytes: five Hangul syllables are 15 bytes and still fit.
         assert_eq!(reasons(Some("안녕하세요"), true, 5), None);
+    }
+
+    /// A failed load that many requests waited on answers each of them as the failure itself would: Postgres away
+    /// is a 503 `database_unavailable` for every one, not a 500 for those that did not run the load.
+    #[test]
+    fn a_shared_engine_error_answers_as_the_error_inside() {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        use engine::EngineError;
+        let direct = ApiError::from(EngineError::Pool(PoolError::Timeout(TimeoutType::Wait)));
+        let shared = std::sync::Arc::new(EngineError::Pool(PoolError::Timeout(TimeoutType::Wait)));
+        let held_by_others = std::sync::Arc::clone(&shared);
+        let one_of_many = ApiError::from(EngineError::Shared(shared));
+        let last = ApiError::from(EngineError::Shared(held_by_others));
+        for answer in [&one_of_many, &last] {
+            assert_eq!(
+                (answer.status(), answer.code()),
+                (direct.status(), direct.code())
+            );
+        }
+        assert_eq!(direct.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(direct.code(), "database_unavailable");
+        // Held by another request too: answered from a reference.
+        let restore = std::sync::Arc::new(EngineError::Restore(
+            engine::core::RestoreError::ZeroQuantity(uuid::Uuid::nil()),
+        ));
+        let answer = ApiError::from(EngineError::Shared(std::sync::Arc::clone(&restore)));
+        assert_eq!(answer.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        drop(restore);
     }
 
     #[test]

@@ -198,6 +198,38 @@ async fn requests_for_a_drop_this_instance_has_not_loaded_wait_for_one_load() {
     );
 }
 
+/// The requests that wait on a drop's load share its outcome when it fails too: each got the failure only after
+/// trying the load again itself, one waiter after the other (at an opening with Postgres away, each waiting out the
+/// pool in turn). A drop that does not exist is that failure, made at will.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_waited_on_a_failed_load_share_its_failure() {
+    const REQUESTS: usize = 200;
+    let app = Arc::new(TestApp::with_redis(EngineArgs::default()).await);
+    let buyer = app.member(Role::Customer).await;
+    let missing = json!({ "id": Uuid::now_v7().to_string() });
+    let tasks: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let (app, buyer, missing) = (Arc::clone(&app), buyer.clone(), missing.clone());
+            tokio::spawn(async move { reserve(&app, &buyer, &missing, 1).await })
+        })
+        .collect();
+    for task in tasks {
+        let response = task.await.unwrap();
+        assert_eq!(
+            (response.status, response.code()),
+            (StatusCode::NOT_FOUND, "drop_not_found")
+        );
+    }
+    let loads = app.state.engine.stats().drops_loaded.get();
+    println!("{REQUESTS} requests for a drop that does not exist: {loads} loads");
+    // A load begins again only for requests that arrive after the last one ended: a few here; one each without the
+    // sharing.
+    assert!(
+        loads <= REQUESTS as u64 / 10,
+        "{loads} loads for {REQUESTS} requests"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_made_on_one_instance_is_read_paid_and_answered_on_another() {
     let a = TestApp::with_redis(EngineArgs::default()).await;

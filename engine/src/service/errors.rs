@@ -1,5 +1,7 @@
 //! Why the engine refused, as one error type for the HTTP layer to map.
 
+use std::sync::Arc;
+
 use crate::core::{ReleaseReason, ReserveRejection, TransitionError};
 use crate::gate::GateUnavailable;
 use crate::writer::WriteError;
@@ -51,6 +53,46 @@ pub enum EngineError {
     Db(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// An error that several requests share: the failed load of a drop they all waited on (`Engine::spec`). Answer
+    /// it as the error inside.
+    #[error(transparent)]
+    Shared(Arc<EngineError>),
+}
+
+impl EngineError {
+    /// This request's copy of an error it shares with others: the error itself where it can be copied (so a caller
+    /// can still match `DropNotFound`), else `Shared`.
+    pub(super) fn shared(err: Arc<EngineError>) -> EngineError {
+        err.copied().unwrap_or(EngineError::Shared(err))
+    }
+
+    /// A copy of this error, for the variants that can be copied (all but those carrying a source error).
+    fn copied(&self) -> Option<EngineError> {
+        use EngineError as E;
+        Some(match self {
+            E::DropNotFound => E::DropNotFound,
+            E::NotOpen => E::NotOpen,
+            E::Closed => E::Closed,
+            E::NotAdmitted => E::NotAdmitted,
+            E::NotAQueue => E::NotAQueue,
+            E::SoldOut => E::SoldOut,
+            E::LimitExceeded => E::LimitExceeded,
+            E::InvalidQuantity => E::InvalidQuantity,
+            E::Overloaded => E::Overloaded,
+            E::GateUnavailable(unavailable) => E::GateUnavailable(unavailable.clone()),
+            E::ReservationNotFound => E::ReservationNotFound,
+            E::NotOwner => E::NotOwner,
+            E::HoldExpired => E::HoldExpired,
+            E::AlreadyReleased(reason) => E::AlreadyReleased(*reason),
+            E::AlreadyPaid => E::AlreadyPaid,
+            E::PaymentInFlight => E::PaymentInFlight,
+            E::PaymentDeclined => E::PaymentDeclined,
+            E::PaymentUnavailable => E::PaymentUnavailable,
+            E::StorageUnavailable(_) | E::Restore(_) | E::Db(_) | E::Pool(_) | E::Shared(_) => {
+                return None
+            }
+        })
+    }
 }
 
 impl From<ReserveRejection> for EngineError {

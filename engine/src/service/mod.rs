@@ -116,6 +116,9 @@ const LIST_SCAN_BATCHES: usize = 10;
 /// Largest page allocated up front.
 const LIST_PAGE_PRESIZE_MAX: usize = 100;
 
+/// A drop's load as every request that waited on it sees it: the drop, or the failure they share.
+type Loaded = Result<Arc<DropSpec>, Arc<EngineError>>;
+
 /// The engine. Create with `Engine::start`; stop with `shutdown` (drains the writer).
 pub struct Engine {
     db: Pool,
@@ -127,9 +130,10 @@ pub struct Engine {
     /// Fx-hashed (like the gate's maps): every key is a drop id the service made, so a client can look ids up but
     /// cannot choose ones that collide; every reservation and refusal reads it.
     drops: DashMap<Uuid, Arc<DropSpec>, IdHasher>,
-    /// The load from Postgres under way for each drop not loaded yet, which every request for it waits on (`spec`).
-    /// SipHash: its keys are any ids clients send, known drops or not.
-    loading: DashMap<Uuid, Arc<OnceCell<Arc<DropSpec>>>>,
+    /// The load from Postgres under way for each drop not loaded yet, which every request for it waits on, and its
+    /// outcome, failures included, for those that waited (`spec`). SipHash: its keys are any ids clients send, known
+    /// drops or not.
+    loading: DashMap<Uuid, Arc<OnceCell<Loaded>>>,
     /// Each loaded drop's counts for its report, taken by the reaper's tick (`tally.rs`); none when
     /// `EngineConfig::report_counts` is off.
     tallies: DashMap<Uuid, Arc<DropTally>, IdHasher>,
@@ -270,10 +274,17 @@ impl Engine {
             return Ok(Arc::clone(&spec));
         }
         let cell = Arc::clone(self.loading.entry(drop).or_default().value());
-        let loaded = cell.get_or_try_init(|| self.load(drop)).await.cloned();
+        // Every request that waited on this load shares its outcome: a failed load (Postgres away, or no such drop)
+        // answers them all at once, where each waiter would otherwise try again after the one before had failed,
+        // one at a time. A load whose request went away before it ended is taken over by the next waiter.
+        let loaded = cell
+            .get_or_init(|| async { self.load(drop).await.map_err(Arc::new) })
+            .await
+            .clone();
+        // The next request after this one ends tries again.
         self.loading
             .remove_if(&drop, |_, waited| Arc::ptr_eq(waited, &cell));
-        loaded
+        loaded.map_err(EngineError::shared)
     }
 
     /// Loads the drop from Postgres and installs it, unless a load that ended as this one was asked for did.
