@@ -13,6 +13,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -653,6 +654,62 @@ async fn a_join_on_redis_is_one_script_call_and_takes_no_place_once_sold_out() {
     );
     assert_eq!(me(app, late, drop).await.status, StatusCode::NOT_FOUND);
     assert_eq!(me(app, &crowd[1], drop).await.body["status"], "sold_out");
+}
+
+/// Joins that share a script call each keep their own time: one made before the opening takes a pre-queue place
+/// (shuffled at the opening) even when the call that carries it is made after the opening, beside joins made after
+/// it, which queue behind the whole pre-queue in the order they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_sharing_a_call_across_the_opening_each_keep_their_own_time() {
+    const EARLY: usize = 21;
+    const LATE: usize = 20;
+    let queue = PrivateRedisQueue::start(5).await;
+    let (app, drop) = (&queue.app, &queue.drop);
+    let crowd = members(&queue.db, EARLY + LATE).await;
+    let (early, late) = crowd.split_at(EARLY);
+    // Redis paused: the first early join's call waits, and every other join queues behind it for the next call,
+    // the early ones before the opening, the late ones after it.
+    queue.server.pause(500).await;
+    let (early_joins, late_joins) = tokio::join!(
+        futures_util::future::join_all(early.iter().map(|member| join(app, member, drop))),
+        async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            queue.open();
+            let mut joins = Vec::with_capacity(LATE);
+            for member in late {
+                joins.push(join(app, member, drop).await);
+            }
+            joins
+        }
+    );
+    for joined in &early_joins {
+        assert_eq!(joined.status, StatusCode::CREATED, "{:?}", joined.body);
+        assert_eq!(
+            joined.body["position"],
+            Value::Null,
+            "in the pre-queue: {:?}",
+            joined.body
+        );
+    }
+    for (i, joined) in late_joins.iter().enumerate() {
+        assert_eq!(joined.status, StatusCode::CREATED, "{:?}", joined.body);
+        assert_eq!(
+            joined.body["position"],
+            (EARLY + 1 + i) as u64,
+            "{:?}",
+            joined.body
+        );
+    }
+    let mut positions = Vec::with_capacity(EARLY);
+    for member in early {
+        positions.push(
+            me(app, member, drop).await.body["position"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    positions.sort_unstable();
+    assert_eq!(positions, (1..=EARLY as u64).collect::<Vec<_>>());
 }
 
 /// Concurrent joins of one drop on the Redis gate share script calls (the joins that queue while one call is in

@@ -1027,7 +1027,7 @@ async fn a_batch_larger_than_one_entry_spreads_its_holds_over_entries_and_each_i
     let buyers = futures_util::future::join_all((0..HOLDS).map(|_| a.member(Role::Customer))).await;
     // Loads the drop, so the paused calls below are reservations.
     assert_eq!(drop_state(&a, &drop).await["available"], HOLDS as u64);
-    pause(&server, 300).await;
+    server.pause(300).await;
     let holds =
         futures_util::future::join_all(buyers.iter().map(|b| reserve(&a, b, &drop, 1))).await;
     let holds: Vec<String> = holds
@@ -1070,17 +1070,6 @@ async fn a_batch_larger_than_one_entry_spreads_its_holds_over_entries_and_each_i
     );
 }
 
-/// Pauses every client of a Redis server for `ms`, so the calls made meanwhile queue up behind it.
-async fn pause(server: &common::RedisServer, ms: u64) {
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(ms)
-        .arg("ALL")
-        .query_async(&mut server.connection().await.unwrap())
-        .await
-        .unwrap();
-}
-
 /// Script calls (EVALSHA, and EVAL after a NOSCRIPT) a Redis server has answered, from INFO.
 async fn script_calls(server: &common::RedisServer) -> u64 {
     let calls = server.command_calls().await;
@@ -1112,7 +1101,7 @@ async fn transitions_queued_together_go_in_a_few_script_calls_and_each_is_answer
     // who does not own them (refused: 30..35 stay held); 35..40 are cancelled by their owners. The answers differ by
     // hold, so an answer given to the wrong move shows.
     let calls_before = script_calls(&server).await;
-    pause(&server, 300).await;
+    server.pause(300).await;
     let owners = (0..30).map(|i| pay(&a, &buyers[i], &holds[i], "tok_ok"));
     let strangers = (25..35).map(|i| pay(&a, &buyers[(i + 1) % HOLDS], &holds[i], "tok_ok"));
     let cancels = (35..HOLDS).map(|i| cancel(&a, &buyers[i], &holds[i]));

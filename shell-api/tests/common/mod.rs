@@ -873,6 +873,17 @@ impl RedisServer {
             .collect()
     }
 
+    /// Pauses every client of this server for `ms` (CLIENT PAUSE ... ALL), so the calls made meanwhile queue up.
+    pub async fn pause(&self, ms: u64) {
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("ALL")
+            .query_async(&mut self.connection().await.unwrap())
+            .await
+            .unwrap();
+    }
+
     /// Runs `work` and returns with its output the commands clients sent this server meanwhile, by lowercase name,
     /// as MONITOR shows them: round trips, where `command_calls` also counts what scripts call inside.
     pub async fn client_commands_during<F: std::future::Future>(

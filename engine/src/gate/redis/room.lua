@@ -82,17 +82,18 @@ if op == 'join' then
   out[4] = rate(now)
   return out
 elseif op == 'joins' then
-  -- now, opens, then a member and a key for each join: the joins of a drop that arrived together, in one step with
-  -- the sold-out check before them. {} when the drop's keys are gone (no one joined); {counters} when nothing is left
-  -- to sell or to come back (avail and held 0, Counts::gone: no one joined); else {counters, rate, then each
-  -- member's {kind, value, new}} in order.
+  -- now, opens, then a member, a key and the join's own time for each join: the joins of a drop that arrived
+  -- together, in one step with the sold-out check before them. Each join is made at its own time, so one made before
+  -- the opening takes a pre-queue place even in a call made after it. {} when the drop's keys are gone (no one
+  -- joined); {counters} when nothing is left to sell or to come back (avail and held 0, Counts::gone: no one
+  -- joined); else {counters, rate, then each member's {kind, value, new}} in order.
   local now, opens = tonumber(ARGV[2]), tonumber(ARGV[3])
   local c = counters()
   if #c == 0 then return {} end
   if tonumber(c[2]) == 0 and tonumber(c[3]) == 0 then return {c} end
   local out = {c, rate(now)}
-  for i = 4, #ARGV, 2 do
-    out[#out + 1] = join(ARGV[i], now, opens, ARGV[i + 1])
+  for i = 4, #ARGV, 3 do
+    out[#out + 1] = join(ARGV[i], tonumber(ARGV[i + 2]), opens, ARGV[i + 1])
   end
   return out
 elseif op == 'sighting' then

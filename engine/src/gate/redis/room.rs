@@ -67,10 +67,12 @@ trait Shared: Sized + Send + 'static {
 /// A status read: the member whose place is asked for.
 struct Look(Uuid);
 
-/// A join: the member, and the random key that places them in the pre-queue if the call is made before the opening.
+/// A join: the member, the random key that places them in the pre-queue if they join before the opening, and when
+/// they joined (a call made after the opening still joins one made before it to the pre-queue).
 struct Join {
     member: Uuid,
     key: u64,
+    now_ms: i64,
 }
 
 /// A drop's requests of one kind waiting for a call, and whether a task is making calls for them: the first request
@@ -201,7 +203,8 @@ impl Shared for Join {
     /// `None` when the drop's keys are gone (no one joined; the gate's read rebuilds them).
     type Answer = Option<Joining>;
 
-    /// Each member joined at `now_ms`, if the drop is not sold out (`Counts::gone`), in the order asked.
+    /// Each member joined at the time of their join, if the drop is not sold out (`Counts::gone`) at `now_ms`, in
+    /// the order asked.
     async fn call(
         calls: &Calls,
         drop: Uuid,
@@ -209,11 +212,12 @@ impl Shared for Join {
         now_ms: i64,
         asks: &[Self],
     ) -> GateResult<Vec<Option<Joining>>> {
-        let mut args = Vec::with_capacity(3 + 2 * asks.len());
+        let mut args = Vec::with_capacity(3 + 3 * asks.len());
         args.extend(["joins".to_owned(), now_ms.to_string(), opens_ms.to_string()]);
         for join in asks {
             args.push(member_hex(join.member));
             args.push(join.key.to_string());
+            args.push(join.now_ms.to_string());
         }
         let mut reply = texts(calls.call(drop, &args).await?)?.into_iter();
         let Some(counters) = reply.next() else {
@@ -420,9 +424,12 @@ impl WaitingRoom for RedisRoom {
         member: Uuid,
         now_ms: i64,
     ) -> GateResult<Option<Joining>> {
-        let key = pre_queue_key();
-        self.shared(&self.joins, drop, Join { member, key }, now_ms)
-            .await
+        let join = Join {
+            member,
+            key: pre_queue_key(),
+            now_ms,
+        };
+        self.shared(&self.joins, drop, join, now_ms).await
     }
 
     async fn place(&self, drop: &DropSpec, member: Uuid, now_ms: i64) -> GateResult<Option<Place>> {
