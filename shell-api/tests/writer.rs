@@ -11,6 +11,8 @@
 mod common;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use chrono::Utc;
@@ -569,4 +571,91 @@ async fn purchases_past_a_drops_stock_are_refused_in_postgres() {
         .execute("UPDATE drops SET sold = stock + 1 WHERE id = $1", &[&drop])
         .await;
     assert!(past.is_err());
+}
+
+/// A purchase whose batch's COMMIT reached Postgres while its connection was cut (the writer saw the connection
+/// fail, and its retries could not reach Postgres) is in doubt, not lost: the payment reads Postgres once it answers,
+/// finds the purchase and answers it paid, keeping the charge. It refunded the charge and put the hold back to `held`
+/// for a retry while Postgres held the purchase, so the hold could expire and its units and the member's limit be
+/// sold again (the chaos rehearsal's `member_over_limit`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_whose_commit_outcome_is_in_doubt_is_read_back_not_refunded() {
+    let db = Arc::new(TestDb::new().await);
+    let target = {
+        let url: reqwest::Url = db.url.parse().unwrap();
+        format!("127.0.0.1:{}", url.port().unwrap_or(5432))
+    };
+    let proxy = common::TcpProxy::start(target).await;
+    let proxied = {
+        let mut url: reqwest::Url = db.url.parse().unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(proxy.port)).unwrap();
+        url.to_string()
+    };
+    let engine_pool = shell_api::db::connect(&shell_api::config::DbArgs {
+        database_url: proxied,
+        db_pool_size: 4,
+        db_pool_wait_ms: 300,
+    })
+    .await
+    .unwrap();
+    let app = Arc::new(TestApp::with_engine_pool(Arc::clone(&db), engine_pool).await);
+    let (_, drop) = app.open_drop(5, 100, json!({})).await;
+    let buyer = app.member(Role::Customer).await;
+    let held = common::reserve(&app, &buyer, &drop, 1).await;
+    assert_eq!(held.status, StatusCode::CREATED, "{:?}", held.body);
+    let id = held.body["id"].as_str().unwrap().to_owned();
+    app.state.engine.writer().flush().await.unwrap();
+
+    // Postgres holds the purchase's statement for 600 ms; the COMMIT sent behind it waits in its socket.
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION slow_purchase() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$;
+             CREATE TRIGGER slow_purchase AFTER INSERT ON purchases
+               FOR EACH STATEMENT EXECUTE FUNCTION slow_purchase();",
+        )
+        .await
+        .unwrap();
+    let paying = {
+        let (app, buyer, id) = (Arc::clone(&app), buyer.clone(), id.clone());
+        tokio::spawn(async move {
+            app.call(
+                "POST",
+                &format!("/api/v1/reservations/{id}/payment"),
+                Some(&buyer.token),
+                Some(json!({ "payment_token": "tok_ok" })),
+            )
+            .await
+        })
+    };
+    // Cut while the batch waits in Postgres: the writer's connection fails after its COMMIT was sent, and every
+    // retry is refused, for longer than the writer retries.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    proxy.restore();
+    let paid = paying.await.unwrap();
+
+    let stored = db
+        .client()
+        .await
+        .query_opt(
+            "SELECT id FROM purchases WHERE reservation_id = $1",
+            &[&id.parse::<Uuid>().unwrap()],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get::<_, Uuid>(0));
+    let stored = stored.expect("the COMMIT sent before the cut reached Postgres");
+    assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
+    assert_eq!(paid.body["purchase_id"], stored.to_string());
+    assert_eq!(
+        app.gateway.refunds(),
+        0,
+        "the charge of a stored purchase was kept"
+    );
+    let view = common::read_reservation(&app, &buyer, &id).await;
+    assert_eq!(view.body["status"], "paid", "{:?}", view.body);
 }

@@ -1,12 +1,18 @@
 //! Paying for a hold: `paying`, the charge, the durable purchase, `paid`; and the answers for a hold paid before.
 
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use super::{bump, hold_row, Engine, EngineError, Receipt};
 use crate::core::{HoldState, HoldView, ReleaseReason, TransitionError};
 use crate::payment::{ChargeOutcome, ChargeRequest};
+use crate::store;
 use crate::types::{Event, Purchase};
 use crate::writer::WriteError;
+
+/// The longest wait between reads of Postgres for a purchase whose batch's outcome is in doubt.
+const IN_DOUBT_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Where a payment stands once it asked the gate for its hold.
 enum Paying {
@@ -188,12 +194,48 @@ impl Engine {
                 }
                 Err(EngineError::HoldExpired)
             }
+            Err(WriteError::InDoubt(err)) => {
+                // The batch's COMMIT may have reached Postgres before its connection failed: Postgres decides, not
+                // the error. Until it can be read the charge is kept and the hold stays `paying` (on Redis its lease
+                // then settles it from Postgres the same way, should this process stop).
+                tracing::error!(error = %err, %reservation, "purchase may or may not be stored; reading Postgres");
+                if let Some(stored) = self.purchase_once_readable(reservation).await {
+                    tracing::warn!(%reservation, "purchase stored although its batch failed");
+                    return Ok(stored);
+                }
+                tracing::error!(%reservation, "purchase not stored; refunding");
+                self.gateway.refund(reservation).await;
+                self.gate.abort_payment(drop, reservation).await??;
+                Err(EngineError::StorageUnavailable(WriteError::InDoubt(err)))
+            }
             Err(err) => {
                 // Not durable, so not paid: give the charge back and the hold returns to `held` for a retry.
                 tracing::error!(error = %err, %reservation, "purchase not stored; refunding");
                 self.gateway.refund(reservation).await;
                 self.gate.abort_payment(drop, reservation).await??;
                 Err(EngineError::StorageUnavailable(err))
+            }
+        }
+    }
+
+    /// The purchase stored for `reservation`, or `None` when there is none, read from Postgres as soon as it
+    /// answers (retried meanwhile, at most every `IN_DOUBT_RETRY_MAX`).
+    async fn purchase_once_readable(&self, reservation: Uuid) -> Option<Purchase> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let read = match self.db.get().await {
+                Ok(client) => store::purchase_by_reservation(&**client, reservation)
+                    .await
+                    .map_err(EngineError::from),
+                Err(err) => Err(EngineError::from(err)),
+            };
+            match read {
+                Ok(stored) => return stored,
+                Err(err) => {
+                    tracing::warn!(error = %err, %reservation, "Postgres not readable yet; a purchase's outcome waits on it");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(IN_DOUBT_RETRY_MAX);
+                }
             }
         }
     }

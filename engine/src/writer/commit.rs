@@ -83,9 +83,12 @@ async fn write_with_retries(
     // Purchases are first written with plain inserts; a batch that meets a row already there is written again
     // with the statements that resolve it (at once: nothing failed, and the outcome was a rollback).
     let mut plain = config.plain_purchases;
+    // Whether an attempt failed after its batch was sent: then giving up says the outcome is in doubt, even when
+    // the last attempt could not reach Postgres at all.
+    let mut in_doubt = false;
     loop {
         let started = Instant::now();
-        match write_batch(pool, batch, plain).await {
+        let (err, doubt) = match write_batch(pool, batch, plain).await {
             Ok(stored) => {
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -113,21 +116,29 @@ async fn write_with_retries(
                     "a purchase's rows were there already; upserting"
                 );
                 plain = false;
+                continue;
             }
             Err(BatchError::Oversold) => return Err(BatchError::Oversold),
-            Err(BatchError::Failed(err)) if attempt < config.attempts_max => {
-                tracing::warn!(error = %err, attempt, rows = batch.len(), "writer batch failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                attempt += 1;
-            }
-            Err(BatchError::Failed(err)) => {
-                stats.failed_batches.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("flashsale_writer_failed_batches_total").increment(1);
-                tracing::error!(error = %err, rows = batch.len(), "writer batch failed; giving up");
-                return Err(BatchError::Failed(err));
-            }
+            Err(BatchError::Failed(err)) => (err, false),
+            Err(BatchError::InDoubt(err)) => (err, true),
+        };
+        in_doubt |= doubt;
+        if attempt < config.attempts_max {
+            // A retry also settles a doubt: what an earlier attempt stored is found, not written twice.
+            tracing::warn!(error = %err, attempt, rows = batch.len(), "writer batch failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            attempt += 1;
+            continue;
         }
+        stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("flashsale_writer_failed_batches_total").increment(1);
+        tracing::error!(error = %err, rows = batch.len(), in_doubt, "writer batch failed; giving up");
+        return Err(if in_doubt {
+            BatchError::InDoubt(err)
+        } else {
+            BatchError::Failed(err)
+        });
     }
 }
 
@@ -169,7 +180,11 @@ enum BatchError {
     /// The backstop: the batch's purchases would have passed a drop's stock (`drops_sold_check`); nothing was
     /// written.
     Oversold,
+    /// Nothing was stored (Postgres refused a statement, or the batch was never sent).
     Failed(String),
+    /// The connection failed after the batch was sent: its COMMIT may have reached Postgres, so whether it is
+    /// stored is not known here.
+    InDoubt(String),
 }
 
 impl From<BatchError> for WriteError {
@@ -178,6 +193,7 @@ impl From<BatchError> for WriteError {
             BatchError::Oversold => WriteError::Fenced,
             BatchError::Conflict => WriteError::Failed("a row already there".into()),
             BatchError::Failed(err) => WriteError::Failed(err),
+            BatchError::InDoubt(err) => WriteError::InDoubt(err),
         }
     }
 }
@@ -195,7 +211,10 @@ impl BatchError {
             {
                 Self::Oversold
             }
-            _ => Self::Failed(err.to_string()),
+            // Postgres answered with an error: the transaction failed and its COMMIT rolls back.
+            _ if err.as_db_error().is_some() => Self::Failed(err.to_string()),
+            // The connection failed (closed, reset): the batch was sent whole, COMMIT included.
+            _ => Self::InDoubt(err.to_string()),
         }
     }
 }
@@ -249,7 +268,13 @@ async fn write_batch(pool: &Pool, batch: Rows<'_>, plain: bool) -> Result<Stored
         touched.push(answer.map_err(|err| BatchError::of(&err, plain))?);
     }
     match purchases_step {
-        Some(step) => stored_purchases(&client, &plan.unique, touched.get(step).copied()).await,
+        // Read after the COMMIT: a failure here leaves the batch's outcome in doubt too.
+        Some(step) => stored_purchases(&client, &plan.unique, touched.get(step).copied())
+            .await
+            .map_err(|err| match err {
+                BatchError::Failed(err) => BatchError::InDoubt(err),
+                other => other,
+            }),
         None => Ok(HashMap::new()),
     }
 }

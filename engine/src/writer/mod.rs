@@ -83,6 +83,10 @@ pub enum WriteError {
     Closed,
     #[error("storing the batch failed: {0}")]
     Failed(String),
+    /// The connection failed after the batch was sent, and no retry reached Postgres: its COMMIT may have landed,
+    /// so whether it is stored is not known until Postgres is read.
+    #[error("storing the batch failed, and it may have been stored: {0}")]
+    InDoubt(String),
     /// Postgres refused the purchase (guarantee 5a): its hold's release is stored (a payment that outlived its
     /// lease), or its drop's stored paid units would pass the stock. Nothing of it was stored.
     #[error("the hold no longer owns its units in Postgres; the purchase was refused")]

@@ -325,7 +325,27 @@ impl TestApp {
         clock: Arc<dyn Clock>,
         redis: Option<shell_api::Redis>,
     ) -> Self {
-        let (engine, gateway) = start_engine_with_gate(db.pool.clone(), &args, gate, clock)
+        let pool = db.pool.clone();
+        Self::over_engine_pool(db, pool, args, gate, clock, redis).await
+    }
+
+    /// The app on the embedded gate whose engine (its writer, its reads) reaches the database through a pool of
+    /// the test's own, such as one through a `TcpProxy` the test can cut; the rest of the app uses `db`'s pool.
+    pub async fn with_engine_pool(db: Arc<TestDb>, engine_pool: deadpool_postgres::Pool) -> Self {
+        let args = EngineArgs::default();
+        let gate = Arc::new(engine::gate::EmbeddedGate::new(args.engine_shards));
+        Self::over_engine_pool(db, engine_pool, args, gate, Arc::new(SystemClock), None).await
+    }
+
+    async fn over_engine_pool(
+        db: Arc<TestDb>,
+        engine_pool: deadpool_postgres::Pool,
+        args: EngineArgs,
+        gate: Arc<dyn engine::gate::Gate>,
+        clock: Arc<dyn Clock>,
+        redis: Option<shell_api::Redis>,
+    ) -> Self {
+        let (engine, gateway) = start_engine_with_gate(engine_pool, &args, gate, clock)
             .await
             .expect("engine");
         let state = AppState::new(
