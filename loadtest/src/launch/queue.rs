@@ -173,8 +173,7 @@ pub(super) async fn take_part(
     }
     if index % REJOIN_EVERY == 0 {
         let again = launch.send(user, &join, |r| r.status == 200).await;
-        log.rejoin_same =
-            Some(again.status == 200 && again.str_field("status") == reply.str_field("status"));
+        log.rejoin_same = Some(again.status == 200 && kept_place(&reply, &again));
     }
     if index % NO_PASS_PROBE_EVERY == 0 {
         let call = reserve_call(fixture, index, index, None);
@@ -407,6 +406,23 @@ fn ranks(values: &[f64]) -> Vec<f64> {
     ranks
 }
 
+/// Whether a member's second join (`again`, answered 200) kept the place their first (`first`) gave: the same status
+/// and no position further back (one in the pre-queue has none before the opening), or admitted since: the admission
+/// loop may run between the two calls (it made this check fail on a slow machine when it asked for the same status).
+fn kept_place(first: &Reply, again: &Reply) -> bool {
+    let position = |reply: &Reply| reply.body.get("position").and_then(Value::as_u64);
+    match (first.str_field("status"), again.str_field("status")) {
+        (Some("waiting"), Some("admitted")) => true,
+        (before, after) if before == after => match (position(first), position(again)) {
+            (Some(before), Some(after)) => after <= before,
+            // In the pre-queue (no position yet) before the opening, or a status without one.
+            (None, _) => true,
+            (Some(_), None) => false,
+        },
+        _ => false,
+    }
+}
+
 /// The pre-queue's join order against its admission order: (members, rho, the bound it must stay within).
 pub fn pre_queue_correlation(logs: &[MemberLog]) -> Option<(usize, f64, f64)> {
     let (joins, admissions): (Vec<f64>, Vec<f64>) = logs
@@ -612,6 +628,31 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn place(status: &str, position: Option<u64>) -> Reply {
+        Reply {
+            status: 200,
+            body: json!({ "status": status, "position": position }),
+            retry_after: None,
+            instance: 0,
+        }
+    }
+
+    #[test]
+    fn joining_again_keeps_the_place_or_moves_it_forward_only() {
+        let waiting = |position| place("waiting", position);
+        assert!(kept_place(&waiting(Some(5)), &waiting(Some(5))));
+        assert!(kept_place(&waiting(Some(5)), &waiting(Some(3))));
+        assert!(kept_place(&waiting(Some(5)), &place("admitted", None)));
+        assert!(kept_place(&waiting(None), &waiting(Some(9))));
+        assert!(
+            !kept_place(&waiting(Some(5)), &waiting(Some(6))),
+            "sent back"
+        );
+        assert!(!kept_place(&waiting(Some(5)), &waiting(None)));
+        assert!(!kept_place(&place("admitted", None), &waiting(Some(1))));
+        assert!(!kept_place(&waiting(Some(5)), &place("expired", None)));
+    }
 
     fn admitted(
         member: usize,
